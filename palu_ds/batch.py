@@ -1,0 +1,37 @@
+"""The batch contract shared by data, reference cache, methods and engine.
+
+A collated training batch is a dict of tensors (right-padded, batch size B, length T):
+
+* ``example_id``   LongTensor [B]    stable row index of the example in its dataset (aligns the reference cache)
+* ``input_ids``    LongTensor [B, T]
+* ``attention_mask`` LongTensor [B, T]
+* ``labels``       LongTensor [B, T] aligned with ``input_ids`` (Hugging Face convention): the answer tokens and
+                   EOS carry their own id, prompt and padding carry -100.  The logit at position t predicts
+                   ``labels[t + 1]``; use :func:`shift` before any loss.
+* ``sens_mask``    BoolTensor [B, T] token t is in I_init (first N tokens of a sensitive span)
+* ``common_mask``  BoolTensor [B, T] token t is an answer token (EOS included) outside every sensitive span
+
+Reference tensors for a batch (from the precompute cache or a resident reference) are *packed* over the selected
+positions in row-major (b, t) order of the *shifted* masks, i.e. the order of ``logits[mask]`` after :func:`shift`:
+
+* ``topk_ids``        [N_sens, K]   reference top-K token ids at the I_init positions
+* ``kl_ids``          [N_common, k] reference top-k token ids at the common positions
+* ``kl_logps``        [N_common, k] the reference log-probs of those ids (the tail mass is 1 - sum(exp))
+* ``seq_logps``       [B]           sum of the reference's answer-token log-probs per sequence (NPO, SimNPO, DPO)
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+MASK_KEYS = ("sens_mask", "common_mask")
+
+
+def shift(logits: torch.Tensor, labels: torch.Tensor, *masks: torch.Tensor):
+    """Align logits with the token they predict: ``logits[:, :-1]`` scores ``labels[:, 1:]``.
+
+    Returns ``(logits[:, :-1], labels[:, 1:], *(m[:, 1:] for m in masks))``; every mask is a mask over *target*
+    tokens, so after the shift it selects the logits that predict those tokens.
+    """
+    return (logits[:, :-1], labels[:, 1:], *(m[:, 1:] for m in masks))

@@ -1,0 +1,71 @@
+"""Read QA / text records from a local .json/.jsonl file, a local folder of `<config>.jsonl` files, or the hub.
+
+Hub names go through ``datasets.load_dataset(name, config, split=...)`` (e.g. ``locuslab/TOFU`` + ``forget10``);
+local files are read directly so that a malformed line is reported with its line number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from palu_ds.data.errors import DataError
+
+
+def _read_json_file(path: str) -> list:
+    if path.endswith(".jsonl"):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(path, i, None, f"not valid JSON ({e.msg})", "fix or remove that line") from e
+        return rows
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(path, None, None, f"not valid JSON ({e.msg} at line {e.lineno})") from e
+    if isinstance(data, dict) and "data" in data and isinstance(data["data"], list):
+        data = data["data"]
+    if isinstance(data, str):  # MUSE raw files hold one string
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(path, None, None, f"expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def load_records(source: str, config: str | None = None, split: str = "train") -> list:
+    """Return the records (dicts, or strings for raw text) of ``source``.
+
+    ``source`` is a .json/.jsonl path, a folder holding ``<config>.jsonl`` / ``<config>.json``, or a hub dataset name
+    (then ``config`` is its configuration, e.g. ``forget10``).
+    """
+    if os.path.isfile(source):
+        return _read_json_file(source)
+    if os.path.isdir(source):
+        if not config:
+            raise DataError(source, None, None, "is a folder", "name the file inside it with a config (e.g. forget10)")
+        for ext in (".jsonl", ".json"):
+            path = os.path.join(source, config + ext)
+            if os.path.isfile(path):
+                return _read_json_file(path)
+        raise DataError(source, None, None, f"has no {config}.jsonl or {config}.json", "check the config name")
+    if source.endswith((".json", ".jsonl")) or os.sep in source.strip("./") and not _looks_like_hub_name(source):
+        raise DataError(source, None, None, "file not found", "check the path")
+    import datasets  # lazy: heavy import
+
+    try:
+        ds = datasets.load_dataset(source, config, split=split)
+    except Exception as e:  # noqa: BLE001 - re-raised with the source named
+        raise DataError(f"{source}[{config}]", None, None, f"could not be loaded from the hub ({e})",
+                        "give a local .json/.jsonl path instead when offline") from e
+    return [dict(r) for r in ds]
+
+
+def _looks_like_hub_name(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/"))

@@ -1,0 +1,43 @@
+"""Prompt formatting: the tokenizer's chat template when it has one, else a plain template; BOS exactly once."""
+
+from __future__ import annotations
+
+PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+def format_prompt(tokenizer, question: str) -> str:
+    """The prompt text for ``question`` (without BOS; :func:`encode_prompt` adds it exactly once)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+    return PLAIN_TEMPLATE.format(question=question)
+
+
+def prompt_format_id(tokenizer) -> str:
+    """A string that identifies the prompt format (part of the reference cache key)."""
+    return "chat:" + tokenizer.chat_template if getattr(tokenizer, "chat_template", None) else "plain:" + PLAIN_TEMPLATE
+
+
+def encode_prompt(tokenizer, question: str) -> list[int]:
+    """Token ids of the prompt with BOS exactly once (a chat template that already wrote BOS keeps just that one)."""
+    ids = tokenizer(format_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids
+
+
+def encode_answer(tokenizer, answer: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``" " + answer`` followed by EOS, and each token's character offsets into ``answer``.
+
+    The leading space separates the answer from the prompt; offsets are shifted back so they index ``answer``.
+    EOS gets the empty offset ``(len(answer), len(answer))``.
+    """
+    enc = tokenizer(" " + answer, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = [(max(0, a - 1), max(0, b - 1)) for a, b in enc["offset_mapping"]]
+    ids = list(enc["input_ids"])
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; set one (e.g. tokenizer.eos_token = '</s>')")
+    ids.append(tokenizer.eos_token_id)
+    offsets.append((len(answer), len(answer)))
+    return ids, offsets

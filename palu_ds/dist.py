@@ -1,0 +1,92 @@
+"""Process-group helpers: rank discovery (deepspeed / torchrun / mpirun / srun / single process) and collectives.
+
+Under ``mpirun`` the ranks come from OpenMPI's ``OMPI_COMM_WORLD_*`` (or MPICH/Intel's ``PMI_*``) variables, under
+``srun`` from ``SLURM_PROCID``/``SLURM_NTASKS``; a lone process gets rank 0 of 1. ``MASTER_ADDR``/``MASTER_PORT``
+must be exported for multi-node runs (the sbatch scripts do it).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+_SOURCES = [  # (rank, world size, local rank)
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def discover_env() -> None:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* when no launcher set them (mpirun, srun, or one process)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    for r, w, lr in _SOURCES:
+        if r in os.environ and w in os.environ:
+            os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ[r], os.environ[w]
+            os.environ["LOCAL_RANK"] = os.environ.get(lr, "0")
+            if int(os.environ["WORLD_SIZE"]) > 1 and "MASTER_ADDR" not in os.environ:
+                raise RuntimeError(f"launched through {r.split('_')[0]} with {os.environ[w]} ranks but MASTER_ADDR is "
+                                   "not set: export MASTER_ADDR (first host) and MASTER_PORT")
+            break
+    else:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port() if os.environ["WORLD_SIZE"] == "1" else 29500))
+
+
+def init(timeout_s: int = 600) -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
+    import datetime
+
+    import deepspeed
+
+    discover_env()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and world() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and world() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_object(obj):
+    if dist.is_initialized() and world() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def barrier() -> None:
+    if dist.is_initialized() and world() > 1:
+        dist.barrier()

@@ -1,0 +1,284 @@
+"""The training loop: setup, train, checkpoint, resume, log -- for any method of the registry.
+
+One optimizer step = ``grad_accum`` micro-batches per rank. Each micro-batch holds the batches the method names
+("forget", and "retain" / "idk" when it needs them); they go through the model in ONE forward (concatenated), the
+method turns logits (+ reference tensors) into named loss terms, and the objective is back-propagated.
+
+Normalisation is global: before a step the token/sequence counts of the whole window on every rank are all-reduced
+(one collective), each term is ``local_sum / global_count``, and the loss handed to DeepSpeed is multiplied by
+``world × grad_accum`` to undo its gradient averaging -- so the update equals the one of a single process holding the
+whole global batch, for any world size and accumulation. After backward, the term values, token count and a
+non-finite flag are all-reduced once; rank-identical λ is updated from them (palu_ds.dual).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+
+from palu_ds import checkpoint, dist
+from palu_ds.batch import IGNORE_INDEX, shift
+from palu_ds.config import RunConfig
+from palu_ds.data.build import build_datasets
+from palu_ds.data.collate import collate
+from palu_ds.ds_config import load_ds_config, zero_stage
+from palu_ds.monitor import Monitor, peak_memory_bytes
+from palu_ds.sampling import BatchStream
+
+log = logging.getLogger("palu_ds")
+
+COUNT_KEYS = ("answer", "sens", "common", "seqs")
+
+
+def batch_counts(batch: dict) -> torch.Tensor:
+    """Counts of the (shifted) target positions of each kind and of sequences: the global normalisers."""
+    _, labels, sens, common = shift(batch["input_ids"], batch["labels"], batch["sens_mask"], batch["common_mask"])
+    answer = labels != IGNORE_INDEX
+    return torch.tensor([answer.sum(), sens.sum(), common.sum(), (answer.sum(1) > 0).sum()], dtype=torch.float64)
+
+
+class Trainer:
+    """``setup()`` / ``train()`` / ``save_model()`` / ``cleanup()``, in the spirit of torchtune's recipes."""
+
+    def __init__(self, cfg: RunConfig, ds_config_path: str, method):
+        self.cfg, self.ds_config_path, self.method = cfg, ds_config_path, method
+        self.hp = {**method.defaults, **cfg.method.params}
+        self.step, self.skipped, self.consecutive_bad = 0, 0, 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.integrations import HfDeepSpeedConfig
+
+        cfg = self.cfg
+        dist.init()
+        self.rank, self.world = dist.rank(), dist.world()
+        self.device = torch.device(deepspeed.get_accelerator().current_device_name())
+        on_cpu = self.device.type == "cpu"
+        torch.manual_seed(cfg.train.seed)
+        self.ds_config = load_ds_config(self.ds_config_path, cfg.train, self.world, on_cpu)
+        self.gas = self.ds_config["gradient_accumulation_steps"]
+        self.out_dir = cfg.train.output_dir
+        self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.datasets = build_datasets(cfg.data, self.tokenizer, self.method.batches, cfg.train.seed)
+        pad = self.tokenizer.pad_token_id
+        coll = lambda ex: collate(ex, pad)  # noqa: E731
+        self.streams = {name: BatchStream(ds, cfg.train.batch_size, self.rank, self.world,
+                                          cfg.train.seed + 1000 * k, coll)
+                        for k, (name, ds) in enumerate(self.datasets.items()) if name != "idk"}
+        self.collate = coll
+
+        # transformers loads under deepspeed.zero.Init while this object lives (ZeRO-3); no device_map here.
+        self._hf_ds = HfDeepSpeedConfig(self.ds_config) if zero_stage(self.ds_config) == 3 else None
+        dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype,
+                                                     trust_remote_code=cfg.model.trust_remote_code)
+        model.config.use_cache = False
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if cfg.model.lora:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **cfg.model.lora))
+        self.reference = self._build_reference()
+
+        steps_per_epoch = max(1, self.streams["forget"].batches_per_epoch // self.gas)
+        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        self.dual = self._build_dual()
+
+        resume = self._resume_path()
+        if resume:
+            state = checkpoint.load(self.engine, resume)
+            self.step, self.skipped = state["step"], state["skipped"]
+            for name, s in state["streams"].items():
+                self.streams[name].load_state_dict(s)
+            if self.dual is not None:
+                self.dual.load_state_dict(state["dual"])
+            log.info("resumed from %s at step %d", resume, self.step)
+        tb = cfg.log.tensorboard_dir or os.path.join(self.out_dir, "tensorboard")
+        self.monitor = Monitor(tb, self.total_steps, self.step, cfg.log.log_every)
+
+    def _build_reference(self):
+        from palu_ds.reference import build_reference
+
+        return build_reference(self.cfg, self.method, self.hp, self.datasets, self.tokenizer, self.ds_config)
+
+    def _build_dual(self):
+        if not self.method.uses_dual:
+            return None
+        from palu_ds.dual import build_dual
+
+        return build_dual(self.cfg.dual, self.hp, self.reference)
+
+    def _resume_path(self) -> str | None:
+        r = self.cfg.train.resume
+        if r == "never":
+            return None
+        if r == "auto":
+            return checkpoint.latest(self.ckpt_root)
+        if not os.path.isfile(os.path.join(r, checkpoint.MARKER)):
+            raise FileNotFoundError(f"train.resume={r} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
+        return r
+
+    def _lr_factor(self, step: int) -> float:
+        t = self.cfg.train
+        if t.warmup_steps and step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        frac = (step - t.warmup_steps) / max(1, self.total_steps - t.warmup_steps)
+        return {"constant": 1.0, "linear": max(0.0, 1 - frac),
+                "cosine": 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))}[t.scheduler]
+
+    # ------------------------------------------------------------------ one step
+    def _next_micro(self) -> dict[str, dict]:
+        micro = {name: s.next() for name, s in self.streams.items()}
+        if "idk" in self.datasets:  # the refusal answers of the very same forget prompts
+            micro["idk"] = self.collate([self.datasets["idk"][int(i)] for i in micro["forget"]["example_id"]])
+        return micro
+
+    def _forward(self, micro: dict[str, dict]) -> dict[str, torch.Tensor]:
+        """All batches of a micro-batch in one forward (one ZeRO-3 gather of the weights instead of several)."""
+        names = list(micro)
+        width = max(micro[n]["input_ids"].shape[1] for n in names)
+        pad = self.tokenizer.pad_token_id
+
+        def widen(t, value):
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        ids = torch.cat([widen(micro[n]["input_ids"], pad) for n in names]).to(self.device)
+        mask = torch.cat([widen(micro[n]["attention_mask"], 0) for n in names]).to(self.device)
+        logits = self.engine(input_ids=ids, attention_mask=mask).logits
+        out, row = {}, 0
+        for n in names:
+            b, t = micro[n]["input_ids"].shape
+            out[n] = logits[row:row + b, :t]
+            row += b
+        return out
+
+    def train_step(self) -> dict[str, float]:
+        from palu_ds.methods import StepInputs
+
+        t0 = time.perf_counter()
+        window = [self._next_micro() for _ in range(self.gas)]
+        names = list(window[0])
+        counts = torch.stack([torch.stack([batch_counts(m[n]) for n in names]) for m in window]).sum(0)
+        counts = dist.all_reduce_sum(counts).clamp_min(1)
+        norms = {n: {k: counts[i, j].to(self.device, torch.float32) for j, k in enumerate(COUNT_KEYS)}
+                 for i, n in enumerate(names)}
+        lam = self.dual.value if self.dual is not None else 0.0
+        term_sums: dict[str, torch.Tensor] = {}
+        tokens, bad = 0, False
+        for k, micro in enumerate(window):
+            micro = {n: {key: v.to(self.device) for key, v in b.items()} for n, b in micro.items()}
+            ref = {n: self.reference.lookup(n, b) for n, b in micro.items()}
+            logits = self._forward(micro)
+            terms = self.method.terms(StepInputs(logits=logits, batches=micro, ref=ref, normalizers=norms), self.hp)
+            loss = self.method.objective(terms, self.hp, lam) * (self.world * self.gas)
+            if not torch.isfinite(loss):  # local decision; all ranks still run backward, so collectives match
+                bad = True
+                loss = sum(torch.nan_to_num(v).sum() for v in logits.values()) * 0.0
+            for name, v in terms.items():
+                term_sums[name] = term_sums.get(name, 0.0) + v.detach().float()
+            tokens += sum(int(b["attention_mask"].sum()) for n, b in micro.items() if n != "idk")
+            self.engine.backward(loss)
+            if k < self.gas - 1:
+                self.engine.step()
+        # one all-reduce per step: every term (already divided by the global counts), tokens, the non-finite flag
+        keys = sorted(term_sums)
+        vec = torch.stack([torch.nan_to_num(torch.as_tensor(term_sums[k]), nan=0.0, posinf=0.0, neginf=0.0)
+                           .to(self.device).reshape(()) for k in keys]
+                          + [torch.tensor(float(tokens), device=self.device), torch.tensor(float(bad), device=self.device)])
+        vec = dist.all_reduce_sum(vec.double()).tolist()
+        terms_g = dict(zip(keys, vec[:-2]))
+        any_bad = vec[-1] > 0
+        lr = 0.0 if any_bad else self.cfg.train.lr * self._lr_factor(self.step)  # skip: no parameter moves
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+        self.engine.step()
+        self.step += 1
+        if any_bad:
+            self.skipped += 1
+            self.consecutive_bad += 1
+        else:
+            self.consecutive_bad = 0
+            if self.dual is not None:
+                self.dual.update(terms_g["retain"], self.step)
+        dt = time.perf_counter() - t0
+        scalars = {f"loss/{k}": v for k, v in terms_g.items()}
+        scalars["loss/total"] = float(self.method.objective({k: torch.tensor(v) for k, v in terms_g.items()},
+                                                            self.hp, lam)) if not any_bad else float("nan")
+        if self.dual is not None:
+            scalars["dual/lambda"] = self.dual.value
+            scalars["dual/slack"] = terms_g.get("retain", float("nan")) - self.dual.epsilon
+        scalars.update({"lr": lr, "throughput/tokens_per_s": vec[-2] / dt,
+                        "memory/peak_bytes": float(peak_memory_bytes()), "skipped_steps": float(self.skipped)})
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            scalars["grad/norm"] = float(gn)
+        return scalars
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, float]:
+        last = {}
+        while self.step < self.total_steps:
+            last = self.train_step()
+            self.monitor.step(self.step, last)
+            if self.consecutive_bad >= self.cfg.train.max_nonfinite:
+                path = self.save_checkpoint()
+                raise FloatingPointError(
+                    f"{self.consecutive_bad} optimizer steps in a row had a non-finite loss term (step {self.step}); "
+                    f"stopped with a checkpoint at {path}. Lower train.lr, check the data, or raise "
+                    "train.max_nonfinite.")
+            if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
+                self.save_checkpoint()
+        if not checkpoint.latest(self.ckpt_root) or not checkpoint.latest(self.ckpt_root).endswith(
+                checkpoint.tag_for(self.step)):
+            self.save_checkpoint()
+        return last
+
+    def client_state(self) -> dict:
+        return {"step": self.step, "skipped": self.skipped,
+                "streams": {n: s.state_dict() for n, s in self.streams.items()},
+                "dual": self.dual.state_dict() if self.dual is not None else None,
+                "method": self.method.name, "hp": self.hp,
+                "config": asdict(self.cfg)}
+
+    def save_checkpoint(self) -> str:
+        return checkpoint.save(self.engine, self.ckpt_root, self.step, self.client_state(), self.cfg.train.keep_last)
+
+    def save_model(self, out: str | None = None) -> str:
+        """The final model as a normal HF dir (safetensors + tokenizer), written to a temp dir then renamed."""
+        import shutil
+
+        out = out or os.path.join(self.out_dir, "model")
+        if zero_stage(self.ds_config) == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # every rank takes part; rank 0 gets it
+        else:
+            state = self.engine.module.state_dict() if dist.is_main() else None
+        if dist.is_main():
+            module = self.engine.module
+            if self.cfg.model.lora:
+                module = module.merge_and_unload() if zero_stage(self.ds_config) != 3 else module
+            tmp = out + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        dist.barrier()
+        return out
+
+    def cleanup(self) -> None:
+        self.monitor.close()
+        dist.barrier()

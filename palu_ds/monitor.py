@@ -1,0 +1,64 @@
+"""Rank-0 monitoring: TensorBoard scalars, a tqdm bar on a TTY, one-line logs otherwise.
+
+Values reach here already all-reduced, so what rank 0 writes is the global value.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import sys
+
+import torch
+
+from palu_ds import dist
+
+log = logging.getLogger("palu_ds")
+
+
+def peak_memory_bytes() -> int:
+    """Peak GPU memory allocated when on CUDA, else this process's peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class Monitor:
+    def __init__(self, tb_dir: str | None, total_steps: int, start_step: int, log_every: int = 1):
+        self.main = dist.is_main()
+        self.log_every = max(1, log_every)
+        self.writer = self.bar = None
+        if not self.main:
+            return
+        if tb_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(tb_dir, exist_ok=True)
+            self.writer = SummaryWriter(tb_dir)
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="unlearn", dynamic_ncols=True)
+
+    def step(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.main:
+            return
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+        short = {"loss": scalars.get("loss/total"), "lambda": scalars.get("dual/lambda"),
+                 "tok/s": scalars.get("throughput/tokens_per_s")}
+        short = {k: f"{v:.4g}" for k, v in short.items() if v is not None}
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(short)
+        elif step % self.log_every == 0:
+            log.info("step %d %s", step, " ".join(f"{k}={v}" for k, v in short.items()))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        if self.bar is not None:
+            self.bar.close()

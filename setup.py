@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="palu_ds",
+    version="0.1.0",
+    description="DeepSpeed-based distributed trainer for LLM unlearning (PALU, constrained entropic unlearning, baselines)",
+    packages=find_packages(include=["palu_ds", "palu_ds.*", "evaluation", "evaluation.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "deepspeed>=0.14",
+        "accelerate>=0.30",
+        "transformers>=4.45",
+        "datasets>=2.18",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "tensorboard>=2.14",
+        "tqdm",
+        "pyyaml",
+        "numpy",
+        "scipy",
+        "rouge-score",
+        "matplotlib",
+    ],
+    extras_require={
+        "mpi": ["mpi4py"],
+        "lora": ["peft"],
+        "test": ["pytest", "pytest-timeout", "peft"],
+    },
+    entry_points={"console_scripts": ["palu-ds=palu_ds.cli:main"]},
+)

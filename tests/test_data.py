@@ -1,0 +1,203 @@
+"""Data pipeline: prompt/labels (shifted correctly), span -> token mapping, I_init, detector, chunking, bad input."""
+import json
+
+import pytest
+import torch
+
+from palu_ds.batch import IGNORE_INDEX, shift
+from palu_ds.data import DataError, QADataset, QAOptions, collate, load_records
+from palu_ds.data.spans import detect_spans, split_init_common, token_mask_from_spans
+from palu_ds.data.synthetic import generate
+from palu_ds.data.text import TextChunks
+
+
+def _rec(answer, spans=None, question="Who wrote it?"):
+    r = {"question": question, "answer": answer}
+    if spans is not None:
+        r["target_words"] = spans
+    return r
+
+
+def _span(answer, word):
+    s = answer.index(word)
+    return {"word": word, "start": s, "end": s + len(word)}
+
+
+def test_prompt_masked_answer_and_eos_labelled_bos_once(tokenizer):
+    ex = QADataset([_rec("Kalo Vomi wrote it.")], tokenizer)[0]
+    ids, labels = ex["input_ids"], ex["labels"]
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    n_prompt = labels.count(IGNORE_INDEX)
+    assert all(l == IGNORE_INDEX for l in labels[:n_prompt])
+    assert labels[n_prompt:] == ids[n_prompt:]  # answer tokens and EOS carry their own ids
+    assert ids[-1] == tokenizer.eos_token_id and labels[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[n_prompt:-1]).strip() == "Kalo Vomi wrote it."
+
+
+def test_shift_makes_the_logit_at_t_predict_token_t_plus_1(tokenizer):
+    batch = collate([QADataset([_rec("Kalo Vomi wrote it.")], tokenizer)[0]], tokenizer.pad_token_id)
+    ids = batch["input_ids"]
+    # an "oracle" whose logit at t is one-hot on input_ids[t+1]: after the shift it must score every label exactly
+    V = len(tokenizer)
+    logits = torch.full((1, ids.shape[1], V), -1e4)
+    logits[0, torch.arange(ids.shape[1] - 1), ids[0, 1:]] = 0.0
+    lg, lb, sens = shift(logits, batch["labels"], batch["sens_mask"])
+    m = lb != IGNORE_INDEX
+    assert m.sum() > 0
+    assert (lg[m].argmax(-1) == lb[m]).all()
+    # the unshifted pairing (the open-unlearning PDU bug) is wrong on every answer token
+    m0 = batch["labels"] != IGNORE_INDEX
+    assert (logits[m0].argmax(-1) != batch["labels"][m0]).all()
+    assert sens.shape == lb.shape
+
+
+def test_multi_token_words_and_spans_at_start_and_end(tokenizer):
+    answer = "Zelquidra Morvinash lives in Sablemoor"
+    spans = [_span(answer, "Zelquidra Morvinash"), _span(answer, "Sablemoor")]
+    ex = QADataset([_rec(answer, spans)], tokenizer, QAOptions(n_init=None))[0]
+    n_p = ex["labels"].count(IGNORE_INDEX)
+    toks = tokenizer.convert_ids_to_tokens(ex["input_ids"][n_p:])
+    sens = ex["sens_mask"][n_p:]
+    text_of = lambda sel: tokenizer.convert_tokens_to_string([t for t, s in zip(toks, sel) if s])  # noqa: E731
+    assert len([t for t, s in zip(toks, sens) if s]) > 3  # multi-token words
+    assert text_of(sens).replace(" ", "") == "ZelquidraMorvinashSablemoor"
+    assert sens[0] is True  # span at the answer start
+    assert sens[-2] is True and sens[-1] is False  # span at the answer end; EOS is never sensitive
+    assert ex["common_mask"][-1] is True  # EOS is common
+    assert text_of(ex["common_mask"][n_p:]).strip().startswith("lives in")
+
+
+@pytest.mark.parametrize("n", [1, 3, 10])
+def test_i_init_first_n_tokens_of_each_span(n):
+    sensitive = [False, True, True, True, True, False, True, True, False, True]
+    init, common = split_init_common(sensitive, n)
+    runs = [[1, 2, 3, 4], [6, 7], [9]]
+    expected = {i for r in runs for i in r[:n]}
+    assert {i for i, v in enumerate(init) if v} == expected
+    assert {i for i, v in enumerate(common) if v} == {0, 5, 8}
+    for i in range(len(sensitive)):
+        assert not (init[i] and common[i])
+
+
+def test_token_mask_overlap_rule():
+    offsets = [(0, 3), (3, 4), (4, 9), (9, 10), (10, 10)]  # "Abc Defgh." + EOS (empty)
+    assert token_mask_from_spans(offsets, [(4, 9)]) == [False, False, True, False, False]
+    assert token_mask_from_spans(offsets, [(0, 5)]) == [True, True, True, False, False]
+
+
+def test_i_init_in_dataset_matches_span_prefix(tokenizer):
+    answer = "Zelquidra Morvinash wrote it"
+    for n in (1, 3, 10):
+        ex = QADataset([_rec(answer, [_span(answer, "Zelquidra Morvinash")])], tokenizer, QAOptions(n_init=n))[0]
+        full = QADataset([_rec(answer, [_span(answer, "Zelquidra Morvinash")])], tokenizer, QAOptions(n_init=None))[0]
+        span_len = sum(full["sens_mask"])
+        assert sum(ex["sens_mask"]) == min(n, span_len)
+        first = full["sens_mask"].index(True)
+        assert ex["sens_mask"][first:first + min(n, span_len)] == [True] * min(n, span_len)
+
+
+def test_target_words_as_json_string(tokenizer):
+    answer = "It was Kalo."
+    ds = QADataset([_rec(answer, json.dumps([_span(answer, "Kalo")]))], tokenizer)
+    assert sum(ds[0]["sens_mask"]) >= 1
+
+
+def test_detector_precision_recall_on_generated_data():
+    """Character-level precision/recall against the generator's fact spans. The detector looks for what the answer
+    adds to its question, so recall is measured on the facts absent from the question (the author's name in the
+    answer is labelled but is given by the question); recall over all labels is reported too."""
+    rows = generate(10, seed=3)
+    tp = fp = fn = fn_all = 0
+    for r in rows:
+        q = r["question"]
+        gold_chars = {c for s in r["target_words"] if s["word"] not in q for c in range(s["start"], s["end"])}
+        all_chars = {c for s in r["target_words"] for c in range(s["start"], s["end"])}
+        pred_chars = {c for s, e in detect_spans(q, r["answer"]) for c in range(s, e)}
+        tp += len(gold_chars & pred_chars)
+        fp += len(pred_chars - all_chars)
+        fn += len(gold_chars - pred_chars)
+        fn_all += len(all_chars - pred_chars)
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    print(f"\ndetector on generated data (characters): precision={precision:.3f} recall(new facts)={recall:.3f} "
+          f"recall(all labels)={tp / (tp + fn_all):.3f}")
+    assert recall > 0.9 and precision > 0.9
+
+
+def test_detector_groups_maximal_runs():
+    spans = detect_spans("Where was Kalo Vomi born?", "Kalo Vomi was born in Veloria, Kestria on May 3, 1950.")
+    words = ["Kalo Vomi was born in Veloria, Kestria on May 3, 1950."[s:e] for s, e in spans]
+    assert words == ["Veloria, Kestria", "May 3, 1950"]
+
+
+def test_chunking_joins_documents_and_cuts(tokenizer):
+    docs = ["Kalo Vomi wrote a book about the sea. " * 10, "A second document about Veloria."]
+    ds = TextChunks(docs, tokenizer, max_length=16)
+    ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
+    body = [t for ex in ds for t in ex["input_ids"][1:]]
+    assert body == ids  # every token exactly once, in order, across chunks
+    assert all(len(ex["input_ids"]) <= 16 and ex["input_ids"][0] == tokenizer.bos_token_id for ex in ds)
+    assert all(ex["labels"][0] == IGNORE_INDEX and ex["labels"][1:] == ex["input_ids"][1:] for ex in ds)
+
+
+def test_collate_pads_right(tokenizer):
+    ds = QADataset([_rec("A."), _rec("A much longer answer about things.")], tokenizer)
+    b = collate([ds[0], ds[1]], tokenizer.pad_token_id)
+    assert b["input_ids"].shape == b["labels"].shape == b["sens_mask"].shape
+    short = len(ds[0]["input_ids"])
+    assert (b["attention_mask"][0, short:] == 0).all() and (b["labels"][0, short:] == IGNORE_INDEX).all()
+    assert not b["common_mask"][0, short:].any()
+
+
+# ---------------------------------------------------------------- bad input: error names file, row, field
+@pytest.mark.parametrize("record,field,text", [
+    ({"question": "Q?"}, "answer", "is missing"),
+    ({"answer": "A."}, "question", "is missing"),
+    ({"question": "Q?", "answer": "  "}, "answer", "is empty"),
+    ({"question": "Q?", "answer": "Kalo.", "target_words": [{"word": "Kalo", "start": 3, "end": 40}]},
+     "target_words[0]", "outside the answer"),
+    ({"question": "Q?", "answer": "Kalo.", "target_words": [{"word": "Vomi", "start": 0, "end": 4}]},
+     "target_words[0]", "not the word"),
+    ({"question": "Q?", "answer": "Kalo.", "target_words": [{"word": "Kalo"}]}, "target_words[0]", "needs keys"),
+])
+def test_bad_input_names_file_row_field(tmp_path, tokenizer, record, field, text):
+    path = tmp_path / "bad.jsonl"
+    good = {"question": "Q?", "answer": "Fine."}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError) as e:
+        QADataset.from_source(str(path), tokenizer)
+    msg = str(e.value)
+    assert str(path) in msg and "row 1" in msg and f"'{field}'" in msg and text in msg
+
+
+def test_prompt_longer_than_max_length(tmp_path, tokenizer):
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"question": "word " * 100, "answer": "A."}) + "\n")
+    with pytest.raises(DataError, match=r"row 0.*'question'.*max_length is 16"):
+        QADataset.from_source(str(path), tokenizer, QAOptions(max_length=16))
+
+
+def test_malformed_json_line_and_missing_file(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"question": "Q?", "answer": "A."}\n{"question": \n')
+    with pytest.raises(DataError, match=r"broken.jsonl, row 1: not valid JSON"):
+        load_records(str(path))
+    with pytest.raises(DataError, match="file not found"):
+        load_records(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="has no forget99.jsonl"):
+        load_records(str(tmp_path), "forget99")
+
+
+def test_labels_mode_requires_the_field(tokenizer):
+    with pytest.raises(DataError, match="target_words.*span_source is 'labels'"):
+        QADataset([_rec("Kalo.")], tokenizer, QAOptions(span_source="labels"))
+
+
+def test_generated_files_load_with_real_schema(tiny, tokenizer):
+    rows = load_records(tiny["data"], "forget10_perturbed")
+    assert len(rows) == 2 * 20
+    for r in rows:
+        assert {"question", "answer", "paraphrased_answer", "perturbed_answer", "paraphrased_question",
+                "target_words"} <= set(r)
+        assert len(r["perturbed_answer"]) == 5 and r["paraphrased_answer"] not in r["perturbed_answer"]
+    ds = QADataset.from_source(tiny["data"], tokenizer, config="forget10")
+    assert len(ds) == 40 and all(sum(e["sens_mask"]) > 0 for e in ds)
