@@ -49,6 +49,7 @@ class Trainer:
         self.cfg, self.ds_config_path, self.method = cfg, ds_config_path, method
         self.hp = {**method.defaults, **cfg.method.params}
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
+        self.first_scalars: dict | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -233,6 +234,8 @@ class Trainer:
         last = {}
         while self.step < self.total_steps:
             last = self.train_step()
+            if self.first_scalars is None:
+                self.first_scalars = last
             self.monitor.step(self.step, last)
             if self.consecutive_bad >= self.cfg.train.max_nonfinite:
                 path = self.save_checkpoint()

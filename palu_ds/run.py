@@ -1,0 +1,58 @@
+"""Run a training job from the command line of a launch script (shared by train.py and finetune.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from palu_ds.cli_args import parser
+from palu_ds.config import ConfigError, load_config
+
+
+def setup_logging() -> None:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[palu_ds r{rank}] %(message)s", stream=sys.stderr)
+
+
+def write_summary(path: str, data: dict) -> None:
+    import json
+
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(description: str, forced: list[str] = (), default_ds: str | None = None) -> int:
+    setup_logging()
+    args = parser(description, default_ds).parse_args()
+    if not args.deepspeed:
+        print("error: --deepspeed ds_configs/<zero2|zero3|zero3_offload>.json is required", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, list(args.overrides) + list(forced))
+    except (ConfigError, FileNotFoundError) as e:  # before any model is loaded
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from palu_ds.engine import Trainer
+    from palu_ds.methods import get_method
+
+    trainer = Trainer(cfg, args.deepspeed, get_method(cfg.method.name))
+    trainer.setup()
+    last = trainer.train()
+    out = trainer.save_model()
+    trainer.cleanup()
+    if trainer.rank == 0:
+        write_summary(os.path.join(cfg.train.output_dir, "summary.json"),
+                      {"steps": trainer.step, "first": trainer.first_scalars, "last": last, "model": out,
+                       "skipped_steps": trainer.skipped})
+        logging.getLogger("palu_ds").info(
+            "done: %d steps, final %s; model: %s; tensorboard: %s", trainer.step,
+            " ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith(("loss/", "dual/"))), out,
+            cfg.log.tensorboard_dir or os.path.join(cfg.train.output_dir, "tensorboard"))
+    return 0
