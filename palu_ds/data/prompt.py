@@ -27,6 +27,12 @@ def encode_prompt(tokenizer, question: str) -> list[int]:
     return ids
 
 
+def answer_ids(tokenizer, answer: str, add_eos: bool = True) -> list[int]:
+    """Token ids of the answer as it follows the prompt (``" " + answer``), then EOS (any tokenizer)."""
+    ids = list(tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
+    return ids + [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else ids
+
+
 def encode_answer(tokenizer, answer: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of ``" " + answer`` followed by EOS, and each token's character offsets into ``answer``.
 

@@ -1,0 +1,17 @@
+"""TOFU and MUSE evaluation for palu_ds: metrics, batched/distributed scoring, CLI (``evaluation/run.py``) and
+report (``evaluation/report.py``).
+
+In-training use::
+
+    from evaluation import evaluate, SuiteConfig
+    out = evaluate(model, tokenizer, SuiteConfig(suite="tofu", split="forget10", data="data/tofu",
+                                                 splits=("forget", "retain"), forget_quality=False))
+    out.summary["forget/prob"], out.summary["model_utility"]
+"""
+
+from .api import evaluate
+from .config import MissingRetainResults, SuiteConfig
+from .data import DataError
+from .results import EvalOutput
+
+__all__ = ["evaluate", "SuiteConfig", "EvalOutput", "MissingRetainResults", "DataError"]

@@ -1,0 +1,40 @@
+"""The one entry point for an in-memory model: :func:`evaluate` (used by ``evaluation/run.py`` and by the engine)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import as_suite_config
+from .results import EvalOutput
+
+
+def evaluate(model, tokenizer, suite_cfg: Any, *, out_dir=None, **overrides) -> EvalOutput:
+    """Run the TOFU or MUSE suite on ``model`` (a Hugging Face causal LM, or a DeepSpeed engine / DDP wrapper
+    around one) and return an :class:`~evaluation.results.EvalOutput` (``.summary`` is a flat dict of metrics,
+    ``.examples`` the per-example records).
+
+    ``suite_cfg``: a :class:`~evaluation.config.SuiteConfig`, a dict or a dataclass with its field names;
+    ``overrides`` replace fields (e.g. ``max_examples=50``).  Call it on EVERY rank when torch.distributed is
+    initialized: examples are split across ranks and gathered, and every rank gets the full output.  With
+    ``out_dir``, rank 0 writes ``results.json`` and ``summary.json`` there.  The model is put in eval mode and its
+    training mode restored afterwards; no gradients are kept.
+    """
+    from . import muse, tofu
+    from .distributed import barrier, rank_world
+
+    cfg = as_suite_config(suite_cfg)
+    if overrides:
+        cfg = as_suite_config({**cfg.to_dict(), **overrides})
+    suite = {"tofu": tofu, "muse": muse}[cfg.suite]
+    was_training = model.training
+    model.eval()
+    try:
+        out = suite.run(model, tokenizer, cfg)
+    finally:
+        model.train(was_training)
+    out.meta.update(cfg.extra)
+    if out_dir is not None:
+        if rank_world()[0] == 0:
+            out.write(out_dir)
+        barrier()
+    return out

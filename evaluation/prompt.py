@@ -1,0 +1,50 @@
+"""Question formatting and tokenization for QA evaluation (TOFU, MUSE KnowMem).
+
+:func:`format_prompt` is the data package's formatter (palu_ds.data.prompt): training and evaluation format and
+tokenize a question and its answers identically.  :func:`encode_prompt` turns any prompt text into
+ids with the BOS token exactly once, and :func:`encode_qa` splits prompt and answer ids consistently.
+"""
+
+from __future__ import annotations
+
+from palu_ds.data.prompt import PLAIN_TEMPLATE, answer_ids, format_prompt  # noqa: F401 - one formatter for train and eval
+from palu_ds.data.prompt import encode_prompt as encode_question
+
+
+def wants_bos(tokenizer) -> bool:
+    """True when the tokenizer puts BOS in front of a text by default (Llama-style); False for GPT-2/Qwen-style."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with BOS exactly once when the tokenizer uses one (never doubled by a chat template
+    that already writes it, never dropped), and no EOS."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            ids.pop(0)
+        if wants_bos(tokenizer) and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+    return ids
+
+
+def encode_continuation(tokenizer, prompt_text: str, prompt_ids: list[int], continuation: str) -> list[int]:
+    """Ids of ``continuation`` as they follow ``prompt_text``: tokenize ``prompt_text + continuation`` and cut at the
+    prompt's length when that prefix is unchanged (so the split matches how a model sees the whole text); if
+    tokenization merges across the boundary, tokenize the continuation on its own."""
+    full = encode_prompt(tokenizer, prompt_text + continuation)
+    if len(full) > len(prompt_ids) and full[: len(prompt_ids)] == prompt_ids:
+        return full[len(prompt_ids):]
+    return list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+
+
+def encode_qa(tokenizer, question: str, answers: list[str], add_eos: bool = True) -> tuple[list[int], list[list[int]]]:
+    """``(prompt_ids, [answer_ids, ...])`` for one question and several candidate answers (true, paraphrased,
+    perturbed), tokenized exactly as the training data is (palu_ds.data.prompt). Each answer ends with EOS when
+    ``add_eos`` (TOFU scores the EOS too)."""
+    return encode_question(tokenizer, question), [answer_ids(tokenizer, a, add_eos) for a in answers]

@@ -1,0 +1,102 @@
+"""Evaluate a saved model on TOFU or MUSE; writes ``results.json`` (every per-example value) and ``summary.json``.
+
+Single process::
+
+    python evaluation/run.py --model DIR --suite tofu --split forget10 --data ../shared/data/tofu \\
+        --retain-results runs/eval/retain/results.json --out runs/eval/my_run
+
+Data-parallel (torchrun or the DeepSpeed launcher; each rank holds the model, examples are split and gathered)::
+
+    deepspeed --num_gpus 2 evaluation/run.py --model DIR --suite muse --split news --no-forget-quality --out DIR
+    torchrun --nproc_per_node 2 evaluation/run.py ...
+
+First evaluate the retain model with ``--no-forget-quality`` and pass its ``results.json`` as ``--retain-results``
+for forget quality (TOFU) and PrivLeak (TOFU, MUSE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.config import MUSE_PARTS, TOFU_PARTS, SuiteConfig  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="Hugging Face model folder (or hub name)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
+    p.add_argument("--suite", choices=["tofu", "muse"], required=True)
+    p.add_argument("--split", required=True, help="TOFU: forget01 | forget05 | forget10; MUSE: news | books")
+    p.add_argument("--data", help="local folder or hub name (default locuslab/TOFU, muse-bench/MUSE-<Corpus>)")
+    p.add_argument("--splits", help=f"comma list; TOFU {','.join(TOFU_PARTS)}; MUSE {','.join(MUSE_PARTS)}")
+    p.add_argument("--out", required=True, help="output folder for results.json and summary.json")
+    p.add_argument("--name", help="run name shown in reports (default: the --out folder name)")
+    p.add_argument("--retain-results", help="results.json (or its folder) of the same suite on the retain model")
+    p.add_argument("--no-forget-quality", action="store_true",
+                   help="omit forget quality and PrivLeak (needed e.g. when evaluating the retain model itself)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, help="override (TOFU 200; MUSE VerbMem 128, KnowMem 32)")
+    p.add_argument("--max-length", type=int, help="longest scored sequence (TOFU 512, MUSE 2048)")
+    p.add_argument("--max-examples", type=int, help="first N rows of each split")
+    p.add_argument("--k", type=float, default=0.4, help="Min-K%% / Min-K%%++ fraction")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    return p.parse_args(argv)
+
+
+def load_model(path: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    if dtype == "auto":
+        dtype = "bfloat16" if cuda else "float32"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    if cuda:
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    return model.eval()
+
+
+def main(argv=None) -> dict:
+    from transformers import AutoTokenizer
+
+    from evaluation.api import evaluate
+    from evaluation.distributed import init_from_env, rank_world
+
+    args = parse_args(argv)
+    import torch.distributed as dist
+
+    started_here = not (dist.is_available() and dist.is_initialized()) and init_from_env()
+    rank, world = rank_world()
+    cfg = SuiteConfig(suite=args.suite, split=args.split, data=args.data, splits=args.splits,
+                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                      max_examples=args.max_examples, k=args.k, retain_results=args.retain_results,
+                      forget_quality=not args.no_forget_quality)
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    model = load_model(args.model, args.dtype)
+    out = evaluate(model, tokenizer, cfg)
+    out.meta.update({"name": args.name or Path(args.out).name, "model": args.model, "world_size": world,
+                     "seconds": round(time.time() - t0, 2)})
+    if rank == 0:
+        res, summ = out.write(args.out)
+        shown = {k: v for k, v in out.summary.items() if isinstance(v, (int, float))}
+        print(json.dumps(shown, indent=1))
+        for note in out.summary.get("notes", []):
+            print("note:", note)
+        print(f"wrote {res} and {summ} ({out.meta['seconds']} s, {world} rank(s))")
+    if started_here:
+        dist.destroy_process_group()
+    return out.summary
+
+
+if __name__ == "__main__":
+    main()
