@@ -61,15 +61,6 @@ class ReferenceConfig:
 
 
 @dataclass
-class DualConfig:
-    lambda0: float | None = None  # None: the method's default
-    eta: float | None = None
-    epsilon: float | None = None  # absolute bound on the retain loss
-    epsilon_rel: float | None = None  # a in eps = (1 + a) * L_retain(reference)
-    warmup_steps: int = 0
-
-
-@dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 42
@@ -101,7 +92,6 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    dual: DualConfig = field(default_factory=DualConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -194,8 +184,6 @@ def validate_config(cfg: RunConfig, method=None) -> None:
             raise ConfigError(f"train.{key} must be >= 1")
     if cfg.data.n_init is not None and cfg.data.n_init < 1:
         raise ConfigError("data.n_init must be >= 1 (or null for whole spans)")
-    if cfg.dual.epsilon is not None and cfg.dual.epsilon_rel is not None:
-        raise ConfigError("dual.epsilon and dual.epsilon_rel are exclusive: give one")
     if method is None:
         from palu_ds.methods import get_method
 
@@ -206,21 +194,28 @@ def validate_config(cfg: RunConfig, method=None) -> None:
     unknown = sorted(set(cfg.method.params) - set(method.defaults))
     if unknown:
         raise ConfigError(f"method.params: unknown for {method.name}: {unknown}; valid: {sorted(method.defaults)}")
-    needs_ref = bool(method.reference_parts)
-    if not needs_ref and cfg.reference.mode != "none":
-        if cfg.reference.cache_dir or cfg.reference.model:
-            raise ConfigError(f"method {method.name} is reference-free but reference.{ 'cache_dir' if cfg.reference.cache_dir else 'model'} is set: "
-                              "remove it or set reference.mode: none")
-    if needs_ref and cfg.reference.mode == "none":
-        raise ConfigError(f"method {method.name} needs the reference ({sorted(method.reference_parts)}): "
+    hp = {**method.defaults, **cfg.method.params}
+    if "N" in cfg.method.params:  # PALU's N is the data's I_init length
+        cfg.data.n_init = cfg.method.params["N"]
+    if method.uses_dual and (hp.get("epsilon") is None) == (hp.get("epsilon_rel") is None):
+        raise ConfigError(f"method.params: {method.name} needs exactly one of epsilon (absolute) and epsilon_rel "
+                          "(eps = (1 + a) * L_retain(reference)); set the other to null")
+    from palu_ds.reference import needed_parts
+
+    parts = needed_parts(method, hp)
+    if not parts and cfg.reference.mode != "none" and (cfg.reference.cache_dir or cfg.reference.model):
+        which = "cache_dir" if cfg.reference.cache_dir else "model"
+        raise ConfigError(f"method {method.name} is reference-free but reference.{which} is set: "
+                          "remove it or set reference.mode: none")
+    if parts and cfg.reference.mode == "none":
+        raise ConfigError(f"method {method.name} needs the reference ({sorted(parts)}): "
                           "set reference.mode to precomputed or resident")
     if "retain" in method.batches and cfg.data.retain is None:
         raise ConfigError(f"method {method.name} needs a retain set: set data.retain.source")
     if "idk" in method.batches and cfg.data.idk is None:
         raise ConfigError(f"method {method.name} needs refusal strings: set data.idk.source")
-    if not method.uses_dual and (cfg.dual.epsilon is not None or cfg.dual.epsilon_rel is not None
-                                 or cfg.dual.lambda0 is not None or cfg.dual.eta is not None):
-        raise ConfigError(f"dual.* is set but method {method.name} has no dual variable (use pd_flat or palu_pd)")
+    if cfg.data.retain is not None and "retain" not in method.batches:
+        raise ConfigError(f"data.retain is set but method {method.name} uses no retain set: remove it")
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -93,8 +93,8 @@ class Trainer:
             model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **cfg.model.lora))
         self.reference = self._build_reference()
 
-        steps_per_epoch = max(1, self.streams["forget"].batches_per_epoch // self.gas)
-        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+        self.steps_per_epoch = max(1, self.streams["forget"].batches_per_epoch // self.gas)
+        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
         self.dual = self._build_dual()
@@ -119,9 +119,13 @@ class Trainer:
     def _build_dual(self):
         if not self.method.uses_dual:
             return None
-        from palu_ds.dual import build_dual
+        from palu_ds.dual import DualVariable
 
-        return build_dual(self.cfg.dual, self.hp, self.reference)
+        dual = DualVariable.from_hparams(self.hp)
+        if dual.needs_calibration:
+            log.info("dual: eps = %.4f from the reference retain loss", dual.calibrate(self.reference.retain_loss()))
+        self.hp["epsilon"] = dual.epsilon  # the objective's constant shift, so loss/total is the Lagrangian
+        return dual
 
     def _resume_path(self) -> str | None:
         r = self.cfg.train.resume
@@ -213,8 +217,8 @@ class Trainer:
             self.consecutive_bad += 1
         else:
             self.consecutive_bad = 0
-            if self.dual is not None:
-                self.dual.update(terms_g["retain"], self.step)
+            if self.dual is not None:  # from the value all-reduced above: no second collective
+                self.dual.update(terms_g["retain"], epoch=self.step / self.steps_per_epoch)
         dt = time.perf_counter() - t0
         scalars = {f"loss/{k}": v for k, v in terms_g.items()}
         scalars["loss/total"] = float(self.method.objective({k: torch.tensor(v) for k, v in terms_g.items()},

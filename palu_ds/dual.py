@@ -1,0 +1,91 @@
+"""The dual variable lambda of the retain constraint ``L_retain <= eps`` (arXiv 2506.05314, Alg. 1).
+
+Primal objective (per step, lambda a constant coefficient, not a parameter):
+    ``gamma * L_forget + lambda * (L_retain - eps)``
+Dual ascent, once per *optimizer* step, projected to lambda >= 0:
+    ``lambda <- max(0, lambda + eta * (L_retain - eps))``
+where ``L_retain`` is the retain loss over the whole accumulation window AND all ranks, so every rank holds the same
+lambda (unlike open-unlearning's ``pdu.py``, which updates per micro-batch from the rank-local loss).
+eps is absolute, or ``(1 + a) * L_retain(reference)`` measured before training (:meth:`DualVariable.calibrate`).
+Controller in the style of OpenRLHF's ``kl_controller.py``.
+
+Two ways to feed it: :meth:`update` with a value the caller already reduced over window and ranks (the engine's
+way), or :meth:`accumulate` per micro-batch + :meth:`step` per optimizer step (this object all-reduces).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+
+
+class DualVariable:
+    def __init__(self, lambda0: float, eta: float, epsilon: float | None = None, epsilon_rel: float | None = None,
+                 warmup_steps: int = 0, warmup_epochs: float = 0.0):
+        if (epsilon is None) == (epsilon_rel is None):
+            raise ValueError("give exactly one of epsilon (absolute) and epsilon_rel (eps = (1 + a) L_retain(ref))")
+        if lambda0 < 0 or eta < 0:
+            raise ValueError(f"lambda0 and eta must be >= 0, got {lambda0}, {eta}")
+        self.value, self.eta, self.epsilon, self.epsilon_rel = float(lambda0), float(eta), epsilon, epsilon_rel
+        self.warmup_steps, self.warmup_epochs = int(warmup_steps), float(warmup_epochs)
+        self.steps = 0                                   # optimizer steps seen (warm-up ones included)
+        self._sum = self._weight = 0.0
+
+    @classmethod
+    def from_hparams(cls, hp: Mapping[str, Any]) -> "DualVariable":
+        """From a method's hyperparameters: ``lambda0, eta_lambda, epsilon | epsilon_rel, dual_warmup_steps/epochs``."""
+        return cls(hp["lambda0"], hp["eta_lambda"], hp.get("epsilon"), hp.get("epsilon_rel"),
+                   hp.get("dual_warmup_steps", 0), hp.get("dual_warmup_epochs", 0.0))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.epsilon is None
+
+    def calibrate(self, reference_retain_loss: float) -> float:
+        """Set ``eps = (1 + a) * L_retain(reference)`` (measured before the first step, over all ranks); returns eps."""
+        self.epsilon = (1.0 + self.epsilon_rel) * float(reference_retain_loss)
+        return self.epsilon
+
+    def update(self, retain_loss: float, step: int | None = None, epoch: float | None = None) -> float:
+        """One dual ascent step from the retain loss of the whole window, already reduced over ranks; returns lambda.
+
+        ``step`` counts optimizer steps including this one (1-based; default: internal count).  Warm-up: lambda is
+        unchanged while ``step <= warmup_steps`` or ``epoch < warmup_epochs``."""
+        if self.epsilon is None:
+            raise RuntimeError("epsilon_rel is set but calibrate() was not called before the first update")
+        if epoch is None and self.warmup_epochs > 0:
+            raise ValueError("warmup_epochs is set: pass the current (fractional) epoch")
+        self.steps = self.steps + 1 if step is None else int(step)
+        if self.steps > self.warmup_steps and (epoch is None or epoch >= self.warmup_epochs):
+            self.value = max(0.0, self.value + self.eta * (float(retain_loss) - self.epsilon))
+        return self.value
+
+    def accumulate(self, retain_loss, weight: float = 1.0) -> None:
+        """Record one micro-batch's (rank-local) retain loss; :meth:`step` uses ``sum(w L) / sum(w)`` over the window
+        and all ranks (weight 1: plain mean; a token count: exact token weighting)."""
+        self._sum += float(retain_loss) * float(weight)
+        self._weight += float(weight)
+
+    def step(self, epoch: float | None = None) -> float:
+        """Once per optimizer step on every rank (it all-reduces): reduce the window, :meth:`update`; returns the
+        reduced retain loss."""
+        if self.epsilon is None:
+            raise RuntimeError("epsilon_rel is set but calibrate() was not called before the first step")
+        t = torch.tensor([self._sum, self._weight], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t)
+        if float(t[1]) == 0:
+            raise RuntimeError("DualVariable.step() with no accumulate() in the window")
+        self._sum = self._weight = 0.0
+        retain = float(t[0] / t[1])
+        self.update(retain, epoch=epoch)
+        return retain
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "epsilon": self.epsilon, "steps": self.steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.value, self.epsilon, self.steps = float(state["value"]), state["epsilon"], int(state["steps"])

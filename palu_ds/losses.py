@@ -1,0 +1,288 @@
+"""Unlearning losses as pure functions of tensors (torch only; never a model, never DeepSpeed).
+
+Conventions
+-----------
+* Every input is already *shifted* (:func:`palu_ds.batch.shift`): ``logits[:, t]`` scores ``labels[:, t]``.
+* Per-position losses take packed rows -- ``logits_s[mask_s]`` of shape [N, V] -- and return [N]; per-sequence
+  losses take [B] and return [B].  Reduction is done once, by :func:`aggregate_loss`.
+* Loss math runs in float32 on the selected rows (logits may arrive in bf16).
+
+Sources: PALU = arXiv 2601.03190 (reference code github.com/nxZhai/PALU, ``src/trainer/unlearn/palu.py``, read
+from its public copy bursteries-cn/PALU_demo);
+PDU = "Constrained Entropic Unlearning", arXiv 2506.05314 (open-unlearning ``src/trainer/unlearn/pdu.py``);
+NPO = arXiv 2404.05868; SimNPO = arXiv 2410.07163; DPO = arXiv 2305.18290; baselines as implemented in
+open-unlearning (locuslab/open-unlearning ``src/trainer/utils.py``, ``src/trainer/unlearn/*.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half/bfloat16 to float32 for the loss math; float32/float64 pass through."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reduction
+# ----------------------------------------------------------------------------------------------------------------
+def aggregate_loss(values: torch.Tensor, mask: torch.Tensor | None = None, normalizer=None) -> torch.Tensor:
+    """``sum(values[mask]) / normalizer`` -- the only reduction in this module.
+
+    ``normalizer`` defaults to the local count ``mask.sum()`` (``values.numel()`` without a mask).  With a *global*
+    count (the same number on every rank, e.g. the all-reduced number of answer tokens) the per-rank results add up
+    to the full-batch loss: ``sum_r aggregate_loss(v_r, m_r, n) == aggregate_loss(v, m)`` when ``n = sum_r m_r.sum()``
+    (OpenRLHF ``openrlhf/models/loss.py`` style).  A zero count gives 0 (still attached to the graph).
+    Example: ``values=[[1,2],[3,4]], mask=[[1,0],[1,1]]`` -> (1+3+4)/3 = 8/3; with ``normalizer=4`` -> 2.
+    """
+    if mask is not None:
+        values = torch.where(mask, values, values.new_zeros(()))
+        count = mask.sum()
+    else:
+        count = values.numel()
+    if normalizer is None:
+        normalizer = count
+    normalizer = torch.as_tensor(normalizer, dtype=values.dtype, device=values.device)
+    return values.sum() / normalizer.clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token / sequence log-probabilities (NLL, GradAscent, GradDiff, NPO, SimNPO, DPO)
+# ----------------------------------------------------------------------------------------------------------------
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log p_theta(labels[b,t] | x_<t)`` at answer tokens, 0 where ``labels == -100``; [B, T] from [B, T, V].
+
+    Only the answer rows are upcast to float32 (``logits[mask]``), never the whole [B, T, V] tensor.
+    Example: uniform logits over V=4 -> every answer token gets ``-ln 4``.
+    """
+    mask = labels != IGNORE_INDEX
+    rows = _f32(logits[mask])
+    lp = -F.cross_entropy(rows, labels[mask], reduction="none")
+    return torch.zeros(labels.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log pi(y|x) = sum_t log p(y_t | y_<t, x)`` over the answer tokens of each sequence; [B]."""
+    return token_logps(logits, labels).sum(-1)
+
+
+def nll_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer=None) -> torch.Tensor:
+    """Mean negative log-likelihood over answer tokens: ``-(1/|A|) sum_{t in A} log p(y_t)`` (retain loss, SFT).
+
+    GradAscent (Jang et al. 2022; open-unlearning ``grad_ascent.py``) minimises ``-nll_loss(forget)``;
+    GradDiff minimises ``-gamma * nll(forget) + alpha * nll(retain)`` (open-unlearning ``grad_diff.py``).
+    Gradient w.r.t. one token's logits: ``(softmax(z) - onehot(y)) / |A|``.
+    """
+    mask = labels != IGNORE_INDEX
+    return aggregate_loss(-token_logps(logits, labels), mask, normalizer)
+
+
+def npo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO (Zhang et al. 2024, arXiv 2404.05868, eq. 3), per sequence [B]:
+
+    ``L = -(2/beta) * log sigmoid(-beta * (log pi_theta(y|x) - log pi_ref(y|x)))``
+
+    exactly open-unlearning's ``compute_dpo_loss(win=None, lose=forget)``.  At ``log pi_theta = log pi_ref`` it is
+    ``(2/beta) ln 2``; ``dL/d log pi_theta = 2 sigmoid(beta * delta)`` (= 1 at delta = 0), bounded in (0, 2).
+    """
+    return -2.0 / beta * F.logsigmoid(-beta * (logps - ref_logps))
+
+
+def simnpo_loss(logps: torch.Tensor, lengths: torch.Tensor, beta: float, delta: float = 0.0) -> torch.Tensor:
+    """SimNPO (Fan et al. 2024, arXiv 2410.07163), reference-free and length-normalised, per sequence [B]:
+
+    ``L = -(2/beta) * log sigmoid(beta * (-log pi_theta(y|x) / |y| - delta))``
+
+    as in open-unlearning ``simnpo.py`` (its ``delta`` is the paper's gamma divided by beta).
+    Example: ``log pi = -6, |y| = 3, beta = 1, delta = 0`` -> ``-2 log sigmoid(2) = 2 ln(1 + e^-2) = 0.253856``;
+    ``dL/d log pi = (2/|y|) sigmoid(-u)`` with ``u = beta(-log pi/|y| - delta)`` (= 0.079469 in the example).
+    """
+    avg_nll = -logps / lengths.clamp(min=1).to(logps.dtype)
+    return -2.0 / beta * F.logsigmoid(beta * (avg_nll - delta))
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023) with open-unlearning's 2/beta scale (``compute_dpo_loss``), per pair [B]:
+
+    ``m = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))``,  ``L = -(2/beta) log sigmoid(beta m)``.
+
+    IdkDPO (TOFU; open-unlearning ``dpo.py``): y_w = a refusal ("I don't know") answer, y_l = the forget answer.
+    At m = 0 it is ``(2/beta) ln 2``; ``dL/dm = -2 sigmoid(-beta m)`` (= -1 at m = 0).
+    """
+    margin = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    return -2.0 / beta * F.logsigmoid(beta * margin)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PALU local entropy (arXiv 2601.03190)
+# ----------------------------------------------------------------------------------------------------------------
+def palu_local_entropy(logits: torch.Tensor, topk_ids: torch.Tensor, detach_target: bool = False) -> torch.Tensor:
+    """PALU's local (top-K) flattening loss at sensitive positions t in I_init, dense form; [N] from [N, V].
+
+    ``L_local(t) = (1/K) sum_{i in idx_t} (z_{t,i} - c_t)^2``,  ``c_t = (1/V) sum_{j=1..V} z_{t,j}``
+
+    with ``idx_t`` the *reference* model's top-K ids at t and ``c_t`` the mean over the FULL vocabulary of the
+    current logits (the reference code's ``target_mode="mean"``; not detached there -- ``detach_target=True``
+    stops the gradient through c_t).  L_sens = mean of L_local over I_init (:func:`aggregate_loss`).
+    Example: ``z = [1, 2, 3, 6]``, ``idx = {3, 2}`` -> c = 3, L = ((6-3)^2 + (3-3)^2)/2 = 4.5;
+    gradient ``dL/dz_i = (2/K) [ (z_i - c) 1{i in idx} - (1/V) sum_{j in idx} (z_j - c) ]`` = [-.75, -.75, -.75, 2.25]
+    (detached target: ``(2/K)(z_i - c) 1{i in idx}`` = [0, 0, 0, 3]).
+    """
+    z = _f32(logits)
+    c = z.mean(-1, keepdim=True)
+    if detach_target:
+        c = c.detach()
+    return (z.gather(-1, topk_ids) - c).pow(2).mean(-1)
+
+
+def _chunk_rows(k: int, d: int, max_chunk_elems: int) -> int:
+    return max(1, max_chunk_elems // max(1, k * d))
+
+
+class _TopKLogitsAndMean(torch.autograd.Function):
+    """``z[n, k] = h_n . W[ids[n, k]]`` and ``c[n] = h_n . mean_v(W_v)`` without the V-wide logits.
+
+    Forward gathers rows (``index_select`` into one reused buffer -- ``F.embedding`` semantics without a fresh
+    allocation per chunk) and contracts them with ``bmm``, a chunk of positions at a time; only
+    ``hidden``, ``ids``, ``mean(W)`` (and a handle on ``W``) are kept, so memory is O(chunk K d), never O(N K d).
+    Backward: ``dh_n = sum_k gz[n,k] W[ids[n,k]] + gc_n mean(W)`` (fused ``embedding_bag``, no [n, K, d] temporary);
+    ``dW = (1/V) sum_n gc_n h_n`` broadcast to every row (one write of the dense gradient), then
+    ``dW[ids[n,k]] += gz[n,k] h_n`` (``index_add_``, chunked).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, ids, chunk):
+        dt = torch.promote_types(hidden.dtype, torch.float32)
+        w_mean = weight.mean(0, dtype=dt)
+        c = hidden.to(dt) @ w_mean
+        z = hidden.new_empty(ids.shape)
+        buf = weight.new_empty(min(chunk, ids.shape[0]) * ids.shape[1], weight.shape[1])  # reused: no page faults
+        for s in range(0, ids.shape[0], chunk):
+            i = ids[s:s + chunk]
+            rows = torch.index_select(weight, 0, i.reshape(-1), out=buf[:i.numel()]).view(*i.shape, -1)  # [n, K, d]
+            z[s:s + chunk] = torch.bmm(rows, hidden[s:s + chunk, :, None].to(weight.dtype)).squeeze(-1)
+        ctx.save_for_backward(hidden, weight, ids, w_mean)
+        ctx.chunk = chunk
+        return z, c
+
+    @staticmethod
+    def backward(ctx, gz, gc):
+        hidden, weight, ids, w_mean = ctx.saved_tensors
+        gz = gz.to(weight.dtype)
+        gh = gw = None
+        if ctx.needs_input_grad[0]:
+            gh = F.embedding_bag(ids, weight, mode="sum", per_sample_weights=gz).to(w_mean.dtype)
+            gh = (gh + gc[:, None] * w_mean).to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            row = (gc @ hidden.to(gc.dtype)) / weight.shape[0]
+            gw = row.to(weight.dtype).expand_as(weight).contiguous()
+            buf = weight.new_empty(min(ctx.chunk, ids.shape[0]) * ids.shape[1], weight.shape[1])
+            for s in range(0, ids.shape[0], ctx.chunk):
+                g, h, i = gz[s:s + ctx.chunk], hidden[s:s + ctx.chunk].to(weight.dtype), ids[s:s + ctx.chunk]
+                outer = torch.mul(g[:, :, None], h[:, None, :], out=buf[:i.numel()].view(*i.shape, -1))
+                gw.index_add_(0, i.reshape(-1), outer.flatten(0, 1))
+        return gh, gw, None, None
+
+
+def topk_logits_and_mean(hidden, weight, ids, bias=None, max_chunk_elems: int = 1 << 25):
+    """``(z, c)``: ``z[n, k] = h_n . W[ids[n, k]] + b[ids[n, k]]`` ([N, K]) and the full-vocabulary mean logit
+    ``c[n] = h_n . mean(W) + mean(b)`` ([N]) -- never forming the [N, V] logits.  ``max_chunk_elems // (K d)``
+    positions are gathered at a time (forward and backward)."""
+    chunk = _chunk_rows(ids.shape[-1], hidden.shape[-1], max_chunk_elems)
+    z, c = _TopKLogitsAndMean.apply(hidden, weight, ids, chunk)
+    z = z.to(c.dtype)
+    if bias is not None:
+        z = z + bias[ids].to(c.dtype)
+        c = c + bias.to(c.dtype).mean()
+    return z, c
+
+
+def palu_local_entropy_topk(hidden: torch.Tensor, weight: torch.Tensor, topk_ids: torch.Tensor,
+                            bias: torch.Tensor | None = None, detach_target: bool = False,
+                            max_chunk_elems: int = 1 << 25) -> torch.Tensor:
+    """:func:`palu_local_entropy` from last hidden states, never forming the V-wide logits; [N] from [N, d].
+
+    With ``z_t = W h_t + b`` (``W`` = lm_head weight [V, d]):  ``c_t = h_t . mean_v(W_v) + mean(b)`` and
+    ``z_{t,i} = h_t . W_i + b_i`` for the K reference ids only (:func:`topk_logits_and_mean`).  Equal to the dense
+    form up to rounding (tested).  Cost: O(N K d) gathered memory traffic + one pass over W for its mean and one
+    write of its (dense) gradient, instead of the O(N V d) GEMMs of the dense path; memory bounded by
+    ``max_chunk_elems``.  Which is faster depends on K/V and the machine (``scripts/bench_palu_topk.py``).
+    """
+    z, c = topk_logits_and_mean(hidden, weight, topk_ids, bias, max_chunk_elems)
+    if detach_target:
+        c = c.detach()
+    return (z - c[:, None]).pow(2).mean(-1)
+
+
+def topk_ids(ref_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference's top-k ids (sorted, k clipped to V) -- what the precompute stores as ``topk_ids``/``kl_ids``."""
+    return ref_logits.topk(min(k, ref_logits.shape[-1]), dim=-1).indices
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KL on common tokens
+# ----------------------------------------------------------------------------------------------------------------
+def kl_exact(logits: torch.Tensor, ref_logits: torch.Tensor, direction: str = "forward") -> torch.Tensor:
+    """Per-position KL between the current model P_theta and the reference P_ref; [N] from [N, V] each.
+
+    ``forward``: ``KL(P_theta || P_ref) = sum_v p_v (log p_v - log q_v)`` -- the PALU reference code's direction
+    (``sum exp(cur_logp) * (cur_logp - ref_logp)`` on non-sensitive answer tokens);  ``reverse``: ``KL(P_ref || P_theta)``.
+    Example: p = (1/2, 1/2), q = (1/4, 3/4): forward = (1/2) ln(4/3) = 0.143841, reverse = 0.130812.
+    Gradient (forward) w.r.t. the current logits: ``p * (log p - log q - KL)``.
+    """
+    logp = F.log_softmax(_f32(logits), -1)
+    logq = F.log_softmax(_f32(ref_logits), -1).to(logp.dtype)
+    if direction == "forward":
+        return F.kl_div(logq, logp, reduction="none", log_target=True).sum(-1)
+    if direction == "reverse":
+        return F.kl_div(logp, logq, reduction="none", log_target=True).sum(-1)
+    raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+
+
+def kl_sparse(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logps: torch.Tensor, direction: str = "forward",
+              tail_floor: float = 1e-6) -> torch.Tensor:
+    """KL from the reference's precomputed top-k log-probs, the rest of the vocabulary as one "tail" bucket; [N].
+
+    Buckets: the k reference ids, plus the tail T = V minus those ids.  ``q_T = 1 - sum_i exp(ref_logps_i)``
+    (clamped to ``[tail_floor, 1]``), ``p_i = softmax(z)_i`` and ``p_T = sum_{v in T} softmax(z)_v`` (a logsumexp
+    over the tail, exact even when p_T is tiny).  Then ``forward = sum_b p_b (log p_b - log q_b)`` over the k+1
+    buckets (``reverse`` swaps p and q).  Coarse-graining can only lower a KL, so this is a lower bound of
+    :func:`kl_exact` (the tail's internal shape is ignored); it is exact when the tail holds at most one token.
+    Example: p = (.4, .3, .2, .1), ref top-2 = ids (0, 1) with q = (.5, .25) -> q_T = .25, p_T = .3,
+    forward = .4 ln(.4/.5) + .3 ln(.3/.25) + .3 ln(.3/.25) = 0.020136.
+    Store ``ref_logps`` in float32: the tail is a difference from 1.
+    """
+    z = _f32(logits)
+    lse = z.logsumexp(-1, keepdim=True)
+    logp = z.gather(-1, ref_ids) - lse
+    logq = ref_logps.to(z.dtype)
+    if ref_ids.shape[-1] < z.shape[-1]:                                   # add the tail bucket
+        logp_tail = z.scatter(-1, ref_ids, float("-inf")).logsumexp(-1, keepdim=True) - lse
+        q_tail = (1.0 - logq.exp().sum(-1, keepdim=True)).clamp(min=tail_floor, max=1.0)
+        logp = torch.cat([logp, logp_tail.clamp(min=-1e4)], -1)
+        logq = torch.cat([logq, q_tail.log()], -1)
+    if direction == "forward":
+        return (logp.exp() * (logp - logq)).sum(-1)
+    if direction == "reverse":
+        return (logq.exp() * (logq - logp)).sum(-1)
+    raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Logit-margin flattening (Constrained Entropic Unlearning, arXiv 2506.05314)
+# ----------------------------------------------------------------------------------------------------------------
+def logit_margin_flat(logits: torch.Tensor) -> torch.Tensor:
+    """Logit-margin flattening (arXiv 2506.05314, forget loss of PDU), per position; [...] from [..., V]:
+
+    ``L(t) = (max_k z_{t,k} - (1/V) sum_k z_{t,k})^2``   (L_fgt = mean over answer tokens; open-unlearning ``pdu.py``
+    averages over *all* positions of the forget batch -- here the caller masks to answer tokens).
+    Softmax-free: ``dL/dz = 2 (max - mean) (e_argmax - 1/V)``, which does not vanish on a near-one-hot
+    distribution where the entropy's gradient ``-p (log p + H)`` does.
+    Example: z = [3, 0, 0, 1] -> (3 - 1)^2 = 4, gradient = 4 ([1,0,0,0] - 1/4) = [3, -1, -1, -1].
+    """
+    z = _f32(logits)
+    return (z.amax(-1) - z.mean(-1)).pow(2)

@@ -1,0 +1,279 @@
+"""Method registry: what each unlearning method computes from one step's logits, and what it needs.
+
+The engine asks a :class:`Method` which batches to run (``batches``), which reference parts to load
+(``reference_parts``), whether to keep a dual variable (``uses_dual``), then calls ``terms`` and ``objective``.
+No method-specific branch lives in the engine.
+
+Positions (after :func:`palu_ds.batch.shift`): answer tokens = ``labels != -100``; sensitive = ``sens_mask``
+(I_init); common = ``common_mask``.  Reference tensors are packed in the row-major order of ``logits_s[mask_s]``.
+A reference dict holds either precomputed parts (``topk_ids``, ``kl_ids``/``kl_logps``, ``seq_logps``) or, in
+resident mode, ``logits`` [B, T, V] of the reference model, from which every part is derived.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+from palu_ds import losses as L
+from palu_ds.batch import IGNORE_INDEX, shift
+
+REFERENCE_PARTS = frozenset({"topk_ids", "kl", "seq_logps", "retain_loss"})
+
+
+@dataclass
+class StepInputs:
+    """One micro-batch, for :meth:`Method.terms`.
+
+    ``normalizers[batch]`` holds *global* counts (summed over ranks) for ``answer`` (answer tokens), ``sens``
+    (I_init positions), ``common`` (common positions) and ``seqs`` (sequences with >= 1 answer token); with
+    them the per-rank terms add up to the full-batch terms.  ``None`` = local counts (rank-local means).
+    """
+
+    logits: dict[str, Tensor]
+    batches: dict[str, dict[str, Tensor]]
+    ref: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    normalizers: dict[str, dict[str, Tensor]] | None = None
+    hidden: dict[str, Tensor] | None = None
+    head_weight: Tensor | None = None
+    head_bias: Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _norm(x: StepInputs, batch: str, key: str):
+    return None if x.normalizers is None else x.normalizers[batch][key]
+
+
+def _shifted(x: StepInputs, batch: str, *mask_keys: str):
+    """``(logits_s, labels_s, *masks_s)`` of one batch; masks_s are boolean and include ``labels_s != -100``."""
+    b = x.batches[batch]
+    logits_s, labels_s, *masks = shift(x.logits[batch], b["labels"], *(b[k].bool() for k in mask_keys))
+    return (logits_s, labels_s, labels_s != IGNORE_INDEX, *masks)
+
+
+def _ref(x: StepInputs, batch: str, *parts: str) -> dict[str, Tensor]:
+    """The batch's reference dict, checked to hold ``parts`` (or resident ``logits``)."""
+    ref = x.ref.get(batch, {})
+    if "logits" in ref or all(p in ref for p in parts):
+        return ref
+    raise KeyError(f"reference part(s) {[p for p in parts if p not in ref]} missing for batch {batch!r} "
+                   f"(have {sorted(ref)}; resident mode passes 'logits' instead)")
+
+
+def _ref_seq_logps(x: StepInputs, batch: str) -> Tensor:
+    ref = _ref(x, batch, "seq_logps")
+    if "seq_logps" in ref:
+        return ref["seq_logps"]
+    with torch.no_grad():
+        ref_logits_s, labels_s = shift(ref["logits"], x.batches[batch]["labels"])
+        return L.sequence_logps(ref_logits_s, labels_s)
+
+
+def _check_rows(name: str, got: int, want: int):
+    if got != want:
+        raise ValueError(f"reference {name} has {got} rows but the batch selects {want} positions: "
+                         "cache and batch are misaligned (example_id / mask mismatch?)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Terms (each a scalar; weights applied in the objectives below)
+# ----------------------------------------------------------------------------------------------------------------
+def retain_nll(x: StepInputs, hp) -> Tensor:
+    """NLL on the retain batch (GradDiff/NPO/... retain loss; the constrained quantity of the dual methods)."""
+    logits_s, labels_s, _ = _shifted(x, "retain")
+    return L.nll_loss(logits_s, labels_s, _norm(x, "retain", "answer"))
+
+
+def forget_neg_nll(x: StepInputs, hp) -> Tensor:
+    """GradAscent's forget term ``-NLL(forget)`` (open-unlearning ``grad_ascent.py``)."""
+    logits_s, labels_s, _ = _shifted(x, "forget")
+    return -L.nll_loss(logits_s, labels_s, _norm(x, "forget", "answer"))
+
+
+def palu_sensitive(x: StepInputs, hp) -> Tensor:
+    """L_sens: mean over I_init of PALU's local entropy loss (top-K path when hidden states + head are given)."""
+    logits_s, _, _, sens = _shifted(x, "forget", "sens_mask")
+    ref = _ref(x, "forget", "topk_ids")
+    if "topk_ids" in ref:
+        ids = ref["topk_ids"][:, : hp["K"]].to(logits_s.device, torch.long)   # caches may store int16/int32
+    else:
+        ids = L.topk_ids(ref["logits"][:, :-1][sens], hp["K"])
+    _check_rows("topk_ids", ids.shape[0], int(sens.sum()))
+    if x.hidden is not None and "forget" in x.hidden and x.head_weight is not None:
+        hidden_s = x.hidden["forget"][:, :-1][sens]
+        per = L.palu_local_entropy_topk(hidden_s, x.head_weight, ids, x.head_bias, hp["detach_target"],
+                                        hp["topk_chunk_elems"])
+    else:
+        per = L.palu_local_entropy(logits_s[sens], ids, hp["detach_target"])
+    return L.aggregate_loss(per, None, _norm(x, "forget", "sens"))
+
+
+def palu_common_kl(x: StepInputs, hp) -> Tensor:
+    """KL(P_theta || P_ref) (or reverse) averaged over common positions: sparse from ``kl_ids``/``kl_logps``,
+    exact from resident ``logits``."""
+    logits_s, _, _, common = _shifted(x, "forget", "common_mask")
+    ref = _ref(x, "forget", "kl_ids", "kl_logps")
+    rows = logits_s[common]
+    if "kl_ids" in ref and "kl_logps" in ref:
+        k = hp["kl_topk"] or ref["kl_ids"].shape[-1]
+        ids, logps = ref["kl_ids"][:, :k].to(rows.device, torch.long), ref["kl_logps"][:, :k].to(rows.device)
+        _check_rows("kl_ids", ids.shape[0], rows.shape[0])
+        per = L.kl_sparse(rows, ids, logps, hp["kl_direction"])
+    else:
+        per = L.kl_exact(rows, ref["logits"][:, :-1][common], hp["kl_direction"])
+    return L.aggregate_loss(per, None, _norm(x, "forget", "common"))
+
+
+def flat_forget(x: StepInputs, hp) -> Tensor:
+    """Logit-margin flattening averaged over the forget batch's answer tokens (arXiv 2506.05314)."""
+    logits_s, _, answer = _shifted(x, "forget")
+    return L.aggregate_loss(L.logit_margin_flat(logits_s[answer]), None, _norm(x, "forget", "answer"))
+
+
+def npo_forget(x: StepInputs, hp) -> Tensor:
+    logits_s, labels_s, answer = _shifted(x, "forget")
+    per = L.npo_loss(L.sequence_logps(logits_s, labels_s), _ref_seq_logps(x, "forget").to(logits_s.device),
+                     hp["beta"])
+    return L.aggregate_loss(per, answer.any(-1), _norm(x, "forget", "seqs"))
+
+
+def simnpo_forget(x: StepInputs, hp) -> Tensor:
+    logits_s, labels_s, answer = _shifted(x, "forget")
+    per = L.simnpo_loss(L.sequence_logps(logits_s, labels_s), answer.sum(-1), hp["beta"], hp["delta"])
+    return L.aggregate_loss(per, answer.any(-1), _norm(x, "forget", "seqs"))
+
+
+def idk_dpo_forget(x: StepInputs, hp) -> Tensor:
+    """DPO with chosen = refusal answer (``idk`` batch), rejected = forget answer, same prompts, same row order."""
+    lw, yw, aw = _shifted(x, "idk")
+    ll, yl, al = _shifted(x, "forget")
+    per = L.dpo_loss(L.sequence_logps(lw, yw), L.sequence_logps(ll, yl),
+                     _ref_seq_logps(x, "idk").to(lw.device), _ref_seq_logps(x, "forget").to(ll.device), hp["beta"])
+    return L.aggregate_loss(per, aw.any(-1) & al.any(-1), _norm(x, "forget", "seqs"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------------
+Terms = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    batches: tuple[str, ...]
+    reference_parts: frozenset[str]
+    uses_dual: bool
+    defaults: Mapping[str, Any]
+    term_fns: Mapping[str, Callable[[StepInputs, Mapping[str, Any]], Tensor]]
+    combine: Callable[[Terms, Mapping[str, Any], float], Tensor]
+    doc: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+        if not self.reference_parts <= REFERENCE_PARTS:
+            raise ValueError(f"{self.name}: unknown reference parts {sorted(self.reference_parts - REFERENCE_PARTS)}")
+
+    @property
+    def needs_retain(self) -> bool:
+        return "retain" in self.batches
+
+    @property
+    def needs_idk(self) -> bool:
+        return "idk" in self.batches
+
+    @property
+    def is_reference_free(self) -> bool:
+        return not self.reference_parts
+
+    def hparams(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Paper defaults updated with ``overrides``; unknown keys are errors."""
+        unknown = sorted(set(overrides or {}) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"unknown hyperparameters for {self.name}: {unknown}; valid: {sorted(self.defaults)}")
+        return {**self.defaults, **(overrides or {})}
+
+    def terms(self, x: StepInputs, hp: Mapping[str, Any] | None = None) -> Terms:
+        """Named scalar losses of one micro-batch (``retain`` is the NLL the dual constraint uses)."""
+        hp = {**self.defaults, **(hp or {})}
+        return {k: fn(x, hp) for k, fn in self.term_fns.items()}
+
+    def objective(self, terms: Terms, hp: Mapping[str, Any] | None = None, lam: float = 0.0) -> Tensor:
+        """The scalar to backpropagate; ``lam`` is the dual variable's current value (ignored without one)."""
+        return self.combine(terms, {**self.defaults, **(hp or {})}, float(lam))
+
+
+def _eps(hp) -> float:
+    # a constant shift of the Lagrangian (no effect on gradients); 0 until a relative epsilon is calibrated
+    return hp["epsilon"] if hp.get("epsilon") is not None else 0.0
+
+
+def _forget_retain(t, hp, lam):
+    return hp["gamma"] * t["forget"] + hp["alpha"] * t["retain"]
+
+
+# PALU (arXiv 2601.03190; reference code nxZhai/PALU ``palu.py`` + ``configs/trainer/PALU.yaml``):
+#   gamma * L_sens + alpha * NLL(retain) + alpha * KL_common   (alpha weighs both, as in the reference code)
+#   K: top-K ids of the reference (clipped to V); N: I_init = first N tokens of each span (read by the data pipeline);
+#   kl_topk: reference log-probs kept per common position for the sparse KL (ours; the reference code uses the exact
+#   KL with a resident reference -- see tests/test_losses.py for the error at k = 8/32/128).
+PALU_DEFAULTS = {"gamma": 1.0, "alpha": 1.0, "K": 5000, "N": 3, "detach_target": False, "kl_topk": 128,
+                 "kl_direction": "forward", "topk_chunk_elems": 1 << 25}
+# PDU / constrained entropic unlearning (arXiv 2506.05314), TOFU settings of the authors' run script
+# (tahaEntesari/open-unlearning ``community/methods/PDU/run.sh``): pref (lambda0) 100, dual_step_size (eta) 5,
+# retain_loss_eps 0.3, gamma 1.  That script also waits ``dual_warmup_epochs=5`` (of 10) before updating lambda;
+# the default here is no warm-up -- set dual_warmup_steps / dual_warmup_epochs to reproduce it.
+DUAL_DEFAULTS = {"lambda0": 100.0, "eta_lambda": 5.0, "epsilon": 0.3, "epsilon_rel": None,
+                 "dual_warmup_steps": 0, "dual_warmup_epochs": 0.0}
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("palu", ("forget", "retain"), frozenset({"topk_ids", "kl"}), False, PALU_DEFAULTS,
+           {"forget": palu_sensitive, "kl": palu_common_kl, "retain": retain_nll},
+           lambda t, hp, lam: hp["gamma"] * t["forget"] + hp["alpha"] * (t["retain"] + t["kl"]),
+           "PALU: local top-K flattening at I_init + KL on common tokens + retain NLL"),
+    Method("pd_flat", ("forget", "retain"), frozenset(), True, {"gamma": 1.0, **DUAL_DEFAULTS},
+           {"forget": flat_forget, "retain": retain_nll},
+           lambda t, hp, lam: hp["gamma"] * t["forget"] + lam * (t["retain"] - _eps(hp)),
+           "logit-margin flattening under the primal-dual retain constraint (arXiv 2506.05314)"),
+    Method("palu_pd", ("forget", "retain"), frozenset({"topk_ids", "kl"}), True,
+           {**PALU_DEFAULTS, **DUAL_DEFAULTS},
+           {"forget": palu_sensitive, "kl": palu_common_kl, "retain": retain_nll},
+           lambda t, hp, lam: hp["gamma"] * t["forget"] + hp["alpha"] * t["kl"] + lam * (t["retain"] - _eps(hp)),
+           "PALU's local loss + KL on common tokens, retain NLL as a primal-dual constraint"),
+    Method("grad_ascent", ("forget",), frozenset(), False, {"gamma": 1.0}, {"forget": forget_neg_nll},
+           lambda t, hp, lam: hp["gamma"] * t["forget"], "gradient ascent on the forget answers"),
+    Method("grad_diff", ("forget", "retain"), frozenset(), False, {"gamma": 1.0, "alpha": 1.0},
+           {"forget": forget_neg_nll, "retain": retain_nll}, _forget_retain, "gradient difference"),
+    Method("npo", ("forget", "retain"), frozenset({"seq_logps"}), False, {"beta": 0.1, "gamma": 1.0, "alpha": 1.0},
+           {"forget": npo_forget, "retain": retain_nll}, _forget_retain, "NPO + retain NLL (arXiv 2404.05868)"),
+    Method("simnpo", ("forget", "retain"), frozenset(), False,
+           {"beta": 4.5, "delta": 0.0, "gamma": 0.125, "alpha": 1.0},
+           {"forget": simnpo_forget, "retain": retain_nll}, _forget_retain, "SimNPO + retain NLL (arXiv 2410.07163)"),
+    Method("idk_dpo", ("forget", "retain", "idk"), frozenset({"seq_logps"}), False,
+           {"beta": 0.1, "gamma": 1.0, "alpha": 1.0},
+           {"forget": idk_dpo_forget, "retain": retain_nll}, _forget_retain, "DPO toward refusal answers + retain NLL"),
+]}
+
+
+def sft_nll(x: StepInputs, hp) -> Tensor:
+    """Plain fine-tuning: answer-token NLL of the training batch (named "forget": launch/finetune.py's data)."""
+    logits_s, labels_s, _ = _shifted(x, "forget")
+    return L.nll_loss(logits_s, labels_s, _norm(x, "forget", "answer"))
+
+
+# Not an unlearning method: launch/finetune.py uses it to make the target and retain models with the same engine.
+METHODS["sft"] = Method("sft", ("forget",), frozenset(), False, {}, {"forget": sft_nll},
+                        lambda t, hp, lam: t["forget"], "supervised fine-tuning (answer-token NLL)")
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; valid: {sorted(METHODS)}") from None
