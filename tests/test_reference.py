@@ -1,0 +1,155 @@
+"""Reference precompute cache: packing equals the live reference, reuse, refusal of each mismatched key field,
+interrupted writes (no manifest -> recompute), corrupt shards."""
+import json
+import os
+
+import pytest
+import torch
+
+from palu_ds.config import load_config
+from palu_ds.data.build import build_datasets
+from palu_ds.data.collate import collate
+from palu_ds.methods import get_method
+from palu_ds.reference import (MANIFEST, CachedReference, CacheMismatch, ResidentReference, precompute,
+                               reference_tensors)
+
+
+@pytest.fixture()
+def setup(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def make(overrides=(), method="palu"):
+        cfg = load_config(None, [f"model.path={tiny['model']}", f"data.forget.source={tiny['data']}",
+                                 "data.forget.config=forget10", f"data.retain.source={tiny['data']}",
+                                 "data.retain.config=retain90", f"method.name={method}", "data.max_length=64",
+                                 f"train.output_dir={tmp_path}/run", "train.batch_size=4", *overrides])
+        m = get_method(method)
+        hp = {**m.defaults, **cfg.method.params}
+        tok = AutoTokenizer.from_pretrained(tiny["model"])
+        ds = build_datasets(cfg.data, tok, m.batches)
+        ds["retain"].examples = ds["retain"].examples[:12]  # keep the retain pass short
+        return cfg, m, hp, ds, tok
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
+    return make, model, str(tmp_path / "cache")
+
+
+def _cache(make, model, cache_dir, overrides=(), method="palu"):
+    cfg, m, hp, ds, tok = make(overrides, method)
+    return precompute(cfg, m, hp, ds, tok, {}, cache_dir, model=model), (cfg, m, hp, ds, tok)
+
+
+def test_cache_lookup_equals_live_reference_in_any_order(setup):
+    make, model, cache_dir = setup
+    manifest, (cfg, m, hp, ds, tok) = _cache(make, model, cache_dir, ["method.params.K=50", "method.params.kl_topk=16"])
+    cached = CachedReference(cache_dir)
+    live = ResidentReference(model, m, hp, ds, tok, 4)
+    order = [7, 0, 33, 12, 5]  # any shuffle: rows are found by example id
+    batch = collate([ds["forget"][i] for i in order], tok.pad_token_id)
+    a, b = cached.lookup("forget", batch), live.lookup("forget", batch)
+    assert set(a) == {"topk_ids", "kl_ids", "kl_logps"} == set(b)
+    assert torch.equal(a["topk_ids"], b["topk_ids"]) and a["topk_ids"].shape[1] == 50
+    assert torch.equal(a["kl_ids"], b["kl_ids"]) and a["kl_ids"].shape[1] == 16
+    torch.testing.assert_close(a["kl_logps"], b["kl_logps"], atol=2e-2, rtol=1e-3)  # stored in fp16
+    assert manifest["key"]["K"] == 50 and manifest["key"]["k"] == 16
+    assert a["topk_ids"].shape[0] == int(batch["sens_mask"][:, 1:].sum())
+
+
+def test_seq_logps_for_npo_and_retain_loss_for_relative_epsilon(setup):
+    make, model, cache_dir = setup
+    _, (cfg, m, hp, ds, tok) = _cache(make, model, cache_dir, method="npo")
+    batch = collate([ds["forget"][i] for i in (3, 1)], tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = reference_tensors(logits, batch, ("seq_logps",), 1, 1)["seq_logps"]
+    torch.testing.assert_close(CachedReference(cache_dir).lookup("forget", batch)["seq_logps"], want)
+    manifest, (cfg, m, hp, ds, tok) = _cache(make, model, cache_dir + "2", ["method.params.epsilon=null",
+                                                                           "method.params.epsilon_rel=0.1"], "pd_flat")
+    assert manifest["retain_loss"] == pytest.approx(ResidentReference(model, m, hp, ds, tok, 4).retain_loss(), rel=1e-6)
+
+
+def test_reuse_keeps_the_files(setup):
+    make, model, cache_dir = setup
+    first, _ = _cache(make, model, cache_dir)
+    stamps = {f: os.path.getmtime(os.path.join(cache_dir, f)) for f in os.listdir(cache_dir)}
+    again, _ = _cache(make, model, cache_dir)
+    assert again["key"] == first["key"]
+    assert stamps == {f: os.path.getmtime(os.path.join(cache_dir, f)) for f in os.listdir(cache_dir)}
+
+
+@pytest.mark.parametrize("field,overrides", [
+    ("K", ["method.params.K=7"]), ("k", ["method.params.kl_topk=5"]), ("n_init", ["data.n_init=1"]),
+    ("max_length", ["data.max_length=60"]), ("dtype", ["reference.dtype=bfloat16"]),
+    ("data_forget", ["data.forget.config=holdout10"]),
+])
+def test_mismatch_is_refused_naming_the_field(setup, field, overrides):
+    make, model, cache_dir = setup
+    _cache(make, model, cache_dir)
+    with pytest.raises(CacheMismatch, match=rf"differing field\(s\): .*\b{field} \(cache"):
+        _cache(make, model, cache_dir, overrides)
+
+
+def test_mismatch_model_tokenizer_prompt_version(setup, tiny, tmp_path, monkeypatch):
+    make, model, cache_dir = setup
+    _cache(make, model, cache_dir)
+    # the model: other weights in another dir
+    from transformers import AutoModelForCausalLM
+
+    other = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    with torch.no_grad():
+        other.lm_head.weight.add_(1.0)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(CacheMismatch, match=r"\bmodel \(cache"):
+        _cache(make, model, cache_dir, [f"reference.model={tmp_path / 'other'}"])
+    # the package version
+    monkeypatch.setattr("palu_ds.reference.__version__", "9.9.9")
+    with pytest.raises(CacheMismatch, match=r"package_version \(cache"):
+        _cache(make, model, cache_dir)
+    monkeypatch.undo()
+    # the tokenizer and the prompt format (a chat template changes both the prompt and the data fingerprint)
+    cfg, m, hp, ds, tok = make()
+    tok.add_tokens(["<extra_token>"])
+    with pytest.raises(CacheMismatch, match=r"\btokenizer \(cache"):
+        precompute(cfg, m, hp, ds, tok, {}, cache_dir, model=model)
+    cfg, m, hp, ds, tok = make()
+    tok.chat_template = "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant|>"
+    with pytest.raises(CacheMismatch, match=r"prompt_format \(cache"):
+        precompute(cfg, m, hp, ds, tok, {}, cache_dir, model=model)
+
+
+def test_interrupted_write_is_never_read_and_is_recomputed(setup):
+    make, model, cache_dir = setup
+    _cache(make, model, cache_dir)
+    os.remove(os.path.join(cache_dir, MANIFEST))  # as if the run died before the manifest
+    with open(os.path.join(cache_dir, "forget.rank0.safetensors"), "wb") as f:
+        f.write(b"half-written")
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        CachedReference(cache_dir)
+    manifest, _ = _cache(make, model, cache_dir)  # recomputed, not reused
+    assert os.path.isfile(os.path.join(cache_dir, MANIFEST))
+    assert CachedReference(cache_dir).manifest["key"] == manifest["key"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_shard_names_the_file(setup, damage):
+    make, model, cache_dir = setup
+    _cache(make, model, cache_dir)
+    shard = os.path.join(cache_dir, "forget.rank0.safetensors")
+    data = open(shard, "rb").read()
+    with open(shard, "wb") as f:
+        f.write(data[: len(data) // 2] if damage == "truncate" else b"\x00" * len(data))
+    with pytest.raises(RuntimeError, match=r"forget\.rank0\.safetensors is corrupt.*delete"):
+        CachedReference(cache_dir)
+
+
+def test_manifest_records_what_was_written(setup):
+    make, model, cache_dir = setup
+    manifest, _ = _cache(make, model, cache_dir)
+    with open(os.path.join(cache_dir, MANIFEST)) as f:
+        on_disk = json.load(f)
+    assert on_disk["shards"] == ["forget.rank0.safetensors"] and on_disk["world_size"] == 1
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(cache_dir, "forget.rank0.safetensors"), "pt") as f:
+        assert f.get_tensor("topk_ids").dtype == torch.int16  # V=1024 fits int16
+        assert f.get_tensor("kl_logps").dtype == torch.float16
