@@ -71,7 +71,7 @@ def main() -> int:
                                  "--max-new-tokens", "48", "--out", f"{out}/eval/{name}", "--name", name, *extra],
             timings)
         with open(os.path.join(out, "eval", name, "summary.json")) as f:
-            evals[name] = json.load(f)
+            evals[name] = json.load(f)["metrics"]
     run("report", [sys.executable, "evaluation/report.py", f"{out}/eval/target", f"{out}/eval/palu",
                    "--out", f"{out}/eval/report.png"], timings)
     keys = ("forget_quality", "forget/truth_ratio", "forget/rougeL_recall", "forget/prob", "retain/prob", "model_utility")

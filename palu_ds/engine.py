@@ -33,6 +33,9 @@ from palu_ds.sampling import BatchStream
 log = logging.getLogger("palu_ds")
 
 COUNT_KEYS = ("answer", "sens", "common", "seqs")
+# Fault injection for the tests (never set in normal runs): "crash_after=K" ends every rank right after optimizer
+# step K (after any checkpoint of that step); "nan_from=K" makes the loss NaN from step K on.
+FAULT = dict(kv.split("=") for kv in os.environ.get("PALU_DS_FAULT", "").split(",") if "=" in kv)
 
 
 def batch_counts(batch: dict) -> torch.Tensor:
@@ -190,6 +193,8 @@ class Trainer:
             logits = self._forward(micro)
             terms = self.method.terms(StepInputs(logits=logits, batches=micro, ref=ref, normalizers=norms), self.hp)
             loss = self.method.objective(terms, self.hp, lam) * (self.world * self.gas)
+            if "nan_from" in FAULT and self.step + 1 >= int(FAULT["nan_from"]):
+                loss = loss * float("nan")
             if not torch.isfinite(loss):  # local decision; all ranks still run backward, so collectives match
                 bad = True
                 loss = sum(torch.nan_to_num(v).sum() for v in logits.values()) * 0.0
@@ -249,6 +254,8 @@ class Trainer:
                     "train.max_nonfinite.")
             if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
                 self.save_checkpoint()
+            if FAULT.get("crash_after") == str(self.step):
+                os._exit(17)
         if not checkpoint.latest(self.ckpt_root) or not checkpoint.latest(self.ckpt_root).endswith(
                 checkpoint.tag_for(self.step)):
             self.save_checkpoint()

@@ -79,6 +79,11 @@ def answer_nll_sums(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     return torch.stack([nll.double(), (labels != IGNORE_INDEX).sum().double()])
 
 
+def _vocab_size(model) -> int:
+    """Vocabulary size of an HF model or of a DeepSpeed engine wrapping one (whose ``.config`` is DeepSpeed's)."""
+    return getattr(model, "module", model).config.vocab_size
+
+
 def id_dtype(vocab_size: int) -> torch.dtype:
     """The smallest signed integer type that holds every token id."""
     return torch.int16 if vocab_size <= 2 ** 15 else torch.int32
@@ -180,7 +185,7 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
             os.remove(stale)
     dist.barrier()
     model = model if model is not None else load_reference_model(cfg, ds_config)
-    V = model.config.vocab_size if hasattr(model, "config") else model.module.config.vocab_size
+    V = _vocab_size(model)
     K, k = int(min(hp.get("K") or V, V)), int(min(hp.get("kl_topk") or V, V))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     from palu_ds.data.collate import collate
@@ -366,7 +371,7 @@ class ResidentReference:
 
     def __init__(self, model, method, hp, datasets, tokenizer, batch_size: int):
         self.model, self.want = model, needed_parts(method, hp)
-        V = model.config.vocab_size if hasattr(model, "config") else model.module.config.vocab_size
+        V = _vocab_size(model)
         self.K, self.k = int(min(hp.get("K") or V, V)), int(min(hp.get("kl_topk") or V, V))
         self._retain = None
         self.datasets, self.tokenizer, self.batch_size = datasets, tokenizer, batch_size

@@ -33,3 +33,32 @@ def tokenizer(tiny):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny["model"])
+
+
+@pytest.fixture(scope="session")
+def target(tiny, tmp_path_factory):
+    """The tiny model fine-tuned on all generated authors (plain torch loop, seeded): the model to unlearn from."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from palu_ds.batch import shift
+    from palu_ds.data import QADataset, collate
+
+    out = str(tmp_path_factory.mktemp("target"))
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    ds = QADataset.from_source(tiny["data"], tok, config="full")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        idx = torch.randint(len(ds), (16,), generator=g).tolist()
+        b = collate([ds[i] for i in idx], tok.pad_token_id)
+        lg, lb = shift(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        loss = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out

@@ -1,0 +1,126 @@
+"""End-to-end: the real CLI (deepspeed launcher, 2 ranks, gloo, fp32) on the tiny model, for every method."""
+import glob
+import os
+
+import pytest
+import torch
+
+from e2e import answer_nll, launch, state, summary
+
+pytestmark = pytest.mark.slow
+
+BASE_TAGS = {"loss/total", "loss/forget", "lr", "throughput/tokens_per_s", "memory/peak_bytes", "grad/norm",
+             "skipped_steps"}
+
+
+def unlearn_args(tiny, target, out, method, stage=3, extra=()):
+    args = ["--deepspeed", f"ds_configs/cpu/zero{stage}.json", "--config", "launch/configs/demo.yaml",
+            f"model.path={target}", f"data.forget.source={tiny['data']}", f"data.retain.source={tiny['data']}",
+            f"train.output_dir={out}", f"method.name={method}", "train.max_steps=4", "train.batch_size=4",
+            "train.save_every=0", "data.max_length=64", "log.log_every=1"]
+    if method not in ("palu", "palu_pd"):
+        args.append("method.params={}")
+    if method == "grad_ascent":
+        args.append("data.retain=null")
+    if method == "idk_dpo":
+        args += [f"data.idk.source={tiny['data']}", "data.idk.config=idontknow"]
+    if method in ("pd_flat", "palu_pd"):
+        args.append("method.params.lambda0=1.0")
+    return args + list(extra)
+
+
+def tb_tags(out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = glob.glob(os.path.join(out, "tensorboard", "events.*"))
+    assert files, f"no TensorBoard event file under {out}"
+    acc = EventAccumulator(os.path.dirname(files[0]))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("method,stage", [("palu", 3), ("palu", 2), ("pd_flat", 2), ("palu_pd", 3),
+                                          ("grad_ascent", 2), ("grad_diff", 3), ("npo", 2), ("simnpo", 3),
+                                          ("idk_dpo", 2)])
+def test_method_end_to_end(tiny, target, tmp_path, method, stage):
+    out = str(tmp_path / method)
+    launch("launch/train.py", unlearn_args(tiny, target, out, method, stage))
+    s = summary(out)
+    assert s["steps"] == 4 and s["skipped_steps"] == 0
+    # the forget answers get less likely; the retain answers move much less
+    f0, f1 = answer_nll(target, tiny["data"], "forget10"), answer_nll(s["model"], tiny["data"], "forget10")
+    r0, r1 = answer_nll(target, tiny["data"], "retain90"), answer_nll(s["model"], tiny["data"], "retain90")
+    print(f"\n{method} zero{stage}: forget NLL {f0:.3f} -> {f1:.3f}, retain NLL {r0:.3f} -> {r1:.3f}")
+    assert f1 > f0
+    if method != "grad_ascent":
+        assert (r1 - r0) < (f1 - f0)
+    before, after = state(target), state(s["model"])
+    assert set(before) == set(after)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # the saved dir reloads with from_pretrained and generates
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(s["model"])
+    model = AutoModelForCausalLM.from_pretrained(s["model"])
+    gen = model.generate(**tok("Question: Who?\nAnswer:", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] > 1
+    tags = tb_tags(out)
+    want = set(BASE_TAGS)
+    if method != "grad_ascent":
+        want.add("loss/retain")
+    if method in ("palu", "palu_pd"):
+        want.add("loss/kl")
+    if method in ("pd_flat", "palu_pd"):
+        want |= {"dual/lambda", "dual/slack"}
+    assert want <= tags, f"missing TensorBoard tags: {want - tags}"
+
+
+def test_resume_is_exact_on_two_ranks(tiny, target, tmp_path):
+    """A run killed after step 4 (last checkpoint at step 3) and resumed ends with the same weights and λ as an
+    uninterrupted run: atol 1e-6 on every weight (fp32 on CPU is deterministic for a fixed world size)."""
+    common = ["train.max_steps=6", "train.scheduler=cosine", "train.warmup_steps=2"]
+    full = str(tmp_path / "full")
+    launch("launch/train.py", unlearn_args(tiny, target, full, "pd_flat", 3, common))
+    cut = str(tmp_path / "cut")
+    args = unlearn_args(tiny, target, cut, "pd_flat", 3, common + ["train.save_every=3"])
+    p = launch("launch/train.py", args, env={"PALU_DS_FAULT": "crash_after=4"}, check=False)
+    assert p.returncode != 0
+    assert not os.path.exists(os.path.join(cut, "model"))
+    launch("launch/train.py", args)  # auto-resume from step_000003
+    a, b = summary(full), summary(cut)
+    assert b["steps"] == 6
+    assert a["last"]["dual/lambda"] == pytest.approx(b["last"]["dual/lambda"], abs=1e-9)
+    wa, wb = state(a["model"]), state(b["model"])
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0)
+
+
+def test_nan_steps_are_skipped_and_counted(tiny, target, tmp_path):
+    """Steps 3 and 4 have a NaN loss: they are skipped (no weight moves) and counted, so the final weights equal
+    those of a run that stops after step 2."""
+    out = str(tmp_path / "nan")
+    launch("launch/train.py", unlearn_args(tiny, target, out, "grad_diff", 2, ["train.max_nonfinite=10"]),
+           env={"PALU_DS_FAULT": "nan_from=3"})
+    assert summary(out)["skipped_steps"] == 2
+    two = str(tmp_path / "two")
+    launch("launch/train.py", unlearn_args(tiny, target, two, "grad_diff", 2, ["train.max_steps=2"]))
+    wa, wb = state(summary(out)["model"]), state(summary(two)["model"])
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=0, rtol=0)
+
+
+def test_nan_steps_in_a_row_stop_the_run_with_a_checkpoint(tiny, target, tmp_path):
+    out = str(tmp_path / "nan")
+    p = launch("launch/train.py", unlearn_args(tiny, target, out, "grad_diff", 2, ["train.max_nonfinite=2"]),
+               env={"PALU_DS_FAULT": "nan_from=3"}, check=False)
+    assert p.returncode != 0
+    assert "2 optimizer steps in a row had a non-finite loss term" in p.stderr + p.stdout
+    assert os.path.isfile(os.path.join(out, "checkpoints", "step_000004", "COMPLETE"))
+    assert not os.path.exists(os.path.join(out, "model"))
+
+
+def test_config_errors_exit_before_loading_a_model(tmp_path):
+    p = launch("launch/train.py", ["--deepspeed", "ds_configs/cpu/zero2.json", "--config",
+                                   "launch/configs/demo.yaml", "train.lrr=1"], nproc=1, check=False)
+    assert p.returncode == 2 and "unknown key train.lrr" in p.stderr
+    assert "Loading weights" not in p.stderr
