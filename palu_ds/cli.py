@@ -4,6 +4,8 @@
       writes each row with its sensitive spans ("spans": [{word,start,end,init}]) so a person can check them
   palu-ds make-default OUT_DIR [--authors 20] [--forget 10] [--seed 0] [--hidden 128 --layers 2]
       writes the embedded default: generated TOFU-style data, a trained tokenizer and a tiny Llama model dir
+  palu-ds estimate-memory [--params 70e9 --hidden 8192 --vocab 128256 | --models llama3-8b,...] --gpus 64
+      per-GPU bytes with and without the resident reference (DeepSpeed's ZeRO estimators + the reference's share)
 """
 
 from __future__ import annotations
@@ -64,6 +66,23 @@ def cmd_make_default(args) -> int:
     return 0
 
 
+def cmd_estimate_memory(args) -> int:
+    from palu_ds.memory import PRESETS, plan, table
+
+    if args.params:
+        shapes = {"custom": (args.params, args.hidden, args.vocab)}
+    else:
+        shapes = {n: PRESETS[n] for n in (args.models.split(",") if args.models else PRESETS)}
+    rows = [(name, plan(p, h, v, args.gpus_per_node, max(1, args.gpus // args.gpus_per_node), args.stage,
+                        args.offload_optimizer, args.offload_params, args.micro_batch, args.seq_len, args.K, args.k))
+            for name, (p, h, v) in shapes.items()]
+    print(f"ZeRO-{args.stage}, {args.gpus} GPUs ({args.gpus_per_node}/node), optimizer offload "
+          f"{'on' if args.offload_optimizer else 'off'}, micro-batch {args.micro_batch} × {args.seq_len} tokens, "
+          f"K={args.K}, k={args.k} (activations not included)")
+    print(table(rows))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="palu-ds", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -86,6 +105,21 @@ def main(argv=None) -> int:
     d.add_argument("--heads", type=int, default=4)
     d.add_argument("--intermediate", type=int, default=344)
     d.set_defaults(fn=cmd_make_default)
+    m = sub.add_parser("estimate-memory", help="per-GPU memory with and without the resident reference")
+    m.add_argument("--params", type=float, help="parameter count (e.g. 70e9); else the Llama presets")
+    m.add_argument("--hidden", type=int, default=8192)
+    m.add_argument("--vocab", type=int, default=128256)
+    m.add_argument("--models", help="comma-separated presets (llama2-7b, llama3-8b, llama3-70b, ...)")
+    m.add_argument("--gpus", type=int, default=8)
+    m.add_argument("--gpus-per-node", type=int, default=8)
+    m.add_argument("--stage", type=int, default=3, choices=[2, 3])
+    m.add_argument("--offload-optimizer", action="store_true")
+    m.add_argument("--offload-params", action="store_true")
+    m.add_argument("--micro-batch", type=int, default=4)
+    m.add_argument("--seq-len", type=int, default=512)
+    m.add_argument("--K", type=int, default=5000)
+    m.add_argument("--k", type=int, default=256)
+    m.set_defaults(fn=cmd_estimate_memory)
     args = p.parse_args(argv)
     return args.fn(args)
 

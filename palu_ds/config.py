@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 class DataSource:
     source: str = ""  # a .json/.jsonl path, a folder of <config>.jsonl, or a hub dataset name
     config: str | None = None  # hub config / file stem inside a folder (e.g. forget10)
+    split: str = "train"  # hub split (MUSE: forget, retain1, ...)
     kind: str = "qa"  # qa | text (MUSE-style raw documents)
 
 
@@ -125,6 +126,11 @@ def _coerce(tp, v, path):
         return _build(tp, v, path)
     if tp is float and isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v)
+    if tp is float and isinstance(v, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        try:
+            return float(v)
+        except ValueError:
+            pass
     if tp in (int, str, bool) and not (isinstance(v, tp) and not (tp is int and isinstance(v, bool))):
         raise ConfigError(f"{path}: expected {tp.__name__}, got {v!r}")
     if tp is float and not isinstance(v, float):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import asdict
 
@@ -45,6 +46,14 @@ def batch_counts(batch: dict) -> torch.Tensor:
     return torch.tensor([answer.sum(), sens.sum(), common.sum(), (answer.sum(1) > 0).sum()], dtype=torch.float64)
 
 
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint; exit status 143 tells a requeue wrapper to resubmit."""
+
+    def __init__(self, message: str):
+        log.warning(message)
+        super().__init__(143)
+
+
 class Trainer:
     """``setup()`` / ``train()`` / ``save_model()`` / ``cleanup()``, in the spirit of torchtune's recipes."""
 
@@ -52,6 +61,7 @@ class Trainer:
         self.cfg, self.ds_config_path, self.method = cfg, ds_config_path, method
         self.hp = {**method.defaults, **cfg.method.params}
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
+        self.preempt_local, self.preempted = False, False
         self.first_scalars: dict | None = None
 
     # ------------------------------------------------------------------ setup
@@ -111,6 +121,8 @@ class Trainer:
             if self.dual is not None:
                 self.dual.load_state_dict(state["dual"])
             log.info("resumed from %s at step %d", resume, self.step)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM preemption / time limit (sbatch --signal=USR1@120)
+            signal.signal(sig, self._on_signal)
         tb = cfg.log.tensorboard_dir or os.path.join(self.out_dir, "tensorboard")
         self.monitor = Monitor(tb, self.total_steps, self.step, cfg.log.log_every)
 
@@ -129,6 +141,10 @@ class Trainer:
             log.info("dual: eps = %.4f from the reference retain loss", dual.calibrate(self.reference.retain_loss()))
         self.hp["epsilon"] = dual.epsilon  # the objective's constant shift, so loss/total is the Lagrangian
         return dual
+
+    def _on_signal(self, signum, frame) -> None:
+        log.warning("signal %d: checkpointing at the end of this step, then exiting for requeue", signum)
+        self.preempt_local = True
 
     def _resume_path(self) -> str | None:
         r = self.cfg.train.resume
@@ -208,10 +224,10 @@ class Trainer:
         keys = sorted(term_sums)
         vec = torch.stack([torch.nan_to_num(torch.as_tensor(term_sums[k]), nan=0.0, posinf=0.0, neginf=0.0)
                            .to(self.device).reshape(()) for k in keys]
-                          + [torch.tensor(float(tokens), device=self.device), torch.tensor(float(bad), device=self.device)])
+                          + [torch.tensor(float(x), device=self.device) for x in (self.preempt_local, tokens, bad)])
         vec = dist.all_reduce_sum(vec.double()).tolist()
-        terms_g = dict(zip(keys, vec[:-2]))
-        any_bad = vec[-1] > 0
+        terms_g = dict(zip(keys, vec[:-3]))
+        self.preempted, any_bad = vec[-3] > 0, vec[-1] > 0
         lr = 0.0 if any_bad else self.cfg.train.lr * self._lr_factor(self.step)  # skip: no parameter moves
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
@@ -256,6 +272,10 @@ class Trainer:
                 self.save_checkpoint()
             if FAULT.get("crash_after") == str(self.step):
                 os._exit(17)
+            if self.preempted:  # every rank saw the flag in the step's all-reduce: stop together
+                path = self.save_checkpoint()
+                raise Preempted(f"preempted at step {self.step}; checkpoint {path}; rerun the same command "
+                                "(or let SLURM requeue it) to resume")
         if not checkpoint.latest(self.ckpt_root) or not checkpoint.latest(self.ckpt_root).endswith(
                 checkpoint.tag_for(self.step)):
             self.save_checkpoint()

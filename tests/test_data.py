@@ -201,3 +201,17 @@ def test_generated_files_load_with_real_schema(tiny, tokenizer):
         assert len(r["perturbed_answer"]) == 5 and r["paraphrased_answer"] not in r["perturbed_answer"]
     ds = QADataset.from_source(tiny["data"], tokenizer, config="forget10")
     assert len(ds) == 40 and all(sum(e["sens_mask"]) > 0 for e in ds)
+
+
+def test_text_chunks_mark_names_places_dates_as_spans(tokenizer):
+    from palu_ds.data.spans import detect_text_spans
+
+    text = "The book was written by Kalo Vomi in Veloria on 12 May 1997. Then it sold 3,000 copies."
+    assert [text[s:e] for s, e in detect_text_spans(text)] == ["Kalo Vomi", "Veloria", "12 May 1997", "3,000"]
+    ds = TextChunks([text], tokenizer, max_length=64, n_init=1)
+    ex = ds[0]
+    n_spans = 4
+    assert sum(ex["sens_mask"]) == n_spans  # first token of each span
+    assert not any(s and c for s, c in zip(ex["sens_mask"], ex["common_mask"]))
+    plain = TextChunks([text], tokenizer, max_length=64, n_init=None)[0]
+    assert sum(plain["sens_mask"]) == 0 and all(plain["common_mask"][1:])

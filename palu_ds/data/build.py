@@ -19,10 +19,10 @@ def _name(src) -> str:
 
 
 def build_one(src, data_cfg, tokenizer):
-    records = load_records(src.source, src.config)
+    records = load_records(src.source, src.config, src.split)
     if src.kind == "text":
         docs = [r if isinstance(r, str) else r.get("text") for r in records]
-        return TextChunks(docs, tokenizer, data_cfg.max_length, source=_name(src))
+        return TextChunks(docs, tokenizer, data_cfg.max_length, source=_name(src), n_init=data_cfg.n_init)
     return QADataset(records, tokenizer, qa_options(data_cfg), source=_name(src))
 
 
@@ -31,8 +31,8 @@ def build_datasets(data_cfg, tokenizer, names: tuple[str, ...], seed: int = 0) -
     out = {}
     for name in names:
         if name == "idk":
-            forget_records = load_records(data_cfg.forget.source, data_cfg.forget.config)
-            refusal_rows = load_records(data_cfg.idk.source, data_cfg.idk.config)
+            forget_records = load_records(data_cfg.forget.source, data_cfg.forget.config, data_cfg.forget.split)
+            refusal_rows = load_records(data_cfg.idk.source, data_cfg.idk.config, data_cfg.idk.split)
             refusals = []
             for i, r in enumerate(refusal_rows):
                 text = r if isinstance(r, str) else r.get(data_cfg.answer_key) if isinstance(r, dict) else None

@@ -87,6 +87,23 @@ def detect_spans(question: str, answer: str) -> list[tuple[int, int]]:
     return [(s, e - 1 if answer[e - 1] == "." else e) for s, e in spans]
 
 
+_NUM = r"\d+(?:[,./:\-]\d+)*"
+_PROPER = re.compile(rf"(?<![.!?]\s)(?<!^)\b(?:[A-Z][\w'\-]*|{_NUM})(?:[ \t]+(?:[A-Z][\w'\-]*|{_NUM}))*")
+
+
+def detect_text_spans(text: str) -> list[tuple[int, int]]:
+    """Raw text (no question to compare with): maximal runs of capitalised words and numbers that do not open a
+    sentence -- the names, places, titles and dates of a document."""
+    spans = []
+    for m in _PROPER.finditer(text):
+        s, e = m.start(), m.end()
+        while e > s and text[e - 1] in ".,:/-":
+            e -= 1
+        if text[s:e].lower() not in STOP_WORDS:
+            spans.append((s, e))
+    return spans
+
+
 def model_spans(pipeline, answer: str) -> list[tuple[int, int]]:
     """Character spans of the entities a transformers token-classification ``pipeline`` finds in ``answer``."""
     return sorted((int(ent["start"]), int(ent["end"])) for ent in pipeline(answer))

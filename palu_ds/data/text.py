@@ -1,22 +1,37 @@
-"""MUSE-style raw text: documents joined with "\\n\\n" and cut into ``max_length``-token chunks (BOS on each)."""
+"""MUSE-style raw text: documents joined with "\\n\\n" and cut into ``max_length``-token chunks (BOS on each).
+
+Every token is a label. Sensitive spans come from :func:`detect_text_spans` (names, places, titles, dates) when
+``n_init`` is given: I_init = the first ``n_init`` tokens of each span, common = the tokens outside spans.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from palu_ds.data.errors import DataError
+from palu_ds.data.spans import detect_text_spans, split_init_common, token_mask_from_spans
+
+_ALL = object()
 
 
 class TextChunks(torch.utils.data.Dataset):
-    """Next-token examples over raw text: every token is a label and "common"; there is no sensitive span."""
+    """Next-token examples over raw text; ``n_init=None`` marks no span (every token common)."""
 
-    def __init__(self, documents: list, tokenizer, max_length: int, source: str = "<documents>"):
+    def __init__(self, documents: list, tokenizer, max_length: int, source: str = "<documents>",
+                 n_init=_ALL):
         for i, d in enumerate(documents):
             if not isinstance(d, str) or not d.strip():
                 raise DataError(source, i, None, "is not a non-empty string", "raw-text files hold a list of texts")
         if max_length < 2:
             raise ValueError("max_length must be at least 2")
-        ids = tokenizer("\n\n".join(documents), add_special_tokens=False)["input_ids"]
+        text = "\n\n".join(documents)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=n_init is not None)
+        ids = enc["input_ids"]
+        if n_init is None:
+            init, common = [False] * len(ids), [True] * len(ids)
+        else:
+            sens = token_mask_from_spans(enc["offset_mapping"], detect_text_spans(text))
+            init, common = split_init_common(sens, None if n_init is _ALL else n_init)
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         step = max_length - len(bos)
         self.examples = []
@@ -26,8 +41,8 @@ class TextChunks(torch.utils.data.Dataset):
                 "example_id": n,
                 "input_ids": chunk,
                 "labels": [-100] * len(bos) + chunk[len(bos):],
-                "sens_mask": [False] * len(chunk),
-                "common_mask": [False] * len(bos) + [True] * (len(chunk) - len(bos)),
+                "sens_mask": [False] * len(bos) + init[start:start + step],
+                "common_mask": [False] * len(bos) + common[start:start + step],
             })
 
     def __len__(self) -> int:

@@ -1,0 +1,65 @@
+"""Every shipped config loads: YAML run configs validate; DeepSpeed JSON configs fill for any world size."""
+import glob
+import os
+
+import pytest
+
+from palu_ds.config import ConfigError, load_config
+from palu_ds.ds_config import load_ds_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+YAMLS = sorted(glob.glob(os.path.join(ROOT, "launch", "configs", "**", "*.yaml"), recursive=True))
+JSONS = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "**", "*.json"), recursive=True))
+
+
+def test_configs_exist():
+    assert len(YAMLS) >= 3 + 24 + 14 and len(JSONS) == 6
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_yaml_validates(path):
+    cfg = load_config(path)
+    assert cfg.model.path and cfg.data.forget.source
+
+
+@pytest.mark.parametrize("path", JSONS, ids=lambda p: os.path.relpath(p, ROOT))
+@pytest.mark.parametrize("world", [1, 2, 16])
+def test_every_deepspeed_json_fills_auto(path, world):
+    train = load_config(os.path.join(ROOT, "launch", "configs", "demo.yaml")).train
+    ds = load_ds_config(path, train, world, on_cpu="cpu" in path)
+    assert ds["train_batch_size"] == train.batch_size * train.grad_accum * world
+    assert "auto" not in str(ds)
+    assert ds["optimizer"]["params"]["lr"] == train.lr
+
+
+BASE = ["model.path=m", "data.forget.source=f.jsonl"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.lrr=1"], "unknown key train.lrr"),
+    (["method.name=palu2"], "unknown method 'palu2'"),
+    (["method.name=grad_diff", "reference.mode=precomputed", "reference.cache_dir=c"], "reference-free"),
+    (["method.name=pd_flat", "reference.mode=none"], "needs a retain set"),
+    (["method.name=grad_diff", "reference.mode=none", "method.params.lambda0=1"], "unknown for grad_diff"),
+    (["method.name=palu", "reference.mode=none", "data.retain.source=r"], "needs the reference"),
+    (["method.name=idk_dpo", "data.retain.source=r"], "needs refusal strings"),
+    (["method.name=pd_flat", "reference.mode=none", "data.retain.source=r", "method.params.epsilon_rel=0.1"],
+     "exactly one of epsilon"),
+    (["method.name=grad_ascent", "reference.mode=none", "data.retain.source=r"], "uses no retain set"),
+    (["train.batch_size=0", "method.name=sft", "reference.mode=none"], "train.batch_size must be >= 1"),
+    (["train.lr=fast", "method.name=sft", "reference.mode=none"], "train.lr: expected a number"),
+    (["train.scheduler=step", "method.name=sft", "reference.mode=none"], "train.scheduler"),
+])
+def test_bad_combinations_are_rejected_at_parse_time(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, BASE + ["data.retain=null"] + overrides)
+
+
+def test_method_N_sets_the_data_n_init():
+    cfg = load_config(None, BASE + ["data.retain.source=r", "method.params.N=1"])
+    assert cfg.data.n_init == 1
+
+
+def test_exponent_without_dot_is_a_number():
+    cfg = load_config(None, BASE + ["data.retain=null", "method.name=sft", "reference.mode=none", "train.lr=1e-5"])
+    assert cfg.train.lr == 1e-5
