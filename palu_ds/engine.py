@@ -63,6 +63,7 @@ class Trainer:
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
         self.preempt_local, self.preempted = False, False
         self.first_scalars: dict | None = None
+        self.step_times: list[tuple[float, float]] = []  # (seconds, global non-pad tokens) per optimizer step
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -241,6 +242,7 @@ class Trainer:
             if self.dual is not None:  # from the value all-reduced above: no second collective
                 self.dual.update(terms_g["retain"], epoch=self.step / self.steps_per_epoch)
         dt = time.perf_counter() - t0
+        self.step_times.append((dt, vec[-2]))
         scalars = {f"loss/{k}": v for k, v in terms_g.items()}
         scalars["loss/total"] = float(self.method.objective({k: torch.tensor(v) for k, v in terms_g.items()},
                                                             self.hp, lam)) if not any_bad else float("nan")

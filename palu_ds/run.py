@@ -46,11 +46,24 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
     trainer.setup()
     last = trainer.train()
     out = trainer.save_model()
+    from palu_ds import dist
+    from palu_ds.monitor import peak_memory_bytes
+
+    peaks = [None] * dist.world()
+    if dist.world() > 1:
+        import torch.distributed as tdist
+
+        tdist.all_gather_object(peaks, peak_memory_bytes())
+    else:
+        peaks = [peak_memory_bytes()]
     trainer.cleanup()
     if trainer.rank == 0:
         write_summary(os.path.join(cfg.train.output_dir, "summary.json"),
                       {"steps": trainer.step, "first": trainer.first_scalars, "last": last, "model": out,
-                       "skipped_steps": trainer.skipped})
+                       "skipped_steps": trainer.skipped, "world_size": dist.world(),
+                       "peak_memory_bytes_per_rank": peaks,
+                       "step_seconds": [round(t, 5) for t, _ in trainer.step_times],
+                       "step_tokens": [n for _, n in trainer.step_times]})
         logging.getLogger("palu_ds").info(
             "done: %d steps, final %s; model: %s; tensorboard: %s", trainer.step,
             " ".join(f"{k}={v:.4g}" for k, v in last.items() if k.startswith(("loss/", "dual/"))), out,

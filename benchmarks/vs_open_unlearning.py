@@ -1,0 +1,149 @@
+"""Speed and memory on the shape of work open-unlearning was measured on (issue 9), with palu_ds.
+
+Model: byte-level BPE tokenizer with 8,192 tokens trained on TOFU full.jsonl; Llama hidden 256, 4 layers, 4 heads,
+intermediate 688, untied embeddings, fp32, random init (7.36M parameters). Data: TOFU forget10 / retain90, 4 forget
++ 4 retain samples per rank per step, max length 128, AdamW. Timing = median of steps 3-20; throughput = non-pad
+training tokens per second over all ranks (reference forwards not counted; the precompute runs before step 1).
+Shapes: 1 process (DeepSpeed stage 0, 2 threads) and DeepSpeed ZeRO-3 on 2 ranks (1 thread each), CPU, fp32.
+
+    python benchmarks/vs_open_unlearning.py --tofu ../shared/data/tofu --out runs/bench_ou
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+OPEN_UNLEARNING = {  # measured by the project on a machine of this kind (issue 9), another run
+    ("npo", 1): (0.53, 1112, 1096), ("pd_flat", 1): (0.39, 1666, 987), ("grad_diff", 1): (0.58, 1103, 1190),
+    ("npo", 2): (1.89, 682, 1543), ("pd_flat", 2): (1.52, 821, 1188),
+}
+MAXRSS = ("import resource,subprocess,sys; r=subprocess.call(sys.argv[1:]); "
+          "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(r)")
+
+
+def build_model(tofu: str, out: str) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch
+
+    from palu_ds.data.io import load_records
+    from palu_ds.tiny import qa_texts, train_tokenizer
+
+    path = os.path.join(out, "model")
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return path
+    tok = train_tokenizer(qa_texts(load_records(os.path.join(tofu, "full.jsonl"))), vocab_size=8192)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=688, tie_word_embeddings=False,
+                      max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}")
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+def port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(threads: int) -> dict:
+    e = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
+             OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    e.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".venv", "torch_extensions"))
+    return e
+
+
+def run(cmd: list[str], threads: int, log: str) -> tuple[int, float, int]:
+    t = time.time()
+    with open(log, "w") as f:
+        p = subprocess.run([sys.executable, "-c", MAXRSS, *cmd], cwd=ROOT, env=env(threads), stdout=subprocess.PIPE,
+                           stderr=f, text=True)
+    f_out = p.stdout
+    kb = int(f_out.strip().split("MAXRSS_KB")[-1]) if "MAXRSS_KB" in f_out else 0
+    return p.returncode, time.time() - t, kb * 1024
+
+
+def train(method: str, nproc: int, model: str, tofu: str, out: str, steps: int) -> dict:
+    run_dir = os.path.join(out, f"{method}_{nproc}")
+    args = ["launch/train.py", "--deepspeed", f"ds_configs/cpu/{'zero3' if nproc > 1 else 'zero0'}.json",
+            f"model.path={model}", f"data.forget.source={tofu}", "data.forget.config=forget10",
+            f"data.retain.source={tofu}", "data.retain.config=retain90", "data.max_length=128",
+            f"method.name={method}", "train.batch_size=4", f"train.max_steps={steps}", "train.lr=1e-5",
+            f"train.output_dir={run_dir}", "train.resume=never", "log.log_every=100",
+            f"reference.mode={'precomputed' if method in ('palu', 'npo') else 'none'}",
+            f"reference.cache_dir={os.path.join(out, 'cache_' + method)}" if method in ("palu", "npo") else ""]
+    args = [a for a in args if a]
+    if method == "palu":
+        args.append("method.params.K=1000")
+    cmd = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port())]
+           if nproc > 1 else [sys.executable]) + args
+    rc, wall, _ = run(cmd, 1 if nproc > 1 else 2, os.path.join(out, f"{method}_{nproc}.log"))
+    if rc != 0:
+        return {"method": method, "nproc": nproc, "exit": rc}
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        s = json.load(f)
+    secs, toks = s["step_seconds"][2:20], s["step_tokens"][2:20]
+    return {"method": method, "nproc": nproc, "exit": rc, "s_per_step": statistics.median(secs),
+            "tokens_per_s": statistics.median(t / d for t, d in zip(toks, secs)),
+            "peak_rss_mib": max(s["peak_memory_bytes_per_rank"]) / 2 ** 20, "wall_s": wall}
+
+
+def evaluate(model: str, tofu: str, out: str, nproc: int) -> dict:
+    args = ["evaluation/run.py", "--model", model, "--suite", "tofu", "--split", "forget10", "--data", tofu,
+            "--no-forget-quality", "--out", os.path.join(out, f"eval_{nproc}")]
+    cmd = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port())]
+           if nproc > 1 else [sys.executable]) + args
+    rc, wall, rss = run(cmd, 1 if nproc > 1 else 2, os.path.join(out, f"eval_{nproc}.log"))
+    return {"nproc": nproc, "exit": rc, "wall_s": wall, "peak_rss_mib": rss / 2 ** 20}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tofu", default=os.path.join(ROOT, "..", "shared", "data", "tofu"))
+    p.add_argument("--out", default="runs/bench_ou")
+    p.add_argument("--methods", default="palu,pd_flat,npo,grad_diff")
+    p.add_argument("--shapes", default="1,2")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--skip-eval", action="store_true")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    model = build_model(a.tofu, a.out)
+    rows = [train(m, int(n), model, a.tofu, a.out, a.steps) for n in a.shapes.split(",") for m in a.methods.split(",")]
+    evals = [] if a.skip_eval else [evaluate(model, a.tofu, a.out, int(n)) for n in a.shapes.split(",")]
+    lines = ["| config | palu_ds s/step | palu_ds tokens/s | palu_ds peak RSS | open-unlearning s/step | "
+             "open-unlearning tokens/s | open-unlearning peak RSS | tokens/s ratio | exit |", "|---" * 9 + "|"]
+    for r in rows:
+        shape = "1 process" if r["nproc"] == 1 else "DeepSpeed ZeRO-3, 2 processes"
+        ou = OPEN_UNLEARNING.get((r["method"], r["nproc"]))
+        if r["exit"] != 0:
+            lines.append(f"| {shape}, {r['method']} | failed | | | | | | | {r['exit']} |")
+            continue
+        ref = f"{ou[0]} | {ou[1]} | {ou[2]} MiB | {r['tokens_per_s'] / ou[1]:.2f}×" if ou else "– | – | – | –"
+        lines.append(f"| {shape}, {r['method']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['peak_rss_mib']:.0f} MiB | {ref} | {r['exit']} |")
+    for e in evals:
+        lines.append(f"| TOFU evaluation (forget10 suite), {e['nproc']} process(es) | {e['wall_s']:.0f} s wall | | "
+                     f"{e['peak_rss_mib']:.0f} MiB | 413 s wall | | 1607 MiB | {413 / e['wall_s']:.1f}× faster | "
+                     f"{e['exit']} |")
+    table = "\n".join(lines)
+    print(table)
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"train": rows, "eval": evals}, f, indent=1)
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    return 0 if all(r["exit"] == 0 for r in rows + evals) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
