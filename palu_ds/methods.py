@@ -222,8 +222,9 @@ def _forget_retain(t, hp, lam):
 #   gamma * L_sens + alpha * NLL(retain) + alpha * KL_common   (alpha weighs both, as in the reference code)
 #   K: top-K ids of the reference (clipped to V); N: I_init = first N tokens of each span (read by the data pipeline);
 #   kl_topk: reference log-probs kept per common position for the sparse KL (ours; the reference code uses the exact
-#   KL with a resident reference -- see tests/test_losses.py for the error at k = 8/32/128).
-PALU_DEFAULTS = {"gamma": 1.0, "alpha": 1.0, "K": 5000, "N": 3, "detach_target": False, "kl_topk": 128,
+#   KL with a resident reference). 256 from the measured error (BENCHMARKS.md, benchmarks/precompute_vs_resident.py:
+#   2.8% at k=256 vs 10% at k=128 on the demo's trained pair; see also tests/test_losses.py).
+PALU_DEFAULTS = {"gamma": 1.0, "alpha": 1.0, "K": 5000, "N": 3, "detach_target": False, "kl_topk": 256,
                  "kl_direction": "forward", "topk_chunk_elems": 1 << 25}
 # PDU / constrained entropic unlearning (arXiv 2506.05314), TOFU settings of the authors' run script
 # (tahaEntesari/open-unlearning ``community/methods/PDU/run.sh``): pref (lambda0) 100, dual_step_size (eta) 5,

@@ -110,7 +110,7 @@ def test_paper_defaults():
     assert get_method("npo").defaults["beta"] == 0.1 and get_method("idk_dpo").defaults["beta"] == 0.1
     assert {k: get_method("simnpo").defaults[k] for k in ("beta", "delta", "gamma", "alpha")} == \
         {"beta": 4.5, "delta": 0.0, "gamma": 0.125, "alpha": 1.0}
-    assert get_method("palu").hparams({"K": 7})["K"] == 7 and get_method("palu").defaults["kl_topk"] == 128
+    assert get_method("palu").hparams({"K": 7})["K"] == 7 and get_method("palu").defaults["kl_topk"] == 256
 
 
 # ---------------------------------------------------------------------------------------------- end to end

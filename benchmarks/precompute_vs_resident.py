@@ -1,0 +1,181 @@
+"""Precomputed vs resident reference (issue 4), on a Llama config of 58M parameters, 2 ranks, CPU, fp32.
+
+Rows: peak memory per rank (RSS) and tokens/s of PALU training with the precomputed cache vs the resident reference,
+for ds_configs/cpu/zero3.json and zero3_offload.json; precompute throughput vs a plain forward pass; cache bytes per
+token; the sparse-KL error vs exact for k in {32, 64, 128, 256, 1024} on a trained model pair (the demo's target as
+reference, its PALU-unlearned model as policy: run `make demo` first, or pass --target/--unlearned).
+
+    python benchmarks/precompute_vs_resident.py --out runs/bench_ref
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from vs_open_unlearning import env, port  # noqa: E402
+
+
+def build(out: str) -> tuple[str, str]:
+    """Generated data (20 authors) and a 58M-parameter Llama (hidden 512, 8 layers, vocab 32000, untied)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from palu_ds.data.synthetic import REFUSALS, generate, write_splits
+    from palu_ds.tiny import qa_texts, tiny_llama_config, train_tokenizer
+
+    data = os.path.join(out, "data")
+    model_dir = os.path.join(out, "model")
+    write_splits(data, 20, 10, 0)
+    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        tok = train_tokenizer(qa_texts(generate(20, 0)) + REFUSALS, 2048)
+        cfg = tiny_llama_config(32000, hidden=512, layers=8, heads=8, intermediate=1376, tokenizer=tok)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+        print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+        model.save_pretrained(model_dir, safe_serialization=True)
+        tok.save_pretrained(model_dir)
+    return data, model_dir
+
+
+def train(ds: str, mode: str, data: str, model: str, out: str, steps: int) -> dict:
+    run_dir = os.path.join(out, f"{os.path.basename(ds)[:-5]}_{mode}")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port()),
+           "launch/train.py", "--deepspeed", ds, "--config", "launch/configs/demo.yaml", f"model.path={model}",
+           f"data.forget.source={data}", f"data.retain.source={data}", f"train.output_dir={run_dir}",
+           f"reference.mode={mode}", f"reference.cache_dir={os.path.join(out, 'cache')}", "method.params.K=5000",
+           "method.params.kl_topk=256", f"train.max_steps={steps}", "train.batch_size=4", "train.resume=never",
+           "train.lr=1e-5", "log.log_every=100"]
+    t = time.time()
+    with open(run_dir + ".log", "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env(1), stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {run_dir}.log")
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        s = json.load(f)
+    secs, toks = s["step_seconds"][2:], s["step_tokens"][2:]
+    return {"ds": os.path.basename(ds), "mode": mode, "peak_rss_mib": [b / 2 ** 20 for b in s["peak_memory_bytes_per_rank"]],
+            "tokens_per_s": statistics.median(t / d for t, d in zip(toks, secs)), "wall_s": time.time() - t}
+
+
+def precompute_throughput(data: str, model_dir: str, out: str) -> dict:
+    """One process: the precompute pass vs a plain no-grad forward over the same batches; cache bytes per token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from palu_ds.config import load_config
+    from palu_ds.data.build import build_datasets
+    from palu_ds.data.collate import collate
+    from palu_ds.methods import get_method
+    from palu_ds.reference import precompute
+
+    cfg = load_config("launch/configs/demo.yaml", [f"model.path={model_dir}", f"data.forget.source={data}",
+                                                   f"data.retain.source={data}", "method.params.K=5000",
+                                                   "method.params.kl_topk=256", "train.batch_size=8"])
+    m = get_method("palu")
+    hp = {**m.defaults, **cfg.method.params}
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ds = build_datasets(cfg.data, tok, m.batches)
+    forget = ds["forget"]
+    tokens = sum(len(e["input_ids"]) for e in forget)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(forget), 8):
+            b = collate([forget[j] for j in range(i, min(i + 8, len(forget)))], tok.pad_token_id)
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    plain = time.perf_counter() - t
+    cache = os.path.join(out, "cache_1proc")
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+    t = time.perf_counter()
+    manifest = precompute(cfg, m, hp, ds, tok, {}, cache, model=model)
+    pre = time.perf_counter() - t
+    answer = sum(sum(e["sens_mask"]) + sum(e["common_mask"]) for e in forget)
+    nbytes = sum(manifest["shard_bytes"].values())
+    return {"plain_forward_tokens_per_s": tokens / plain, "precompute_tokens_per_s": tokens / pre,
+            "cache_bytes_per_answer_token": nbytes / answer, "cache_bytes": nbytes, "K": 5000, "k": 256}
+
+
+def sparse_kl_error(target: str, unlearned: str, data: str) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from palu_ds.batch import shift
+    from palu_ds.data import QADataset, collate
+    from palu_ds.losses import kl_exact, kl_sparse
+
+    tok = AutoTokenizer.from_pretrained(target)
+    ref = AutoModelForCausalLM.from_pretrained(target).eval()
+    pol = AutoModelForCausalLM.from_pretrained(unlearned).eval()
+    ds = QADataset.from_source(data, tok, config="forget10")
+    b = collate([ds[i] for i in range(len(ds))], tok.pad_token_id)
+    with torch.no_grad():
+        lr = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        lp = pol(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    lr_s, _, common = shift(lr, b["labels"], b["common_mask"])
+    lp_s = lp[:, :-1]
+    zr, zp = lr_s[common], lp_s[common]
+    exact = kl_exact(zp, zr).mean().item()
+    rows = []
+    for k in (32, 64, 128, 256, 1024):
+        k_ = min(k, zr.shape[-1])
+        top = torch.log_softmax(zr, -1).topk(k_, -1)
+        sparse = kl_sparse(zp, top.indices, top.values.half().float()).mean().item()  # fp16 storage, as cached
+        rows.append({"k": k, "exact_kl": exact, "sparse_kl": sparse, "rel_error": abs(sparse - exact) / exact,
+                     "vocab": zr.shape[-1]})
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/bench_ref")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--target", default="runs/demo/target/model")
+    p.add_argument("--unlearned", default="runs/demo/palu/model")
+    p.add_argument("--demo-data", default="runs/demo/data")
+    p.add_argument("--skip-train", action="store_true")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    data, model = build(a.out)
+    res = {"precompute": precompute_throughput(data, model, a.out)}
+    if os.path.isdir(a.target) and os.path.isdir(a.unlearned):
+        res["sparse_kl"] = sparse_kl_error(a.target, a.unlearned, a.demo_data)
+    if not a.skip_train:
+        res["train"] = [train(f"ds_configs/cpu/{ds}.json", mode, data, model, a.out, a.steps)
+                        for ds in ("zero3", "zero3_offload") for mode in ("precomputed", "resident")]
+    lines = []
+    if "train" in res:
+        lines += ["| DeepSpeed config | reference | peak RSS per rank (MiB) | tokens/s |", "|---|---|---|---|"]
+        for r in res["train"]:
+            lines.append(f"| {r['ds']} | {r['mode']} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mib'])} | "
+                         f"{r['tokens_per_s']:.0f} |")
+        by = {(r["ds"], r["mode"]): r for r in res["train"]}
+        for ds in ("zero3.json", "zero3_offload.json"):
+            pre, resi = by[ds, "precomputed"], by[ds, "resident"]
+            lines.append(f"| {ds} | precomputed / resident | {max(pre['peak_rss_mib']) / max(resi['peak_rss_mib']):.2f}× "
+                         f"| {pre['tokens_per_s'] / resi['tokens_per_s']:.2f}× |")
+    pc = res["precompute"]
+    lines += ["", f"precompute: {pc['precompute_tokens_per_s']:.0f} tokens/s vs plain forward "
+              f"{pc['plain_forward_tokens_per_s']:.0f} tokens/s "
+              f"({pc['precompute_tokens_per_s'] / pc['plain_forward_tokens_per_s']:.2f}×); cache "
+              f"{pc['cache_bytes_per_answer_token']:.0f} bytes per answer token (K=5000 at I_init, k=256 at common)"]
+    if "sparse_kl" in res:
+        lines += ["", "| k | exact KL | sparse KL | relative error |", "|---|---|---|---|"]
+        lines += [f"| {r['k']} | {r['exact_kl']:.4g} | {r['sparse_kl']:.4g} | {r['rel_error']:.2%} |"
+                  for r in res["sparse_kl"]]
+    print("\n".join(lines))
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
