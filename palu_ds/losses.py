@@ -210,7 +210,7 @@ def palu_local_entropy_topk(hidden: torch.Tensor, weight: torch.Tensor, topk_ids
     ``z_{t,i} = h_t . W_i + b_i`` for the K reference ids only (:func:`topk_logits_and_mean`).  Equal to the dense
     form up to rounding (tested).  Cost: O(N K d) gathered memory traffic + one pass over W for its mean and one
     write of its (dense) gradient, instead of the O(N V d) GEMMs of the dense path; memory bounded by
-    ``max_chunk_elems``.  Which is faster depends on K/V and the machine (``scripts/bench_palu_topk.py``).
+    ``max_chunk_elems``.  Which is faster depends on K/V and the machine (``benchmarks/palu_topk.py``).
     """
     z, c = topk_logits_and_mean(hidden, weight, topk_ids, bias, max_chunk_elems)
     if detach_target:

@@ -1,8 +1,8 @@
 """Micro-benchmark (not a test): PALU's sensitive-position loss, top-K path vs dense logits, on CPU.
 
-    python scripts/bench_palu_topk.py                      # V in (128256, 32000), d=2048, K=5000, N=64 positions
-    python scripts/bench_palu_topk.py --k 5000 1000 250    # sweep K to find the crossover
-    python scripts/bench_palu_topk.py --quick              # small sizes, a few seconds
+    python benchmarks/palu_topk.py                      # V in (128256, 32000), d=2048, K=5000, N=64 positions
+    python benchmarks/palu_topk.py --k 5000 1000 250    # sweep K to find the crossover
+    python benchmarks/palu_topk.py --quick              # small sizes, a few seconds
 
 Times forward + backward (gradients to the hidden states and the lm_head weight) of
   dense:  z = h W^T + b ([N, V]), then palu_local_entropy(z, topk_ids)
