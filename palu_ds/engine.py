@@ -294,18 +294,30 @@ class Trainer:
         return checkpoint.save(self.engine, self.ckpt_root, self.step, self.client_state(), self.cfg.train.keep_last)
 
     def save_model(self, out: str | None = None) -> str:
-        """The final model as a normal HF dir (safetensors + tokenizer), written to a temp dir then renamed."""
+        """The final model as a normal HF dir (safetensors + tokenizer), written to a temp dir then renamed.
+
+        ZeRO-3 weights are gathered (16-bit when trained in 16-bit, else fp32); LoRA adapters are merged into the
+        base weights so the dir loads with plain ``from_pretrained``."""
         import shutil
+        from contextlib import nullcontext
+
+        import deepspeed
 
         out = out or os.path.join(self.out_dir, "model")
-        if zero_stage(self.ds_config) == 3:
+        stage3 = zero_stage(self.ds_config) == 3
+        module, state = self.engine.module, None
+        if self.cfg.model.lora:
+            gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0) if stage3
+                      else nullcontext())
+            with gather:
+                if dist.is_main():
+                    module = module.merge_and_unload()
+                    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        elif stage3:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # every rank takes part; rank 0 gets it
-        else:
-            state = self.engine.module.state_dict() if dist.is_main() else None
+        elif dist.is_main():
+            state = module.state_dict()
         if dist.is_main():
-            module = self.engine.module
-            if self.cfg.model.lora:
-                module = module.merge_and_unload() if zero_stage(self.ds_config) != 3 else module
             tmp = out + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             module.save_pretrained(tmp, state_dict=state, safe_serialization=True)

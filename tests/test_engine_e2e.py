@@ -128,3 +128,29 @@ def test_config_errors_exit_before_loading_a_model(tmp_path):
                                    "launch/configs/demo.yaml", "train.lrr=1"], nproc=1, check=False)
     assert p.returncode == 2 and "unknown key train.lrr" in p.stderr
     assert "Loading weights" not in p.stderr
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_with_gradient_checkpointing_saves_a_merged_model(tiny, target, tmp_path, stage):
+    out = str(tmp_path / "lora")
+    launch("launch/train.py", unlearn_args(tiny, target, out, "grad_diff", stage,
+                                           ["model.lora={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}",
+                                            "model.gradient_checkpointing=true", "train.lr=1e-2"]))
+    before, after = state(target), state(summary(out)["model"])
+    assert set(before) == set(after)  # merged: plain Llama keys, no lora_A / base_model prefixes
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+
+
+def test_torchrun_launch(tiny, target, tmp_path):
+    import subprocess
+    import sys
+
+    from e2e import ROOT, cpu_env, free_port
+
+    out = str(tmp_path / "torchrun")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "launch/train.py", *unlearn_args(tiny, target, out, "grad_diff", 2)]
+    p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert summary(out)["world_size"] == 2 and summary(out)["steps"] == 4
