@@ -78,7 +78,21 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto | never | <checkpoint dir>
     max_nonfinite: int = 3  # consecutive non-finite steps before stopping
-    eval_every: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training (evaluation.evaluate on every rank, data split across ranks and merged)."""
+
+    every: int = 0  # optimizer steps between evaluations; 0 = off
+    suite: str = "tofu"
+    split: str = "forget10"  # TOFU forget split / MUSE corpus
+    data: str | None = None  # folder or hub name (default: the suite's hub dataset)
+    splits: list | None = None  # e.g. [forget, retain]; None = all of the suite
+    batch_size: int = 16
+    max_new_tokens: int | None = None
+    max_examples: int | None = None
+    retain_results: str | None = None  # a retain model's results: adds forget quality
 
 
 @dataclass
@@ -94,6 +108,7 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -188,6 +203,8 @@ def validate_config(cfg: RunConfig, method=None) -> None:
     for key in ("batch_size", "grad_accum", "keep_last", "max_nonfinite"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")
+    if cfg.eval.every < 0 or cfg.eval.suite not in ("tofu", "muse"):
+        raise ConfigError("eval.every must be >= 0 and eval.suite tofu or muse")
     if cfg.data.n_init is not None and cfg.data.n_init < 1:
         raise ConfigError("data.n_init must be >= 1 (or null for whole spans)")
     if method is None:

@@ -272,6 +272,8 @@ class Trainer:
                     "train.max_nonfinite.")
             if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
                 self.save_checkpoint()
+            if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
+                self.evaluate()
             if FAULT.get("crash_after") == str(self.step):
                 os._exit(17)
             if self.preempted:  # every rank saw the flag in the step's all-reduce: stop together
@@ -282,6 +284,22 @@ class Trainer:
                 checkpoint.tag_for(self.step)):
             self.save_checkpoint()
         return last
+
+    def evaluate(self) -> dict:
+        """The configured suite on the model being trained (every rank; examples split and merged); metrics go to
+        TensorBoard as ``eval/<name>`` and the JSONs to ``<output_dir>/eval/step_<N>``."""
+        from evaluation import evaluate
+
+        e = asdict(self.cfg.eval)
+        e.pop("every")
+        e.update(splits=tuple(e["splits"]) if e["splits"] else None, forget_quality=bool(e["retain_results"]),
+                 extra={"step": self.step, "method": self.method.name})
+        out = evaluate(self.engine, self.tokenizer, e,
+                       out_dir=os.path.join(self.out_dir, "eval", checkpoint.tag_for(self.step)))
+        metrics = {f"eval/{k}": float(v) for k, v in out.summary.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.monitor.step_scalars(self.step, metrics)
+        return metrics
 
     def client_state(self) -> dict:
         return {"step": self.step, "skipped": self.skipped,

@@ -56,6 +56,14 @@ class Monitor:
         elif step % self.log_every == 0:
             log.info("step %d %s", step, " ".join(f"{k}={v}" for k, v in short.items()))
 
+    def step_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """Extra scalars (e.g. evaluation metrics) without advancing the progress bar."""
+        if self.main and self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+        if self.main:
+            log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()

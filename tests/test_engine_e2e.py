@@ -154,3 +154,19 @@ def test_torchrun_launch(tiny, target, tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     assert summary(out)["world_size"] == 2 and summary(out)["steps"] == 4
+
+
+def test_evaluation_during_two_rank_training(tiny, target, tmp_path):
+    out = str(tmp_path / "evaltrain")
+    launch("launch/train.py", unlearn_args(tiny, target, out, "grad_diff", 3,
+                                           ["eval.every=2", f"eval.data={tiny['data']}", "eval.splits=[forget,retain]",
+                                            "eval.max_examples=6", "eval.max_new_tokens=8"]))
+    import json
+
+    for step in (2, 4):
+        with open(os.path.join(out, "eval", f"step_{step:06d}", "summary.json")) as f:
+            s = json.load(f)
+        assert s["step"] == step and 0 < s["metrics"]["forget/prob"] <= 1
+        with open(os.path.join(out, "eval", f"step_{step:06d}", "results.json")) as f:
+            assert len(json.load(f)["examples"]["forget"]) == 6  # merged from both ranks, each example once
+    assert {"eval/forget/prob", "eval/model_utility"} <= tb_tags(out)
