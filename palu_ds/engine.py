@@ -92,6 +92,8 @@ class Trainer:
                                           cfg.train.seed + 1000 * k, coll)
                         for k, (name, ds) in enumerate(self.datasets.items()) if name != "idk"}
         self.collate = coll
+        # before the policy is loaded: a precompute pass loads the reference, writes the cache and frees it
+        self.reference = self._build_reference()
 
         # transformers loads under deepspeed.zero.Init while this object lives (ZeRO-3); no device_map here.
         self._hf_ds = HfDeepSpeedConfig(self.ds_config) if zero_stage(self.ds_config) == 3 else None
@@ -105,7 +107,6 @@ class Trainer:
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **cfg.model.lora))
-        self.reference = self._build_reference()
 
         self.steps_per_epoch = max(1, self.streams["forget"].batches_per_epoch // self.gas)
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))

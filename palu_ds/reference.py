@@ -415,4 +415,7 @@ def build_reference(cfg, method, hp, datasets, tokenizer, ds_config):
         return ResidentReference(model, method, hp, datasets, tokenizer, cfg.train.batch_size)
     cache_dir = cfg.reference.cache_dir or os.path.join(cfg.train.output_dir, "reference_cache")
     manifest = precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir)
+    import gc
+
+    gc.collect()  # the reference model of the precompute pass is gone before the policy loads
     return CachedReference(cache_dir, manifest)
