@@ -28,7 +28,7 @@ from palu_ds.config import RunConfig
 from palu_ds.data.build import build_datasets
 from palu_ds.data.collate import collate
 from palu_ds.ds_config import load_ds_config, zero_stage
-from palu_ds.monitor import Monitor, peak_memory_bytes
+from palu_ds.monitor import Monitor, peak_memory_bytes, reset_peak_memory
 from palu_ds.sampling import BatchStream
 
 log = logging.getLogger("palu_ds")
@@ -260,6 +260,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, float]:
         last = {}
+        reset_peak_memory()  # memory/peak_bytes: the training steps, not the loading transients
         while self.step < self.total_steps:
             last = self.train_step()
             if self.first_scalars is None:

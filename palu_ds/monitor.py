@@ -17,10 +17,30 @@ from palu_ds import dist
 log = logging.getLogger("palu_ds")
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak window (called when training starts, so loading transients do not count): CUDA's peak
+    stats, and on Linux the RSS high-water mark (``5 > /proc/self/clear_refs`` resets VmHWM)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_bytes() -> int:
-    """Peak GPU memory allocated when on CUDA, else this process's peak RSS."""
+    """Peak GPU memory allocated since the last reset when on CUDA, else this process's peak RSS since the last
+    reset (VmHWM; the lifetime ru_maxrss where /proc is unavailable)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 

@@ -45,17 +45,16 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
     trainer = Trainer(cfg, args.deepspeed, get_method(cfg.method.name))
     trainer.setup()
     last = trainer.train()
-    out = trainer.save_model()
     from palu_ds import dist
     from palu_ds.monitor import peak_memory_bytes
 
-    peaks = [None] * dist.world()
+    peaks = [peak_memory_bytes()]  # of the training steps, per rank (before the final save)
     if dist.world() > 1:
         import torch.distributed as tdist
 
+        peaks = [None] * dist.world()
         tdist.all_gather_object(peaks, peak_memory_bytes())
-    else:
-        peaks = [peak_memory_bytes()]
+    out = trainer.save_model()
     trainer.cleanup()
     if trainer.rank == 0:
         write_summary(os.path.join(cfg.train.output_dir, "summary.json"),
