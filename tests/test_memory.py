@@ -21,3 +21,17 @@ def test_cli_prints_a_table(capsys):
                  "--offload-optimizer"]) == 0
     out = capsys.readouterr().out
     assert "| custom |" in out and "64 GPUs" in out and "precomputed / resident" in out
+
+
+def test_peak_memory_window_resets():
+    """A 300 MB allocation before the reset does not count in the peak after it (Linux VmHWM reset)."""
+    import numpy as np
+
+    from palu_ds.monitor import peak_memory_bytes, reset_peak_memory
+
+    a = np.ones(300_000_000 // 8)
+    before = peak_memory_bytes()
+    del a
+    reset_peak_memory()
+    after = peak_memory_bytes()
+    assert before - after > 200 * 2 ** 20
