@@ -35,3 +35,35 @@ def shift(logits: torch.Tensor, labels: torch.Tensor, *masks: torch.Tensor):
     tokens, so after the shift it selects the logits that predict those tokens.
     """
     return (logits[:, :-1], labels[:, 1:], *(m[:, 1:] for m in masks))
+
+
+class PackedLogits:
+    """Logits only at the positions whose next token is an answer token, packed in row-major (b, t) order.
+
+    The engine builds it from the final hidden states with one LM-head call (prompt and padding positions never
+    form V-wide logits: compute and memory scale with answer tokens, not with B·T). It stands for the *shifted*
+    logits: ``self[mask]`` for a shifted mask that selects answer positions (I_init, common, all answer tokens)
+    returns the rows ``logits[:, :-1][mask]`` would.
+    """
+
+    def __init__(self, rows: torch.Tensor, answer: torch.Tensor):
+        if rows.shape[0] != int(answer.sum()):
+            raise ValueError(f"{rows.shape[0]} packed rows for {int(answer.sum())} answer positions")
+        self.rows, self.answer = rows, answer
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
+    def __getitem__(self, mask: torch.Tensor) -> torch.Tensor:
+        if mask.shape != self.answer.shape or mask.dtype != torch.bool:
+            raise TypeError("PackedLogits is indexed by a boolean mask over the shifted positions")
+        if mask is self.answer:
+            return self.rows
+        if (mask & ~self.answer).any():
+            raise ValueError("mask selects positions without an answer label: their logits were not computed")
+        return self.rows[mask[self.answer]]

@@ -78,6 +78,7 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto | never | <checkpoint dir>
     max_nonfinite: int = 3  # consecutive non-finite steps before stopping
+    answer_only_logits: bool = True  # LM head only where the next token is an answer token (False: full logits)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import asdict
 import torch
 
 from palu_ds import checkpoint, dist
-from palu_ds.batch import IGNORE_INDEX, shift
+from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 from palu_ds.config import RunConfig
 from palu_ds.data.build import build_datasets
 from palu_ds.data.collate import collate
@@ -44,6 +44,14 @@ def batch_counts(batch: dict) -> torch.Tensor:
     _, labels, sens, common = shift(batch["input_ids"], batch["labels"], batch["sens_mask"], batch["common_mask"])
     answer = labels != IGNORE_INDEX
     return torch.tensor([answer.sum(), sens.sum(), common.sum(), (answer.sum(1) > 0).sum()], dtype=torch.float64)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the (base) model's forward takes ``logits_to_keep`` (most transformers causal LMs do)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 class Preempted(SystemExit):
@@ -110,6 +118,7 @@ class Trainer:
 
         self.steps_per_epoch = max(1, self.streams["forget"].batches_per_epoch // self.gas)
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
+        self.answer_only = cfg.train.answer_only_logits and _accepts_logits_to_keep(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
         self.dual = self._build_dual()
@@ -173,8 +182,11 @@ class Trainer:
             micro["idk"] = self.collate([self.datasets["idk"][int(i)] for i in micro["forget"]["example_id"]])
         return micro
 
-    def _forward(self, micro: dict[str, dict]) -> dict[str, torch.Tensor]:
-        """All batches of a micro-batch in one forward (one ZeRO-3 gather of the weights instead of several)."""
+    def _forward(self, micro: dict[str, dict]) -> dict:
+        """All batches of a micro-batch in one forward (one ZeRO-3 gather of the weights instead of several).
+
+        With ``train.answer_only_logits`` (default) the LM head runs once, only on the positions whose next token
+        is an answer token (:class:`palu_ds.batch.PackedLogits`): prompt and padding never form V-wide logits."""
         names = list(micro)
         width = max(micro[n]["input_ids"].shape[1] for n in names)
         pad = self.tokenizer.pad_token_id
@@ -184,12 +196,26 @@ class Trainer:
 
         ids = torch.cat([widen(micro[n]["input_ids"], pad) for n in names]).to(self.device)
         mask = torch.cat([widen(micro[n]["attention_mask"], 0) for n in names]).to(self.device)
-        logits = self.engine(input_ids=ids, attention_mask=mask).logits
-        out, row = {}, 0
+        if not self.answer_only:
+            logits = self.engine(input_ids=ids, attention_mask=mask).logits
+            out, row = {}, 0
+            for n in names:
+                b, t = micro[n]["input_ids"].shape
+                out[n] = logits[row:row + b, :t]
+                row += b
+            return out
+        hidden = self.engine(input_ids=ids, attention_mask=mask, output_hidden_states=True,
+                             logits_to_keep=1).hidden_states[-1]
+        answers, rows, row = {}, [], 0
         for n in names:
             b, t = micro[n]["input_ids"].shape
-            out[n] = logits[row:row + b, :t]
+            answers[n] = micro[n]["labels"][:, 1:] != IGNORE_INDEX
+            rows.append(hidden[row:row + b, :t - 1][answers[n]])
             row += b
+        logits = self.engine.module.get_output_embeddings()(torch.cat(rows))
+        out = {}
+        for n, part in zip(names, logits.split([int(a.sum()) for a in answers.values()])):
+            out[n] = PackedLogits(part, answers[n])
         return out
 
     def train_step(self) -> dict[str, float]:
@@ -215,7 +241,7 @@ class Trainer:
                 loss = loss * float("nan")
             if not torch.isfinite(loss):  # local decision; all ranks still run backward, so collectives match
                 bad = True
-                loss = sum(torch.nan_to_num(v).sum() for v in logits.values()) * 0.0
+                loss = sum(torch.nan_to_num(getattr(v, "rows", v)).sum() for v in logits.values()) * 0.0
             for name, v in terms.items():
                 term_sums[name] = term_sums.get(name, 0.0) + v.detach().float()
             tokens += sum(int(b["attention_mask"].sum()) for n, b in micro.items() if n != "idk")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from palu_ds import losses as L
-from palu_ds.batch import IGNORE_INDEX, shift
+from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 
 REFERENCE_PARTS = frozenset({"topk_ids", "kl", "seq_logps", "retain_loss"})
 
@@ -53,7 +53,11 @@ def _norm(x: StepInputs, batch: str, key: str):
 def _shifted(x: StepInputs, batch: str, *mask_keys: str):
     """``(logits_s, labels_s, *masks_s)`` of one batch; masks_s are boolean and include ``labels_s != -100``."""
     b = x.batches[batch]
-    logits_s, labels_s, *masks = shift(x.logits[batch], b["labels"], *(b[k].bool() for k in mask_keys))
+    logits = x.logits[batch]
+    if isinstance(logits, PackedLogits):  # already shifted: only the answer positions' rows exist
+        labels_s, *masks = (t[:, 1:] for t in (b["labels"], *(b[k].bool() for k in mask_keys)))
+        return (logits, labels_s, logits.answer, *masks)
+    logits_s, labels_s, *masks = shift(logits, b["labels"], *(b[k].bool() for k in mask_keys))
     return (logits_s, labels_s, labels_s != IGNORE_INDEX, *masks)
 
 

@@ -234,3 +234,35 @@ def test_palu_sensitive_hand_value_through_the_method():
     m = get_method("palu")
     assert m.term_fns["forget"](x, m.hparams()).item() == pytest.approx(4.5)
     assert m.term_fns["kl"](x, m.hparams()).item() == pytest.approx(0.0, abs=1e-7)   # uniform vs uniform
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_packed_answer_logits_give_the_same_terms_and_gradients(name):
+    """The engine's PackedLogits (LM head only at answer positions) == dense [B, T, V] logits, values and grads."""
+    from palu_ds.batch import PackedLogits
+
+    m = get_method(name)
+    w = World(3)
+    dense = w.inputs(K=5, k=4)
+    packed_logits = {}
+    for n, lg in dense.logits.items():
+        answer = dense.batches[n]["labels"][:, 1:] != -100
+        packed_logits[n] = PackedLogits(lg[:, :-1][answer], answer)
+    packed = StepInputs(logits=packed_logits, batches=dense.batches, ref=dense.ref)
+    a, b = m.terms(dense), m.terms(packed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12)
+    ga = torch.autograd.grad(m.objective(a, lam=2.0), w.W, retain_graph=True)[0]
+    gb = torch.autograd.grad(m.objective(b, lam=2.0), w.W)[0]
+    torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)
+
+
+def test_packed_logits_refuse_positions_without_labels():
+    from palu_ds.batch import PackedLogits
+
+    answer = torch.tensor([[False, True, True]])
+    p = PackedLogits(torch.randn(2, 5), answer)
+    assert p[torch.tensor([[False, False, True]])].shape == (1, 5)
+    with pytest.raises(ValueError, match="without an answer label"):
+        p[torch.tensor([[True, False, False]])]
