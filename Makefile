@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast test-cluster clean
 
 $(STAMP): setup.py constraints.txt
 	@command -v mpirun >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null) || echo "note: openmpi not installed (mpirun tests will be skipped)"; }
@@ -32,10 +32,15 @@ demo: $(STAMP)
 	$(BIN)/python launch/demo.py --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider --timeout 900
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider --timeout 900 -m "not cluster_full"
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -q -m "not slow" --timeout 600
+	$(BIN)/python -m pytest tests -q -m "not slow and not cluster_full" --timeout 600
+
+# the cluster tests in full (make test runs a reduced form): a private single-host SLURM from Debian's packages
+# (installed with apt-get when missing), sbatch + requeue twice, mpirun, killed ranks under each launcher
+test-cluster: $(STAMP)
+	PALU_CLUSTER_FULL=1 $(BIN)/python -m pytest tests/test_cluster.py -q -p no:cacheprovider --timeout 900 -s
 
 clean:
 	rm -rf runs/demo .pytest_cache

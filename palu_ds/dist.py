@@ -41,7 +41,21 @@ def discover_env() -> None:
     else:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port() if os.environ["WORLD_SIZE"] == "1" else 29500))
+    if os.environ["WORLD_SIZE"] == "1":
+        default_port = _free_port()
+    elif "SLURM_JOB_ID" in os.environ:  # two jobs sharing a node must not collide
+        default_port = 20000 + int(os.environ["SLURM_JOB_ID"]) % 20000
+    else:
+        default_port = 29500
+    os.environ.setdefault("MASTER_PORT", str(default_port))
+
+
+def env_rank() -> int:
+    """This process's rank from the environment of any launcher (before the process group exists)."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
 
 
 def init(timeout_s: int = 600) -> None:
@@ -51,6 +65,9 @@ def init(timeout_s: int = 600) -> None:
     import deepspeed
 
     discover_env()
+    accel = deepspeed.get_accelerator()
+    if accel.device_name() != "cpu":  # bind this rank to its local device before anything lands on device 0
+        accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
 

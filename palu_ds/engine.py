@@ -80,6 +80,8 @@ class Trainer:
         from transformers.integrations import HfDeepSpeedConfig
 
         cfg = self.cfg
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM preemption / time limit (sbatch --signal=USR1@300)
+            signal.signal(sig, self._on_signal)
         dist.init()
         self.rank, self.world = dist.rank(), dist.world()
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
@@ -132,8 +134,6 @@ class Trainer:
             if self.dual is not None:
                 self.dual.load_state_dict(state["dual"])
             log.info("resumed from %s at step %d", resume, self.step)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM preemption / time limit (sbatch --signal=USR1@120)
-            signal.signal(sig, self._on_signal)
         tb = cfg.log.tensorboard_dir or os.path.join(self.out_dir, "tensorboard")
         self.monitor = Monitor(tb, self.total_steps, self.step, cfg.log.log_every)
 

@@ -14,7 +14,9 @@ from palu_ds.config import ConfigError, load_config
 def setup_logging() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    rank = int(os.environ.get("RANK", "0"))
+    from palu_ds.dist import env_rank
+
+    rank = env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[palu_ds r{rank}] %(message)s", stream=sys.stderr)
 
