@@ -89,6 +89,20 @@ def id_dtype(vocab_size: int) -> torch.dtype:
     return torch.int16 if vocab_size <= 2 ** 15 else torch.int32
 
 
+def rank_batches(ds, batch_size: int, pad_id: int, device):
+    """This rank's share of ``ds`` (examples rank, rank + world, ...) in fixed order, as ``(batch, real)``: every rank
+    yields the same number of batches (a rank that runs out repeats example 0 with ``real=False``), because the
+    forwards of a ZeRO-3 model are collective."""
+    from palu_ds.data.collate import collate
+
+    mine = list(range(dist.rank(), len(ds), dist.world()))
+    n_batches = int(dist.all_reduce_max(torch.tensor(-(-len(mine) // batch_size))))
+    for b in range(n_batches):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        batch = collate([ds[i] for i in (chunk or [0])], pad_id)
+        yield {k: v.to(device) for k, v in batch.items()}, bool(chunk)
+
+
 # ---------------------------------------------------------------------- cache key
 def _sha(*chunks: bytes) -> str:
     h = hashlib.sha256()
@@ -188,26 +202,16 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     V = _vocab_size(model)
     K, k = int(min(hp.get("K") or V, V)), int(min(hp.get("kl_topk") or V, V))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    from palu_ds.data.collate import collate
-
     want = needed_parts(method, hp)
     retain_sums = torch.zeros(2, dtype=torch.float64)
-    rows_written = 0
     for name in _cache_names(want, datasets):
         ds, parts = datasets[name], parts_for(want, name)
-        mine = list(range(dist.rank(), len(ds), dist.world()))
         store: dict[str, list] = {p: [] for p in ("topk_ids", "kl_ids", "kl_logps")}
         ids, seq, sens_n, common_n = [], [], [], []
-        bs = cfg.train.batch_size
-        n_batches = int(dist.all_reduce_max(torch.tensor(-(-len(mine) // bs))))  # same count on every rank (ZeRO-3)
-        for start in range(0, n_batches * bs, bs):
-            chunk = mine[start:start + bs]
-            dummy = not chunk  # a rank with fewer examples still joins the collective forwards of ZeRO-3
-            chunk = chunk or [0]
-            batch = {kk: v.to(device) for kk, v in collate([ds[i] for i in chunk], tokenizer.pad_token_id).items()}
+        for batch, real in rank_batches(ds, cfg.train.batch_size, tokenizer.pad_token_id, device):
             with torch.no_grad():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            if dummy:
+            if not real:
                 continue
             if name == "retain" and "retain_loss" in want:
                 retain_sums += answer_nll_sums(logits, batch).cpu()
@@ -226,7 +230,7 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
                 if p in t:
                     store[p].append(t[p].cpu())
         if parts:
-            rows_written += _write_shard(cache_dir, name, dist.rank(), ids, sens_n, common_n, seq, store, V,
+            _write_shard(cache_dir, name, dist.rank(), ids, sens_n, common_n, seq, store, V,
                                          getattr(torch, cfg.reference.dtype))
     retain_sums = dist.all_reduce_sum(retain_sums)
     dist.barrier()
@@ -387,19 +391,13 @@ class ResidentReference:
 
     def retain_loss(self) -> float:
         if self._retain is None:
-            from palu_ds.data.collate import collate
-
-            ds = self.datasets["retain"]
             sums = torch.zeros(2, dtype=torch.float64)
-            mine = list(range(dist.rank(), len(ds), dist.world()))
-            n_batches = dist.all_reduce_max(torch.tensor(-(-len(mine) // self.batch_size)))
             device = next(self.model.parameters()).device
-            for b in range(int(n_batches)):
-                chunk = mine[b * self.batch_size:(b + 1) * self.batch_size] or [0]
-                batch = {k: v.to(device) for k, v in collate([ds[i] for i in chunk], self.tokenizer.pad_token_id).items()}
+            for batch, real in rank_batches(self.datasets["retain"], self.batch_size, self.tokenizer.pad_token_id,
+                                            device):
                 with torch.no_grad():
                     logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                if mine[b * self.batch_size:(b + 1) * self.batch_size]:
+                if real:
                     sums += answer_nll_sums(logits, batch).cpu()
             sums = dist.all_reduce_sum(sums)
             self._retain = float(sums[0] / sums[1].clamp_min(1))
