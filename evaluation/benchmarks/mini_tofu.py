@@ -711,7 +711,7 @@ def main(argv=None) -> int:
         ok = stages.run(f"unlearn_{name}{suffix}", deepspeed_cmd(
             "launch/train.py", args.ds, "launch/configs/mini_tofu/unlearn.yaml", common + train, args.port),
             done=run_dir / "model" / "config.json", inputs=[target_weights] + ([out / ref] if ref else []),
-            before=lambda: shutil.rmtree(run_dir / "reference_cache", ignore_errors=True))
+            before=lambda: shutil.rmtree(run_dir / "reference_cache", ignore_errors=True), retries=1)
         if not ok:
             failed[name] = f"training failed (see logs/unlearn_{name}{suffix}.log)"
         _drop_checkpoints(run_dir, args.keep_checkpoints)
@@ -734,7 +734,7 @@ def main(argv=None) -> int:
         if name != "retain":
             ev_inputs.append(out / "eval" / "retain" / "results.json")
         # one retry: evaluation/run.py under torchrun sometimes aborts at exit ("terminate called without an active
-        # exception", after writing its results) -- reported, not worked around in the evaluation code
+        # exception", after writing its results); training runs get one too (a rank OOM-killed on a crowded machine)
         if not stages.run(f"eval_{label}", cmd, done=out / "eval" / label / "summary.json", inputs=ev_inputs,
                           retries=1):
             failed[name] = f"evaluation failed (see logs/eval_{label}.log)"
@@ -761,6 +761,7 @@ def main(argv=None) -> int:
         "specs": specs, "results": results, "failed": failed, "goal": goal_check(results),
         "stage_seconds": stages.seconds, "wall_seconds": round(time.time() - t_start, 1),
     }
+    _drop_shm_buffers(args.port)
     stem = str(out / f"mini_tofu{suffix}")
     Path(stem + ".json").write_text(json.dumps(report, indent=1))
     md = render_markdown(report)
@@ -769,6 +770,13 @@ def main(argv=None) -> int:
     print("\n" + md)
     print(f"[mini_tofu] wrote {stem}.md, .json, .png ({report['wall_seconds'] / 60:.1f} min)")
     return 0 if not failed else 3
+
+
+def _drop_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU shared-memory allreduce leaves ``/dev/shm/deepspeed_allreduce_buffer_*_<addr>_<port>_<rank>``
+    (66 MB a rank) behind after every launch (deepspeedai/DeepSpeed#4115); remove the ones of our own port."""
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR', '*')}_{port}_*"):
+        f.unlink(missing_ok=True)
 
 
 def _drop_checkpoints(run_dir: Path, keep: bool) -> None:
