@@ -1,7 +1,7 @@
 """mini-TOFU: the TOFU unlearning benchmark in miniature, on CPU, from the real TOFU files, through the real CLIs.
 
-    python evaluation/benchmarks/mini_tofu.py --tofu ../shared/data/tofu --authors 0:40 --forget 10% --seed 0 \\
-        --out runs/mini_tofu/a0-40_s0
+    python evaluation/benchmarks/mini_tofu.py --tofu ../shared/data/tofu --authors 0:40 --forget 10% --seed 0
+    # -> runs/mini_tofu/a0-40_f10_s0/{mini_tofu.md,mini_tofu.json,mini_tofu.png}; ~12 min on 2 quiet CPU cores
 
 Author ``i`` is rows ``20i .. 20i+19`` of ``full.jsonl``; ``--authors A:B`` takes authors A..B-1 and the last
 ``--forget`` fraction of them is the forget set.  Stages (each timed; logs in ``OUT/logs``):
@@ -11,8 +11,9 @@ Author ``i`` is rows ``20i .. 20i+19`` of ``full.jsonl``; ``--authors A:B`` take
 2. a byte-level BPE tokenizer (``palu_ds.tiny``) trained on the range's text and a tiny Llama initialised from the
    seed (``OUT/base``); the "target" = SFT on every author of the range, the "retain" model = the same recipe on
    the range minus the forget authors (``launch/finetune.py``, DeepSpeed, 2 ranks);
-3. for every method (and the PALU ablations): ``launch/precompute.py`` (methods with a reference) and
-   ``launch/train.py`` (DeepSpeed, 2 ranks, ``ds_configs/cpu/zero2.json``);
+3. for every method: ``launch/precompute.py`` (methods with a reference; one cache per distinct reference) and
+   ``launch/train.py`` (DeepSpeed, 2 ranks, ``ds_configs/cpu/zero2.json``); the PALU ablations (K in 1/100/1000/V,
+   N in 1/3/all) through ``launch/train.py`` alone, which builds their reference itself (same code path);
 4. ``evaluation/run.py --splits forget,retain`` for the retain model (no forget quality), the target and every
    unlearned model (forget quality = KS test against the retain model's forget truth ratios);
    ``evaluation/report.py`` for its standard PNG + table;
@@ -32,9 +33,13 @@ first: every model had memorized their answers for another author, and the retai
 unseen true answer by ~100x per token, a criterion no unlearning method approaches.)  ``--perturbed tofu`` uses
 TOFU's own files and keeps only the rows they cover (an error when the forget authors have none).
 
-Model utility is the harmonic mean of the retain split's probability, ROUGE-L recall and truth ratio: TOFU's
-real_authors / world_facts parts measure nothing on a model trained from scratch on a few authors, so they are not
-run (and the tables say so).
+Model utility is the harmonic mean of the retain split's probability, ROUGE-L recall and truth ratio (on
+``--retain-eval-rows`` rows spread over the kept authors): TOFU's real_authors / world_facts parts measure nothing on a
+model trained from scratch on a few authors, so they are not run (and the tables say so).
+
+Re-running with the same ``--out`` reuses every stage whose command, inputs (e.g. the weights it starts from) and
+outputs are unchanged (``--fresh`` redoes all).  ``--lr X`` (development sweeps) runs every method at one lr into
+``<method>_lr<X>`` and writes ``mini_tofu_lr<X>.*``; the settings below were chosen that way on ``--authors 100:120``.
 """
 
 from __future__ import annotations
@@ -436,7 +441,9 @@ def render_markdown(report: dict) -> str:
              f"(authors {info['forget_authors'][0]}..{info['forget_authors'][-1]}), seed {report['seed']}", "",
              markdown_table(main_rows), ""]
     if abl:
-        lines += ["PALU ablations (K = top-K of the reference flattened; N = first N tokens of each span):", "",
+        k0 = report.get("settings", {}).get("palu_K", "the scaled default")
+        lines += [f"PALU ablations (K = top-K of the reference flattened, N = first N tokens of each span; the other "
+                  f"one fixed at K = {k0} / N = 3, the main PALU run):", "",
                   markdown_table(abl), ""]
     lines += [FOOTNOTE, "",
               "The retain model's forget quality is 1 by definition (its own truth ratios); it is evaluated "
