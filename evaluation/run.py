@@ -99,4 +99,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from palu_ds.process import run_main
+
+    run_main(lambda: main() and 0 or 0)  # main returns the summary; the status is 0 unless it raises

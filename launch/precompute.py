@@ -55,4 +55,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from palu_ds.process import run_main
+
+    run_main(main)

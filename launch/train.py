@@ -5,7 +5,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from palu_ds.process import run_main  # noqa: E402
 from palu_ds.run import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main("palu_ds unlearning"))
+    run_main(main, "palu_ds unlearning")

@@ -70,6 +70,34 @@ def init(timeout_s: int = 600) -> None:
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+        if accel.device_name() == "cpu":
+            release_shm_name()
+
+
+def shm_buffer_path(rank_: int | None = None) -> str:
+    """The /dev/shm file of DeepSpeed's CPU shared-memory all-reduce for this rank (ops/csrc/cpu/comm/shm.cpp:
+    ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, about 66 MB)."""
+    r = dist.get_rank() if rank_ is None else rank_
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{r}")
+
+
+def release_shm_name() -> None:
+    """Unlink this rank's shm all-reduce buffer name once every rank has mapped it.
+
+    DeepSpeed creates the buffer (only when LOCAL_SIZE == world size, i.e. under its launcher on one host) and
+    never unlinks it, so each job left 66 MB per rank in /dev/shm until the machine filled up
+    (deepspeedai/DeepSpeed#4115). Every rank opens its peers' buffers inside ``init_distributed``; after a barrier
+    the names are no longer needed and the mappings stay valid, so the memory goes back when the job ends, crash
+    or not.
+    """
+    if world() < 2:
+        return
+    dist.barrier()
+    try:
+        os.unlink(shm_buffer_path())
+    except FileNotFoundError:
+        pass
 
 
 def rank() -> int:

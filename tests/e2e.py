@@ -1,4 +1,5 @@
 """Helpers for the end-to-end tests: run the real launch scripts (deepspeed launcher, 2 ranks, gloo, fp32 on CPU)."""
+import glob
 import json
 import os
 import socket
@@ -29,15 +30,18 @@ def cpu_env(**extra) -> dict:
 def launch(script: str, args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 600,
            check: bool = True) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N script args`` (N > 1) or ``python script args`` (one process)."""
+    port = free_port()
     if nproc > 1:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-               str(free_port()), script, *args]
+               str(port), script, *args]
     else:
         cmd = [sys.executable, script, *args]
     p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout[-6000:]}\n"
                              f"--- stderr\n{p.stderr[-6000:]}")
+    leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    assert not leaked, f"{' '.join(cmd)} left DeepSpeed's shm all-reduce buffers behind: {leaked}"
     return p
 
 
