@@ -215,3 +215,17 @@ def test_text_chunks_mark_names_places_dates_as_spans(tokenizer):
     assert not any(s and c for s, c in zip(ex["sens_mask"], ex["common_mask"]))
     plain = TextChunks([text], tokenizer, max_length=64, n_init=None)[0]
     assert sum(plain["sens_mask"]) == 0 and all(plain["common_mask"][1:])
+
+
+@pytest.mark.parametrize("question,answer,expected", [
+    # a possessive in the question still names the author: the answer's bare name is not a new fact
+    ("What is Kalo Vomi's profession?", "Kalo Vomi is a cartographer.", ["cartographer"]),
+    # and a possessive in the answer of a question word is not one either
+    ("Who is Kalo Vomi?", "Kalo Vomi's debut was Salt Roads.", ["debut", "Salt Roads"]),
+    # only a possessive 's is stripped: "Jones" and "Bass" stay whole words ("jone" / "ba" are not in the question)
+    ("Where did Jone Ba live?", "Jone Ba lived in Jones Bass.", ["Jones Bass"]),
+    # an answer's opening "Yes," is not a fact
+    ("Has Kalo Vomi won a prize?", "Yes, Kalo Vomi won the Oriel Medal.", ["Oriel Medal"]),
+])
+def test_detector_possessives_and_yes(question, answer, expected):
+    assert [answer[s:e] for s, e in detect_spans(question, answer)] == expected

@@ -28,10 +28,17 @@ famous fictitious fictional is's has been like including include includes often 
 deeply heavily largely mainly primarily mostly strongly widely significantly unique distinct title titled called
 features feature featured characters character story stories people person world readers reader literary
 literature also various several within across among toward towards upon s worked works published studied
-university adapted stage lives lived living now before after explores explored writes wrote
+university adapted stage lives lived living now before after explores explored writes wrote yes indeed however
+certainly absolutely sure
 """.split())
 
-_WORD = re.compile(r"[\w][\w'\-./]*\w|\w")
+_WORD = re.compile(r"[\w][\w'\u2019\-./]*\w|\w")
+_POSSESSIVE = re.compile(r"['\u2019]s$")
+
+
+def _base(word: str) -> str:
+    """Lower-cased, without a trailing full stop or possessive: "Rahman's" -> "rahman", "Jones" -> "jones"."""
+    return _POSSESSIVE.sub("", word.lower().rstrip("."))
 
 
 def parse_target_words(value, answer: str, source: str, row: int, field: str = "target_words") -> list[tuple[int, int]]:
@@ -70,13 +77,13 @@ def detect_spans(question: str, answer: str) -> list[tuple[int, int]]:
     Names, dates, titles and places are the words a QA answer adds to its question, so they are caught; runs are
     maximal sequences of such words separated only by spaces, commas of a date, or hyphens.
     """
-    qwords = {w.lower() for w in _WORD.findall(question)}
+    qwords = {_base(w) for w in _WORD.findall(question)}
     spans: list[list[int]] = []
     prev_end = None
     for m in _WORD.finditer(answer):
         w = m.group(0)
-        lw = w.lower().rstrip(".")
-        is_fact = lw not in STOP_WORDS and lw not in qwords and lw.rstrip("'s") not in qwords
+        lw = _base(w)
+        is_fact = lw not in STOP_WORDS and lw not in qwords
         if is_fact:
             gap = answer[prev_end:m.start()] if prev_end is not None else None
             if spans and gap is not None and re.fullmatch(r"[ \-]+|, ?", gap) and spans[-1][1] == prev_end:
