@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import socket
+import shutil
 import statistics
 import subprocess
 import sys
@@ -116,10 +117,14 @@ def main() -> int:
     p.add_argument("--shapes", default="1,2")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--skip-train", action="store_true")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     model = build_model(a.tofu, a.out)
-    rows = [train(m, int(n), model, a.tofu, a.out, a.steps) for n in a.shapes.split(",") for m in a.methods.split(",")]
+    for m in ("palu", "npo"):  # made afresh by the first run of each method (before its timed steps)
+        shutil.rmtree(os.path.join(a.out, "cache_" + m), ignore_errors=True)
+    rows = [] if a.skip_train else [train(m, int(n), model, a.tofu, a.out, a.steps)
+                                    for n in a.shapes.split(",") for m in a.methods.split(",")]
     evals = [] if a.skip_eval else [evaluate(model, a.tofu, a.out, int(n)) for n in a.shapes.split(",")]
     lines = ["| config | palu_ds s/step | palu_ds tokens/s | palu_ds peak RSS | open-unlearning s/step | "
              "open-unlearning tokens/s | open-unlearning peak RSS | tokens/s ratio | exit |", "|---" * 9 + "|"]
