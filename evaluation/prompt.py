@@ -9,28 +9,13 @@ from __future__ import annotations
 
 from palu_ds.data.prompt import PLAIN_TEMPLATE, answer_ids, format_prompt  # noqa: F401 - one formatter for train and eval
 from palu_ds.data.prompt import encode_prompt as encode_question
-
-
-def wants_bos(tokenizer) -> bool:
-    """True when the tokenizer puts BOS in front of a text by default (Llama-style); False for GPT-2/Qwen-style."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(ids) and ids[0] == bos
+from palu_ds.data.prompt import encode_text
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` with BOS exactly once when the tokenizer uses one (never doubled by a chat template
-    that already writes it, never dropped), and no EOS."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    bos = tokenizer.bos_token_id
-    if bos is not None:
-        while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
-            ids.pop(0)
-        if wants_bos(tokenizer) and (not ids or ids[0] != bos):
-            ids.insert(0, bos)
-    return ids
+    """Token ids of ``text`` with BOS exactly once when the tokenizer has one (the training data's policy,
+    palu_ds.data.prompt.with_bos: never doubled by a chat template that already writes it, never dropped), no EOS."""
+    return encode_text(tokenizer, text)
 
 
 def encode_continuation(tokenizer, prompt_text: str, prompt_ids: list[int], continuation: str) -> list[int]:

@@ -231,7 +231,7 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
                     store[p].append(t[p].cpu())
         if parts:
             _write_shard(cache_dir, name, dist.rank(), ids, sens_n, common_n, seq, store, V,
-                                         getattr(torch, cfg.reference.dtype))
+                         getattr(torch, cfg.reference.dtype))
     retain_sums = dist.all_reduce_sum(retain_sums)
     dist.barrier()
     manifest = {"key": key, "world_size": dist.world(), "K": K, "k": k, "vocab_size": V,
@@ -248,7 +248,8 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     return manifest
 
 
-def _write_shard(cache_dir, name, rank, ids, sens_n, common_n, seq, store, V, dtype) -> int:
+def _write_shard(cache_dir, name, rank, ids, sens_n, common_n, seq, store, V, dtype) -> None:
+    """One rank's shard of one split, written to a temporary name and renamed (never half-written)."""
     from safetensors.torch import save_file
 
     def offsets(counts):
@@ -266,7 +267,6 @@ def _write_shard(cache_dir, name, rank, ids, sens_n, common_n, seq, store, V, dt
     path = os.path.join(cache_dir, f"{name}.rank{rank}.safetensors")
     save_file({k: v.contiguous() for k, v in tensors.items()}, path + ".tmp")
     os.replace(path + ".tmp", path)
-    return len(ids)
 
 
 def load_reference_model(cfg, ds_config):

@@ -229,3 +229,26 @@ def test_text_chunks_mark_names_places_dates_as_spans(tokenizer):
 ])
 def test_detector_possessives_and_yes(question, answer, expected):
     assert [answer[s:e] for s, e in detect_spans(question, answer)] == expected
+
+
+def test_one_bos_policy_for_training_text_and_evaluation_prompts(tokenizer):
+    """MUSE evaluation prompts (raw text) start the way the training text chunks do: one BOS, even for a tokenizer
+    that does not add BOS by default (as ours and GPT-2-style ones), and a doubled BOS is collapsed."""
+    from evaluation.prompt import encode_prompt as eval_encode_prompt
+    from palu_ds.data.prompt import with_bos
+
+    assert tokenizer("a", add_special_tokens=True)["input_ids"][0] != tokenizer.bos_token_id  # no BOS by default
+    doc = "Kalo Vomi wrote a book about the sea."
+    chunk = TextChunks([doc], tokenizer, max_length=256)[0]["input_ids"]
+    assert eval_encode_prompt(tokenizer, doc) == chunk
+    bos = tokenizer.bos_token_id
+    assert with_bos(tokenizer, [bos, bos, 5]) == [bos, 5] and with_bos(tokenizer, []) == [bos]
+
+
+def test_no_bos_token_means_no_bos(tokenizer):
+    from palu_ds.data.prompt import with_bos
+
+    class NoBos:
+        bos_token_id = None
+
+    assert with_bos(NoBos(), [3, 4]) == [3, 4]

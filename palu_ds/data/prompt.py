@@ -18,13 +18,27 @@ def prompt_format_id(tokenizer) -> str:
     return "chat:" + tokenizer.chat_template if getattr(tokenizer, "chat_template", None) else "plain:" + PLAIN_TEMPLATE
 
 
-def encode_prompt(tokenizer, question: str) -> list[int]:
-    """Token ids of the prompt with BOS exactly once (a chat template that already wrote BOS keeps just that one)."""
-    ids = tokenizer(format_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+def with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` starting with exactly one BOS when the tokenizer has a BOS token (a chat template that already wrote it
+    keeps just that one; a doubled one is collapsed); unchanged when it has none (e.g. Qwen). The one BOS policy of
+    training (QA prompts, text chunks) and evaluation (QA prompts, MUSE raw-text prompts)."""
+    ids = list(ids)
     bos = tokenizer.bos_token_id
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos] + ids
-    return ids
+    if bos is None:
+        return ids
+    while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+        ids.pop(0)
+    return ids if ids and ids[0] == bos else [bos] + ids
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of any prompt text with BOS exactly once (:func:`with_bos`) and no EOS."""
+    return with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_prompt(tokenizer, question: str) -> list[int]:
+    """Token ids of the prompt for ``question`` with BOS exactly once."""
+    return encode_text(tokenizer, format_prompt(tokenizer, question))
 
 
 def answer_ids(tokenizer, answer: str, add_eos: bool = True) -> list[int]:
