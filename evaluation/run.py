@@ -98,7 +98,13 @@ def main(argv=None) -> dict:
     return out.summary
 
 
+def cli() -> int:
+    """The command line: :func:`main` returns the summary (for callers in Python); the process status is 0."""
+    main()
+    return 0
+
+
 if __name__ == "__main__":
     from palu_ds.process import run_main
 
-    run_main(lambda: main() and 0 or 0)  # main returns the summary; the status is 0 unless it raises
+    run_main(cli)

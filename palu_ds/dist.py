@@ -74,10 +74,10 @@ def init(timeout_s: int = 600) -> None:
             release_shm_name()
 
 
-def shm_buffer_path(rank_: int | None = None) -> str:
+def shm_buffer_path() -> str:
     """The /dev/shm file of DeepSpeed's CPU shared-memory all-reduce for this rank (ops/csrc/cpu/comm/shm.cpp:
     ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, about 66 MB)."""
-    r = dist.get_rank() if rank_ is None else rank_
+    r = dist.get_rank()
     return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{r}")
 
