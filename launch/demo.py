@@ -7,6 +7,7 @@ tiny Llama -> fine-tune the target (all authors) and retain (without the forget 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,6 +59,9 @@ def main() -> int:
         return 1
     unlearn = [f"model.path={out}/target/model", f"data.forget.source={out}/data", f"data.retain.source={out}/data",
                f"train.output_dir={out}/palu", "train.resume=never"]
+    # a cache left in this folder by an earlier run (another demo, a benchmark with other settings) may not match
+    # this target and would be refused as a mismatch: the demo rebuilds it (a few seconds) instead
+    shutil.rmtree(os.path.join(out, "palu", "reference_cache"), ignore_errors=True)
     run("precompute reference (2 ranks)", deepspeed("launch/precompute.py", args.ds, "launch/configs/demo.yaml",
                                                      unlearn, args.port), timings)
     run("PALU unlearning (2 ranks)", deepspeed("launch/train.py", args.ds, "launch/configs/demo.yaml", unlearn,
