@@ -1,6 +1,6 @@
 """The README's main command, `make demo` (= launch/demo.py), end to end -- twice into the same folder, as a user
-who runs it again does, with a reference cache left there by another run in between (as the sparse-KL rows of
-benchmarks/precompute_vs_resident.py leave one): the demo rebuilds what it needs instead of failing on it."""
+who runs it again does, with a reference cache left there by another run in between (as a demo of an earlier
+version, with other PALU settings, leaves one): the demo rebuilds what it needs instead of failing on it."""
 import json
 import os
 import subprocess
