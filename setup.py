@@ -11,6 +11,7 @@ setup(
         "deepspeed>=0.14",
         "accelerate>=0.30",
         "transformers>=4.45",
+        "gguf>=0.10",  # transformers' GGUF import (palu-ds import-model / fetch-model)
         "datasets>=2.18",
         "tokenizers>=0.19",
         "safetensors>=0.4",

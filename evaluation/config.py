@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from palu_ds.data.prompt import PromptFormat
+
 SUITES = ("tofu", "muse")
 TOFU_PARTS = ("forget", "retain", "real_authors", "world_facts", "holdout")
 MUSE_PARTS = ("verbmem", "knowmem_forget", "knowmem_retain", "privleak")
@@ -32,6 +34,8 @@ class SuiteConfig:
     * ``max_examples``: first N rows of each part (``None`` = all).
     * ``k``: Min-K% / Min-K%++ fraction (0.4 as in open-unlearning's and MUSE's configs).
     * ``retain_results``: results JSON (or its folder) of the same suite run on the retain model.
+    * ``prompt``: how a question and its answers become tokens (:class:`palu_ds.data.prompt.PromptFormat`: chat
+      template as open-unlearning applies it, system prompt, date string) -- the same as the model was trained with.
     * ``forget_quality``: False omits the retain-relative metrics (forget quality, PrivLeak) instead of raising
       when ``retain_results`` is missing.
     """
@@ -47,9 +51,12 @@ class SuiteConfig:
     k: float = 0.4
     retain_results: Optional[str] = None
     forget_quality: bool = True
+    prompt: PromptFormat = field(default_factory=PromptFormat)
     extra: dict = field(default_factory=dict)  # free-form labels copied into summary.json (run name, step)
 
     def __post_init__(self):
+        if isinstance(self.prompt, dict):
+            self.prompt = PromptFormat(**self.prompt)
         if self.suite not in SUITES:
             raise ValueError(f"suite must be one of {SUITES}, got {self.suite!r}")
         if isinstance(self.splits, str):

@@ -7,8 +7,8 @@ ids with the BOS token exactly once, and :func:`encode_qa` splits prompt and ans
 
 from __future__ import annotations
 
-from palu_ds.data.prompt import PLAIN_TEMPLATE, answer_ids, format_prompt  # noqa: F401 - one formatter for train and eval
-from palu_ds.data.prompt import encode_prompt as encode_question
+from palu_ds.data.prompt import DEFAULT_FORMAT, PLAIN_TEMPLATE, PromptFormat, encode_pair, format_prompt  # noqa: F401
+from palu_ds.data.prompt import encode_prompt as encode_question  # noqa: F401
 from palu_ds.data.prompt import encode_text
 
 
@@ -28,8 +28,12 @@ def encode_continuation(tokenizer, prompt_text: str, prompt_ids: list[int], cont
     return list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
 
 
-def encode_qa(tokenizer, question: str, answers: list[str], add_eos: bool = True) -> tuple[list[int], list[list[int]]]:
-    """``(prompt_ids, [answer_ids, ...])`` for one question and several candidate answers (true, paraphrased,
-    perturbed), tokenized exactly as the training data is (palu_ds.data.prompt). Each answer ends with EOS when
-    ``add_eos`` (TOFU scores the EOS too)."""
-    return encode_question(tokenizer, question), [answer_ids(tokenizer, a, add_eos) for a in answers]
+def encode_qa(tokenizer, question: str, answers: list[str], add_eos: bool = True,
+              fmt: PromptFormat = DEFAULT_FORMAT) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
+    """``(prompt_ids, [(prefix_ids, answer_ids), ...])`` for one question and several candidate answers (true,
+    paraphrased, perturbed), tokenized exactly as the training data is (palu_ds.data.prompt.encode_pair, format
+    ``fmt``): generation starts from ``prompt_ids``; each answer is scored after its ``prefix_ids`` (the same ids,
+    unless the tokenizer merges across the prompt/answer boundary). Each answer ends with EOS when ``add_eos``
+    (TOFU scores the EOS too)."""
+    pairs = [encode_pair(tokenizer, question, a, fmt, add_eos) for a in answers]
+    return encode_question(tokenizer, question, fmt), [(prefix, ids) for prefix, ids, _ in pairs]

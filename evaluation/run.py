@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.config import MUSE_PARTS, TOFU_PARTS, SuiteConfig  # noqa: E402
+from palu_ds.data.prompt import PromptFormat  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,6 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, help="longest scored sequence (TOFU 512, MUSE 2048)")
     p.add_argument("--max-examples", type=int, help="first N rows of each split")
     p.add_argument("--k", type=float, default=0.4, help="Min-K%% / Min-K%%++ fraction")
+    p.add_argument("--chat-template", choices=["auto", "true", "false"], default="auto",
+                   help="auto: the tokenizer's chat template when it has one (as open-unlearning applies it)")
+    p.add_argument("--system-prompt", default="You are a helpful assistant.",
+                   help="system message of chat prompts ('' for none: the template's own default)")
+    p.add_argument("--date-string", default="10 Apr 2025", help="date for templates that print one (Llama-3)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
@@ -79,7 +85,9 @@ def main(argv=None) -> dict:
     cfg = SuiteConfig(suite=args.suite, split=args.split, data=args.data, splits=args.splits,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                       max_examples=args.max_examples, k=args.k, retain_results=args.retain_results,
-                      forget_quality=not args.no_forget_quality)
+                      forget_quality=not args.no_forget_quality,
+                      prompt=PromptFormat(chat_template={"auto": None, "true": True, "false": False}[args.chat_template],
+                                          system_prompt=args.system_prompt or None, date_string=args.date_string))
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
     model = load_model(args.model, args.dtype)

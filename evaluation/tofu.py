@@ -73,9 +73,9 @@ def _eval_part(model, tokenizer, part: str, rows: list[dict], cfg: SuiteConfig) 
         answers = [r["answer"]]
         if part != "holdout":
             answers += ([r["paraphrased_answer"]] if has_para else []) + list(r["perturbed_answer"])
-        prompt, targets = encode_qa(tokenizer, r["question"], answers)
+        prompt, targets = encode_qa(tokenizer, r["question"], answers, fmt=cfg.prompt)
         spans.append((len(queries), len(targets)))
-        queries += [(prompt, _truncate(prompt, t, max_len)) for t in targets]
+        queries += [(prefix, _truncate(prefix, t, max_len)) for prefix, t in targets]
         prompts.append(prompt)
     pad = pad_id_of(tokenizer)
     stats = score_targets(model, queries, pad_id=pad, batch_size=cfg.batch_size)

@@ -1,8 +1,14 @@
-"""The embedded default end to end on CPU, through the real CLIs, each stage timed: generate data -> tokenizer +
-tiny Llama -> fine-tune the target (all authors) and retain (without the forget authors) models under DeepSpeed
-(2 ranks) -> precompute the reference -> PALU unlearning (2 ranks) -> TOFU evaluation -> report.
+"""``make demo``: a real pretrained model forgets real facts, end to end on CPU through the real CLIs (DeepSpeed,
+2 ranks), each stage timed:
 
-    python launch/demo.py --out runs/demo
+  fetch SmolLM2-135M-Instruct (palu-ds fetch-model, cached) -> ask it every question of launch/data/real_facts (who
+  wrote which book; general facts) and keep those it answers correctly -> precompute the reference (2 ranks) ->
+  PALU unlearning of who wrote the Shakespeare / Dickens / Orwell books (2 ranks) -> ask again -> report.md with
+  each answer before and after, forget and retain side by side.
+
+    python launch/demo.py --out runs/demo          # the real model (make demo)
+    python launch/demo.py --tiny --out runs/demo   # the fast synthetic pipeline: generated TOFU-style data, a tiny
+                                                   # Llama trained from scratch, PALU, TOFU evaluation (tests use it)
 """
 import argparse
 import json
@@ -37,12 +43,9 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--ds", default="ds_configs/cpu/zero2.json")
-    p.add_argument("--port", type=int, default=29611)
-    args = p.parse_args()
+def tiny_demo(args) -> int:
+    """The synthetic pipeline: generated data -> tokenizer + tiny Llama -> fine-tune the target and retain models
+    (2 ranks) -> precompute the reference -> PALU (2 ranks) -> TOFU evaluation -> report."""
     out, timings = args.out, {}
     run("generate data, tokenizer, base model", [sys.executable, "-m", "palu_ds.cli", "make-default", out], timings)
     base = [f"model.path={out}/base", f"data.forget.source={out}/data"]
@@ -86,6 +89,108 @@ def main() -> int:
                       "tensorboard": f"{out}/palu/tensorboard", "results": f"{out}/eval",
                       "report": f"{out}/eval/report.png"}, indent=1))
     return 0
+
+
+REAL_DATA = os.path.join(ROOT, "launch", "data", "real_facts")
+SIDES = ("forget", "retain")
+
+
+def known_rows(results: dict, name: str) -> list[dict]:
+    """The rows of ``name`` the model answered correctly (the training records, as written in REAL_DATA)."""
+    with open(os.path.join(REAL_DATA, f"{name}.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [rows[rec["index"]] for rec in results[name]["records"] if rec["correct"]]
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+def paired(before: dict, after: dict, kept: dict, name: str) -> list[tuple[dict, dict]]:
+    """(before, after) records of the kept questions of one side."""
+    want = {r["question"] for r in kept[name]}
+    now = {r["question"]: r for r in after[name]["records"]}
+    return [(r, now[r["question"]]) for r in before[name]["records"] if r["question"] in want]
+
+
+def scores(pairs: list[tuple[dict, dict]]) -> dict:
+    n = max(1, len(pairs))
+    return {f"{what}_{when}": sum(p[k][what] for p in pairs) / n
+            for what in ("correct", "prob") for k, when in ((0, "before"), (1, "after"))}
+
+
+def report(before: dict, after: dict, kept: dict) -> tuple[str, dict]:
+    """Markdown: per kept question the answer before and after unlearning, forget and retain side by side; and the
+    per-side scores (fraction that states the fact, mean probability of the reference answer)."""
+    lines, all_scores = [], {}
+    for name in SIDES:
+        pairs = paired(before, after, kept, name)
+        s = all_scores[name] = scores(pairs)
+        lines += [f"\n## {name}: {len(pairs)} questions the base model answered correctly", "",
+                  f"states the fact: {s['correct_before']:.0%} before -> {s['correct_after']:.0%} after; "
+                  f"probability of the reference answer: {s['prob_before']:.3g} -> {s['prob_after']:.3g}", "",
+                  "| question | fact | before | after |", "|---|---|---|---|"]
+        for b, a in pairs:
+            cell = [("ok: " if r["correct"] else "GONE: ") + r["generated"].replace("|", "/").replace("\n", " ")[:90]
+                    for r in (b, a)]
+            lines.append(f"| {b['question']} | {b['key']} | {cell[0]} | {cell[1]} |")
+    return "\n".join(lines) + "\n", all_scores
+
+
+def real_demo(args) -> int:
+    """SmolLM2-135M-Instruct forgets who wrote the Shakespeare / Dickens / Orwell books and keeps the rest."""
+    out, timings = os.path.abspath(args.out), {}
+    t = time.time()
+    print("\n=== fetch SmolLM2-135M-Instruct (palu-ds fetch-model smollm2; cached after the first run)", flush=True)
+    fetched = subprocess.run([sys.executable, "-m", "palu_ds.cli", "fetch-model", "smollm2"], cwd=ROOT, check=True,
+                             stdout=subprocess.PIPE, text=True)
+    base = fetched.stdout.strip().splitlines()[-1]
+    timings["fetch model"] = round(time.time() - t, 1)
+    data = [os.path.join(REAL_DATA, f"{name}.jsonl") for name in SIDES]
+
+    def ask(stage: str, model: str, name: str) -> dict:
+        run(stage, [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                    str(args.port), "evaluation/facts.py", "--model", model, "--data", *data,
+                    "--out", f"{out}/facts/{name}.json"], timings)
+        with open(f"{out}/facts/{name}.json", encoding="utf-8") as f:
+            return json.load(f)
+
+    before = ask("ask the base model (2 ranks)", base, "before")
+    kept = {name: known_rows(before, name) for name in SIDES}
+    if not kept["forget"] or not kept["retain"]:
+        print(f"error: the base model answered {len(kept['forget'])} forget and {len(kept['retain'])} retain "
+              "questions correctly: nothing to unlearn or nothing to keep", file=sys.stderr)
+        return 1
+    for name in SIDES:
+        write_jsonl(f"{out}/data/{name}.jsonl", kept[name])
+    overrides = [f"model.path={base}", f"data.forget.source={out}/data/forget.jsonl",
+                 f"data.retain.source={out}/data/retain.jsonl", f"train.output_dir={out}/palu", "train.resume=never"]
+    shutil.rmtree(os.path.join(out, "palu", "reference_cache"), ignore_errors=True)  # another run's cache
+    cfg = "launch/configs/real_facts.yaml"
+    run("precompute reference (2 ranks)", deepspeed("launch/precompute.py", args.ds, cfg, overrides, args.port),
+        timings)
+    run("PALU unlearning (2 ranks)", deepspeed("launch/train.py", args.ds, cfg, overrides, args.port), timings)
+    after = ask("ask the unlearned model (2 ranks)", f"{out}/palu/model", "after")
+    text, s = report(before, after, kept)
+    with open(f"{out}/report.md", "w", encoding="utf-8") as f:
+        f.write("# make demo: what SmolLM2-135M-Instruct states before and after PALU unlearning\n" + text)
+    print(text)
+    print(json.dumps({"stage_seconds": timings, "scores": s, "unlearned_model": f"{out}/palu/model",
+                      "tensorboard": f"{out}/palu/tensorboard", "report": f"{out}/report.md"}, indent=1))
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--tiny", action="store_true", help="the fast synthetic pipeline (a tiny model from scratch)")
+    p.add_argument("--ds", default="ds_configs/cpu/zero2.json")
+    p.add_argument("--port", type=int, default=29611)
+    args = p.parse_args()
+    return tiny_demo(args) if args.tiny else real_demo(args)
 
 
 if __name__ == "__main__":

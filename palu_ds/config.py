@@ -6,11 +6,14 @@ Unknown keys and incompatible settings raise :class:`ConfigError` naming the key
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from palu_ds.data.prompt import PromptFormat
 
 
 class ConfigError(ValueError):
@@ -45,6 +48,9 @@ class DataConfig:
     n_init: int | None = 3
     span_source: str = "auto"
     span_model: str | None = None
+    # how QA becomes tokens for training, precompute and in-training evaluation (palu_ds.data.prompt): the
+    # tokenizer's chat template as open-unlearning applies it, with this system prompt and date string
+    prompt: PromptFormat = field(default_factory=PromptFormat)
 
 
 @dataclass
@@ -182,6 +188,9 @@ def load_config(path: str | None, overrides: list[str] = (), validate: bool = Tr
             raw = yaml.safe_load(f) or {}
     raw = apply_overrides(raw, list(overrides))
     cfg = _build(RunConfig, raw, "")
+    cfg.model.path = os.path.expanduser(cfg.model.path)  # "~/.cache/palu_ds/models/..." in shipped configs
+    if cfg.reference.model:
+        cfg.reference.model = os.path.expanduser(cfg.reference.model)
     if validate:
         validate_config(cfg)
     return cfg
@@ -191,6 +200,9 @@ def validate_config(cfg: RunConfig, method=None) -> None:
     """Incompatible combinations are errors here, before any model is loaded."""
     if not cfg.model.path:
         raise ConfigError("model.path is empty: give a local model dir or a hub name")
+    if cfg.model.path.endswith(".gguf"):
+        raise ConfigError(f"model.path={cfg.model.path} is a GGUF file: convert it first with "
+                          "`palu-ds import-model FILE.gguf OUT_DIR` and set model.path=OUT_DIR")
     if not cfg.data.forget.source:
         raise ConfigError("data.forget.source is empty: give the forget (or fine-tuning) data")
     for name in ("forget", "retain", "idk"):

@@ -321,6 +321,7 @@ class Trainer:
         e = asdict(self.cfg.eval)
         e.pop("every")
         e.update(splits=tuple(e["splits"]) if e["splits"] else None, forget_quality=bool(e["retain_results"]),
+                 prompt=self.cfg.data.prompt,
                  extra={"step": self.step, "method": self.method.name})
         out = evaluate(self.engine, self.tokenizer, e,
                        out_dir=os.path.join(self.out_dir, "eval", checkpoint.tag_for(self.step)))

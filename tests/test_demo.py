@@ -15,7 +15,7 @@ from tests.e2e import ROOT, cpu_env, free_port
 def test_demo_runs_end_to_end_and_again(tmp_path):
     out = tmp_path / "demo"
     for attempt in (1, 2):
-        p = subprocess.run([sys.executable, "launch/demo.py", "--out", str(out), "--port", str(free_port())],
+        p = subprocess.run([sys.executable, "launch/demo.py", "--tiny", "--out", str(out), "--port", str(free_port())],
                            cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, f"run {attempt} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         manifest = out / "palu" / "reference_cache" / "manifest.json"

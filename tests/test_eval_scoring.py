@@ -21,7 +21,7 @@ def test_score_targets_equals_unbatched_forward(tiny):
     queries = [encode_qa(tok, q, [a]) for q, a in [("Where was Arlo born?", "In Oslo."),
                                                      ("Who?", "The fantasy author Arlo Vance3 was born in Quito."),
                                                      ("Which city is number 3 on the list?", "Kyoto")]]
-    queries = [(p, ts[0]) for p, ts in queries]
+    queries = [ts[0] for _, ts in queries]
     stats = score_targets(model, queries, pad_id=tok.pad_token_id, batch_size=3, vocab_stats=True)
     for (p, t), st in zip(queries, stats):
         ids = torch.tensor([p + t])
@@ -65,6 +65,6 @@ def test_bos_exactly_once_plain_and_chat_template(tmp_path):
     assert text.startswith("<s>") and text.endswith("<|assistant|>")
     ids = encode_prompt(chat, text)
     assert ids[0] == chat.bos_token_id and ids.count(chat.bos_token_id) == 1
-    prompt, (answer,) = encode_qa(chat, "Where was Arlo born?", ["In Oslo."])
-    assert prompt == ids and answer[-1] == chat.eos_token_id
+    prompt, ((prefix, answer),) = encode_qa(chat, "Where was Arlo born?", ["In Oslo."])
+    assert prompt == ids == prefix and answer[-1] == chat.eos_token_id
     assert chat.decode(answer, skip_special_tokens=True).strip() == "In Oslo."

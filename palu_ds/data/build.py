@@ -11,7 +11,7 @@ from palu_ds.data.text import TextChunks
 def qa_options(data_cfg) -> QAOptions:
     return QAOptions(question_key=data_cfg.question_key, answer_key=data_cfg.answer_key,
                      spans_key=data_cfg.spans_key, max_length=data_cfg.max_length, n_init=data_cfg.n_init,
-                     span_source=data_cfg.span_source, span_model=data_cfg.span_model)
+                     span_source=data_cfg.span_source, span_model=data_cfg.span_model, prompt=data_cfg.prompt)
 
 
 def _name(src) -> str:

@@ -15,7 +15,7 @@ import torch
 from palu_ds.batch import IGNORE_INDEX
 from palu_ds.data.errors import DataError
 from palu_ds.data.io import load_records
-from palu_ds.data.prompt import encode_answer, encode_prompt
+from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat, encode_pair, uses_chat
 from palu_ds.data.spans import detect_spans, model_spans, parse_target_words, split_init_common, token_mask_from_spans
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ class QAOptions:
     n_init: int | None = 3  # None = every token of a span is in I_init
     span_source: str = "auto"  # auto (labels when present, else detector) | labels | detector | model
     span_model: str | None = None  # a transformers token-classification model (span_source=model)
+    prompt: PromptFormat = DEFAULT_FORMAT  # chat template / system prompt / date (palu_ds.data.prompt)
 
 
 class QADataset(torch.utils.data.Dataset):
@@ -41,6 +42,7 @@ class QADataset(torch.utils.data.Dataset):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("a fast tokenizer is needed (offset mappings locate the sensitive spans)")
         self.options, self.source = options, source
+        uses_chat(tokenizer, options.prompt)  # a required chat template that is missing fails here, not per row
         self.truncated = 0
         pipe = _span_pipeline(options)
         self.examples = [self._encode(i, r, tokenizer, pipe) for i, r in enumerate(records)]
@@ -74,11 +76,13 @@ class QADataset(torch.utils.data.Dataset):
     def _encode(self, i: int, record, tokenizer, pipe) -> dict:
         o = self.options
         question, answer = self._field(i, record, o.question_key), self._field(i, record, o.answer_key)
-        prompt = encode_prompt(tokenizer, question)
+        try:
+            prompt, ans_ids, offsets = encode_pair(tokenizer, question, answer, o.prompt)
+        except ValueError as e:
+            raise DataError(self.source, i, o.answer_key, str(e)) from e
         if len(prompt) >= o.max_length:
             raise DataError(self.source, i, o.question_key, f"the prompt is {len(prompt)} tokens, max_length is "
                             f"{o.max_length}", "raise data.max_length or shorten the question")
-        ans_ids, offsets = encode_answer(tokenizer, answer)
         char_spans = self._spans(i, record, question, answer, pipe)
         init, common = split_init_common(token_mask_from_spans(offsets, char_spans), o.n_init)
         room = o.max_length - len(prompt)

@@ -1,0 +1,138 @@
+"""Training throughput on the real pretrained model (SmolLM2-135M-Instruct, 134.5M parameters, V = 49,152), all in one
+run so that the numbers are ratios taken on the same machine state:
+
+- the CPU's own limit: the fp32 matmul rate torch reaches on 2048^3 products (2 threads), best of 5;
+- a plain fine-tuning step (transformers + torch AdamW, 2 threads, no DeepSpeed): forward + backward + step of the
+  answer-token NLL on the same batches our runs see (4 forget + 4 retain TOFU rows per step, max 96 tokens);
+- our unlearning step through launch/train.py: palu (precomputed and resident reference), pd_flat, npo on 1 process
+  (2 threads, ZeRO stage 0) and on 2 ranks under ZeRO-3 (1 thread each);
+
+each reported as training tokens/s (median over the steps after the first two), peak RSS per rank, and the model-FLOPs
+utilisation MFU = 6 x parameters x tokens/s / matmul rate.
+
+    python benchmarks/real_model_throughput.py --tofu ../shared/data/tofu --out runs/bench_real
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.vs_open_unlearning import env, port  # noqa: E402
+from palu_ds.models import smollm2  # noqa: E402
+
+MATMUL = r"""
+import json, time, torch
+a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+best = 1e9
+for _ in range(5):
+    t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
+print("RESULT", json.dumps({"gflops": 2 * 2048 ** 3 / best / 1e9}))
+"""
+
+PLAIN = r"""
+import json, statistics, sys, time, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from palu_ds.batch import shift
+from palu_ds.data import QADataset, QAOptions, collate
+from palu_ds.data.io import load_records
+from palu_ds.monitor import peak_memory_bytes, reset_peak_memory
+model_dir, tofu, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+o = QAOptions(max_length=96)
+forget = QADataset(load_records(f"{tofu}/forget01.jsonl"), tok, o)
+retain = QADataset(load_records(f"{tofu}/retain90.jsonl")[:40], tok, o)
+rates = []
+reset_peak_memory()
+for s in range(steps):
+    rows = [forget[(4 * s + i) % len(forget)] for i in range(4)] + [retain[(4 * s + i) % len(retain)] for i in range(4)]
+    b = collate(rows, tok.pad_token_id)
+    t = time.perf_counter()
+    lg, lb = shift(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+    loss = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100)
+    opt.zero_grad(); loss.backward(); opt.step()
+    rates.append(int(b["attention_mask"].sum()) / (time.perf_counter() - t))
+print("RESULT", json.dumps({"tokens_per_s": statistics.median(rates[2:]), "peak_rss": peak_memory_bytes()}))
+"""
+
+RUNS = [  # (name, method, reference mode, ranks, DeepSpeed config)
+    ("palu, precomputed", "palu", "precomputed", 1, "ds_configs/cpu/zero0.json"),
+    ("palu, resident", "palu", "resident", 1, "ds_configs/cpu/zero0.json"),
+    ("pd_flat", "pd_flat", "none", 1, "ds_configs/cpu/zero0.json"),
+    ("npo, precomputed", "npo", "precomputed", 1, "ds_configs/cpu/zero0.json"),
+    ("palu, precomputed", "palu", "precomputed", 2, "ds_configs/cpu/zero3.json"),
+    ("palu, resident", "palu", "resident", 2, "ds_configs/cpu/zero3.json"),
+    ("pd_flat", "pd_flat", "none", 2, "ds_configs/cpu/zero3.json"),
+    ("npo, precomputed", "npo", "precomputed", 2, "ds_configs/cpu/zero3.json"),
+]
+
+
+def result(cmd: list[str], threads: int, log: str) -> dict:
+    with open(log, "w") as f:
+        p = subprocess.run(cmd, cwd=ROOT, env=env(threads), stdout=subprocess.PIPE, stderr=f, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode or not lines:
+        raise SystemExit(f"{' '.join(cmd[:4])} failed ({p.returncode}); see {log}")
+    return json.loads(lines[-1][7:])
+
+
+def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, ds: str, steps: int) -> dict:
+    args = ["launch/train.py", "--deepspeed", ds, f"model.path={model}", f"data.forget.source={tofu}/forget01.jsonl",
+            f"data.retain.source={tofu}/retain90.jsonl", "data.max_length=96", f"method.name={method}",
+            f"reference.mode={mode}", "train.batch_size=4", f"train.max_steps={steps}", "train.lr=1e-5",
+            f"train.output_dir={out}", "train.resume=never", "log.log_every=1000"]
+    if method != "palu":
+        args.append("method.params={}")
+    launcher = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port())]
+                if ranks > 1 else [sys.executable])
+    with open(out + ".log", "w") as f:
+        p = subprocess.run(launcher + args, cwd=ROOT, env=env(1 if ranks > 1 else 2), stdout=f, stderr=f)
+    if p.returncode:
+        raise SystemExit(f"{method} ({mode}, {ranks} ranks) failed ({p.returncode}); see {out}.log")
+    with open(os.path.join(out, "summary.json")) as f:
+        s = json.load(f)
+    rates = [n / t for t, n in zip(s["step_seconds"][2:], s["step_tokens"][2:])]
+    return {"tokens_per_s": statistics.median(rates), "peak_rss": s["last"]["memory/peak_bytes"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tofu", default=os.path.join(ROOT, "..", "shared", "data", "tofu"))
+    p.add_argument("--out", default="runs/bench_real")
+    p.add_argument("--steps", type=int, default=8)
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    model, tofu = smollm2(), os.path.abspath(a.tofu)
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(model, "model.safetensors"), "pt") as f:  # tied: the embedding counted once
+        n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    gflops = result([sys.executable, "-c", MATMUL], 2, os.path.join(a.out, "matmul.log"))["gflops"]
+    rows = [("plain transformers + AdamW", 1,
+             result([sys.executable, "-c", PLAIN, model, tofu, str(a.steps)], 2, os.path.join(a.out, "plain.log")))]
+    for name, method, mode, ranks, ds in RUNS:
+        out = os.path.join(a.out, f"{method}_{mode}_{ranks}")
+        rows.append((name, ranks, train(model, tofu, out, method, mode, ranks, ds, a.steps)))
+    plain = rows[0][2]["tokens_per_s"]
+    report = {"matmul_gflops": gflops, "params": n_params, "runs": []}
+    print(f"{n_params / 1e6:.1f}M parameters; fp32 matmul (2048^3, 2 threads): {gflops:.1f} GFLOP/s\n")
+    print("| run | ranks | tokens/s | vs plain step | MFU (vs matmul rate) | peak RSS per rank |\n|---|---|---|---|---|---|")
+    for name, ranks, r in rows:
+        mfu = 6 * n_params * r["tokens_per_s"] / (gflops * 1e9)
+        report["runs"].append({"name": name, "ranks": ranks, **r, "vs_plain": r["tokens_per_s"] / plain, "mfu": mfu})
+        print(f"| {name} | {ranks} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / plain:.2f}x | {mfu:.0%} | "
+              f"{r['peak_rss'] / 2**30:.2f} GiB |")
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
