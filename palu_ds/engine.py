@@ -359,7 +359,11 @@ class Trainer:
             with gather:
                 if dist.is_main():
                     module = module.merge_and_unload()
-                    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+                    copies, state = {}, {}  # one copy per storage: tied weights stay one tensor, saved once
+                    for k, v in module.state_dict().items():
+                        if v.data_ptr() not in copies:
+                            copies[v.data_ptr()] = v.detach().clone()
+                        state[k] = copies[v.data_ptr()]
         elif stage3:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # every rank takes part; rank 0 gets it
         elif dist.is_main():
