@@ -25,7 +25,7 @@ import torch
 from palu_ds import checkpoint, dist
 from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 from palu_ds.config import RunConfig
-from palu_ds.data.build import build_datasets
+from palu_ds.data.build import build_datasets, report_spans
 from palu_ds.data.collate import collate
 from palu_ds.ds_config import load_ds_config, zero_stage
 from palu_ds.monitor import Monitor, peak_memory_bytes, reset_peak_memory
@@ -96,6 +96,7 @@ class Trainer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.datasets = build_datasets(cfg.data, self.tokenizer, self.method.batches, cfg.train.seed)
+        self.span_info = report_spans(self.datasets, self.method)  # logged; into summary.json
         pad = self.tokenizer.pad_token_id
         coll = lambda ex: collate(ex, pad)  # noqa: E731
         self.streams = {name: BatchStream(ds, cfg.train.batch_size, self.rank, self.world,

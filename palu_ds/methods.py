@@ -185,6 +185,11 @@ class Method:
             raise ValueError(f"{self.name}: unknown reference parts {sorted(self.reference_parts - REFERENCE_PARTS)}")
 
     @property
+    def uses_spans(self) -> bool:
+        """Whether a term reads the forget batch's sensitive-span masks (I_init / common tokens)."""
+        return any(fn in SPAN_TERMS for fn in self.term_fns.values())
+
+    @property
     def needs_retain(self) -> bool:
         return "retain" in self.batches
 
@@ -211,6 +216,10 @@ class Method:
     def objective(self, terms: Terms, hp: Mapping[str, Any] | None = None, lam: float = 0.0) -> Tensor:
         """The scalar to backpropagate; ``lam`` is the dual variable's current value (ignored without one)."""
         return self.combine(terms, {**self.defaults, **(hp or {})}, float(lam))
+
+
+#: terms that read sens_mask / common_mask (the data's spans)
+SPAN_TERMS = frozenset({palu_sensitive, palu_common_kl})
 
 
 def _eps(hp) -> float:

@@ -51,6 +51,10 @@ def test_method_end_to_end(tiny, target, tmp_path, method, stage):
     launch("launch/train.py", unlearn_args(tiny, target, out, method, stage))
     s = summary(out)
     assert s["steps"] == 4 and s["skipped_steps"] == 0
+    if method in ("palu", "palu_pd"):  # the span source and counts of the forget set (generated data is labelled)
+        assert s["spans"]["source"] == "labels" and s["spans"]["spans"] > 0 and s["spans"]["init_tokens"] > 0
+    else:
+        assert s["spans"] is None
     # the forget answers get less likely; the retain answers move much less
     f0, f1 = answer_nll(target, tiny["data"], "forget10"), answer_nll(s["model"], tiny["data"], "forget10")
     r0, r1 = answer_nll(target, tiny["data"], "retain90"), answer_nll(s["model"], tiny["data"], "retain90")
