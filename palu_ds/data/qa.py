@@ -16,7 +16,8 @@ from palu_ds.batch import IGNORE_INDEX
 from palu_ds.data.errors import DataError
 from palu_ds.data.io import load_records
 from palu_ds.data.prompt import encode_answer, encode_prompt
-from palu_ds.data.spans import detect_spans, model_spans, parse_target_words, split_init_common, token_mask_from_spans
+from palu_ds.data.spans import (check_offsets, detect_spans, model_spans, parse_target_words, split_init_common,
+                                token_mask_from_spans)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class QADataset(torch.utils.data.Dataset):
             raise DataError(self.source, i, o.question_key, f"the prompt is {len(prompt)} tokens, max_length is "
                             f"{o.max_length}", "raise data.max_length or shorten the question")
         ans_ids, offsets = encode_answer(tokenizer, answer)
+        check_offsets(tokenizer, ans_ids, offsets, f"{self.source} row {i}")
         char_spans, kind = self._spans(i, record, question, answer, pipe)
         self.span_rows[kind] += 1
         self.n_spans += len(char_spans)

@@ -116,6 +116,34 @@ def model_spans(pipeline, answer: str) -> list[tuple[int, int]]:
     return sorted((int(ent["start"]), int(ent["end"])) for ent in pipeline(answer))
 
 
+class ZeroWidthOffsets(ValueError):
+    """The tokenizer's character offsets are zero-width: spans cannot be mapped to tokens."""
+
+
+def check_offsets(tokenizer, ids: list[int], offsets: list[tuple[int, int]], where: str = "") -> None:
+    """Refuse a tokenizer whose offsets are zero-width for a token that stands for text: with such offsets
+    (``(a, a)``; e.g. Llama-3 tokenizers under tokenizers releases before the fix of huggingface/tokenizers#1553,
+    PR #1640) no token overlaps a sensitive span, so I_init is empty and PALU's L_sens is silently 0.  Special
+    tokens (EOS) and whitespace-only tokens may be zero-width."""
+    special = None
+    for n, (tid, (a, b)) in enumerate(zip(ids, offsets)):
+        if a != b:
+            continue
+        if special is None:
+            special = set(tokenizer.all_special_ids)
+        if tid in special or not tokenizer.decode([tid]).strip():
+            continue
+        import tokenizers
+
+        raise ZeroWidthOffsets(
+            f"{where + ': ' if where else ''}the tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
+            f"returns a zero-width character offset ({a}, {b}) for token {n} ({tokenizer.decode([tid])!r}, id {tid}); "
+            f"refusing it: sensitive spans could not be mapped to tokens, so I_init would be empty and PALU's "
+            f"L_sens silently 0. This is a known tokenizers bug for Llama-3 tokenizers (huggingface/tokenizers#1553); "
+            f"installed tokenizers=={tokenizers.__version__}: install the version of requirements.lock "
+            f"(pip install -c requirements.lock tokenizers)")
+
+
 def token_mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
     """Token i is sensitive when its character range ``[a, b)`` overlaps a span ``[s, e)`` (``a < e`` and ``b > s``)."""
     return [a < b and any(a < e and b > s for s, e in spans) for a, b in offsets]

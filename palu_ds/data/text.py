@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from palu_ds.data.errors import DataError
-from palu_ds.data.spans import detect_text_spans, split_init_common, token_mask_from_spans
+from palu_ds.data.spans import check_offsets, detect_text_spans, split_init_common, token_mask_from_spans
 
 _ALL = object()
 
@@ -30,6 +30,7 @@ class TextChunks(torch.utils.data.Dataset):
         if n_init is None:
             init, common = [False] * len(ids), [True] * len(ids)
         else:
+            check_offsets(tokenizer, ids, enc["offset_mapping"], source)
             sens = token_mask_from_spans(enc["offset_mapping"], detect_text_spans(text))
             init, common = split_init_common(sens, None if n_init is _ALL else n_init)
         self.source = source
