@@ -42,6 +42,9 @@ def report_spans(datasets: dict, method) -> dict | None:
               f"(n_init={info['n_init']}), {info['common_tokens']} common tokens")
     if info["source"] == "labels":
         log.info("%s: sensitive spans from the labels of %s: %s", method.name, info["dataset"], counts)
+    elif info["source"] == "none":
+        log.warning("%s runs WITHOUT sensitive spans on %s (no labels, no detector): %s", method.name,
+                    info["dataset"], counts)
     else:
         log.warning("%s runs on DETECTED sensitive spans (source %s, not labels) of %s: %s. For PALU's own labels "
                     "give a labelled forget set (target_words; e.g. PALU's forget01_with_common_words_gpt "
