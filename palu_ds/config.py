@@ -93,7 +93,7 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int | None = None
     max_examples: int | None = None
-    retain_results: str | None = None  # retain model's results.json or open-unlearning TOFU_EVAL.json: adds forget quality
+    retain_results: str | None = None  # retain results.json / open-unlearning TOFU_EVAL.json: adds forget quality
 
 
 @dataclass

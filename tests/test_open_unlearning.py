@@ -54,7 +54,8 @@ def test_reproduces_open_unlearning_summary_from_per_example_values(name, retain
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-6, abs=0), key
     ex = OU.tofu_eval_to_examples(log)
-    assert [len(ex[p]) for p in ("forget", "retain", "real_authors", "world_facts", "holdout")] == [40, 400, 100, 117, 40]
+    parts = ("forget", "retain", "real_authors", "world_facts", "holdout")
+    assert [len(ex[p]) for p in parts] == [40, 400, 100, 117, 40]
     for part in ("forget", "retain", "real_authors", "world_facts"):
         for rec in ex[part]:
             assert rec["truth_ratio"] == pytest.approx(rec["ou_truth_ratio"], rel=1e-6), (part, rec["index"])

@@ -32,7 +32,8 @@ def test_save_to_disk_folder_reads_with_every_span_exact(tokenizer):
         labels = json.loads(r["target_words"])
         spans, kind = row_spans(r, r["question"], r["answer"], "labels", source=FIX, row=i)
         assert kind == "labels" and spans == sorted((w["start"], w["end"]) for w in labels)
-        assert [r["answer"][s:e] for s, e in spans] == [w["word"] for w in sorted(labels, key=lambda w: (w["start"], w["end"]))]
+        ordered = sorted(labels, key=lambda w: (w["start"], w["end"]))
+        assert [r["answer"][s:e] for s, e in spans] == [w["word"] for w in ordered]
         n_labels += len(labels)
     assert (rows[0]["answer"][100:124], json.loads(rows[0]["target_words"])[0]["start"]) == \
         ("Basil Mahfouz Al-Kuwaiti", 100)

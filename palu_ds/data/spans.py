@@ -233,8 +233,9 @@ def check_offsets(tokenizer, ids: list[int], offsets: list[tuple[int, int]], whe
             continue
         import tokenizers
 
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ZeroWidthOffsets(
-            f"{where + ': ' if where else ''}the tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
+            f"{where + ': ' if where else ''}the tokenizer {name!r} "
             f"returns a zero-width character offset ({a}, {b}) for token {n} ({tokenizer.decode([tid])!r}, id {tid}); "
             f"refusing it: sensitive spans could not be mapped to tokens, so I_init would be empty and PALU's "
             f"L_sens silently 0. This is a known tokenizers bug for Llama-3 tokenizers (huggingface/tokenizers#1553); "
