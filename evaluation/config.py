@@ -33,7 +33,9 @@ class SuiteConfig:
     * ``max_length``: longest scored sequence in tokens (default TOFU 512, MUSE 2048).
     * ``max_examples``: first N rows of each part (``None`` = all).
     * ``k``: Min-K% / Min-K%++ fraction (0.4 as in open-unlearning's and MUSE's configs).
-    * ``retain_results``: results JSON (or its folder) of the same suite run on the retain model.
+    * ``retain_results``: results JSON (or its folder) of the same suite run on the retain model; for TOFU also
+      open-unlearning's ``TOFU_EVAL.json`` of the retain model (its ``retain_logs_path``), see
+      :mod:`evaluation.open_unlearning`.
     * ``prompt``: how a question and its answers become tokens (:class:`palu_ds.data.prompt.PromptFormat`: chat
       template as open-unlearning applies it, system prompt, date string) -- the same as the model was trained with.
     * ``forget_quality``: False omits the retain-relative metrics (forget quality, PrivLeak) instead of raising
@@ -119,10 +121,27 @@ def load_retain_results(cfg: SuiteConfig, needed_parts: list[str]) -> Optional[d
             f"results were given. {how}")
     path = Path(cfg.retain_results)
     if path.is_dir():
-        path = path / "results.json"
+        found = [path / n for n in ("results.json", "TOFU_EVAL.json") if (path / n).is_file()]
+        path = found[0] if found else path / "results.json"
     if not path.is_file():
         raise MissingRetainResults(f"retain results {path} not found. {how}")
-    res = json.loads(path.read_text())
+    try:
+        res = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MissingRetainResults(f"retain results {path} is not valid JSON ({e}). {how}") from None
+    from .open_unlearning import NotOpenUnlearningLog, OU_MIN_K, is_tofu_eval, tofu_eval_as_results
+
+    if is_tofu_eval(res):  # open-unlearning's TOFU_EVAL.json (its retain_logs_path)
+        if cfg.suite != "tofu":
+            raise MissingRetainResults(f"retain results {path} are an open-unlearning TOFU log, but this run is "
+                                       f"suite {cfg.suite!r}. {how}")
+        try:
+            res = tofu_eval_as_results(res, cfg.split, str(path))
+        except NotOpenUnlearningLog as e:
+            raise MissingRetainResults(f"{e}. {how}") from None
+        if abs(cfg.k - OU_MIN_K) > 1e-12 and "holdout" in needed_parts:
+            raise MissingRetainResults(f"retain results {path} are an open-unlearning log, whose Min-K% uses "
+                                       f"k={OU_MIN_K}; this run has k={cfg.k}: pass --k {OU_MIN_K}.")
     if res.get("suite") != cfg.suite or res.get("split") != cfg.split:
         raise MissingRetainResults(
             f"retain results {path} are for suite {res.get('suite')!r} split {res.get('split')!r}, but this run is "

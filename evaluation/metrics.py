@@ -57,11 +57,12 @@ def normalized_probability(p_correct: float, p_wrong: Sequence[float]) -> float:
 def truth_ratio(para_nll: float, pert_nlls: Sequence[float]) -> float:
     """Per-example truth ratio ``R = (prod_j P(a_pert_j|q)^(1/|a_pert_j|))^(1/m) / P(a_para|q)^(1/|a_para|)``.
 
-    Inputs are mean NLLs (per-token normalized), so ``R = exp(para_nll - mean_j pert_nll_j)``: the geometric mean
-    of the perturbed (false) answers' probabilities over the paraphrased (true) answer's.  This is the direction
-    of open-unlearning's ``truth_ratio`` (``wrong_prob / correct_prob`` with ``wrong`` averaged in log space,
-    i.e. a geometric mean); TOFU's ``aggregate_eval_stat.py`` stores the reciprocal (``exp(pert - para)``) and
-    uses ``1 - 1/x``, which is the same aggregate.
+    Inputs are mean NLLs (per-token normalized), so ``R = exp(-mean_j pert_nll_j) / (exp(-para_nll) + 1e-10)``:
+    the geometric mean of the perturbed (false) answers' probabilities over the paraphrased (true) answer's.  This
+    is open-unlearning's ``truth_ratio`` exactly (``wrong_prob / (correct_prob + 1e-10)`` with ``wrong`` averaged
+    in log space, i.e. a geometric mean; the 1e-10 matters when the true answer's probability is ~1e-6, as on
+    world facts); TOFU's ``aggregate_eval_stat.py`` stores the reciprocal (``exp(pert - para)``) and uses
+    ``1 - 1/x``, which is the same aggregate.
 
     Example: para NLL ``log 2`` (P = 1/2); perturbed NLLs ``[log 4, log 16]`` (P = 1/4, 1/16, geometric mean 1/8)
     -> ``R = (1/8) / (1/2) = 0.25``.
@@ -69,7 +70,7 @@ def truth_ratio(para_nll: float, pert_nlls: Sequence[float]) -> float:
     pert = np.asarray(pert_nlls, dtype=np.float64)
     if pert.size == 0:
         raise ValueError("truth_ratio: no perturbed answers")
-    return float(math.exp(para_nll - float(pert.mean())))
+    return float(math.exp(-float(pert.mean())) / (math.exp(-float(para_nll)) + 1e-10))
 
 
 def truth_ratio_forget(ratios: Iterable[float]) -> float:

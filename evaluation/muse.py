@@ -8,10 +8,11 @@ Parts (``--splits``):
   ``"Question: {q}\\nAnswer: {a}\\n\\n"`` then ``"Question: {q}\\nAnswer: "``; 32 new tokens, cut at
   ``"\\n\\n"``, ``"\\nQuestion"``, ``"Question:"`` (MUSE ``get_prefix_before_words_occur``); ROUGE-L F1 against the
   answer (MUSE's ``mean_rougeL``; the recall is stored too).
-* ``privleak``: Min-K%++ and Min-K% (k = 0.4) scores of ``privleak/forget.json`` and ``holdout.json`` texts
-  (up to ``max_length`` tokens); AUC of forget vs holdout; PrivLeak relative to the retain model's AUC.  MUSE's own
-  code uses Min-40% (``privleak_auc_key='forget_holdout_Min-40%'``): that is ``privleak_min_k`` here; ``privleak``
-  is the Min-K%++ one.
+* ``privleak``: Min-K% and Min-K%++ (k = 0.4) scores of ``privleak/forget.json`` and ``holdout.json`` texts
+  (up to ``max_length`` tokens); AUC of forget vs holdout; PrivLeak relative to the retain model's AUC.
+  ``privleak`` is the published number: Min-K% with k = 0.4, as MUSE (``privleak_auc_key='forget_holdout_Min-40%'``)
+  and open-unlearning (``configs/eval/muse_metrics/privleak.yaml`` -> ``mia_min_k``, ``k: 0.4``) compute it;
+  ``privleak_min_k_pp`` is the same relative difference with Min-K%++ AUCs (not a published number).
 
 ROUGE uses ``use_stemmer=True`` (open-unlearning); MUSE's scorer has ``use_stemmer=False``.  Values are fractions
 (MUSE tables show x100); PrivLeak is in percent.
@@ -102,8 +103,8 @@ def summarize(examples: dict[str, list[dict]], cfg: SuiteConfig, retain: dict | 
             rf, rh = retain["examples"]["privleak_forget"], retain["examples"]["privleak_holdout"]
             s["retain_mia_min_k_pp_auc"] = M.mia_auc([r["min_k_pp"] for r in rf], [r["min_k_pp"] for r in rh])
             s["retain_mia_min_k_auc"] = M.mia_auc([r["min_k"] for r in rf], [r["min_k"] for r in rh])
-            s["privleak"] = M.privleak(s["mia_min_k_pp_auc"], s["retain_mia_min_k_pp_auc"])
-            s["privleak_min_k"] = M.privleak(s["mia_min_k_auc"], s["retain_mia_min_k_auc"])
+            s["privleak"] = M.privleak(s["mia_min_k_auc"], s["retain_mia_min_k_auc"])  # the published one
+            s["privleak_min_k_pp"] = M.privleak(s["mia_min_k_pp_auc"], s["retain_mia_min_k_pp_auc"])
             s["privleak_reference"] = retain.get("_path")
     s["notes"] = notes
     return s

@@ -34,7 +34,7 @@ BARS = {
     },
 }
 #: shown in the table only (not in [0, 1])
-TABLE_ONLY = {"tofu": {"forget_quality": "forget quality", "privleak": "PrivLeak %"}, "muse": {"privleak": "PrivLeak %", "privleak_min_k": "PrivLeak Min-K %"}}
+TABLE_ONLY = {"tofu": {"forget_quality": "forget quality", "privleak": "PrivLeak %"}, "muse": {"privleak": "PrivLeak %", "privleak_min_k_pp": "PrivLeak Min-K++ %"}}
 
 
 def load_summary(path: str | Path) -> dict:

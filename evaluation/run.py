@@ -11,7 +11,8 @@ Data-parallel (torchrun or the DeepSpeed launcher; each rank holds the model, ex
     torchrun --nproc_per_node 2 evaluation/run.py ...
 
 First evaluate the retain model with ``--no-forget-quality`` and pass its ``results.json`` as ``--retain-results``
-for forget quality (TOFU) and PrivLeak (TOFU, MUSE).
+for forget quality (TOFU) and PrivLeak (TOFU, MUSE).  For TOFU, ``--retain-results`` also takes open-unlearning's
+``TOFU_EVAL.json`` of the retain model (the file its ``retain_logs_path`` names; Min-K% k = 0.4).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--splits", help=f"comma list; TOFU {','.join(TOFU_PARTS)}; MUSE {','.join(MUSE_PARTS)}")
     p.add_argument("--out", required=True, help="output folder for results.json and summary.json")
     p.add_argument("--name", help="run name shown in reports (default: the --out folder name)")
-    p.add_argument("--retain-results", help="results.json (or its folder) of the same suite on the retain model")
+    p.add_argument("--retain-results", help="results.json (or its folder) of the same suite on the retain model; "
+                   "TOFU: also open-unlearning's TOFU_EVAL.json of the retain model (its retain_logs_path)")
     p.add_argument("--no-forget-quality", action="store_true",
                    help="omit forget quality and PrivLeak (needed e.g. when evaluating the retain model itself)")
     p.add_argument("--batch-size", type=int, default=16)

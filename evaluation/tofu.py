@@ -123,19 +123,26 @@ def aggregate_part(part: str, recs: list[dict]) -> dict:
     """Part-level values from per-example records (also used to recompute from a saved results JSON)."""
     if part == "holdout":
         return {}
-    tr = [r["truth_ratio"] for r in recs]
-    out = {
-        "prob": mean(r["normalized_prob"] if part in ("real_authors", "world_facts") else r["prob"] for r in recs),
-        "rougeL_recall": mean(r["rougeL_recall"] for r in recs),
-        "truth_ratio": M.truth_ratio_forget(tr) if part == "forget" else M.truth_ratio_retain(tr),
-        "extraction_strength": mean(r["extraction_strength"] for r in recs),
-        "exact_memorization": mean(r["exact_memorization"] for r in recs),
-        "rougeL_f1": mean(r["rougeL_f1"] for r in recs),
-        "pert_prob": mean(mean(r["pert_probs"]) for r in recs),
-    }
-    if part in ("forget", "retain"):
+    def has(key):  # a value every record holds (open-unlearning's logs have ES / EM on forget only)
+        return bool(recs) and all(r.get(key) is not None for r in recs)
+
+    out = {}
+    if has("prob"):
+        out["prob"] = mean(r["normalized_prob"] if part in ("real_authors", "world_facts") else r["prob"]
+                           for r in recs)
+    if has("rougeL_recall"):
+        out["rougeL_recall"] = mean(r["rougeL_recall"] for r in recs)
+    if has("truth_ratio"):
+        tr = [r["truth_ratio"] for r in recs]
+        out["truth_ratio"] = M.truth_ratio_forget(tr) if part == "forget" else M.truth_ratio_retain(tr)
+    for key in ("extraction_strength", "exact_memorization", "rougeL_f1"):
+        if has(key):
+            out[key] = mean(r[key] for r in recs)
+    if has("pert_probs"):
+        out["pert_prob"] = mean(mean(r["pert_probs"]) for r in recs)
+    if part in ("forget", "retain") and has("para_prob"):
         out["para_prob"] = mean(r["para_prob"] for r in recs)
-    else:
+    elif part not in ("forget", "retain") and has("prob"):
         out["answer_prob"] = mean(r["prob"] for r in recs)  # unnormalized, for reference
     return out
 
@@ -163,8 +170,9 @@ def summarize(examples: dict[str, list[dict]], cfg: SuiteConfig, retain: dict | 
         notes.append("forget_quality and privleak omitted (--no-forget-quality / forget_quality=False)")
     elif retain is not None:
         if "forget" in examples:
-            mine = [r.get("question") for r in examples["forget"]]
-            theirs = [r.get("question") for r in retain["examples"]["forget"]]
+            key = "question" if all("question" in r for r in retain["examples"]["forget"]) else "answer"
+            mine = [r.get(key) for r in examples["forget"]]
+            theirs = [r.get(key) for r in retain["examples"]["forget"]]
             if mine != theirs:
                 notes.append(f"the retain results' forget set ({len(theirs)} rows) is not this run's forget set "
                              f"({len(mine)} rows, e.g. a different --max-examples): forget quality compares "

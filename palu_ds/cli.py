@@ -1,7 +1,9 @@
 """The ``palu-ds`` command: data and planning tools around the launch scripts.
 
-  palu-ds spans IN.jsonl OUT.jsonl [--n-init 3] [--source auto|labels|detector|model] [--model NAME]
-      writes each row with its sensitive spans ("spans": [{word,start,end,init}]) so a person can check them
+  palu-ds spans IN OUT.jsonl [--source auto|labels|detector|model] [--model NAME] [--config C] [--split S]
+      writes each row with its sensitive spans ("spans": [{word,start,end}], "span_source") so a person can check
+      them; the spans are the ones training uses (palu_ds.data.qa.row_spans; I_init = the first data.n_init tokens
+      of each). IN: anything data.*.source takes (.json/.jsonl, a datasets save_to_disk folder, a hub name)
   palu-ds make-default OUT_DIR [--authors 20] [--forget 10] [--seed 0] [--hidden 128 --layers 2]
       writes the embedded default: generated TOFU-style data, a trained tokenizer and a tiny Llama model dir
   palu-ds import-model FILE.gguf OUT_DIR
@@ -23,30 +25,21 @@ import sys
 def cmd_spans(args) -> int:
     from palu_ds.data.errors import DataError
     from palu_ds.data.io import load_records
-    from palu_ds.data.spans import detect_spans, model_spans, parse_target_words
+    from palu_ds.data.qa import row_spans, span_pipeline
 
     try:
-        rows = load_records(args.input)
-        pipe = None
-        if args.source == "model":
-            from transformers import pipeline
-
-            pipe = pipeline("token-classification", model=args.model, aggregation_strategy="simple")
-        out = []
+        rows = load_records(args.input, args.config, args.split)
+        pipe = span_pipeline(args.model) if args.source == "model" else None
+        out, by_source = [], {}
         for i, r in enumerate(rows):
             for key in (args.question_key, args.answer_key):
                 if not isinstance(r, dict) or not isinstance(r.get(key), str) or not r[key].strip():
                     raise DataError(args.input, i, key, "is missing or empty")
             q, a = r[args.question_key], r[args.answer_key]
-            has = r.get("target_words") is not None
-            if args.source == "labels" or (args.source == "auto" and has):
-                spans = parse_target_words(r.get("target_words"), a, args.input, i)
-            elif args.source == "model":
-                spans = model_spans(pipe, a)
-            else:
-                spans = detect_spans(q, a)
-            out.append({**r, "spans": [{"word": a[s:e], "start": s, "end": e} for s, e in spans]})
-    except DataError as e:
+            spans, kind = row_spans(r, q, a, args.source, args.spans_key, pipe, args.input, i)  # = training's rule
+            by_source[kind] = by_source.get(kind, 0) + 1
+            out.append({**r, "span_source": kind, "spans": [{"word": a[s:e], "start": s, "end": e} for s, e in spans]})
+    except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tmp = args.output + ".tmp"
@@ -54,7 +47,8 @@ def cmd_spans(args) -> int:
         for r in out:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, args.output)
-    print(f"wrote {len(out)} rows with {sum(len(r['spans']) for r in out)} spans to {args.output}")
+    print(f"wrote {len(out)} rows with {sum(len(r['spans']) for r in out)} spans to {args.output} "
+          f"(rows by span source: {by_source})")
     return 0
 
 
@@ -113,10 +107,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="palu-ds", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("spans", help="label sensitive spans of a QA file for inspection")
-    s.add_argument("input")
+    s.add_argument("input", help=".json/.jsonl, a datasets save_to_disk folder, a folder + --config, or a hub name")
     s.add_argument("output")
-    s.add_argument("--source", default="auto", choices=["auto", "labels", "detector", "model"])
+    s.add_argument("--source", default="auto", choices=["auto", "labels", "detector", "model"],
+                   help="as data.span_source: auto = the labels when a row has them, else the detector")
     s.add_argument("--model", help="token-classification model (with --source model)")
+    s.add_argument("--config", help="file stem in a folder / hub config (as data.*.config)")
+    s.add_argument("--split", default="train", help="hub or DatasetDict split (as data.*.split)")
+    s.add_argument("--spans-key", default="target_words", help="the labels' field (as data.spans_key)")
     s.add_argument("--question-key", default="question")
     s.add_argument("--answer-key", default="answer")
     s.set_defaults(fn=cmd_spans)

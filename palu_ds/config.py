@@ -99,7 +99,7 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int | None = None
     max_examples: int | None = None
-    retain_results: str | None = None  # a retain model's results: adds forget quality
+    retain_results: str | None = None  # retain results.json / open-unlearning TOFU_EVAL.json: adds forget quality
 
 
 @dataclass

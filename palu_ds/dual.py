@@ -11,6 +11,16 @@ Controller in the style of OpenRLHF's ``kl_controller.py``.
 
 Two ways to feed it: :meth:`update` with a value the caller already reduced over window and ranks (the engine's
 way), or :meth:`accumulate` per micro-batch + :meth:`step` per optimizer step (this object all-reduces).
+
+open-unlearning's trajectory (``dual_update="micro_batch"``, ``method.params.dual_update=micro_batch``): its
+``PDU.final_loss_value`` runs once per micro-batch -- the micro-batch's loss uses the current lambda, THEN
+``lambda <- max(0, lambda + eta * (L_retain(micro-batch) - eps))`` -- so with gradient accumulation G lambda takes G
+dual steps per optimizer step.  Its ``DualOptimizationCallback`` turns updates on at the end of the first epoch
+``e >= dual_warmup_epochs``: no update in the first ``dual_warmup_epochs`` epochs.  The engine calls
+:meth:`after_micro_batch` after each micro-batch with the micro-batch's mean retain loss over all ranks (on one GPU
+this is open-unlearning's value; it uses the rank-local one, so its ranks' lambdas drift apart -- ours stay equal)
+and the optimizer steps completed before the current one; with ``dual_update="step"`` (default) it calls
+:meth:`after_step` once per optimizer step.  TOFU settings of its run: lambda0 100, eta 5, eps 0.3, warm-up 5 epochs.
 """
 
 from __future__ import annotations
@@ -21,9 +31,15 @@ import torch
 import torch.distributed as dist
 
 
+UPDATE_ON = ("step", "micro_batch")
+
+
 class DualVariable:
     def __init__(self, lambda0: float, eta: float, epsilon: float | None = None, epsilon_rel: float | None = None,
-                 warmup_steps: int = 0, warmup_epochs: float = 0.0):
+                 warmup_steps: int = 0, warmup_epochs: float = 0.0, update_on: str = "step"):
+        if update_on not in UPDATE_ON:
+            raise ValueError(f"dual_update must be one of {UPDATE_ON}, got {update_on!r}")
+        self.update_on = update_on
         if (epsilon is None) == (epsilon_rel is None):
             raise ValueError("give exactly one of epsilon (absolute) and epsilon_rel (eps = (1 + a) L_retain(ref))")
         if lambda0 < 0 or eta < 0:
@@ -35,9 +51,10 @@ class DualVariable:
 
     @classmethod
     def from_hparams(cls, hp: Mapping[str, Any]) -> "DualVariable":
-        """From a method's hyperparameters: ``lambda0, eta_lambda, epsilon | epsilon_rel, dual_warmup_steps/epochs``."""
+        """From a method's hyperparameters: ``lambda0, eta_lambda, epsilon | epsilon_rel, dual_warmup_steps/epochs,
+        dual_update`` (``step`` | ``micro_batch``)."""
         return cls(hp["lambda0"], hp["eta_lambda"], hp.get("epsilon"), hp.get("epsilon_rel"),
-                   hp.get("dual_warmup_steps", 0), hp.get("dual_warmup_epochs", 0.0))
+                   hp.get("dual_warmup_steps", 0), hp.get("dual_warmup_epochs", 0.0), hp.get("dual_update", "step"))
 
     @property
     def needs_calibration(self) -> bool:
@@ -51,8 +68,9 @@ class DualVariable:
     def update(self, retain_loss: float, step: int | None = None, epoch: float | None = None) -> float:
         """One dual ascent step from the retain loss of the whole window, already reduced over ranks; returns lambda.
 
-        ``step`` counts optimizer steps including this one (1-based; default: internal count).  Warm-up: lambda is
-        unchanged while ``step <= warmup_steps`` or ``epoch < warmup_epochs``."""
+        ``step`` counts dual updates including this one (1-based; default: internal count) -- optimizer steps, or
+        micro-batches with ``dual_update="micro_batch"``.  Warm-up: lambda is unchanged while ``step <= warmup_steps``
+        or ``epoch < warmup_epochs``."""
         if self.epsilon is None:
             raise RuntimeError("epsilon_rel is set but calibrate() was not called before the first update")
         if epoch is None and self.warmup_epochs > 0:
@@ -61,6 +79,22 @@ class DualVariable:
         if self.steps > self.warmup_steps and (epoch is None or epoch >= self.warmup_epochs):
             self.value = max(0.0, self.value + self.eta * (float(retain_loss) - self.epsilon))
         return self.value
+
+    def after_micro_batch(self, retain_loss: float, steps_done: int, steps_per_epoch: int) -> float:
+        """``dual_update="micro_batch"``: one dual step from this micro-batch's retain loss, unless inside the
+        warm-up (``steps_done`` = optimizer steps completed before the current one, so the epoch is the number of
+        epochs already finished, as open-unlearning's end-of-epoch switch sees it); otherwise nothing.  Returns
+        lambda (the value the next micro-batch uses)."""
+        if self.update_on != "micro_batch":
+            return self.value
+        return self.update(retain_loss, epoch=steps_done / max(1, steps_per_epoch))
+
+    def after_step(self, retain_loss: float, steps_done: int, steps_per_epoch: int) -> float:
+        """``dual_update="step"``: one dual step from the window's retain loss (reduced over ranks); ``steps_done``
+        includes this step (the epoch reached at its end); otherwise nothing.  Returns lambda."""
+        if self.update_on != "step":
+            return self.value
+        return self.update(retain_loss, epoch=steps_done / max(1, steps_per_epoch))
 
     def accumulate(self, retain_loss, weight: float = 1.0) -> None:
         """Record one micro-batch's (rank-local) retain loss; :meth:`step` uses ``sum(w L) / sum(w)`` over the window

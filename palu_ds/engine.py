@@ -25,7 +25,7 @@ import torch
 from palu_ds import checkpoint, dist
 from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 from palu_ds.config import RunConfig
-from palu_ds.data.build import build_datasets
+from palu_ds.data.build import build_datasets, report_spans
 from palu_ds.data.collate import collate
 from palu_ds.ds_config import load_ds_config, zero_stage
 from palu_ds.monitor import Monitor, peak_memory_bytes, reset_peak_memory
@@ -96,6 +96,7 @@ class Trainer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.datasets = build_datasets(cfg.data, self.tokenizer, self.method.batches, cfg.train.seed)
+        self.span_info = report_spans(self.datasets, self.method)  # logged; into summary.json
         pad = self.tokenizer.pad_token_id
         coll = lambda ex: collate(ex, pad)  # noqa: E731
         self.streams = {name: BatchStream(ds, cfg.train.batch_size, self.rank, self.world,
@@ -236,6 +237,8 @@ class Trainer:
             ref = {n: self.reference.lookup(n, b) for n, b in micro.items()}
             logits = self._forward(micro)
             terms = self.method.terms(StepInputs(logits=logits, batches=micro, ref=ref, normalizers=norms), self.hp)
+            if self.dual is not None:  # dual_update=micro_batch moves it between micro-batches (open-unlearning)
+                lam = self.dual.value
             loss = self.method.objective(terms, self.hp, lam) * (self.world * self.gas)
             if "nan_from" in FAULT and self.step + 1 >= int(FAULT["nan_from"]):
                 loss = loss * float("nan")
@@ -246,6 +249,8 @@ class Trainer:
                 term_sums[name] = term_sums.get(name, 0.0) + v.detach().float()
             tokens += sum(int(b["attention_mask"].sum()) for n, b in micro.items() if n != "idk")
             self.engine.backward(loss)
+            if self.dual is not None and self.dual.update_on == "micro_batch":
+                self._micro_dual_step(terms["retain"], micro["retain"], norms["retain"]["answer"])
             if k < self.gas - 1:
                 self.engine.step()
         # one all-reduce per step: every term (already divided by the global counts), tokens, the non-finite flag
@@ -267,7 +272,7 @@ class Trainer:
         else:
             self.consecutive_bad = 0
             if self.dual is not None:  # from the value all-reduced above: no second collective
-                self.dual.update(terms_g["retain"], epoch=self.step / self.steps_per_epoch)
+                self.dual.after_step(terms_g["retain"], self.step, self.steps_per_epoch)
         dt = time.perf_counter() - t0
         self.step_times.append((dt, vec[-2]))
         scalars = {f"loss/{k}": v for k, v in terms_g.items()}
@@ -284,6 +289,15 @@ class Trainer:
         return scalars
 
     # ------------------------------------------------------------------ loop
+    def _micro_dual_step(self, retain_term, retain_batch, window_count) -> None:
+        """``dual_update=micro_batch``: one dual step from this micro-batch's mean retain NLL over all ranks (the
+        term is ``local_sum / window_count``; one scalar all-reduce per micro-batch, in this mode only)."""
+        local = torch.stack([retain_term.detach().double().reshape(()) * window_count.double(),
+                             batch_counts(retain_batch)[0].to(retain_term.device).double()])
+        total, count = dist.all_reduce_sum(local).tolist()
+        if count > 0 and math.isfinite(total):
+            self.dual.after_micro_batch(total / count, self.step, self.steps_per_epoch)
+
     def train(self) -> dict[str, float]:
         last = {}
         reset_peak_memory()  # memory/peak_bytes: the training steps, not the loading transients

@@ -278,8 +278,11 @@ def kl_sparse(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logps: torch.Tens
 def logit_margin_flat(logits: torch.Tensor) -> torch.Tensor:
     """Logit-margin flattening (arXiv 2506.05314, forget loss of PDU), per position; [...] from [..., V]:
 
-    ``L(t) = (max_k z_{t,k} - (1/V) sum_k z_{t,k})^2``   (L_fgt = mean over answer tokens; open-unlearning ``pdu.py``
-    averages over *all* positions of the forget batch -- here the caller masks to answer tokens).
+    ``L(t) = (max_k z_{t,k} - (1/V) sum_k z_{t,k})^2``   (L_fgt = mean over the positions whose logits predict an
+    answer token, the caller's mask after the shift).  open-unlearning's ``pdu.py`` masks the *unshifted* logits with
+    ``labels != -100``, i.e. the logits at the answer tokens themselves, which predict the NEXT token: off by one
+    position -- it leaves out the logit at the last prompt token (the one predicting the first answer token) and
+    takes in the one at the last labelled token (EOS, predicting past the answer); the count is the same.
     Softmax-free: ``dL/dz = 2 (max - mean) (e_argmax - 1/V)``, which does not vanish on a near-one-hot
     distribution where the entropy's gradient ``-p (log p + H)`` does.
     Example: z = [3, 0, 0, 1] -> (3 - 1)^2 = 4, gradient = 4 ([1,0,0,0] - 1/4) = [3, -1, -1, -1].

@@ -185,6 +185,11 @@ class Method:
             raise ValueError(f"{self.name}: unknown reference parts {sorted(self.reference_parts - REFERENCE_PARTS)}")
 
     @property
+    def uses_spans(self) -> bool:
+        """Whether a term reads the forget batch's sensitive-span masks (I_init / common tokens)."""
+        return any(fn in SPAN_TERMS for fn in self.term_fns.values())
+
+    @property
     def needs_retain(self) -> bool:
         return "retain" in self.batches
 
@@ -213,6 +218,10 @@ class Method:
         return self.combine(terms, {**self.defaults, **(hp or {})}, float(lam))
 
 
+#: terms that read sens_mask / common_mask (the data's spans)
+SPAN_TERMS = frozenset({palu_sensitive, palu_common_kl})
+
+
 def _eps(hp) -> float:
     # a constant shift of the Lagrangian (no effect on gradients); 0 until a relative epsilon is calibrated
     return hp["epsilon"] if hp.get("epsilon") is not None else 0.0
@@ -232,10 +241,12 @@ PALU_DEFAULTS = {"gamma": 1.0, "alpha": 1.0, "K": 5000, "N": 3, "detach_target":
                  "kl_direction": "forward", "topk_chunk_elems": 1 << 25}
 # PDU / constrained entropic unlearning (arXiv 2506.05314), TOFU settings of the authors' run script
 # (tahaEntesari/open-unlearning ``community/methods/PDU/run.sh``): pref (lambda0) 100, dual_step_size (eta) 5,
-# retain_loss_eps 0.3, gamma 1.  That script also waits ``dual_warmup_epochs=5`` (of 10) before updating lambda;
-# the default here is no warm-up -- set dual_warmup_steps / dual_warmup_epochs to reproduce it.
+# retain_loss_eps 0.3, gamma 1.  Defaults here: one dual step per optimizer step from the retain loss of the whole
+# window and all ranks, no warm-up.  open-unlearning's run takes one dual step per MICRO-batch (gradient accumulation
+# 4: four steps of eta per optimizer step, lambda moves ~4x faster) after a 5-epoch warm-up; to reproduce its lambda
+# trajectory set  method.params.dual_update=micro_batch method.params.dual_warmup_epochs=5  (palu_ds.dual).
 DUAL_DEFAULTS = {"lambda0": 100.0, "eta_lambda": 5.0, "epsilon": 0.3, "epsilon_rel": None,
-                 "dual_warmup_steps": 0, "dual_warmup_epochs": 0.0}
+                 "dual_warmup_steps": 0, "dual_warmup_epochs": 0.0, "dual_update": "step"}
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("palu", ("forget", "retain"), frozenset({"topk_ids", "kl"}), False, PALU_DEFAULTS,

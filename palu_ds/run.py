@@ -62,7 +62,7 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
         write_summary(os.path.join(cfg.train.output_dir, "summary.json"),
                       {"steps": trainer.step, "first": trainer.first_scalars, "last": last, "model": out,
                        "skipped_steps": trainer.skipped, "world_size": dist.world(),
-                       "peak_memory_bytes_per_rank": peaks,
+                       "peak_memory_bytes_per_rank": peaks, "spans": trainer.span_info,
                        "step_seconds": [round(t, 5) for t, _ in trainer.step_times],
                        "step_tokens": [n for _, n in trainer.step_times]})
         logging.getLogger("palu_ds").info(

@@ -105,7 +105,10 @@ def test_target_words_as_json_string(tokenizer):
 def test_detector_precision_recall_on_generated_data():
     """Character-level precision/recall against the generator's fact spans. The detector looks for what the answer
     adds to its question, so recall is measured on the facts absent from the question (the author's name in the
-    answer is labelled but is given by the question); recall over all labels is reported too."""
+    answer is labelled but is given by the question); recall over all labels is reported too.  Precision is bounded
+    lower than recall: the detector aims at PALU's labels (benchmarks/span_detector.py), which also mark topic words
+    and facts repeated from the question ("writing", the "mentor" a question asks about); the generator's labels
+    mark only names, places, dates and jobs."""
     rows = generate(10, seed=3)
     tp = fp = fn = fn_all = 0
     for r in rows:
@@ -120,7 +123,7 @@ def test_detector_precision_recall_on_generated_data():
     precision, recall = tp / (tp + fp), tp / (tp + fn)
     print(f"\ndetector on generated data (characters): precision={precision:.3f} recall(new facts)={recall:.3f} "
           f"recall(all labels)={tp / (tp + fn_all):.3f}")
-    assert recall > 0.9 and precision > 0.9
+    assert recall > 0.9 and precision > 0.75
 
 
 def test_detector_groups_maximal_runs():
@@ -229,6 +232,45 @@ def test_text_chunks_mark_names_places_dates_as_spans(tokenizer):
 ])
 def test_detector_possessives_and_yes(question, answer, expected):
     assert [answer[s:e] for s, e in detect_spans(question, answer)] == expected
+
+
+@pytest.mark.parametrize("question,answer,expected", [
+    # facts repeated from the question are still facts (only the asked-about person's name is context)
+    ("How has Kalo Vomi's LGBTQ+ identity shaped his Historical Fiction?",
+     "Kalo Vomi's LGBTQ+ identity is at the heart of his Historical Fiction.",
+     ["LGBTQ+ identity", "heart", "Historical Fiction"]),
+    # a title across function words and a colon, with its opening "The"
+    ("Name a book by Kalo Vomi.", 'One of his books is "The Immutable Laws of Engineering Leadership: A Blueprint."',
+     ["The Immutable Laws of Engineering Leadership: A Blueprint"]),
+    # topic words join the fact next to them; praise words are not facts; a comma does not join lower-case words
+    ("What is Kalo Vomi known for?", "He won the prestigious Tolstoy Literary Award for his writing style, humor, "
+     "and poetry in the early 1980s.", ["Tolstoy Literary Award", "writing style", "humor", "poetry", "early 1980s"]),
+])
+def test_detector_palu_failure_modes(question, answer, expected):
+    """The failure modes seen against PALU's labels (issue 14): each now gives the labelled spans."""
+    assert [answer[s:e] for s, e in detect_spans(question, answer)] == expected
+
+
+def test_detector_on_palu_forget01_labels():
+    """The development set: PALU's GPT labels of TOFU forget01 (tests/fixtures/palu; benchmarks/span_detector.py
+    reports the same numbers): at least 95% of labelled spans have their first character inside a detected span
+    (I_init starts there), with character F1 >= 0.55."""
+    import json
+    import os
+
+    from palu_ds.data.io import load_records
+
+    rows = load_records(os.path.join(os.path.dirname(__file__), "fixtures", "palu", "forget01_with_common_words_gpt"))
+    tp = fp = fn = starts = n = 0
+    for r in rows:
+        gold = [(w["start"], w["end"]) for w in json.loads(r["target_words"])]
+        g = {c for s, e in gold for c in range(s, e)}
+        p = {c for s, e in detect_spans(r["question"], r["answer"]) for c in range(s, e)}
+        tp, fp, fn = tp + len(g & p), fp + len(p - g), fn + len(g - p)
+        starts, n = starts + sum(s in p for s, _ in gold), n + len(gold)
+    f1 = 2 * tp / (2 * tp + fp + fn)
+    print(f"\nforget01 labels: start coverage {starts / n:.3f}, char F1 {f1:.3f}")
+    assert starts / n >= 0.95 and f1 >= 0.55
 
 
 def test_one_bos_policy_for_training_text_and_evaluation_prompts(tokenizer):

@@ -125,6 +125,59 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
+def _open_unlearning_lambdas(retain_losses, gas, steps_per_epoch, lambda0, eta, eps, warmup_epochs):
+    """open-unlearning's PDU control flow, transcribed (src/trainer/unlearn/pdu.py at d3d7cf9): per micro-batch
+    ``final_loss_value`` scales the losses by ``preferences`` (lambda = preferences[1]) and THEN, if ``can_update``,
+    sets ``preferences[1] = max(0, preferences[1] + dual_step_size * (retain_loss - retain_loss_eps))``;
+    ``can_update`` starts as ``dual_warmup_epochs == 0`` and ``DualOptimizationCallback.on_epoch_end`` turns it on
+    once ``state.epoch >= dual_warmup_epochs``.  Returns the lambda each micro-batch's loss used."""
+    preferences, can_update, used, i = [1.0, lambda0], warmup_epochs == 0, [], 0
+    for epoch in range(len(retain_losses) // (gas * steps_per_epoch)):
+        for _ in range(steps_per_epoch * gas):
+            used.append(preferences[1])
+            if can_update:
+                preferences[1] = max(0, preferences[1] + eta * (retain_losses[i] - eps))
+            i += 1
+        if epoch + 1 >= warmup_epochs:  # on_epoch_end, state.epoch = epoch + 1
+            can_update = True
+    return used
+
+
+# A constraint sequence: the per-micro-batch retain NLLs of a 10-epoch run, 3 optimizer steps per epoch, gradient
+# accumulation 4 (120 micro-batches): below eps = 0.3 by 0.2..1.0, so lambda falls by 1..5 per dual step and
+# reaches the projection at 0 within the run.
+RECORDED = [0.3 - 0.2 * (1 + (7 * i) % 5) for i in range(120)]
+
+
+def test_micro_batch_mode_reproduces_open_unlearning_lambda_trajectory():
+    """dual_update=micro_batch + dual_warmup_epochs=5, driven as the engine drives it (after_micro_batch with the
+    optimizer steps completed so far, after_step at the end of the step) gives, micro-batch by micro-batch, exactly
+    the lambda open-unlearning's PDU uses: 100 through the 5 warm-up epochs (60 micro-batches), then
+    100 - 5 * (0.2 + 0.6 + 1.0 + 0.4) = 89 after the first post-warm-up optimizer step (4 dual steps; the default
+    per-step mode would move 5 * 0.55 = 2.75), and 0 once the projection binds."""
+    gas, spe = 4, 3
+    hp = {**get_method("pd_flat").defaults, "dual_update": "micro_batch", "dual_warmup_epochs": 5}
+    assert (hp["lambda0"], hp["eta_lambda"], hp["epsilon"]) == (100.0, 5.0, 0.3)  # open-unlearning's TOFU run
+    dual = DualVariable.from_hparams(hp)
+    ours = []
+    for step in range(len(RECORDED) // gas):
+        window = RECORDED[step * gas:(step + 1) * gas]
+        for loss in window:
+            ours.append(dual.value)
+            dual.after_micro_batch(loss, step, spe)
+        dual.after_step(sum(window) / gas, step + 1, spe)  # a no-op in this mode
+    want = _open_unlearning_lambdas(RECORDED, gas, spe, 100.0, 5.0, 0.3, 5)
+    assert ours == pytest.approx(want, rel=0, abs=1e-12)
+    assert ours[:61] == [100.0] * 61 and ours[64] == pytest.approx(89.0) and ours[-1] == 0.0
+    assert min(ours) == 0.0 and ours.index(0.0) < 119
+    # the default (one step per optimizer step, no warm-up) differs: one eta step of the window mean
+    step_mode = DualVariable.from_hparams(get_method("pd_flat").defaults)
+    step_mode.after_step(sum(RECORDED[:4]) / 4, 1, spe)
+    assert step_mode.value == pytest.approx(100 - 5 * 0.55)
+    with pytest.raises(ValueError, match="dual_update must be one of"):
+        DualVariable.from_hparams({**hp, "dual_update": "epoch"})
+
+
 def test_lambda_identical_across_two_gloo_ranks(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

@@ -51,6 +51,10 @@ def test_method_end_to_end(tiny, target, tmp_path, method, stage):
     launch("launch/train.py", unlearn_args(tiny, target, out, method, stage))
     s = summary(out)
     assert s["steps"] == 4 and s["skipped_steps"] == 0
+    if method in ("palu", "palu_pd"):  # the span source and counts of the forget set (generated data is labelled)
+        assert s["spans"]["source"] == "labels" and s["spans"]["spans"] > 0 and s["spans"]["init_tokens"] > 0
+    else:
+        assert s["spans"] is None
     # the forget answers get less likely; the retain answers move much less
     f0, f1 = answer_nll(target, tiny["data"], "forget10"), answer_nll(s["model"], tiny["data"], "forget10")
     r0, r1 = answer_nll(target, tiny["data"], "retain90"), answer_nll(s["model"], tiny["data"], "retain90")
@@ -77,6 +81,20 @@ def test_method_end_to_end(tiny, target, tmp_path, method, stage):
     if method in ("pd_flat", "palu_pd"):
         want |= {"dual/lambda", "dual/slack"}
     assert want <= tags, f"missing TensorBoard tags: {want - tags}"
+
+
+def test_micro_batch_dual_steps_on_two_ranks(tiny, target, tmp_path):
+    """method.params.dual_update=micro_batch (open-unlearning's PDU schedule) with grad_accum 2, eps 0 and a small
+    eta: lambda takes two dual steps per optimizer step, each from a micro-batch's retain NLL over both ranks, so
+    after the first step (lambda - lambda0) / eta is about twice the window's retain NLL (exactly 1x in the default
+    per-step mode; not exactly 2x because the window mean weights micro-batches by their token counts)."""
+    out = str(tmp_path / "micro")
+    extra = ["train.max_steps=2", "train.grad_accum=2", "method.params.epsilon=0.0", "method.params.eta_lambda=0.001",
+             "method.params.dual_update=micro_batch"]
+    launch("launch/train.py", unlearn_args(tiny, target, out, "pd_flat", 2, extra))
+    first = summary(out)["first"]
+    ratio = (first["dual/lambda"] - 1.0) / 0.001 / first["loss/retain"]
+    assert 1.6 < ratio < 2.4, ratio
 
 
 def test_resume_is_exact_on_two_ranks(tiny, target, tmp_path):

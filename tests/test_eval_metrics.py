@@ -134,6 +134,26 @@ def test_summary_wires_forget_quality_and_privleak_from_retain_results():
     assert "3 of the 9" in s["model_utility_note"]
 
 
+def test_muse_privleak_is_min_k_and_min_k_pp_has_its_own_key():
+    """MUSE/open-unlearning report PrivLeak from Min-K% (k = 0.4) AUCs. Unlearned model: Min-K forget [-1, -2] vs
+    holdout [-3, -1.5] -> AUC 3/4; Min-K++ forget [1, 2] vs holdout [0, 0] -> AUC 1. Retain model: Min-K forget
+    [-3, -1] vs holdout [-2, -2] -> 1/2; Min-K++ forget [0, 1] vs holdout [1, 0] -> (0.5 + 0 + 1 + 0.5)/4 = 1/2.
+    privleak = ((1 - 3/4) - 1/2) / (1/2) * 100 = -50; privleak_min_k_pp = ((1 - 1) - 1/2) / (1/2) * 100 = -100."""
+    from evaluation.muse import summarize as muse_summarize
+
+    def recs(mk, pp):
+        return [{"index": i, "min_k": a, "min_k_pp": b} for i, (a, b) in enumerate(zip(mk, pp))]
+
+    unl = {"privleak_forget": recs([-1, -2], [1, 2]), "privleak_holdout": recs([-3, -1.5], [0, 0])}
+    ret = {"examples": {"privleak_forget": recs([-3, -1], [0, 1]), "privleak_holdout": recs([-2, -2], [1, 0])},
+           "_path": "r.json"}
+    s = muse_summarize(unl, SuiteConfig(suite="muse", split="news", splits=("privleak",)), ret)
+    assert s["mia_min_k_auc"] == pytest.approx(0.75) and s["mia_min_k_pp_auc"] == pytest.approx(1.0)
+    assert s["privleak"] == pytest.approx(-50.0)
+    assert s["privleak_min_k_pp"] == pytest.approx(-100.0)
+    assert "privleak_min_k" not in s
+
+
 def test_shard_and_gather_single_process():
     """n = 5 over 2 ranks: rank 0 [0, 2, 4], rank 1 [1, 3, 0] (0 is padding); gathering both shards' records
     gives indices 0..4 once each, in order."""

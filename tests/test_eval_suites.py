@@ -81,7 +81,7 @@ def test_muse_cli_and_privleak(env):
              "--retain-results", str(root / "muse_retain" / "results.json"), "--out", str(root / "muse_unl"))
     for key in ("verbmem_f", "knowmem_f", "knowmem_r", "mia_min_k_pp_auc", "mia_min_k_auc"):
         assert 0 <= s[key] <= 1
-    assert s["privleak"] == pytest.approx(0.0) and s["privleak_min_k"] == pytest.approx(0.0)
+    assert s["privleak"] == pytest.approx(0.0) and s["privleak_min_k_pp"] == pytest.approx(0.0)
     res = json.loads((root / "muse_unl" / "results.json").read_text())
     assert len(res["examples"]["knowmem_retain"]) == 4 and "min_k_pp" in res["examples"]["privleak_forget"][0]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from palu_ds.data.errors import DataError
 from palu_ds.data.io import load_records
 from palu_ds.data.qa import QADataset, QAOptions, with_refusals
@@ -24,6 +26,31 @@ def build_one(src, data_cfg, tokenizer):
         docs = [r if isinstance(r, str) else r.get("text") for r in records]
         return TextChunks(docs, tokenizer, data_cfg.max_length, source=_name(src), n_init=data_cfg.n_init)
     return QADataset(records, tokenizer, qa_options(data_cfg), source=_name(src))
+
+
+log = logging.getLogger("palu_ds")
+
+
+def report_spans(datasets: dict, method) -> dict | None:
+    """For a span-using method (PALU's I_init / common tokens): the forget set's span source and counts, logged at
+    start-up -- a warning when the spans were detected rather than labelled (e.g. locuslab/TOFU has no
+    ``target_words``; PALU's GPT labels are the ``forget*_with_common_words_gpt`` folders). None otherwise."""
+    if not getattr(method, "uses_spans", False) or "forget" not in datasets:
+        return None
+    info = datasets["forget"].span_info()
+    counts = (f"{info['spans']} spans over {info['rows']} rows, {info['init_tokens']} I_init tokens "
+              f"(n_init={info['n_init']}), {info['common_tokens']} common tokens")
+    if info["source"] == "labels":
+        log.info("%s: sensitive spans from the labels of %s: %s", method.name, info["dataset"], counts)
+    elif info["source"] == "none":
+        log.warning("%s runs WITHOUT sensitive spans on %s (no labels, no detector): %s", method.name,
+                    info["dataset"], counts)
+    else:
+        log.warning("%s runs on DETECTED sensitive spans (source %s, not labels) of %s: %s. For PALU's own labels "
+                    "give a labelled forget set (target_words; e.g. PALU's forget01_with_common_words_gpt "
+                    "save_to_disk folder) with data.span_source: labels", method.name, info["source"],
+                    info["dataset"], counts)
+    return info
 
 
 def build_datasets(data_cfg, tokenizer, names: tuple[str, ...], seed: int = 0) -> dict:

@@ -1,6 +1,9 @@
-"""Read QA / text records from a local .json/.jsonl file, a local folder of `<config>.jsonl` files, or the hub.
+"""Read QA / text records from a local .json/.jsonl file, a local folder of `<config>.jsonl` files, a `datasets`
+``save_to_disk`` folder, or the hub.
 
 Hub names go through ``datasets.load_dataset(name, config, split=...)`` (e.g. ``locuslab/TOFU`` + ``forget10``);
+``save_to_disk`` folders (``dataset_info.json`` + ``state.json`` + arrow files, or a ``DatasetDict`` with
+``dataset_dict.json``; e.g. PALU's ``forget01_with_common_words_gpt``) go through ``datasets.load_from_disk``;
 local files are read directly so that a malformed line is reported with its line number.
 """
 
@@ -38,14 +41,39 @@ def _read_json_file(path: str) -> list:
     return data
 
 
+def is_saved_dataset(path: str) -> bool:
+    """A folder written by ``datasets`` ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, "dataset_dict.json")) or (
+        os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json"))))
+
+
+def _read_saved_dataset(path: str, split: str) -> list:
+    import datasets  # lazy: heavy import
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # noqa: BLE001 - re-raised with the folder named
+        raise DataError(path, None, None, f"is not a readable datasets save_to_disk folder ({e})",
+                        "write it again with Dataset.save_to_disk") from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(path, None, None, f"is a DatasetDict without the split {split!r} (it has {list(ds)})",
+                            "set data.<name>.split to one of them")
+        ds = ds[split]
+    return [dict(r) for r in ds]
+
+
 def load_records(source: str, config: str | None = None, split: str = "train") -> list:
     """Return the records (dicts, or strings for raw text) of ``source``.
 
-    ``source`` is a .json/.jsonl path, a folder holding ``<config>.jsonl`` / ``<config>.json``, or a hub dataset name
-    (then ``config`` is its configuration, e.g. ``forget10``).
+    ``source`` is a .json/.jsonl path, a ``datasets`` ``save_to_disk`` folder (a ``DatasetDict`` one: ``split``
+    picks the split), a folder holding ``<config>.jsonl`` / ``<config>.json`` / a ``<config>`` save_to_disk folder,
+    or a hub dataset name (then ``config`` is its configuration, e.g. ``forget10``).
     """
     if os.path.isfile(source):
         return _read_json_file(source)
+    if is_saved_dataset(source):  # config names nothing inside a dataset folder
+        return _read_saved_dataset(source, split)
     if os.path.isdir(source):
         if not config:
             raise DataError(source, None, None, "is a folder", "name the file inside it with a config (e.g. forget10)")
@@ -53,7 +81,10 @@ def load_records(source: str, config: str | None = None, split: str = "train") -
             path = os.path.join(source, config + ext)
             if os.path.isfile(path):
                 return _read_json_file(path)
-        raise DataError(source, None, None, f"has no {config}.jsonl or {config}.json", "check the config name")
+        if is_saved_dataset(os.path.join(source, config)):
+            return _read_saved_dataset(os.path.join(source, config), split)
+        raise DataError(source, None, None, f"has no {config}.jsonl, {config}.json or {config}/ save_to_disk folder",
+                        "check the config name")
     if source.endswith((".json", ".jsonl")) or os.sep in source.strip("./") and not _looks_like_hub_name(source):
         raise DataError(source, None, None, "file not found", "check the path")
     import datasets  # lazy: heavy import

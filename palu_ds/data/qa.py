@@ -16,9 +16,13 @@ from palu_ds.batch import IGNORE_INDEX
 from palu_ds.data.errors import DataError
 from palu_ds.data.io import load_records
 from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat, encode_pair, uses_chat
-from palu_ds.data.spans import detect_spans, model_spans, parse_target_words, split_init_common, token_mask_from_spans
+from palu_ds.data.spans import (check_offsets, detect_spans, model_spans, parse_target_words, split_init_common,
+                                token_mask_from_spans)
 
 log = logging.getLogger(__name__)
+
+
+SPAN_SOURCES = ("auto", "labels", "detector", "model")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,10 @@ class QAOptions:
     span_model: str | None = None  # a transformers token-classification model (span_source=model)
     prompt: PromptFormat = DEFAULT_FORMAT  # chat template / system prompt / date (palu_ds.data.prompt)
 
+    def __post_init__(self):
+        if self.span_source not in SPAN_SOURCES:
+            raise ValueError(f"data.span_source must be one of {SPAN_SOURCES}, got {self.span_source!r}")
+
 
 class QADataset(torch.utils.data.Dataset):
     """Tokenized QA examples. ``source`` names the file (for error messages)."""
@@ -44,6 +52,8 @@ class QADataset(torch.utils.data.Dataset):
         self.options, self.source = options, source
         uses_chat(tokenizer, options.prompt)  # a required chat template that is missing fails here, not per row
         self.truncated = 0
+        self.span_rows = {"labels": 0, "detector": 0, "model": 0}  # rows whose spans came from each source
+        self.n_spans = 0
         pipe = _span_pipeline(options)
         self.examples = [self._encode(i, r, tokenizer, pipe) for i, r in enumerate(records)]
         if self.truncated:
@@ -54,6 +64,16 @@ class QADataset(torch.utils.data.Dataset):
     def from_source(cls, source: str, tokenizer, options: QAOptions = QAOptions(), config: str | None = None):
         name = f"{source}[{config}]" if config and not source.endswith((".json", ".jsonl")) else source
         return cls(load_records(source, config), tokenizer, options, source=name)
+
+    def span_info(self) -> dict:
+        """Where the sensitive spans came from and how many: ``source`` is ``labels`` / ``detector`` / ``model``
+        (or ``mixed`` when rows differ), with per-source row counts, spans, I_init and common token counts."""
+        used = [k for k, n in self.span_rows.items() if n]
+        return {"dataset": self.source, "source": used[0] if len(used) == 1 else "mixed" if used else "none",
+                "span_source_setting": self.options.span_source, "rows": len(self.examples),
+                "rows_by_source": dict(self.span_rows), "spans": self.n_spans, "n_init": self.options.n_init,
+                "init_tokens": sum(sum(e["sens_mask"]) for e in self.examples),
+                "common_tokens": sum(sum(e["common_mask"]) for e in self.examples)}
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -83,7 +103,10 @@ class QADataset(torch.utils.data.Dataset):
         if len(prompt) >= o.max_length:
             raise DataError(self.source, i, o.question_key, f"the prompt is {len(prompt)} tokens, max_length is "
                             f"{o.max_length}", "raise data.max_length or shorten the question")
-        char_spans = self._spans(i, record, question, answer, pipe)
+        check_offsets(tokenizer, ans_ids, offsets, f"{self.source} row {i}")
+        char_spans, kind = self._spans(i, record, question, answer, pipe)
+        self.span_rows[kind] += 1
+        self.n_spans += len(char_spans)
         init, common = split_init_common(token_mask_from_spans(offsets, char_spans), o.n_init)
         room = o.max_length - len(prompt)
         if len(ans_ids) > room:
@@ -98,27 +121,39 @@ class QADataset(torch.utils.data.Dataset):
             "common_mask": [False] * n_p + common,
         }
 
-    def _spans(self, i: int, record, question: str, answer: str, pipe) -> list[tuple[int, int]]:
+    def _spans(self, i: int, record, question: str, answer: str, pipe) -> tuple[list[tuple[int, int]], str]:
         o = self.options
-        has_labels = isinstance(record, dict) and record.get(o.spans_key) is not None
-        if o.span_source == "labels" or (o.span_source == "auto" and has_labels):
-            if not has_labels:
-                raise DataError(self.source, i, o.spans_key, "is missing and data.span_source is 'labels'",
-                                "add the field or use span_source: detector")
-            return parse_target_words(record[o.spans_key], answer, self.source, i, o.spans_key)
-        if o.span_source == "model":
-            return model_spans(pipe, answer)
-        return detect_spans(question, answer)
+        return row_spans(record, question, answer, o.span_source, o.spans_key, pipe, self.source, i)
+
+
+def row_spans(record, question: str, answer: str, span_source: str = "auto", spans_key: str = "target_words",
+              pipe=None, source: str = "<records>", row: int = 0) -> tuple[list[tuple[int, int]], str]:
+    """The sensitive character spans of one QA row and where they came from (``labels`` / ``model`` /
+    ``detector``): the one labelling rule of training (:class:`QADataset`) and of ``palu-ds spans``."""
+    has_labels = isinstance(record, dict) and record.get(spans_key) is not None
+    if span_source == "labels" or (span_source == "auto" and has_labels):
+        if not has_labels:
+            raise DataError(source, row, spans_key, "is missing and data.span_source is 'labels'",
+                            "add the field or use span_source: detector")
+        return parse_target_words(record[spans_key], answer, source, row, spans_key), "labels"
+    if span_source == "model":
+        return model_spans(pipe, answer), "model"
+    return detect_spans(question, answer), "detector"
 
 
 def _span_pipeline(options: QAOptions):
     if options.span_source != "model":
         return None
-    if not options.span_model:
+    return span_pipeline(options.span_model)
+
+
+def span_pipeline(model: str | None):
+    """The transformers token-classification pipeline of ``span_source: model``."""
+    if not model:
         raise ValueError("data.span_source is 'model' but data.span_model names no token-classification model")
     from transformers import pipeline
 
-    return pipeline("token-classification", model=options.span_model, aggregation_strategy="simple")
+    return pipeline("token-classification", model=model, aggregation_strategy="simple")
 
 
 def with_refusals(records: list[dict], refusals: list[str], answer_key: str = "answer", seed: int = 0) -> list[dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from palu_ds.data.errors import DataError
-from palu_ds.data.spans import detect_text_spans, split_init_common, token_mask_from_spans
+from palu_ds.data.spans import check_offsets, detect_text_spans, split_init_common, token_mask_from_spans
 
 _ALL = object()
 
@@ -30,8 +30,13 @@ class TextChunks(torch.utils.data.Dataset):
         if n_init is None:
             init, common = [False] * len(ids), [True] * len(ids)
         else:
+            check_offsets(tokenizer, ids, enc["offset_mapping"], source)
             sens = token_mask_from_spans(enc["offset_mapping"], detect_text_spans(text))
             init, common = split_init_common(sens, None if n_init is _ALL else n_init)
+        self.source = source
+        self.n_spans = 0 if n_init is None else len(detect_text_spans(text))
+        self.n_init = None if n_init is _ALL else n_init
+        self.span_source = "none" if n_init is None else "text_detector"
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         step = max_length - len(bos)
         self.examples = []
@@ -44,6 +49,13 @@ class TextChunks(torch.utils.data.Dataset):
                 "sens_mask": [False] * len(bos) + init[start:start + step],
                 "common_mask": [False] * len(bos) + common[start:start + step],
             })
+
+    def span_info(self) -> dict:
+        """As :meth:`palu_ds.data.qa.QADataset.span_info`: raw text is always labelled by the detector."""
+        return {"dataset": self.source, "source": self.span_source, "rows": len(self.examples),
+                "spans": self.n_spans, "n_init": self.n_init,
+                "init_tokens": sum(sum(e["sens_mask"]) for e in self.examples),
+                "common_tokens": sum(sum(e["common_mask"]) for e in self.examples)}
 
     def __len__(self) -> int:
         return len(self.examples)
