@@ -22,7 +22,7 @@ def test_save_to_disk_folder_reads_with_every_span_exact(tokenizer):
     """40 rows = TOFU forget01 (the first answer names Basil Mahfouz Al-Kuwaiti); each row's spans are exactly its
     target_words offsets (and answer[start:end] is the word); with whole spans as I_init (n_init=None) the
     sensitive tokens are exactly the tokens overlapping a label, every label has at least one."""
-    from palu_ds.data.prompt import encode_answer
+    from palu_ds.data.prompt import encode_pair
 
     rows = load_records(FIX)
     assert len(rows) == 40 and set(rows[0]) == {"question", "answer", "target_words", "common_words"}
@@ -39,7 +39,7 @@ def test_save_to_disk_folder_reads_with_every_span_exact(tokenizer):
         ("Basil Mahfouz Al-Kuwaiti", 100)
     ds = QADataset(rows, tokenizer, QAOptions(span_source="labels", n_init=None, max_length=512), source=FIX)
     for i, r in enumerate(rows):
-        ids, offsets = encode_answer(tokenizer, r["answer"])
+        _, ids, offsets = encode_pair(tokenizer, r["question"], r["answer"])
         spans = [(w["start"], w["end"]) for w in json.loads(r["target_words"])]
         want = token_mask_from_spans(offsets, spans)
         ex = ds[i]
