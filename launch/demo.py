@@ -3,8 +3,9 @@
 
   fetch SmolLM2-135M-Instruct (palu-ds fetch-model, cached) -> ask it every question of launch/data/real_facts (who
   wrote which book; general facts) and keep those it answers correctly -> precompute the reference (2 ranks) ->
-  PALU unlearning of who wrote the Shakespeare / Dickens / Orwell books (2 ranks) -> ask again -> report.md with
-  each answer before and after, forget and retain side by side.
+  PALU unlearning of who wrote the Shakespeare / Dickens / Orwell books while keeping the retain set (2 ranks) ->
+  ask again -> report.md with each answer before and after: forget, retain (trained on) and holdout (other authors
+  and facts the unlearning never saw) side by side.
 
     python launch/demo.py --out runs/demo          # the real model (make demo)
     python launch/demo.py --tiny --out runs/demo   # the fast synthetic pipeline: generated TOFU-style data, a tiny
@@ -92,7 +93,7 @@ def tiny_demo(args) -> int:
 
 
 REAL_DATA = os.path.join(ROOT, "launch", "data", "real_facts")
-SIDES = ("forget", "retain")
+SIDES = ("forget", "retain", "holdout")  # holdout: never trained on (does it keep what it was not shown?)
 
 
 def known_rows(results: dict, name: str) -> list[dict]:
@@ -164,7 +165,7 @@ def real_demo(args) -> int:
         print(f"error: the base model answered {len(kept['forget'])} forget and {len(kept['retain'])} retain "
               "questions correctly: nothing to unlearn or nothing to keep", file=sys.stderr)
         return 1
-    for name in SIDES:
+    for name in ("forget", "retain"):  # the training sets
         write_jsonl(f"{out}/data/{name}.jsonl", kept[name])
     overrides = [f"model.path={base}", f"data.forget.source={out}/data/forget.jsonl",
                  f"data.retain.source={out}/data/retain.jsonl", f"train.output_dir={out}/palu", "train.resume=never"]
