@@ -111,24 +111,18 @@ def _sha(*chunks: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def model_fingerprint(path: str, full: bool = False) -> str:
-    """config.json + every weight file (name, size, and its first and last MiB; all of it with ``full``)."""
+def model_fingerprint(path: str) -> str:
+    """config.json + every weight file, every byte of each (sha256; a file's digest is cached under its identity --
+    device, inode, size, mtime, ctime -- by :func:`palu_ds.integrity.cached_file_digest`, so a 70B checkpoint is
+    read once, not once per run)."""
+    from palu_ds.integrity import cached_file_digest
+
     if not os.path.isdir(path):
         return f"hub:{path}"
     h = hashlib.sha256()
     for name in sorted(os.listdir(path)):
-        if name == "config.json" or name.endswith((".safetensors", ".bin", ".pt")):
-            fp = os.path.join(path, name)
-            size = os.path.getsize(fp)
-            h.update(f"{name}:{size}".encode())
-            with open(fp, "rb") as f:
-                if full or size <= 2 << 20:
-                    for block in iter(lambda: f.read(1 << 24), b""):
-                        h.update(block)
-                else:
-                    h.update(f.read(1 << 20))
-                    f.seek(-(1 << 20), os.SEEK_END)
-                    h.update(f.read(1 << 20))
+        if name == "config.json" or name.endswith((".safetensors", ".bin", ".pt", ".gguf")):
+            h.update(f"{name}:{cached_file_digest(os.path.join(path, name))}\n".encode())
     return h.hexdigest()[:16]
 
 
