@@ -31,6 +31,7 @@ from palu_ds.batch import IGNORE_INDEX, shift
 log = logging.getLogger("palu_ds")
 MANIFEST = "manifest.json"
 ROW_PARTS = {"topk_ids": ("topk_ids",), "kl": ("kl_ids", "kl_logps")}
+CACHE_FORMAT = 2  # 2: the manifest records each shard's sha256 (``shard_sha256``), checked when the shard is opened
 
 
 class CacheMismatch(RuntimeError):
@@ -148,7 +149,7 @@ def cache_key(cfg, method, hp, datasets, tokenizer) -> dict:
         "model": model_fingerprint(ref_path), "tokenizer": tokenizer_fingerprint(tokenizer),
         "prompt_format": _sha(prompt_format_id(tokenizer).encode()), "max_length": cfg.data.max_length,
         "n_init": cfg.data.n_init, "parts": sorted(want), "dtype": cfg.reference.dtype,
-        "package_version": __version__,
+        "package_version": __version__, "cache_format": CACHE_FORMAT,
     }
     if "topk_ids" in want:
         key["K"] = int(hp["K"]) if hp.get("K") is not None else None
@@ -233,7 +234,10 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     if "retain_loss" in want:
         manifest["retain_loss"] = float(retain_sums[0] / retain_sums[1].clamp_min(1))
     if dist.is_main():
+        from palu_ds.integrity import file_digest
+
         manifest["shard_bytes"] = {s: os.path.getsize(os.path.join(cache_dir, s)) for s in manifest["shards"]}
+        manifest["shard_sha256"] = {s: file_digest(os.path.join(cache_dir, s)) for s in manifest["shards"]}
         tmp = manifest_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
@@ -301,10 +305,13 @@ class NoReference:
 
 
 class CachedReference:
-    """Memory-mapped reader of a complete cache; ``lookup`` packs the rows of a batch by example id."""
+    """Reader of a complete cache; ``lookup`` packs the rows of a batch by example id. Each shard's size and sha256
+    are checked against the manifest when it is opened (once per run): a corrupt shard is an error naming it."""
 
     def __init__(self, cache_dir: str, manifest: dict | None = None):
         from safetensors import safe_open
+
+        from palu_ds.integrity import file_digest
 
         path = os.path.join(cache_dir, MANIFEST)
         if manifest is None:
@@ -319,9 +326,14 @@ class CachedReference:
         for shard in manifest["shards"]:
             fp = os.path.join(cache_dir, shard)
             want = manifest.get("shard_bytes", {}).get(shard)
+            digest = manifest.get("shard_sha256", {}).get(shard)
             try:
                 if want is not None and os.path.getsize(fp) != want:
                     raise ValueError(f"size {os.path.getsize(fp)} != {want} recorded in the manifest")
+                if digest is None:
+                    raise ValueError("the manifest records no checksum for it (a cache of an older palu_ds)")
+                if file_digest(fp) != digest:
+                    raise ValueError(f"its content differs from the checksum recorded in the manifest ({digest})")
                 f = safe_open(fp, framework="pt")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             except Exception as e:  # noqa: BLE001 - any unreadable shard is named

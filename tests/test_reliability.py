@@ -54,3 +54,56 @@ def test_file_digests_are_cached_by_identity(tmp_path, monkeypatch):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime put back: ctime still moved
     assert model_fingerprint(str(tmp_path / "m")) != first and len(calls) == 3
     assert os.path.isfile(tmp_path / "digests" / "file_digests.json")
+
+
+# ---------------------------------------------------------------------------------------------- 2. shard checksums
+@pytest.fixture()
+def small_cache(tiny, tmp_path):
+    """A PALU reference cache of the tiny model over the forget set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from palu_ds.config import load_config
+    from palu_ds.data.build import build_datasets
+    from palu_ds.methods import get_method
+    from palu_ds.reference import precompute
+
+    cfg = load_config(None, [f"model.path={tiny['model']}", f"data.forget.source={tiny['data']}",
+                             "data.forget.config=forget10", f"data.retain.source={tiny['data']}",
+                             "data.retain.config=retain90", "method.name=palu", "data.max_length=64",
+                             f"train.output_dir={tmp_path}/run", "train.batch_size=4", "method.params.K=50",
+                             "method.params.kl_topk=8"])
+    m = get_method("palu")
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    ds = build_datasets(cfg.data, tok, m.batches)
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
+    cache = str(tmp_path / "cache")
+    precompute(cfg, m, {**m.defaults, **cfg.method.params}, ds, tok, {}, cache, model=model)
+    return cache
+
+
+def test_same_size_corruption_of_a_shard_is_refused_naming_it(small_cache):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from palu_ds.reference import CachedReference
+
+    shard = os.path.join(small_cache, "forget.rank0.safetensors")
+    size = os.path.getsize(shard)
+    with safe_open(shard, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["topk_ids"] = torch.zeros_like(tensors["topk_ids"])  # the issue's fault: top-K ids zeroed
+    save_file(tensors, shard)
+    assert os.path.getsize(shard) == size
+    with pytest.raises(RuntimeError, match=r"forget\.rank0\.safetensors is corrupt \(its content differs"):
+        CachedReference(small_cache)
+
+
+def test_a_cache_without_checksums_is_refused(small_cache):
+    from palu_ds.reference import MANIFEST, CachedReference
+
+    path = os.path.join(small_cache, MANIFEST)
+    manifest = json.load(open(path))
+    del manifest["shard_sha256"]
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(RuntimeError, match=r"forget\.rank0\.safetensors is corrupt \(the manifest records no chec"):
+        CachedReference(small_cache)
