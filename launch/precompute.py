@@ -10,18 +10,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main() -> int:
     from palu_ds.cli_args import parser
-    from palu_ds.config import ConfigError, load_config
+    from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_config
     from palu_ds.run import setup_logging
 
     setup_logging()
     args = parser("palu_ds reference precompute").parse_args()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     if not args.deepspeed:
         print("error: --deepspeed ds_configs/<...>.json is required", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_run_paths(cfg, args.deepspeed)
+        check_model_vocabulary(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
         return 2
     import time
 

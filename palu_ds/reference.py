@@ -85,6 +85,22 @@ def _vocab_size(model) -> int:
     return getattr(model, "module", model).config.vocab_size
 
 
+def topk_sizes(hp, vocab_size: int, given: dict | None = None, model: str = "the reference model") -> tuple[int, int]:
+    """(K, kl_topk) for a model of ``vocab_size`` tokens. A value the config sets above the vocabulary is an error
+    (palu_ds.config.check_vocabulary); a method's paper default above it (PALU's K=5000 on a small vocabulary)
+    becomes the whole vocabulary, logged."""
+    from palu_ds.config import check_vocabulary
+
+    check_vocabulary(given or {}, vocab_size, model)
+    out = []
+    for key in ("K", "kl_topk"):
+        v = hp.get(key)
+        if v is not None and int(v) > vocab_size:
+            log.info("method default %s=%s exceeds the vocabulary (%d): using %d", key, v, vocab_size, vocab_size)
+        out.append(int(min(v or vocab_size, vocab_size)))
+    return out[0], out[1]
+
+
 def id_dtype(vocab_size: int) -> torch.dtype:
     """The smallest signed integer type that holds every token id."""
     return torch.int16 if vocab_size <= 2 ** 15 else torch.int32
@@ -195,7 +211,7 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     dist.barrier()
     model = model if model is not None else load_reference_model(cfg, ds_config)
     V = _vocab_size(model)
-    K, k = int(min(hp.get("K") or V, V)), int(min(hp.get("kl_topk") or V, V))
+    K, k = topk_sizes(hp, V, cfg.method.params, cfg.reference.model or cfg.model.path)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     want = needed_parts(method, hp)
     retain_sums = torch.zeros(2, dtype=torch.float64)
@@ -379,10 +395,10 @@ class CachedReference:
 class ResidentReference:
     """The reference kept live (for comparison): computes the same packed tensors per batch on the fly."""
 
-    def __init__(self, model, method, hp, datasets, tokenizer, batch_size: int):
+    def __init__(self, model, method, hp, datasets, tokenizer, batch_size: int, given: dict | None = None):
         self.model, self.want = model, needed_parts(method, hp)
         V = _vocab_size(model)
-        self.K, self.k = int(min(hp.get("K") or V, V)), int(min(hp.get("kl_topk") or V, V))
+        self.K, self.k = topk_sizes(hp, V, given)
         self._retain = None
         self.datasets, self.tokenizer, self.batch_size = datasets, tokenizer, batch_size
 
@@ -416,7 +432,7 @@ def build_reference(cfg, method, hp, datasets, tokenizer, ds_config):
         return NoReference()
     if cfg.reference.mode == "resident":
         model = load_reference_model(cfg, ds_config)
-        return ResidentReference(model, method, hp, datasets, tokenizer, cfg.train.batch_size)
+        return ResidentReference(model, method, hp, datasets, tokenizer, cfg.train.batch_size, cfg.method.params)
     cache_dir = cfg.reference.cache_dir or os.path.join(cfg.train.output_dir, "reference_cache")
     manifest = precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir)
     import gc

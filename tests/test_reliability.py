@@ -107,3 +107,98 @@ def test_a_cache_without_checksums_is_refused(small_cache):
     json.dump(manifest, open(path, "w"))
     with pytest.raises(RuntimeError, match=r"forget\.rank0\.safetensors is corrupt \(the manifest records no chec"):
         CachedReference(small_cache)
+
+
+# ---------------------------------------------------------------------------------------------- 3. settings' ranges
+BASE = ["model.path=m", "data.forget.source=f.jsonl", "data.retain.source=r.jsonl"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.params.N=0", r"method.params.N must be >= 1 \(or null\), got 0"),
+    ("method.params.N=-2", r"method.params.N must be >= 1"),
+    ("method.params.K=0", r"method.params.K must be >= 1"),
+    ("method.params.K=2.5", r"method.params.K: expected an integer"),
+    ("method.params.kl_topk=0", r"method.params.kl_topk must be >= 1"),
+    ("method.params.gamma=-1", r"method.params.gamma must be >= 0"),
+    ("method.params.kl_direction=sideways", r"method.params.kl_direction must be one of"),
+    ("train.max_steps=-1", r"train.max_steps must be >= 1 \(or null\), got -1"),
+    ("train.max_steps=0", r"train.max_steps must be >= 1"),
+    ("train.lr=-1e-5", r"train.lr must be > 0, got -1e-05"),
+    ("train.lr=0", r"train.lr must be > 0"),
+    ("train.lr=.nan", r"train.lr must be finite"),
+    ("train.epochs=0", r"train.epochs must be > 0"),
+    ("train.batch_size=0", r"train.batch_size must be >= 1"),
+    ("train.grad_accum=0", r"train.grad_accum must be >= 1"),
+    ("train.warmup_steps=-1", r"train.warmup_steps must be >= 0"),
+    ("train.save_every=-5", r"train.save_every must be >= 0"),
+    ("train.weight_decay=-0.1", r"train.weight_decay must be >= 0"),
+    ("train.max_grad_norm=-1", r"train.max_grad_norm must be >= 0"),
+    ("train.timeout=0", r"train.timeout must be > 0"),
+    ("data.max_length=1", r"data.max_length must be >= 2"),
+    ("data.n_init=0", r"data.n_init must be >= 1"),
+    ("eval.batch_size=0", r"eval.batch_size must be >= 1"),
+    ("eval.max_examples=0", r"eval.max_examples must be >= 1"),
+    ("log.log_every=0", r"log.log_every must be >= 1"),
+])
+def test_out_of_range_settings_are_config_errors(override, message):
+    from palu_ds.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, BASE + [override])
+
+
+def test_N_all_means_whole_spans():
+    from palu_ds.config import load_config
+
+    assert load_config(None, BASE + ["method.params.N=all"]).data.n_init is None
+    assert load_config(None, BASE + ["method.params.N=2"]).data.n_init == 2
+
+
+def test_K_above_the_vocabulary_is_an_error_not_a_clamp(tiny):
+    from palu_ds.config import ConfigError, check_model_vocabulary, load_config
+    from palu_ds.reference import topk_sizes
+
+    cfg = load_config(None, [f"model.path={tiny['model']}", "data.forget.source=f", "data.retain.source=r",
+                             "method.params.K=5000"])
+    with pytest.raises(ConfigError, match=r"method.params.K=5000 is larger than the vocabulary .* \(1024 tokens\)"):
+        check_model_vocabulary(cfg)
+    with pytest.raises(ConfigError, match=r"method.params.K=5000"):
+        topk_sizes({"K": 5000, "kl_topk": 8}, 1024, {"K": 5000})
+    assert topk_sizes({"K": 5000, "kl_topk": 8}, 1024, {}) == (1024, 8)  # the paper default on a small vocabulary
+
+
+def _cli(args, tmp_path):
+    from e2e import launch
+
+    return launch("launch/train.py", args, nproc=1, check=False, timeout=120)
+
+
+def _train_args(tiny, target, out, *extra, ds="ds_configs/cpu/zero2.json"):
+    return ["--deepspeed", ds, "--config", "launch/configs/demo.yaml", f"model.path={target}",
+            f"data.forget.source={tiny['data']}", f"data.retain.source={tiny['data']}", f"train.output_dir={out}",
+            "data.max_length=64", *extra]
+
+
+@pytest.mark.parametrize("case", ["lr", "resume", "ds_missing", "ds_json", "ds_batch", "K"])
+def test_bad_settings_and_paths_fail_before_any_model_loads(tiny, tmp_path, case):
+    """Through the real CLI: exit 2 with 'config error' naming the key or file, no model loaded, no reference_cache
+    left behind."""
+    out = str(tmp_path / "run")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"zero_optimization": {"stage": 2},')
+    batch_json = tmp_path / "batch.json"
+    batch_json.write_text('{"train_batch_size": 7, "train_micro_batch_size_per_gpu": "auto"}')
+    extra, ds, message = {
+        "lr": (["train.lr=-1e-5"], "ds_configs/cpu/zero2.json", "train.lr must be > 0"),
+        "resume": ([f"train.resume={tmp_path}/checkpoints/step_00010"], "ds_configs/cpu/zero2.json",
+                   "no such checkpoint folder"),
+        "ds_missing": ([], str(tmp_path / "nope.json"), "nope.json: no such file"),
+        "ds_json": ([], str(bad_json), "bad.json: not valid JSON"),
+        "ds_batch": ([], str(batch_json), "train_batch_size 7 != micro batch"),
+        "K": (["method.params.K=4096"], "ds_configs/cpu/zero2.json", "K=4096 is larger than the vocabulary"),
+    }[case]
+    p = _cli(_train_args(tiny, tiny["model"], out, *extra, ds=ds), tmp_path)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "config error" in p.stderr and message in p.stderr, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+    assert not os.path.exists(os.path.join(out, "reference_cache"))
