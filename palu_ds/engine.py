@@ -35,7 +35,8 @@ log = logging.getLogger("palu_ds")
 
 COUNT_KEYS = ("answer", "sens", "common", "seqs")
 # Fault injection for the tests (never set in normal runs): "crash_after=K" ends every rank right after optimizer
-# step K (after any checkpoint of that step); "nan_from=K" makes the loss NaN from step K on.
+# step K (after any checkpoint of that step); "nan_from=K" makes the loss NaN from step K on; "stop_rank=R" SIGSTOPs
+# rank R before optimizer step ``stop_at`` + 1 (default 3), a peer that hangs without dying.
 FAULT = dict(kv.split("=") for kv in os.environ.get("PALU_DS_FAULT", "").split(",") if "=" in kv)
 
 
@@ -82,7 +83,7 @@ class Trainer:
         cfg = self.cfg
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM preemption / time limit (sbatch --signal=USR1@300)
             signal.signal(sig, self._on_signal)
-        dist.init()
+        dist.init(int(cfg.train.timeout))
         self.rank, self.world = dist.rank(), dist.world()
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
         on_cpu = self.device.type == "cpu"
@@ -287,8 +288,13 @@ class Trainer:
     def train(self) -> dict[str, float]:
         last = {}
         reset_peak_memory()  # memory/peak_bytes: the training steps, not the loading transients
+        watchdog = dist.StepWatchdog(self.cfg.train.timeout)
         while self.step < self.total_steps:
+            watchdog.arm(f"optimizer step {self.step + 1}")
+            if FAULT.get("stop_rank") == str(self.rank) and self.step == int(FAULT.get("stop_at", 3)):
+                os.kill(os.getpid(), signal.SIGSTOP)  # fault injection: this rank hangs (a stopped peer)
             last = self.train_step()
+            watchdog.disarm()
             if self.first_scalars is None:
                 self.first_scalars = last
             self.monitor.step(self.step, last)
@@ -308,6 +314,7 @@ class Trainer:
                 path = self.save_checkpoint()
                 raise Preempted(f"preempted at step {self.step}; checkpoint {path}; rerun the same command "
                                 "(or let SLURM requeue it) to resume")
+        watchdog.close()
         if not checkpoint.latest(self.ckpt_root) or not checkpoint.latest(self.ckpt_root).endswith(
                 checkpoint.tag_for(self.step)):
             self.save_checkpoint()

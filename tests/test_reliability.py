@@ -202,3 +202,74 @@ def test_bad_settings_and_paths_fail_before_any_model_loads(tiny, tmp_path, case
     assert "config error" in p.stderr and message in p.stderr, p.stderr[-3000:]
     assert "Traceback" not in p.stderr
     assert not os.path.exists(os.path.join(out, "reference_cache"))
+
+
+# ---------------------------------------------------------------------------------------------- 4. a hung peer
+@pytest.mark.slow
+def test_a_stopped_peer_ends_the_job_within_the_timeout(tiny, tmp_path):
+    """Rank 1 SIGSTOPs itself before step 4 (alive, holding its sockets: nothing fails, everything waits). With
+    train.timeout=8 rank 0 gives up on the step's collective (process-group timeout) or its step watchdog fires, and
+    exits non-zero within the timeout; the launcher then ends the stopped rank (DeepSpeed's launcher: SIGTERM, then
+    SIGKILL 30 s later; measured: the whole job exits 41 s after the stop). The test stops at rank 0's exit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from e2e import ROOT, cpu_env, free_port
+
+    out = str(tmp_path / "hang")
+    timeout = 8
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "launch/train.py", *_train_args(tiny, tiny["model"], out, "method.name=grad_diff", "method.params={}",
+                                           "train.max_steps=1000", "train.batch_size=2", f"train.timeout={timeout}",
+                                           "log.log_every=1")]
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(PALU_DS_FAULT="stop_rank=1,stop_at=3"), stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+
+    def rank(r):
+        for c in psutil.Process(p.pid).children(recursive=True):
+            if f"--local_rank={r}" in c.cmdline():
+                return c
+
+    try:
+        t0, rank0 = time.time(), None
+        while p.poll() is None and time.time() - t0 < 150:
+            if "r0] step 3 " in log_path.read_text(errors="replace"):
+                rank0 = rank(0)
+                break
+            time.sleep(0.2)
+        assert rank0 is not None, log_path.read_text(errors="replace")[-4000:]
+        t_stop = time.time()  # rank 1 stops right after this step
+        gone, _ = psutil.wait_procs([rank0], timeout=timeout + 20)  # not our child: no exit status to read
+        dt = time.time() - t_stop
+        text = log_path.read_text(errors="replace")
+        assert gone, f"rank 0 still ran {dt:.0f} s after rank 1 stopped:\n{text[-4000:]}"
+        how = "step watchdog" if "did not finish within train.timeout=8" in text else "collective timeout"
+        print(f"\nstopped peer: rank 0 exited {dt:.1f} s after step 3 (train.timeout={timeout}, {how})")
+        assert dt < timeout + 20
+        assert ("did not finish within train.timeout=8" in text) or ("Timed out" in text), text[-4000:]
+        assert "r0] step 5 " not in text
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)  # the launcher and the stopped rank (our own session)
+            p.wait()
+
+
+def test_step_watchdog_ends_a_step_that_never_finishes():
+    """The backup bound for a hang that no collective timeout covers: the process exits with 124 and the stacks."""
+    import subprocess
+    import sys
+
+    code = ("import time, logging; logging.basicConfig(); from palu_ds.dist import StepWatchdog\n"
+            "w = StepWatchdog(1.0); w.arm('optimizer step 4'); time.sleep(0.5); w.disarm()\n"
+            "w.arm('optimizer step 5'); time.sleep(30)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 124, p.stderr
+    assert "optimizer step 5 did not finish within train.timeout=1 s" in p.stderr
+    assert "optimizer step 4 did not" not in p.stderr and "most recent call first" in p.stderr  # the stacks
