@@ -186,3 +186,12 @@ class StepWatchdog:
                     except (OSError, ValueError):
                         pass
                 os._exit(self.EXIT_STATUS)
+
+
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in a lone process)."""
+    if dist.is_initialized() and world() > 1:
+        out = [None] * world()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]

@@ -163,10 +163,10 @@ class Trainer:
         if r == "never":
             return None
         if r == "auto":
-            return checkpoint.latest(self.ckpt_root)
+            return checkpoint.resume_point(self.ckpt_root, log=log)  # verified; a broken one falls back
         if not os.path.isfile(os.path.join(r, checkpoint.MARKER)):
             raise FileNotFoundError(f"train.resume={r} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
-        return r
+        return checkpoint.resume_point(self.ckpt_root, explicit=r)
 
     def _lr_factor(self, step: int) -> float:
         t = self.cfg.train

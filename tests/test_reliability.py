@@ -273,3 +273,126 @@ def test_step_watchdog_ends_a_step_that_never_finishes():
     assert p.returncode == 124, p.stderr
     assert "optimizer step 5 did not finish within train.timeout=1 s" in p.stderr
     assert "optimizer step 4 did not" not in p.stderr and "most recent call first" in p.stderr  # the stacks
+
+
+# ------------------------------------------------------------------------- 5./6. checkpoint trust and verification
+class _StubEngine:
+    """Stands in for a DeepSpeed engine in palu_ds.checkpoint (which only calls these two methods): writes an
+    'optimizer' file of a few KiB and reads it back like DeepSpeed would (a truncated file fails to load)."""
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        os.makedirs(os.path.join(root, tag), exist_ok=True)
+        torch.save({"exp_avg": torch.arange(2048.0)}, os.path.join(root, tag, "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+        torch.save({"w": torch.ones(8)}, os.path.join(root, tag, "mp_rank_00_model_states.pt"))
+
+    def load_checkpoint(self, root, tag, load_module_strict):
+        return torch.load(os.path.join(root, tag, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), weights_only=True)
+
+
+def _saved(tmp_path, steps=(2,)):
+    from palu_ds import checkpoint
+
+    root = str(tmp_path / "checkpoints")
+    for s in steps:
+        checkpoint.save(_StubEngine(), root, s, {"step": s}, keep_last=5)
+    return root
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from palu_ds import checkpoint
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # a cached gaussian in numpy's state
+    root = _saved(tmp_path)
+    want = (random.random(), np.random.standard_normal(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    state = checkpoint.load(_StubEngine(), os.path.join(root, "step_000002"))
+    assert state["step"] == 2
+    got = (random.random(), np.random.standard_normal(), torch.rand(3))
+    assert got[0] == want[0] and got[1] == want[1] and torch.equal(got[2], want[2])
+
+
+def test_a_crafted_rng_file_is_not_executed(tmp_path):
+    from palu_ds import checkpoint
+
+    root = _saved(tmp_path)
+    pwned = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {pwned}",))
+
+    torch.save({"torch": Payload()}, os.path.join(root, "step_000002", "rng_rank0.pt"))
+    with pytest.raises(RuntimeError, match=r"rng_rank0\.pt: not a palu_ds RNG state"):
+        checkpoint.load(_StubEngine(), os.path.join(root, "step_000002"))
+    assert not pwned.exists()
+
+
+@pytest.mark.parametrize("what", ["folder", "file", "parent"])
+def test_resume_from_a_folder_others_can_write_is_refused(tmp_path, what):
+    import stat
+
+    from palu_ds import checkpoint
+
+    root = _saved(tmp_path)
+    path = os.path.join(root, "step_000002")
+    for p in (root, path, *[os.path.join(path, n) for n in os.listdir(path)]):
+        assert not os.stat(p).st_mode & (stat.S_IWGRP | stat.S_IWOTH)  # what a run writes is private
+    target = {"folder": path, "file": os.path.join(path, "mp_rank_00_model_states.pt"), "parent": root}[what]
+    os.chmod(target, os.stat(target).st_mode | stat.S_IWOTH)
+    with pytest.raises(PermissionError, match=rf"{target} can be written by other users"):
+        checkpoint.load(_StubEngine(), path)
+
+
+def test_marker_records_sizes_and_checksums_and_a_truncated_file_falls_back(tmp_path, caplog):
+    import logging
+
+    from palu_ds import checkpoint
+
+    root = _saved(tmp_path, steps=(2, 4))
+    marker = json.load(open(os.path.join(root, "step_000004", "COMPLETE")))
+    names = {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt", "rng_rank0.pt"}
+    assert set(marker["files"]) == names
+    assert all(v["sha256"].startswith("sha256:") and v["bytes"] > 0 for v in marker["files"].values())
+    opt = os.path.join(root, "step_000004", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    data = open(opt, "rb").read()
+    with open(opt, "wb") as f:
+        f.write(data[: len(data) // 2])  # the issue's fault: one optimizer file truncated
+    log = logging.getLogger("palu_ds")
+    with caplog.at_level(logging.WARNING, "palu_ds"):
+        assert checkpoint.resume_point(root, log=log) == os.path.join(root, "step_000002")
+    assert f"{opt} has {len(data) // 2} bytes, the marker records {len(data)}" in caplog.text
+    assert checkpoint.latest(root).endswith("step_000002")  # the broken one no longer counts as complete
+    with pytest.raises(RuntimeError, match=r"step_000002.*mp_rank_00_model_states\.pt differs from the checksum"):
+        path = os.path.join(root, "step_000002", "mp_rank_00_model_states.pt")
+        raw = bytearray(open(path, "rb").read())
+        raw[-30] ^= 0xFF  # same size, other content
+        open(path, "wb").write(bytes(raw))
+        checkpoint.resume_point(root, explicit=os.path.join(root, "step_000002"))
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_from_the_previous_checkpoint_when_an_optimizer_file_is_truncated(tiny, target, tmp_path):
+    """The issue's run: rank 1's optimizer file of the last checkpoint truncated. Before, rank 0 logged a resume and
+    rank 1 crashed in DeepSpeed's loader without naming the file; now both ranks agree the checkpoint is broken, the
+    warning names the file, and the run resumes from the previous complete checkpoint and finishes."""
+    import glob
+
+    from e2e import launch, summary
+
+    out = str(tmp_path / "run")
+    args = _train_args(tiny, target, out, "method.name=grad_diff", "method.params={}", "train.batch_size=4",
+                       "train.save_every=2", "train.keep_last=2")
+    launch("launch/train.py", args + ["train.max_steps=4"])
+    (opt,) = glob.glob(os.path.join(out, "checkpoints", "step_000004", "*zero_pp_rank_1_*optim_states.pt"))
+    with open(opt, "r+b") as f:
+        f.truncate(os.path.getsize(opt) // 2)
+    p = launch("launch/train.py", args + ["train.max_steps=6"])
+    text = p.stdout + p.stderr
+    assert f"checkpoint {os.path.dirname(opt)} is broken: {opt} has" in text, text[-4000:]
+    assert "resumed from " + os.path.join(out, "checkpoints", "step_000002") + " at step 2" in text
+    assert summary(out)["steps"] == 6
