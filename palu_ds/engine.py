@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
@@ -55,6 +56,34 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def _innermost_optimizer(engine):
+    """The torch optimizer that holds Adam's state, under DeepSpeed's ZeRO / precision wrappers."""
+    opt = engine.optimizer
+    while getattr(opt, "optimizer", None) is not None and opt.optimizer is not opt:
+        opt = opt.optimizer
+    return opt
+
+
+@contextmanager
+def skipped_update(engine):
+    """``engine.step()`` inside this block changes nothing the optimizer owns: the innermost optimizer's ``step``
+    is a no-op, so the weights, Adam's moments and its step count stay as they were (setting lr=0 instead still
+    counts the step and decays the moments). DeepSpeed's own skip -- a non-finite gradient norm under fp16 loss
+    scaling (ZeRO, or the fp16 optimizer) -- never sees our non-finite steps, whose loss is replaced by a finite
+    zero before backward so that every rank's collectives stay finite; the rest of DeepSpeed's step (gradient
+    reduction, clearing, its counters) runs as usual."""
+    inner = _innermost_optimizer(engine)
+    own = vars(inner).get("step")  # an instance-level step (if any) to put back
+    inner.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if own is not None:
+            inner.step = own
+        else:
+            del inner.step
+
+
 class Preempted(SystemExit):
     """Raised after the preemption checkpoint; exit status 143 tells a requeue wrapper to resubmit."""
 
@@ -70,6 +99,7 @@ class Trainer:
         self.cfg, self.ds_config_path, self.method = cfg, ds_config_path, method
         self.hp = {**method.defaults, **cfg.method.params}
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
+        self.streak_start: int | None = None  # the first step of the current run of non-finite steps
         self.preempt_local, self.preempted = False, False
         self.first_scalars: dict | None = None
         self.step_times: list[tuple[float, float]] = []  # (seconds, global non-pad tokens) per optimizer step
@@ -130,6 +160,7 @@ class Trainer:
         if resume:
             state = checkpoint.load(self.engine, resume)
             self.step, self.skipped = state["step"], state["skipped"]
+            self.consecutive_bad, self.streak_start = state.get("consecutive_bad", 0), state.get("streak_start")
             for name, s in state["streams"].items():
                 self.streams[name].load_state_dict(s)
             if self.dual is not None:
@@ -257,16 +288,19 @@ class Trainer:
         vec = dist.all_reduce_sum(vec.double()).tolist()
         terms_g = dict(zip(keys, vec[:-3]))
         self.preempted, any_bad = vec[-3] > 0, vec[-1] > 0
-        lr = 0.0 if any_bad else self.cfg.train.lr * self._lr_factor(self.step)  # skip: no parameter moves
+        lr = 0.0 if any_bad else self.cfg.train.lr * self._lr_factor(self.step)
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
-        self.engine.step()
+        with skipped_update(self.engine) if any_bad else nullcontext():  # skip: Adam's state does not move either
+            self.engine.step()
         self.step += 1
         if any_bad:
             self.skipped += 1
             self.consecutive_bad += 1
+            if self.consecutive_bad == 1:
+                self.streak_start = self.step
         else:
-            self.consecutive_bad = 0
+            self.consecutive_bad, self.streak_start = 0, None
             if self.dual is not None:  # from the value all-reduced above: no second collective
                 self.dual.update(terms_g["retain"], epoch=self.step / self.steps_per_epoch)
         dt = time.perf_counter() - t0
@@ -337,14 +371,16 @@ class Trainer:
         return metrics
 
     def client_state(self) -> dict:
-        return {"step": self.step, "skipped": self.skipped,
+        return {"step": self.step, "skipped": self.skipped, "consecutive_bad": self.consecutive_bad,
+                "streak_start": self.streak_start,
                 "streams": {n: s.state_dict() for n, s in self.streams.items()},
                 "dual": self.dual.state_dict() if self.dual is not None else None,
                 "method": self.method.name, "hp": self.hp,
                 "config": asdict(self.cfg)}
 
     def save_checkpoint(self) -> str:
-        return checkpoint.save(self.engine, self.ckpt_root, self.step, self.client_state(), self.cfg.train.keep_last)
+        return checkpoint.save(self.engine, self.ckpt_root, self.step, self.client_state(), self.cfg.train.keep_last,
+                               protect_before=self.streak_start)  # the last state before a NaN streak stays
 
     def save_model(self, out: str | None = None) -> str:
         """The final model as a normal HF dir (safetensors + tokenizer), written to a temp dir then renamed.

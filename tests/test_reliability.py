@@ -396,3 +396,51 @@ def test_two_ranks_resume_from_the_previous_checkpoint_when_an_optimizer_file_is
     assert f"checkpoint {os.path.dirname(opt)} is broken: {opt} has" in text, text[-4000:]
     assert "resumed from " + os.path.join(out, "checkpoints", "step_000002") + " at step 2" in text
     assert summary(out)["steps"] == 6
+
+
+# ---------------------------------------------------------------------------------------------- 7. NaN streaks
+def test_the_last_checkpoint_before_a_nan_streak_is_never_pruned(tmp_path):
+    from palu_ds import checkpoint
+
+    root = str(tmp_path / "checkpoints")
+    for step in (1, 2):
+        checkpoint.save(_StubEngine(), root, step, {"step": step}, keep_last=2)
+    for step in (3, 4, 5):  # non-finite from step 3 on
+        checkpoint.save(_StubEngine(), root, step, {"step": step}, keep_last=2, protect_before=3)
+    kept = [os.path.basename(p) for p in checkpoint.complete_checkpoints(root)]
+    assert kept == ["step_000002", "step_000004", "step_000005"]
+    checkpoint.save(_StubEngine(), root, 6, {"step": 6}, keep_last=2)  # the streak is over: normal pruning
+    assert [os.path.basename(p) for p in checkpoint.complete_checkpoints(root)] == ["step_000005", "step_000006"]
+
+
+def _optimizer_state(path):
+    import glob
+
+    (f,) = glob.glob(os.path.join(path, "*zero_pp_rank_0_*optim_states.pt"))
+    sd = torch.load(f, weights_only=False)["optimizer_state_dict"]  # our own files, trusted
+    return sd["base_optimizer_state"]["state"], sd["single_partition_of_fp32_groups"]
+
+
+@pytest.mark.slow
+def test_skipped_steps_leave_adam_state_unchanged_and_the_pre_nan_checkpoint_survives(tiny, target, tmp_path):
+    """Steps 3 and 4 are non-finite on 2 ranks (ZeRO-2), a checkpoint every step, keep_last=1: the checkpoint of
+    step 2 (the last before the streak) is kept, and the optimizer state of step 4 equals that of step 2 -- Adam's
+    moments and step count did not move during the skipped steps (with lr=0 they decayed and counted)."""
+    from e2e import launch, summary
+
+    out = str(tmp_path / "nan")
+    launch("launch/train.py", _train_args(tiny, target, out, "method.name=grad_diff", "method.params={}",
+                                          "train.batch_size=4", "train.max_steps=4", "train.save_every=1",
+                                          "train.keep_last=1", "train.max_nonfinite=10"),
+           env={"PALU_DS_FAULT": "nan_from=3"})
+    assert summary(out)["skipped_steps"] == 2
+    ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    assert [c for c in ckpts if c.startswith("step_")] == ["step_000002", "step_000004"]
+    (s2, p2), (s4, p4) = (_optimizer_state(os.path.join(out, "checkpoints", c)) for c in ("step_000002", "step_000004"))
+    assert s2.keys() == s4.keys() and s2
+    for i in s2:
+        assert int(s2[i]["step"]) == int(s4[i]["step"]) == 2
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(s2[i][k], s4[i][k]), k
+    for a, b in zip(p2, p4):
+        assert torch.equal(a, b)
