@@ -17,7 +17,7 @@ import sys
 
 
 def cmd_spans(args) -> int:
-    from palu_ds.data.errors import DataError
+    from palu_ds.data.errors import DataError, at
     from palu_ds.data.io import load_records
     from palu_ds.data.spans import detect_spans, model_spans, parse_target_words
 
@@ -32,11 +32,11 @@ def cmd_spans(args) -> int:
         for i, r in enumerate(rows):
             for key in (args.question_key, args.answer_key):
                 if not isinstance(r, dict) or not isinstance(r.get(key), str) or not r[key].strip():
-                    raise DataError(args.input, i, key, "is missing or empty")
+                    raise DataError(args.input, at(rows, i), key, "is missing or empty")
             q, a = r[args.question_key], r[args.answer_key]
             has = r.get("target_words") is not None
             if args.source == "labels" or (args.source == "auto" and has):
-                spans = parse_target_words(r.get("target_words"), a, args.input, i)
+                spans = parse_target_words(r.get("target_words"), a, args.input, at(rows, i))
             elif args.source == "model":
                 spans = model_spans(pipe, a)
             else:

@@ -37,7 +37,8 @@ log = logging.getLogger("palu_ds")
 COUNT_KEYS = ("answer", "sens", "common", "seqs")
 # Fault injection for the tests (never set in normal runs): "crash_after=K" ends every rank right after optimizer
 # step K (after any checkpoint of that step); "nan_from=K" makes the loss NaN from step K on; "stop_rank=R" SIGSTOPs
-# rank R before optimizer step ``stop_at`` + 1 (default 3), a peer that hangs without dying.
+# rank R before optimizer step ``stop_at`` + 1 (default 3), a peer that hangs without dying; "crash_in_save_model=1"
+# ends every rank when the final model is about to be written (after the final checkpoint).
 FAULT = dict(kv.split("=") for kv in os.environ.get("PALU_DS_FAULT", "").split(",") if "=" in kv)
 
 
@@ -102,6 +103,7 @@ class Trainer:
         self.streak_start: int | None = None  # the first step of the current run of non-finite steps
         self.preempt_local, self.preempted = False, False
         self.first_scalars: dict | None = None
+        self.last_scalars: dict = {}  # of the last step (restored on resume: a run resumed at its end reports it)
         self.step_times: list[tuple[float, float]] = []  # (seconds, global non-pad tokens) per optimizer step
 
     # ------------------------------------------------------------------ setup
@@ -161,6 +163,7 @@ class Trainer:
             state = checkpoint.load(self.engine, resume)
             self.step, self.skipped = state["step"], state["skipped"]
             self.consecutive_bad, self.streak_start = state.get("consecutive_bad", 0), state.get("streak_start")
+            self.first_scalars, self.last_scalars = state.get("first_scalars"), state.get("last_scalars") or {}
             for name, s in state["streams"].items():
                 self.streams[name].load_state_dict(s)
             if self.dual is not None:
@@ -320,14 +323,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, float]:
-        last = {}
+        last = self.last_scalars
         reset_peak_memory()  # memory/peak_bytes: the training steps, not the loading transients
         watchdog = dist.StepWatchdog(self.cfg.train.timeout)
         while self.step < self.total_steps:
             watchdog.arm(f"optimizer step {self.step + 1}")
             if FAULT.get("stop_rank") == str(self.rank) and self.step == int(FAULT.get("stop_at", 3)):
                 os.kill(os.getpid(), signal.SIGSTOP)  # fault injection: this rank hangs (a stopped peer)
-            last = self.train_step()
+            last = self.last_scalars = self.train_step()
             watchdog.disarm()
             if self.first_scalars is None:
                 self.first_scalars = last
@@ -372,7 +375,8 @@ class Trainer:
 
     def client_state(self) -> dict:
         return {"step": self.step, "skipped": self.skipped, "consecutive_bad": self.consecutive_bad,
-                "streak_start": self.streak_start,
+                "streak_start": self.streak_start, "first_scalars": self.first_scalars,
+                "last_scalars": self.last_scalars,
                 "streams": {n: s.state_dict() for n, s in self.streams.items()},
                 "dual": self.dual.state_dict() if self.dual is not None else None,
                 "method": self.method.name, "hp": self.hp,
@@ -393,6 +397,8 @@ class Trainer:
         import deepspeed
 
         out = out or os.path.join(self.out_dir, "model")
+        if "crash_in_save_model" in FAULT:
+            os._exit(17)  # fault injection: the final save fails after the final checkpoint
         stage3 = zero_stage(self.ds_config) == 3
         module, state = self.engine.module, None
         if self.cfg.model.lora:

@@ -282,7 +282,8 @@ class _StubEngine:
 
     def save_checkpoint(self, root, tag, client_state, save_latest):
         os.makedirs(os.path.join(root, tag), exist_ok=True)
-        torch.save({"exp_avg": torch.arange(2048.0)}, os.path.join(root, tag, "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+        torch.save({"exp_avg": torch.arange(2048.0)},
+                   os.path.join(root, tag, "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
         torch.save({"w": torch.ones(8)}, os.path.join(root, tag, "mp_rank_00_model_states.pt"))
 
     def load_checkpoint(self, root, tag, load_module_strict):
@@ -444,3 +445,73 @@ def test_skipped_steps_leave_adam_state_unchanged_and_the_pre_nan_checkpoint_sur
             assert torch.equal(s2[i][k], s4[i][k]), k
     for a, b in zip(p2, p4):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- 8. bad input, named
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path, tokenizer):
+    from palu_ds.data import QADataset
+    from palu_ds.data.errors import DataError
+    from palu_ds.data.io import load_records
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"question": "Q?", "answer": "A."}\n\n{"question": "Caf\xe9?", "answer": "B."}\n')
+    with pytest.raises(DataError, match=rf"{path}, line 3: is not UTF-8 \(byte 0xe9 at column 18\)"):
+        QADataset.from_source(str(path), tokenizer)
+    j = tmp_path / "latin1.json"
+    j.write_bytes(b'[\n{"question": "Q?",\n "answer": "\xff"}]')
+    with pytest.raises(DataError, match=rf"{j}, line 3: is not UTF-8"):
+        load_records(str(j))
+
+
+@pytest.mark.parametrize("name,content", [("empty.jsonl", ""), ("blank.jsonl", "\n\n  \n"), ("empty.json", ""),
+                                          ("list.json", "[]")])
+def test_an_empty_data_file_is_an_error_naming_it(tmp_path, name, content):
+    from palu_ds.cli import main
+    from palu_ds.data.errors import DataError
+    from palu_ds.data.io import load_records
+
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=rf"{path}: holds no records"):
+        load_records(str(path))
+    assert main(["spans", str(path), str(tmp_path / "out.jsonl")]) == 2  # the spans CLI fails on it
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_empty_data_set_names_its_source():
+    from palu_ds.sampling import BatchStream
+
+    class Empty(list):
+        source = "data/forget.jsonl"
+
+    with pytest.raises(ValueError, match=r"data/forget.jsonl: no examples to train on"):
+        BatchStream(Empty(), 4, 0, 1, 0, list)
+
+
+def test_line_numbers_count_blank_lines_as_an_editor_does(tmp_path, tokenizer):
+    from palu_ds.data import QADataset
+    from palu_ds.data.errors import DataError
+
+    path = tmp_path / "gaps.jsonl"
+    good = json.dumps({"question": "Q?", "answer": "A."})
+    path.write_text(f"{good}\n\n\n{good}\n{json.dumps({'question': 'Q?'})}\n")  # the third record is on line 5
+    with pytest.raises(DataError, match=rf"{path}, line 5, field 'answer': is missing"):
+        QADataset.from_source(str(path), tokenizer)
+    with pytest.raises(DataError, match=r"<records>, record 2, field 'answer'"):  # not from a file: 1-based record
+        QADataset([json.loads(good), {"question": "Q?"}], tokenizer)
+
+
+def test_a_run_resumed_after_a_failed_final_save_writes_a_full_summary(tiny, target, tmp_path):
+    from e2e import launch, summary
+
+    out = str(tmp_path / "run")
+    args = _train_args(tiny, target, out, "method.name=grad_diff", "method.params={}", "train.batch_size=4",
+                       "train.max_steps=2")
+    p = launch("launch/train.py", args, nproc=1, check=False, env={"PALU_DS_FAULT": "crash_in_save_model=1"})
+    assert p.returncode != 0 and not os.path.exists(os.path.join(out, "summary.json"))
+    assert os.path.isfile(os.path.join(out, "checkpoints", "step_000002", "COMPLETE"))
+    launch("launch/train.py", args, nproc=1)  # resumes at step 2 = the end: only the final save is left
+    s = summary(out)
+    assert s["steps"] == 2 and os.path.isfile(os.path.join(s["model"], "model.safetensors"))
+    assert s["first"] and s["last"] and s["first"]["loss/total"] == s["first"]["loss/total"]  # not null, not NaN
+    assert set(s["last"]) >= {"loss/total", "loss/forget", "loss/retain", "lr"}

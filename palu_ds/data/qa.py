@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from palu_ds.batch import IGNORE_INDEX
-from palu_ds.data.errors import DataError
+from palu_ds.data.errors import DataError, at
 from palu_ds.data.io import load_records
 from palu_ds.data.prompt import encode_answer, encode_prompt
 from palu_ds.data.spans import detect_spans, model_spans, parse_target_words, split_init_common, token_mask_from_spans
@@ -41,9 +41,11 @@ class QADataset(torch.utils.data.Dataset):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("a fast tokenizer is needed (offset mappings locate the sensitive spans)")
         self.options, self.source = options, source
+        self._records = records  # error locations: JSONL line numbers when the records came from a file
         self.truncated = 0
         pipe = _span_pipeline(options)
         self.examples = [self._encode(i, r, tokenizer, pipe) for i, r in enumerate(records)]
+        self._records = None
         if self.truncated:
             log.warning("%s: %d of %d answers were cut at max_length=%d", source, self.truncated, len(records),
                         options.max_length)
@@ -59,15 +61,19 @@ class QADataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         return self.examples[i]
 
+    def _at(self, i: int):
+        return at(self._records, i)
+
     def _field(self, i: int, record, key: str) -> str:
         if not isinstance(record, dict):
-            raise DataError(self.source, i, None, f"expected an object, got {type(record).__name__}")
+            raise DataError(self.source, self._at(i), None,
+                            f"expected an object, got {type(record).__name__}")
         if key not in record:
-            raise DataError(self.source, i, key, "is missing", f"present keys: {sorted(record)}; "
+            raise DataError(self.source, self._at(i), key, "is missing", f"present keys: {sorted(record)}; "
                             "set data.question_key / data.answer_key if your fields have other names")
         value = record[key]
         if not isinstance(value, str) or not value.strip():
-            raise DataError(self.source, i, key, "is empty" if isinstance(value, str) else
+            raise DataError(self.source, self._at(i), key, "is empty" if isinstance(value, str) else
                             f"is {type(value).__name__}, not text", "every example needs a non-empty text")
         return value
 
@@ -76,8 +82,8 @@ class QADataset(torch.utils.data.Dataset):
         question, answer = self._field(i, record, o.question_key), self._field(i, record, o.answer_key)
         prompt = encode_prompt(tokenizer, question)
         if len(prompt) >= o.max_length:
-            raise DataError(self.source, i, o.question_key, f"the prompt is {len(prompt)} tokens, max_length is "
-                            f"{o.max_length}", "raise data.max_length or shorten the question")
+            raise DataError(self.source, self._at(i), o.question_key, f"the prompt is {len(prompt)} tokens, "
+                            f"max_length is {o.max_length}", "raise data.max_length or shorten the question")
         ans_ids, offsets = encode_answer(tokenizer, answer)
         char_spans = self._spans(i, record, question, answer, pipe)
         init, common = split_init_common(token_mask_from_spans(offsets, char_spans), o.n_init)
@@ -99,9 +105,9 @@ class QADataset(torch.utils.data.Dataset):
         has_labels = isinstance(record, dict) and record.get(o.spans_key) is not None
         if o.span_source == "labels" or (o.span_source == "auto" and has_labels):
             if not has_labels:
-                raise DataError(self.source, i, o.spans_key, "is missing and data.span_source is 'labels'",
-                                "add the field or use span_source: detector")
-            return parse_target_words(record[o.spans_key], answer, self.source, i, o.spans_key)
+                raise DataError(self.source, self._at(i), o.spans_key, "is missing and data.span_source is "
+                                "'labels'", "add the field or use span_source: detector")
+            return parse_target_words(record[o.spans_key], answer, self.source, self._at(i), o.spans_key)
         if o.span_source == "model":
             return model_spans(pipe, answer)
         return detect_spans(question, answer)
