@@ -29,6 +29,7 @@ from palu_ds.integrity import check_not_writable_by_others, file_digest, make_pr
 
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step_(\d+)$")
+_OLDER = "a checkpoint of an older palu_ds"
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)[_.]")  # the files rank r writes (DeepSpeed's names, ours)
 
 
@@ -126,7 +127,7 @@ def verify(path: str) -> str | None:
     except (OSError, ValueError) as e:
         return f"{os.path.join(path, MARKER)} is unreadable ({e})"
     if not recorded:
-        return f"{os.path.join(path, MARKER)} records no file sizes or checksums (a checkpoint of an older palu_ds)"
+        return f"{os.path.join(path, MARKER)} records no file sizes or checksums ({_OLDER})"
     for name, want in sorted(recorded.items()):
         fp = os.path.join(path, name)
         if not os.path.isfile(fp):
@@ -149,6 +150,9 @@ def resume_point(ckpt_root: str, explicit: str | None = None, log=None) -> str |
             return path
         if explicit:
             raise RuntimeError(f"train.resume={explicit} is broken: {problems[0]}")
+        if _OLDER in problems[0]:  # not broken, only unverifiable: never pruned, the user decides
+            raise RuntimeError(f"{problems[0]}: resume it with the palu_ds that wrote it, or move it away (or set "
+                               "train.resume=never) to start afresh")
         if log is not None:
             log.warning("checkpoint %s is broken: %s; falling back to the previous complete checkpoint", path,
                         problems[0])

@@ -515,3 +515,16 @@ def test_a_run_resumed_after_a_failed_final_save_writes_a_full_summary(tiny, tar
     assert s["steps"] == 2 and os.path.isfile(os.path.join(s["model"], "model.safetensors"))
     assert s["first"] and s["last"] and s["first"]["loss/total"] == s["first"]["loss/total"]  # not null, not NaN
     assert set(s["last"]) >= {"loss/total", "loss/forget", "loss/retain", "lr"}
+
+
+def test_a_checkpoint_of_an_older_version_is_not_pruned_as_broken(tmp_path):
+    from palu_ds import checkpoint
+
+    root = _saved(tmp_path)
+    marker = os.path.join(root, "step_000002", "COMPLETE")
+    state = json.load(open(marker))
+    del state["files"]
+    json.dump(state, open(marker, "w"))
+    with pytest.raises(RuntimeError, match=r"records no file sizes or checksums .*move it away"):
+        checkpoint.resume_point(root)
+    assert os.path.isfile(marker)
