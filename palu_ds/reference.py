@@ -258,8 +258,7 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
         os.replace(tmp, manifest_path)
-    dist.barrier()
-    return manifest
+    return dist.broadcast_object(manifest if dist.is_main() else None)  # every rank checks sizes and checksums
 
 
 def _write_shard(cache_dir, name, rank, ids, sens_n, common_n, seq, store, V, dtype) -> None:
