@@ -40,7 +40,7 @@ def main() -> int:
     if not needed_parts(method, {**method.defaults, **cfg.method.params}):
         print(f"method {method.name} is reference-free: nothing to precompute", file=sys.stderr)
         return 0
-    dist.init(int(cfg.train.timeout))
+    dist.init(cfg.train.timeout)
     on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
     ds = load_ds_config(args.deepspeed, cfg.train, dist.world(), on_cpu)
     tok = AutoTokenizer.from_pretrained(cfg.reference.model or cfg.model.path)

@@ -103,6 +103,7 @@ def save(engine, ckpt_root: str, step: int, client_state: dict, keep_last: int,
         tmp = os.path.join(path, MARKER + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump({"world_size": dist.world(), "files": files, **client_state}, f)
+        make_private(tmp)  # whatever the umask (002 is common): resume checks that nobody else can write here
         os.replace(tmp, os.path.join(path, MARKER))
         _prune(ckpt_root, keep_last, keep=path, protect_before=protect_before)
     dist.barrier()

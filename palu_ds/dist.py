@@ -58,7 +58,7 @@ def env_rank() -> int:
     return 0
 
 
-def init(timeout_s: int = 600) -> None:
+def init(timeout_s: float = 600) -> None:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); ``timeout_s`` bounds every
     collective (``train.timeout``): a collective waiting longer on a peer raises on this rank."""
     import datetime

@@ -115,7 +115,7 @@ class Trainer:
         cfg = self.cfg
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM preemption / time limit (sbatch --signal=USR1@300)
             signal.signal(sig, self._on_signal)
-        dist.init(int(cfg.train.timeout))
+        dist.init(cfg.train.timeout)
         self.rank, self.world = dist.rank(), dist.world()
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
         on_cpu = self.device.type == "cpu"

@@ -85,7 +85,12 @@ def check_not_writable_by_others(paths) -> None:
 
 
 def make_private(root: str) -> None:
-    """Remove group/world write permission from ``root`` and everything under it (files this run wrote)."""
+    """Remove group/world write permission from ``root`` (a file, or a folder and everything under it)."""
+    if not os.path.isdir(root):
+        mode = os.stat(root).st_mode
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            os.chmod(root, mode & ~(stat.S_IWGRP | stat.S_IWOTH))
+        return
     for d, _, files in os.walk(root):
         for p in [d] + [os.path.join(d, f) for f in files]:
             mode = os.stat(p).st_mode

@@ -528,3 +528,14 @@ def test_a_checkpoint_of_an_older_version_is_not_pruned_as_broken(tmp_path):
     with pytest.raises(RuntimeError, match=r"records no file sizes or checksums .*move it away"):
         checkpoint.resume_point(root)
     assert os.path.isfile(marker)
+
+
+def test_checkpoints_written_under_a_group_writable_umask_still_resume(tmp_path):
+    from palu_ds import checkpoint
+
+    old = os.umask(0o002)  # common on clusters: new files are group-writable
+    try:
+        root = _saved(tmp_path)
+    finally:
+        os.umask(old)
+    assert checkpoint.load(_StubEngine(), os.path.join(root, "step_000002"))["step"] == 2
