@@ -10,18 +10,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main() -> int:
     from palu_ds.cli_args import parser
-    from palu_ds.config import ConfigError, load_config
+    from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_config
     from palu_ds.run import setup_logging
 
     setup_logging()
     args = parser("palu_ds reference precompute").parse_args()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     if not args.deepspeed:
         print("error: --deepspeed ds_configs/<...>.json is required", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_run_paths(cfg, args.deepspeed)
+        check_model_vocabulary(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
         return 2
     import time
 
@@ -38,7 +40,7 @@ def main() -> int:
     if not needed_parts(method, {**method.defaults, **cfg.method.params}):
         print(f"method {method.name} is reference-free: nothing to precompute", file=sys.stderr)
         return 0
-    dist.init()
+    dist.init(cfg.train.timeout)
     on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
     ds = load_ds_config(args.deepspeed, cfg.train, dist.world(), on_cpu)
     tok = AutoTokenizer.from_pretrained(cfg.reference.model or cfg.model.path)

@@ -23,7 +23,7 @@ import sys
 
 
 def cmd_spans(args) -> int:
-    from palu_ds.data.errors import DataError
+    from palu_ds.data.errors import DataError, at
     from palu_ds.data.io import load_records
     from palu_ds.data.qa import row_spans, span_pipeline
 
@@ -34,9 +34,9 @@ def cmd_spans(args) -> int:
         for i, r in enumerate(rows):
             for key in (args.question_key, args.answer_key):
                 if not isinstance(r, dict) or not isinstance(r.get(key), str) or not r[key].strip():
-                    raise DataError(args.input, i, key, "is missing or empty")
+                    raise DataError(args.input, at(rows, i), key, "is missing or empty")
             q, a = r[args.question_key], r[args.answer_key]
-            spans, kind = row_spans(r, q, a, args.source, args.spans_key, pipe, args.input, i)  # = training's rule
+            spans, kind = row_spans(r, q, a, args.source, args.spans_key, pipe, args.input, at(rows, i))  # = training's rule
             by_source[kind] = by_source.get(kind, 0) + 1
             out.append({**r, "span_source": kind, "spans": [{"word": a[s:e], "start": s, "end": e} for s, e in spans]})
     except (DataError, ValueError) as e:

@@ -84,6 +84,7 @@ class TrainConfig:
     keep_last: int = 2
     resume: str = "auto"  # auto | never | <checkpoint dir>
     max_nonfinite: int = 3  # consecutive non-finite steps before stopping
+    timeout: float = 600.0  # seconds: bound on any collective (process-group timeout) and on one step (watchdog)
     answer_only_logits: bool = True  # LM head only where the next token is an answer token (False: full logits)
 
 
@@ -213,13 +214,9 @@ def validate_config(cfg: RunConfig, method=None) -> None:
         raise ConfigError(f"reference.mode must be precomputed, resident or none, got {cfg.reference.mode!r}")
     if cfg.train.scheduler not in ("constant", "linear", "cosine"):
         raise ConfigError(f"train.scheduler must be constant, linear or cosine, got {cfg.train.scheduler!r}")
-    for key in ("batch_size", "grad_accum", "keep_last", "max_nonfinite"):
-        if getattr(cfg.train, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1")
-    if cfg.eval.every < 0 or cfg.eval.suite not in ("tofu", "muse"):
-        raise ConfigError("eval.every must be >= 0 and eval.suite tofu or muse")
-    if cfg.data.n_init is not None and cfg.data.n_init < 1:
-        raise ConfigError("data.n_init must be >= 1 (or null for whole spans)")
+    _check_ranges(cfg)
+    if cfg.eval.suite not in ("tofu", "muse"):
+        raise ConfigError(f"eval.suite must be tofu or muse, got {cfg.eval.suite!r}")
     if method is None:
         from palu_ds.methods import get_method
 
@@ -230,6 +227,13 @@ def validate_config(cfg: RunConfig, method=None) -> None:
     unknown = sorted(set(cfg.method.params) - set(method.defaults))
     if unknown:
         raise ConfigError(f"method.params: unknown for {method.name}: {unknown}; valid: {sorted(method.defaults)}")
+    from palu_ds.methods import PARAM_RANGES
+
+    if cfg.method.params.get("N") == "all":
+        cfg.method.params["N"] = None
+    for k, v in cfg.method.params.items():
+        if k in PARAM_RANGES:
+            _check(f"method.params.{k}", v, *PARAM_RANGES[k])
     hp = {**method.defaults, **cfg.method.params}
     if "N" in cfg.method.params:  # PALU's N is the data's I_init length
         cfg.data.n_init = cfg.method.params["N"]
@@ -252,6 +256,104 @@ def validate_config(cfg: RunConfig, method=None) -> None:
         raise ConfigError(f"method {method.name} needs refusal strings: set data.idk.source")
     if cfg.data.retain is not None and "retain" not in method.batches:
         raise ConfigError(f"data.retain is set but method {method.name} uses no retain set: remove it")
+
+
+# (key, kind, low, high, low excluded, null allowed) of every numeric setting; checked by validate_config
+RANGES = [
+    ("train.lr", "num", 0, None, True, False), ("train.weight_decay", "num", 0, None, False, False),
+    ("train.warmup_steps", "int", 0, None, False, False), ("train.batch_size", "int", 1, None, False, False),
+    ("train.grad_accum", "int", 1, None, False, False), ("train.epochs", "num", 0, None, True, False),
+    ("train.max_steps", "int", 1, None, False, True), ("train.max_grad_norm", "num", 0, None, False, False),
+    ("train.save_every", "int", 0, None, False, False), ("train.keep_last", "int", 1, None, False, False),
+    ("train.max_nonfinite", "int", 1, None, False, False), ("train.timeout", "num", 0, None, True, False),
+    ("data.max_length", "int", 2, None, False, False), ("data.n_init", "int", 1, None, False, True),
+    ("eval.every", "int", 0, None, False, False), ("eval.batch_size", "int", 1, None, False, False),
+    ("eval.max_new_tokens", "int", 1, None, False, True), ("eval.max_examples", "int", 1, None, False, True),
+    ("log.log_every", "int", 1, None, False, False),
+]
+
+
+def _check(key: str, v, kind, low, high, open_low: bool, nullable: bool) -> None:
+    """One setting against its range; the error names the key, the value and the valid range."""
+    if v is None:
+        if nullable:
+            return
+        raise ConfigError(f"{key} must be set (null is not allowed here)")
+    if isinstance(kind, tuple):
+        if v not in kind:
+            raise ConfigError(f"{key} must be one of {list(kind)}, got {v!r}")
+        return
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise ConfigError(f"{key}: expected true or false, got {v!r}")
+        return
+    numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not numeric or (kind == "int" and not (isinstance(v, int) or float(v).is_integer())):
+        raise ConfigError(f"{key}: expected {'an integer' if kind == 'int' else 'a number'}, got {v!r}")
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ConfigError(f"{key} must be finite, got {v!r}")
+    if low is not None and (v <= low if open_low else v < low):
+        raise ConfigError(f"{key} must be {'>' if open_low else '>='} {low}" + (" (or null)" if nullable else "")
+                          + f", got {v!r}")
+    if high is not None and v > high:
+        raise ConfigError(f"{key} must be <= {high}, got {v!r}")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    for key, *rule in RANGES:
+        section, name = key.split(".")
+        _check(key, getattr(getattr(cfg, section), name), *rule)
+
+
+def check_vocabulary(hp: dict, vocab_size: int, model: str) -> None:
+    """K and kl_topk may not exceed the model's vocabulary (no silent clamp): called where the model is known."""
+    for key in ("K", "kl_topk"):
+        if hp.get(key) is not None and int(hp[key]) > vocab_size:
+            raise ConfigError(f"method.params.{key}={hp[key]} is larger than the vocabulary of {model} "
+                              f"({vocab_size} tokens): set it to at most {vocab_size} (or null for all of it)")
+
+
+def check_model_vocabulary(cfg: RunConfig) -> None:
+    """:func:`check_vocabulary` against the reference model's config.json, before any weights load (when the config
+    sets K or kl_topk; a model whose config cannot be read here is checked again where it loads)."""
+    given = {k: v for k, v in cfg.method.params.items() if k in ("K", "kl_topk") and v is not None}
+    if not given:
+        return
+    path = cfg.reference.model or cfg.model.path
+    try:
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).vocab_size
+    except Exception:  # noqa: BLE001 - unreadable here: the model load reports it, and reference.py checks again
+        return
+    check_vocabulary(given, int(vocab), path)
+
+
+def check_run_paths(cfg: RunConfig, ds_config_path: str | None) -> dict | None:
+    """The files a run needs, checked before any model loads: the DeepSpeed config (exists, is JSON, its batch sizes
+    agree) and an explicit ``train.resume`` checkpoint (a complete one). Returns the filled DeepSpeed config."""
+    import os
+
+    from palu_ds import checkpoint
+    from palu_ds.ds_config import load_ds_config
+
+    r = cfg.train.resume
+    if r not in ("auto", "never"):
+        if not os.path.isdir(r):
+            raise ConfigError(f"train.resume={r}: no such checkpoint folder (give a step_NNNNNN folder, auto or never)")
+        if not os.path.isfile(os.path.join(r, checkpoint.MARKER)):
+            raise ConfigError(f"train.resume={r} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
+    if ds_config_path is None:
+        return None
+    if not os.path.isfile(ds_config_path):
+        raise ConfigError(f"--deepspeed {ds_config_path}: no such file")
+    from palu_ds.dist import discover_env
+
+    discover_env()
+    try:
+        return load_ds_config(ds_config_path, cfg.train, int(os.environ.get("WORLD_SIZE", "1")), on_cpu=True)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"--deepspeed {ds_config_path}: {e}") from None
 
 
 def to_dict(cfg: RunConfig) -> dict:

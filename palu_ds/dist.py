@@ -58,8 +58,9 @@ def env_rank() -> int:
     return 0
 
 
-def init(timeout_s: int = 600) -> None:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU)."""
+def init(timeout_s: float = 600) -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); ``timeout_s`` bounds every
+    collective (``train.timeout``): a collective waiting longer on a peer raises on this rank."""
     import datetime
 
     import deepspeed
@@ -135,3 +136,62 @@ def broadcast_object(obj):
 def barrier() -> None:
     if dist.is_initialized() and world() > 1:
         dist.barrier()
+
+
+class StepWatchdog:
+    """A bound on one training step, whatever it waits on: if ``arm()`` is not followed by ``disarm()`` within
+    ``timeout_s`` seconds (a peer stopped or hung outside any collective that has a timeout), the stacks of every
+    thread are written to stderr and the process exits with status 124, so the launcher ends the job (a SIGSTOPped
+    or wedged peer does not end it). The collectives' own bound is the process-group timeout given to
+    :func:`init`; the watchdog catches what that does not cover (a stuck kernel, a lost shared-memory peer)."""
+
+    EXIT_STATUS = 124
+
+    def __init__(self, timeout_s: float):
+        import threading
+
+        self.timeout_s, self._deadline, self._what = float(timeout_s), None, ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="palu-step-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, what: str) -> None:
+        import time
+
+        self._what, self._deadline = what, time.monotonic() + self.timeout_s
+
+    def disarm(self) -> None:
+        self._deadline = None
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        import faulthandler
+        import logging
+        import sys
+        import time
+
+        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                logging.getLogger("palu_ds").error(
+                    "%s did not finish within train.timeout=%g s (a peer stopped or hung?): exiting with status %d so "
+                    "the job ends; resume from the last complete checkpoint", self._what, self.timeout_s,
+                    self.EXIT_STATUS)
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except (OSError, ValueError):
+                        pass
+                os._exit(self.EXIT_STATUS)
+
+
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in a lone process)."""
+    if dist.is_initialized() and world() > 1:
+        out = [None] * world()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]

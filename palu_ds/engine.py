@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
@@ -35,7 +36,9 @@ log = logging.getLogger("palu_ds")
 
 COUNT_KEYS = ("answer", "sens", "common", "seqs")
 # Fault injection for the tests (never set in normal runs): "crash_after=K" ends every rank right after optimizer
-# step K (after any checkpoint of that step); "nan_from=K" makes the loss NaN from step K on.
+# step K (after any checkpoint of that step); "nan_from=K" makes the loss NaN from step K on; "stop_rank=R" SIGSTOPs
+# rank R before optimizer step ``stop_at`` + 1 (default 3), a peer that hangs without dying; "crash_in_save_model=1"
+# ends every rank when the final model is about to be written (after the final checkpoint).
 FAULT = dict(kv.split("=") for kv in os.environ.get("PALU_DS_FAULT", "").split(",") if "=" in kv)
 
 
@@ -54,6 +57,34 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def _innermost_optimizer(engine):
+    """The torch optimizer that holds Adam's state, under DeepSpeed's ZeRO / precision wrappers."""
+    opt = engine.optimizer
+    while getattr(opt, "optimizer", None) is not None and opt.optimizer is not opt:
+        opt = opt.optimizer
+    return opt
+
+
+@contextmanager
+def skipped_update(engine):
+    """``engine.step()`` inside this block changes nothing the optimizer owns: the innermost optimizer's ``step``
+    is a no-op, so the weights, Adam's moments and its step count stay as they were (setting lr=0 instead still
+    counts the step and decays the moments). DeepSpeed's own skip -- a non-finite gradient norm under fp16 loss
+    scaling (ZeRO, or the fp16 optimizer) -- never sees our non-finite steps, whose loss is replaced by a finite
+    zero before backward so that every rank's collectives stay finite; the rest of DeepSpeed's step (gradient
+    reduction, clearing, its counters) runs as usual."""
+    inner = _innermost_optimizer(engine)
+    own = vars(inner).get("step")  # an instance-level step (if any) to put back
+    inner.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if own is not None:
+            inner.step = own
+        else:
+            del inner.step
+
+
 class Preempted(SystemExit):
     """Raised after the preemption checkpoint; exit status 143 tells a requeue wrapper to resubmit."""
 
@@ -69,8 +100,10 @@ class Trainer:
         self.cfg, self.ds_config_path, self.method = cfg, ds_config_path, method
         self.hp = {**method.defaults, **cfg.method.params}
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
+        self.streak_start: int | None = None  # the first step of the current run of non-finite steps
         self.preempt_local, self.preempted = False, False
         self.first_scalars: dict | None = None
+        self.last_scalars: dict = {}  # of the last step (restored on resume: a run resumed at its end reports it)
         self.step_times: list[tuple[float, float]] = []  # (seconds, global non-pad tokens) per optimizer step
 
     # ------------------------------------------------------------------ setup
@@ -82,7 +115,7 @@ class Trainer:
         cfg = self.cfg
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM preemption / time limit (sbatch --signal=USR1@300)
             signal.signal(sig, self._on_signal)
-        dist.init()
+        dist.init(cfg.train.timeout)
         self.rank, self.world = dist.rank(), dist.world()
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
         on_cpu = self.device.type == "cpu"
@@ -130,6 +163,8 @@ class Trainer:
         if resume:
             state = checkpoint.load(self.engine, resume)
             self.step, self.skipped = state["step"], state["skipped"]
+            self.consecutive_bad, self.streak_start = state.get("consecutive_bad", 0), state.get("streak_start")
+            self.first_scalars, self.last_scalars = state.get("first_scalars"), state.get("last_scalars") or {}
             for name, s in state["streams"].items():
                 self.streams[name].load_state_dict(s)
             if self.dual is not None:
@@ -163,10 +198,10 @@ class Trainer:
         if r == "never":
             return None
         if r == "auto":
-            return checkpoint.latest(self.ckpt_root)
+            return checkpoint.resume_point(self.ckpt_root, log=log)  # verified; a broken one falls back
         if not os.path.isfile(os.path.join(r, checkpoint.MARKER)):
             raise FileNotFoundError(f"train.resume={r} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
-        return r
+        return checkpoint.resume_point(self.ckpt_root, explicit=r)
 
     def _lr_factor(self, step: int) -> float:
         t = self.cfg.train
@@ -261,16 +296,19 @@ class Trainer:
         vec = dist.all_reduce_sum(vec.double()).tolist()
         terms_g = dict(zip(keys, vec[:-3]))
         self.preempted, any_bad = vec[-3] > 0, vec[-1] > 0
-        lr = 0.0 if any_bad else self.cfg.train.lr * self._lr_factor(self.step)  # skip: no parameter moves
+        lr = 0.0 if any_bad else self.cfg.train.lr * self._lr_factor(self.step)
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
-        self.engine.step()
+        with skipped_update(self.engine) if any_bad else nullcontext():  # skip: Adam's state does not move either
+            self.engine.step()
         self.step += 1
         if any_bad:
             self.skipped += 1
             self.consecutive_bad += 1
+            if self.consecutive_bad == 1:
+                self.streak_start = self.step
         else:
-            self.consecutive_bad = 0
+            self.consecutive_bad, self.streak_start = 0, None
             if self.dual is not None:  # from the value all-reduced above: no second collective
                 self.dual.after_step(terms_g["retain"], self.step, self.steps_per_epoch)
         dt = time.perf_counter() - t0
@@ -299,10 +337,15 @@ class Trainer:
             self.dual.after_micro_batch(total / count, self.step, self.steps_per_epoch)
 
     def train(self) -> dict[str, float]:
-        last = {}
+        last = self.last_scalars
         reset_peak_memory()  # memory/peak_bytes: the training steps, not the loading transients
+        watchdog = dist.StepWatchdog(self.cfg.train.timeout)
         while self.step < self.total_steps:
-            last = self.train_step()
+            watchdog.arm(f"optimizer step {self.step + 1}")
+            if FAULT.get("stop_rank") == str(self.rank) and self.step == int(FAULT.get("stop_at", 3)):
+                os.kill(os.getpid(), signal.SIGSTOP)  # fault injection: this rank hangs (a stopped peer)
+            last = self.last_scalars = self.train_step()
+            watchdog.disarm()
             if self.first_scalars is None:
                 self.first_scalars = last
             self.monitor.step(self.step, last)
@@ -322,6 +365,7 @@ class Trainer:
                 path = self.save_checkpoint()
                 raise Preempted(f"preempted at step {self.step}; checkpoint {path}; rerun the same command "
                                 "(or let SLURM requeue it) to resume")
+        watchdog.close()
         if not checkpoint.latest(self.ckpt_root) or not checkpoint.latest(self.ckpt_root).endswith(
                 checkpoint.tag_for(self.step)):
             self.save_checkpoint()
@@ -345,14 +389,17 @@ class Trainer:
         return metrics
 
     def client_state(self) -> dict:
-        return {"step": self.step, "skipped": self.skipped,
+        return {"step": self.step, "skipped": self.skipped, "consecutive_bad": self.consecutive_bad,
+                "streak_start": self.streak_start, "first_scalars": self.first_scalars,
+                "last_scalars": self.last_scalars,
                 "streams": {n: s.state_dict() for n, s in self.streams.items()},
                 "dual": self.dual.state_dict() if self.dual is not None else None,
                 "method": self.method.name, "hp": self.hp,
                 "config": asdict(self.cfg)}
 
     def save_checkpoint(self) -> str:
-        return checkpoint.save(self.engine, self.ckpt_root, self.step, self.client_state(), self.cfg.train.keep_last)
+        return checkpoint.save(self.engine, self.ckpt_root, self.step, self.client_state(), self.cfg.train.keep_last,
+                               protect_before=self.streak_start)  # the last state before a NaN streak stays
 
     def save_model(self, out: str | None = None) -> str:
         """The final model as a normal HF dir (safetensors + tokenizer), written to a temp dir then renamed.
@@ -365,6 +412,8 @@ class Trainer:
         import deepspeed
 
         out = out or os.path.join(self.out_dir, "model")
+        if "crash_in_save_model" in FAULT:
+            os._exit(17)  # fault injection: the final save fails after the final checkpoint
         stage3 = zero_stage(self.ds_config) == 3
         module, state = self.engine.module, None
         if self.cfg.model.lora:

@@ -288,6 +288,24 @@ METHODS["sft"] = Method("sft", ("forget",), frozenset(), False, {}, {"forget": s
                         lambda t, hp, lam: t["forget"], "supervised fine-tuning (answer-token NLL)")
 
 
+# The valid range of every method hyper-parameter (checked at parse time by palu_ds.config): (kind, low, high,
+# whether the low end is excluded, whether null is allowed). kind: "int", "num" (int or float), "bool" or a tuple of
+# allowed strings.
+PARAM_RANGES: dict[str, tuple] = {
+    "K": ("int", 1, None, False, True),  # null: the whole vocabulary; above the vocabulary is an error at model load
+    "N": ("int", 1, None, False, True),  # null (or "all"): every token of a span is in I_init
+    "kl_topk": ("int", 1, None, False, True),
+    "topk_chunk_elems": ("int", 1, None, False, False),
+    "gamma": ("num", 0, None, False, False), "alpha": ("num", 0, None, False, False),
+    "beta": ("num", 0, None, True, False), "delta": ("num", None, None, False, False),
+    "lambda0": ("num", 0, None, False, False), "eta_lambda": ("num", 0, None, False, False),
+    "epsilon": ("num", 0, None, False, True), "epsilon_rel": ("num", -1, None, True, True),
+    "dual_warmup_steps": ("int", 0, None, False, False), "dual_warmup_epochs": ("num", 0, None, False, False),
+    "detach_target": ("bool", None, None, False, False), "kl_direction": (("forward", "reverse"), None, None, False,
+                                                                          False),
+}
+
+
 def get_method(name: str) -> Method:
     try:
         return METHODS[name]

@@ -31,6 +31,7 @@ from palu_ds.batch import IGNORE_INDEX, shift
 log = logging.getLogger("palu_ds")
 MANIFEST = "manifest.json"
 ROW_PARTS = {"topk_ids": ("topk_ids",), "kl": ("kl_ids", "kl_logps")}
+CACHE_FORMAT = 2  # 2: the manifest records each shard's sha256 (``shard_sha256``), checked when the shard is opened
 
 
 class CacheMismatch(RuntimeError):
@@ -84,6 +85,22 @@ def _vocab_size(model) -> int:
     return getattr(model, "module", model).config.vocab_size
 
 
+def topk_sizes(hp, vocab_size: int, given: dict | None = None, model: str = "the reference model") -> tuple[int, int]:
+    """(K, kl_topk) for a model of ``vocab_size`` tokens. A value the config sets above the vocabulary is an error
+    (palu_ds.config.check_vocabulary); a method's paper default above it (PALU's K=5000 on a small vocabulary)
+    becomes the whole vocabulary, logged."""
+    from palu_ds.config import check_vocabulary
+
+    check_vocabulary(given or {}, vocab_size, model)
+    out = []
+    for key in ("K", "kl_topk"):
+        v = hp.get(key)
+        if v is not None and int(v) > vocab_size:
+            log.info("method default %s=%s exceeds the vocabulary (%d): using %d", key, v, vocab_size, vocab_size)
+        out.append(int(min(v or vocab_size, vocab_size)))
+    return out[0], out[1]
+
+
 def id_dtype(vocab_size: int) -> torch.dtype:
     """The smallest signed integer type that holds every token id."""
     return torch.int16 if vocab_size <= 2 ** 15 else torch.int32
@@ -111,24 +128,18 @@ def _sha(*chunks: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def model_fingerprint(path: str, full: bool = False) -> str:
-    """config.json + every weight file (name, size, and its first and last MiB; all of it with ``full``)."""
+def model_fingerprint(path: str) -> str:
+    """config.json + every weight file, every byte of each (sha256; a file's digest is cached under its identity --
+    device, inode, size, mtime, ctime -- by :func:`palu_ds.integrity.cached_file_digest`, so a 70B checkpoint is
+    read once, not once per run)."""
+    from palu_ds.integrity import cached_file_digest
+
     if not os.path.isdir(path):
         return f"hub:{path}"
     h = hashlib.sha256()
     for name in sorted(os.listdir(path)):
-        if name == "config.json" or name.endswith((".safetensors", ".bin", ".pt")):
-            fp = os.path.join(path, name)
-            size = os.path.getsize(fp)
-            h.update(f"{name}:{size}".encode())
-            with open(fp, "rb") as f:
-                if full or size <= 2 << 20:
-                    for block in iter(lambda: f.read(1 << 24), b""):
-                        h.update(block)
-                else:
-                    h.update(f.read(1 << 20))
-                    f.seek(-(1 << 20), os.SEEK_END)
-                    h.update(f.read(1 << 20))
+        if name == "config.json" or name.endswith((".safetensors", ".bin", ".pt", ".gguf")):
+            h.update(f"{name}:{cached_file_digest(os.path.join(path, name))}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -154,7 +165,7 @@ def cache_key(cfg, method, hp, datasets, tokenizer) -> dict:
         "model": model_fingerprint(ref_path), "tokenizer": tokenizer_fingerprint(tokenizer),
         "prompt_format": _sha(prompt_format_id(tokenizer, cfg.data.prompt).encode()), "max_length": cfg.data.max_length,
         "n_init": cfg.data.n_init, "parts": sorted(want), "dtype": cfg.reference.dtype,
-        "package_version": __version__,
+        "package_version": __version__, "cache_format": CACHE_FORMAT,
     }
     if "topk_ids" in want:
         key["K"] = int(hp["K"]) if hp.get("K") is not None else None
@@ -200,7 +211,7 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     dist.barrier()
     model = model if model is not None else load_reference_model(cfg, ds_config)
     V = _vocab_size(model)
-    K, k = int(min(hp.get("K") or V, V)), int(min(hp.get("kl_topk") or V, V))
+    K, k = topk_sizes(hp, V, cfg.method.params, cfg.reference.model or cfg.model.path)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     want = needed_parts(method, hp)
     retain_sums = torch.zeros(2, dtype=torch.float64)
@@ -239,13 +250,15 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     if "retain_loss" in want:
         manifest["retain_loss"] = float(retain_sums[0] / retain_sums[1].clamp_min(1))
     if dist.is_main():
+        from palu_ds.integrity import file_digest
+
         manifest["shard_bytes"] = {s: os.path.getsize(os.path.join(cache_dir, s)) for s in manifest["shards"]}
+        manifest["shard_sha256"] = {s: file_digest(os.path.join(cache_dir, s)) for s in manifest["shards"]}
         tmp = manifest_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
         os.replace(tmp, manifest_path)
-    dist.barrier()
-    return manifest
+    return dist.broadcast_object(manifest if dist.is_main() else None)  # every rank checks sizes and checksums
 
 
 def _write_shard(cache_dir, name, rank, ids, sens_n, common_n, seq, store, V, dtype) -> None:
@@ -307,10 +320,13 @@ class NoReference:
 
 
 class CachedReference:
-    """Memory-mapped reader of a complete cache; ``lookup`` packs the rows of a batch by example id."""
+    """Reader of a complete cache; ``lookup`` packs the rows of a batch by example id. Each shard's size and sha256
+    are checked against the manifest when it is opened (once per run): a corrupt shard is an error naming it."""
 
     def __init__(self, cache_dir: str, manifest: dict | None = None):
         from safetensors import safe_open
+
+        from palu_ds.integrity import file_digest
 
         path = os.path.join(cache_dir, MANIFEST)
         if manifest is None:
@@ -325,9 +341,14 @@ class CachedReference:
         for shard in manifest["shards"]:
             fp = os.path.join(cache_dir, shard)
             want = manifest.get("shard_bytes", {}).get(shard)
+            digest = manifest.get("shard_sha256", {}).get(shard)
             try:
                 if want is not None and os.path.getsize(fp) != want:
                     raise ValueError(f"size {os.path.getsize(fp)} != {want} recorded in the manifest")
+                if digest is None:
+                    raise ValueError("the manifest records no checksum for it (a cache of an older palu_ds)")
+                if file_digest(fp) != digest:
+                    raise ValueError(f"its content differs from the checksum recorded in the manifest ({digest})")
                 f = safe_open(fp, framework="pt")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             except Exception as e:  # noqa: BLE001 - any unreadable shard is named
@@ -373,10 +394,10 @@ class CachedReference:
 class ResidentReference:
     """The reference kept live (for comparison): computes the same packed tensors per batch on the fly."""
 
-    def __init__(self, model, method, hp, datasets, tokenizer, batch_size: int):
+    def __init__(self, model, method, hp, datasets, tokenizer, batch_size: int, given: dict | None = None):
         self.model, self.want = model, needed_parts(method, hp)
         V = _vocab_size(model)
-        self.K, self.k = int(min(hp.get("K") or V, V)), int(min(hp.get("kl_topk") or V, V))
+        self.K, self.k = topk_sizes(hp, V, given)
         self._retain = None
         self.datasets, self.tokenizer, self.batch_size = datasets, tokenizer, batch_size
 
@@ -410,7 +431,7 @@ def build_reference(cfg, method, hp, datasets, tokenizer, ds_config):
         return NoReference()
     if cfg.reference.mode == "resident":
         model = load_reference_model(cfg, ds_config)
-        return ResidentReference(model, method, hp, datasets, tokenizer, cfg.train.batch_size)
+        return ResidentReference(model, method, hp, datasets, tokenizer, cfg.train.batch_size, cfg.method.params)
     cache_dir = cfg.reference.cache_dir or os.path.join(cfg.train.output_dir, "reference_cache")
     manifest = precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir)
     import gc

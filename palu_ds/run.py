@@ -8,7 +8,7 @@ import sys
 import warnings
 
 from palu_ds.cli_args import parser
-from palu_ds.config import ConfigError, load_config
+from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_config
 
 
 def setup_logging() -> None:
@@ -38,6 +38,8 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
         return 2
     try:
         cfg = load_config(args.config, list(args.overrides) + list(forced))
+        check_run_paths(cfg, args.deepspeed)
+        check_model_vocabulary(cfg)
     except (ConfigError, FileNotFoundError) as e:  # before any model is loaded
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,8 @@ class BatchStream:
         self.epoch, self.pos = 0, 0
         n = len(dataset)
         if n == 0:
-            raise ValueError("empty dataset")
+            raise ValueError(f"{getattr(dataset, 'source', 'a dataset')}: no examples to train on (an empty data set); "
+                             "check its data.*.source / config")
         self.per_rank = -(-n // world)
         self.batches_per_epoch = -(-self.per_rank // batch_size)
         self._order = None

@@ -169,20 +169,20 @@ def test_bad_input_names_file_row_field(tmp_path, tokenizer, record, field, text
     with pytest.raises(DataError) as e:
         QADataset.from_source(str(path), tokenizer)
     msg = str(e.value)
-    assert str(path) in msg and "row 1" in msg and f"'{field}'" in msg and text in msg
+    assert str(path) in msg and "line 2" in msg and f"'{field}'" in msg and text in msg  # 1-based, as an editor
 
 
 def test_prompt_longer_than_max_length(tmp_path, tokenizer):
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"question": "word " * 100, "answer": "A."}) + "\n")
-    with pytest.raises(DataError, match=r"row 0.*'question'.*max_length is 16"):
+    with pytest.raises(DataError, match=r"line 1.*'question'.*max_length is 16"):
         QADataset.from_source(str(path), tokenizer, QAOptions(max_length=16))
 
 
 def test_malformed_json_line_and_missing_file(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"question": "Q?", "answer": "A."}\n{"question": \n')
-    with pytest.raises(DataError, match=r"broken.jsonl, row 1: not valid JSON"):
+    with pytest.raises(DataError, match=r"broken.jsonl, line 2: not valid JSON"):
         load_records(str(path))
     with pytest.raises(DataError, match="file not found"):
         load_records(str(tmp_path / "nope.jsonl"))

@@ -24,7 +24,7 @@ def test_spans_cli_bad_row_names_it_and_writes_nothing(tmp_path, capsys):
     src.write_text(json.dumps({"question": "Q?", "answer": "A."}) + "\n" + json.dumps({"question": "Q?"}) + "\n")
     out = tmp_path / "out.jsonl"
     assert main(["spans", str(src), str(out)]) == 2
-    assert "row 1" in capsys.readouterr().err and not out.exists()
+    assert "line 2" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.fixture(scope="module")

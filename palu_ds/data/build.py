@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from palu_ds.data.errors import DataError
+from palu_ds.data.errors import DataError, at
 from palu_ds.data.io import load_records
 from palu_ds.data.qa import QADataset, QAOptions, with_refusals
 from palu_ds.data.text import TextChunks
@@ -64,7 +64,8 @@ def build_datasets(data_cfg, tokenizer, names: tuple[str, ...], seed: int = 0) -
             for i, r in enumerate(refusal_rows):
                 text = r if isinstance(r, str) else r.get(data_cfg.answer_key) if isinstance(r, dict) else None
                 if not isinstance(text, str) or not text.strip():
-                    raise DataError(_name(data_cfg.idk), i, data_cfg.answer_key, "is missing or empty",
+                    raise DataError(_name(data_cfg.idk), at(refusal_rows, i), data_cfg.answer_key,
+                                    "is missing or empty",
                                     "each refusal row needs a non-empty answer")
                 refusals.append(text)
             recs = with_refusals(forget_records, refusals, data_cfg.answer_key, seed)

@@ -15,29 +15,56 @@ import os
 from palu_ds.data.errors import DataError
 
 
+class Records(list):
+    """The records of a JSONL file; ``lines[i]`` is the 1-based line of record ``i`` (blank lines are skipped)."""
+
+    lines: list[int]
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(path, f"line {line}", None,
+                        f"is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start - line_start + 1})",
+                        "save the file as UTF-8") from None
+
+
 def _read_json_file(path: str) -> list:
+    text = _read_text(path)
     if path.endswith(".jsonl"):
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(path, i, None, f"not valid JSON ({e.msg})", "fix or remove that line") from e
+        rows = Records()
+        rows.lines = []
+        for i, line in enumerate(text.split("\n")):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(path, f"line {i + 1}", None, f"not valid JSON ({e.msg})",
+                                "fix or remove that line") from e
+            rows.lines.append(i + 1)
+        if not rows:
+            raise DataError(path, None, None, "holds no records (the file is empty)", "check the path and the file")
         return rows
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(path, None, None, f"not valid JSON ({e.msg} at line {e.lineno})") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if not text.strip():
+            raise DataError(path, None, None, "holds no records (the file is empty)", "check the path and the file")
+        raise DataError(path, f"line {e.lineno}", None, f"not valid JSON ({e.msg}, column {e.colno})") from e
     if isinstance(data, dict) and "data" in data and isinstance(data["data"], list):
         data = data["data"]
     if isinstance(data, str):  # MUSE raw files hold one string
         data = [data]
     if not isinstance(data, list):
         raise DataError(path, None, None, f"expected a JSON list of records, got {type(data).__name__}")
+    if not data:
+        raise DataError(path, None, None, "holds no records (an empty list)", "check the path and the file")
     return data
 
 

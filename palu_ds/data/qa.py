@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from palu_ds.batch import IGNORE_INDEX
-from palu_ds.data.errors import DataError
+from palu_ds.data.errors import DataError, at
 from palu_ds.data.io import load_records
 from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat, encode_pair, uses_chat
 from palu_ds.data.spans import (check_offsets, detect_spans, model_spans, parse_target_words, split_init_common,
@@ -51,11 +51,13 @@ class QADataset(torch.utils.data.Dataset):
             raise ValueError("a fast tokenizer is needed (offset mappings locate the sensitive spans)")
         self.options, self.source = options, source
         uses_chat(tokenizer, options.prompt)  # a required chat template that is missing fails here, not per row
+        self._records = records  # error locations: JSONL line numbers when the records came from a file
         self.truncated = 0
         self.span_rows = {"labels": 0, "detector": 0, "model": 0}  # rows whose spans came from each source
         self.n_spans = 0
         pipe = _span_pipeline(options)
         self.examples = [self._encode(i, r, tokenizer, pipe) for i, r in enumerate(records)]
+        self._records = None
         if self.truncated:
             log.warning("%s: %d of %d answers were cut at max_length=%d", source, self.truncated, len(records),
                         options.max_length)
@@ -81,15 +83,19 @@ class QADataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         return self.examples[i]
 
+    def _at(self, i: int):
+        return at(self._records, i)
+
     def _field(self, i: int, record, key: str) -> str:
         if not isinstance(record, dict):
-            raise DataError(self.source, i, None, f"expected an object, got {type(record).__name__}")
+            raise DataError(self.source, self._at(i), None,
+                            f"expected an object, got {type(record).__name__}")
         if key not in record:
-            raise DataError(self.source, i, key, "is missing", f"present keys: {sorted(record)}; "
+            raise DataError(self.source, self._at(i), key, "is missing", f"present keys: {sorted(record)}; "
                             "set data.question_key / data.answer_key if your fields have other names")
         value = record[key]
         if not isinstance(value, str) or not value.strip():
-            raise DataError(self.source, i, key, "is empty" if isinstance(value, str) else
+            raise DataError(self.source, self._at(i), key, "is empty" if isinstance(value, str) else
                             f"is {type(value).__name__}, not text", "every example needs a non-empty text")
         return value
 
@@ -99,11 +105,13 @@ class QADataset(torch.utils.data.Dataset):
         try:
             prompt, ans_ids, offsets = encode_pair(tokenizer, question, answer, o.prompt)
         except ValueError as e:
-            raise DataError(self.source, i, o.answer_key, str(e)) from e
+            raise DataError(self.source, self._at(i), o.answer_key, str(e)) from e
         if len(prompt) >= o.max_length:
-            raise DataError(self.source, i, o.question_key, f"the prompt is {len(prompt)} tokens, max_length is "
-                            f"{o.max_length}", "raise data.max_length or shorten the question")
-        check_offsets(tokenizer, ans_ids, offsets, f"{self.source} row {i}")
+            raise DataError(self.source, self._at(i), o.question_key, f"the prompt is {len(prompt)} tokens, "
+                            f"max_length is {o.max_length}", "raise data.max_length or shorten the question")
+        where = self._at(i)
+        check_offsets(tokenizer, ans_ids, offsets,
+                      f"{self.source}, {where if isinstance(where, str) else f'record {where + 1}'}")
         char_spans, kind = self._spans(i, record, question, answer, pipe)
         self.span_rows[kind] += 1
         self.n_spans += len(char_spans)
@@ -123,7 +131,7 @@ class QADataset(torch.utils.data.Dataset):
 
     def _spans(self, i: int, record, question: str, answer: str, pipe) -> tuple[list[tuple[int, int]], str]:
         o = self.options
-        return row_spans(record, question, answer, o.span_source, o.spans_key, pipe, self.source, i)
+        return row_spans(record, question, answer, o.span_source, o.spans_key, pipe, self.source, self._at(i))
 
 
 def row_spans(record, question: str, answer: str, span_source: str = "auto", spans_key: str = "target_words",

@@ -24,6 +24,7 @@ class TextChunks(torch.utils.data.Dataset):
                 raise DataError(source, i, None, "is not a non-empty string", "raw-text files hold a list of texts")
         if max_length < 2:
             raise ValueError("max_length must be at least 2")
+        self.source = source
         text = "\n\n".join(documents)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=n_init is not None)
         ids = enc["input_ids"]
