@@ -92,7 +92,7 @@ def test_zero_width_offsets_are_refused_with_the_reason(tokenizer, zero_width_to
            "target_words": [{"word": "Veloria", "start": 22, "end": 29}]}
     ok = QADataset([rec], tokenizer, QAOptions(n_init=None))
     assert sum(ok[0]["sens_mask"]) >= 1  # the real offsets put the span on tokens
-    with pytest.raises(ZeroWidthOffsets, match=r"<records> row 0: the tokenizer .* zero-width .*L_sens silently 0"):
+    with pytest.raises(ZeroWidthOffsets, match=r"<records>, record 1: the tokenizer .* zero-width .*L_sens silently 0"):
         QADataset([rec], zero_width_tokenizer, QAOptions(n_init=None))
     with pytest.raises(ZeroWidthOffsets, match="tokenizers=="):
         TextChunks(["Kalo Vomi was born in Veloria."], zero_width_tokenizer, 16, source="doc", n_init=2)
