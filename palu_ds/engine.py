@@ -22,7 +22,7 @@ from dataclasses import asdict
 
 import torch
 
-from palu_ds import checkpoint, dist
+from palu_ds import checkpoint, dist, lm_head
 from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 from palu_ds.config import RunConfig
 from palu_ds.data.build import build_datasets
@@ -123,6 +123,9 @@ class Trainer:
         self.answer_only = cfg.train.answer_only_logits and _accepts_logits_to_keep(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        if self.answer_only:  # the head path must give the model's own logits: refuse by name where it cannot
+            self.head_spec = lm_head.head_spec(model)
+            lm_head.verify(self.engine.module, self.head_spec)
         self.dual = self._build_dual()
 
         resume = self._resume_path()
@@ -212,7 +215,7 @@ class Trainer:
             answers[n] = micro[n]["labels"][:, 1:] != IGNORE_INDEX
             rows.append(hidden[row:row + b, :t - 1][answers[n]])
             row += b
-        logits = self.engine.module.get_output_embeddings()(torch.cat(rows))
+        logits = lm_head.lm_logits(self.engine.module, torch.cat(rows), self.head_spec)
         out = {}
         for n, part in zip(names, logits.split([int(a.sum()) for a in answers.values()])):
             out[n] = PackedLogits(part, answers[n])
