@@ -79,6 +79,8 @@ class TrainConfig:
     resume: str = "auto"  # auto | never | <checkpoint dir>
     max_nonfinite: int = 3  # consecutive non-finite steps before stopping
     answer_only_logits: bool = True  # LM head only where the next token is an answer token (False: full logits)
+    head_path: str = "dense"  # dense: the answer rows' logits at once | chunked: head + losses in chunks (issue 17)
+    head_chunk_elems: int = 1 << 24  # chunked: logits elements alive at a time (rows = this // vocabulary)
 
 
 @dataclass
@@ -201,9 +203,14 @@ def validate_config(cfg: RunConfig, method=None) -> None:
         raise ConfigError(f"reference.mode must be precomputed, resident or none, got {cfg.reference.mode!r}")
     if cfg.train.scheduler not in ("constant", "linear", "cosine"):
         raise ConfigError(f"train.scheduler must be constant, linear or cosine, got {cfg.train.scheduler!r}")
-    for key in ("batch_size", "grad_accum", "keep_last", "max_nonfinite"):
+    for key in ("batch_size", "grad_accum", "keep_last", "max_nonfinite", "head_chunk_elems"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1")
+    if cfg.train.head_path not in ("dense", "chunked"):
+        raise ConfigError(f"train.head_path must be dense or chunked, got {cfg.train.head_path!r}")
+    if cfg.train.head_path == "chunked" and not cfg.train.answer_only_logits:
+        raise ConfigError("train.head_path=chunked computes the head from the answer positions' hidden states: "
+                          "it needs train.answer_only_logits: true (or set train.head_path: dense)")
     if cfg.eval.every < 0 or cfg.eval.suite not in ("tofu", "muse"):
         raise ConfigError("eval.every must be >= 0 and eval.suite tofu or muse")
     if cfg.data.n_init is not None and cfg.data.n_init < 1:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from palu_ds.batch import PackedLogits
+
 # model_type -> config attribute of the final logit soft-cap ``cap * tanh(z / cap)`` (None in the config = off)
 SOFTCAP = {"gemma2": "final_logit_softcapping", "gemma3_text": "final_logit_softcapping",
            "gemma3n_text": "final_logit_softcapping", "gemma4_text": "final_logit_softcapping",
@@ -115,6 +117,9 @@ def head_spec(model) -> HeadSpec:
 
 
 def output_head(model) -> torch.nn.Module:
+    """The output layer of a causal LM (peft-wrapped or a DeepSpeed engine); a bare ``nn.Linear`` is its own head."""
+    if isinstance(model, torch.nn.Linear):
+        return model
     base = model.module if hasattr(model, "module") and not hasattr(model, "get_output_embeddings") else model
     head = base.get_output_embeddings()
     if head is None:
@@ -158,3 +163,175 @@ def verify(model, spec: HeadSpec | None = None, n_tokens: int = 8, atol: float =
                               f"the model's own forward (max |diff| {diff:.3g}, shapes {tuple(got.shape)} vs "
                               f"{tuple(want.shape)}); {_what_to_do()}")
     return diff
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked head + losses: never the [positions x vocabulary] logits (issue 17)
+# ----------------------------------------------------------------------------------------------------------------
+def chunk_rows(vocab: int, chunk_elems: int) -> int:
+    """Positions per chunk so that one chunk's logits hold at most ``chunk_elems`` elements (at least 1 row)."""
+    return max(1, int(chunk_elems) // max(1, int(vocab)))
+
+
+class _ChunkedRows(torch.autograd.Function):
+    """``fn(post(head(h_c)), *args_c)`` for chunks ``c`` of rows, concatenated; the chunk's logits are recomputed
+    in backward instead of saved (the approach of Liger-Kernel's fused linear cross-entropy / Apple's Cut
+    Cross-Entropy, for any per-row function ``fn``).
+
+    Saved: ``hidden`` [N, d], the weight (a handle, not a copy) and ``fn``'s per-row arguments -- O(N d), never
+    O(N V).  Backward, per chunk: recompute ``lin = h_c W^T + b`` (leaf), ``out = fn(post(lin))``,
+    ``dlin = d(out . g_c)/dlin`` by autograd (so ``fn``'s math lives once, in palu_ds.losses), then
+    ``dh_c = hidden_scale * dlin W``, ``dW += dlin^T h_c`` (one [V, d] buffer for all chunks, in W's dtype),
+    ``db += sum(dlin)``.  Peak extra memory: one chunk's logits and their autograd temporaries + dW.
+    Cost: one more head matmul than the dense path (the forward one, recomputed).
+    """
+
+    @staticmethod
+    def forward(ctx, fn, spec, rows, hidden, weight, bias, *args):
+        with torch.no_grad():
+            outs = [fn(spec.post(torch.nn.functional.linear(spec.prepare(hidden[s:s + rows]), weight, bias)),
+                       *(a[s:s + rows] for a in args))
+                    for s in range(0, max(1, hidden.shape[0]), rows)]
+        ctx.fn, ctx.spec, ctx.rows, ctx.has_bias = fn, spec, rows, bias is not None
+        ctx.save_for_backward(hidden, weight, bias, *args)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, *args = ctx.saved_tensors
+        fn, spec, rows = ctx.fn, ctx.spec, ctx.rows
+        need_h, need_w, need_b = ctx.needs_input_grad[3:6]
+        gh = torch.empty_like(hidden) if need_h else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = torch.zeros_like(bias) if need_b and bias is not None else None
+        for s in range(0, hidden.shape[0], rows):
+            h = spec.prepare(hidden[s:s + rows]).detach()
+            with torch.enable_grad():
+                lin = torch.nn.functional.linear(h, weight.detach(), None if bias is None else bias.detach())
+                lin.requires_grad_(True)
+                out = fn(spec.post(lin), *(a[s:s + rows] for a in args))
+                (dlin,) = torch.autograd.grad(out, lin, grad[s:s + rows].to(out.dtype))
+            dlin = dlin.to(weight.dtype)
+            if gh is not None:
+                d = dlin @ weight
+                gh[s:s + rows] = (d * spec.hidden_scale if spec.hidden_scale != 1.0 else d).to(hidden.dtype)
+            if gw is not None:
+                gw.addmm_(dlin.T, h.to(weight.dtype))
+            if gb is not None:
+                gb += dlin.sum(0).to(gb.dtype)
+        return (None, None, None, gh, gw, gb, *(None for _ in args))
+
+
+def chunked_rows(fn, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: HeadSpec,
+                 chunk_elems: int, *row_args: torch.Tensor) -> torch.Tensor:
+    """``fn(post(head(hidden)), *row_args)`` with at most ``chunk_elems`` logits alive at a time (forward and
+    backward); same values and gradients as the dense form up to rounding.  ``fn`` must be per-row: row ``i`` of its
+    output depends only on row ``i`` of its inputs (every per-position loss of palu_ds.losses is)."""
+    for a in row_args:
+        if a.shape[0] != hidden.shape[0]:
+            raise ValueError(f"per-row argument has {a.shape[0]} rows for {hidden.shape[0]} positions")
+        if a.requires_grad:
+            raise ValueError("chunked_rows: per-row arguments are constants (reference tensors, ids); "
+                             "gradients flow only to the hidden states and the head")
+    rows = chunk_rows(weight.shape[0], chunk_elems)
+    return _ChunkedRows.apply(fn, spec, rows, hidden, weight, bias, *row_args)
+
+
+def _zero_rows(z: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(z).sum(-1) * 0.0
+
+
+class ChunkedLogits(PackedLogits):
+    """Stands where :class:`palu_ds.batch.PackedLogits` does (same ``answer`` mask, same row order), but holds the
+    last hidden states of the answer positions and the head instead of their logits.  The methods evaluate every
+    term through :meth:`map_rows` (:func:`palu_ds.losses.map_rows`), which runs :func:`chunked_rows`: the V-wide
+    logits exist one chunk at a time.  Indexing it (``self[mask]``) is refused: that would form them all."""
+
+    def __init__(self, hidden: torch.Tensor, answer: torch.Tensor, head: torch.nn.Module, spec: HeadSpec,
+                 chunk_elems: int, source: tuple | None = None):  # noqa: D107 -- no super().__init__: no rows
+        if hidden.shape[0] != int(answer.sum()):
+            raise ValueError(f"{hidden.shape[0]} hidden rows for {int(answer.sum())} answer positions")
+        self.hidden, self.answer, self.head, self.spec, self.chunk_elems = hidden, answer, head, spec, chunk_elems
+        self.source = source  # (all packed hidden rows of the step, start, stop): see within_head
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden.dtype
+
+    def __getitem__(self, mask):
+        raise TypeError("ChunkedLogits never forms the V-wide logits; evaluate per-row functions with "
+                        "palu_ds.losses.map_rows(logits, mask, fn, *row_args)")
+
+    def _select(self, mask: torch.Tensor) -> torch.Tensor:
+        if mask is self.answer:
+            return self.hidden
+        if mask.shape != self.answer.shape or mask.dtype != torch.bool:
+            raise TypeError("ChunkedLogits is indexed by a boolean mask over the shifted positions")
+        if (mask & ~self.answer).any():
+            raise ValueError("mask selects positions without an answer label: their hidden states were not kept")
+        return self.hidden if bool(mask[self.answer].all()) else self.hidden[mask[self.answer]]
+
+    def map_rows(self, mask: torch.Tensor, fn, *row_args: torch.Tensor) -> torch.Tensor:
+        """``fn(logits[mask], *row_args)`` computed chunk by chunk from the hidden states."""
+        return chunked_rows(fn, self._select(mask), self.head.weight, getattr(self.head, "bias", None), self.spec,
+                            self.chunk_elems, *row_args)
+
+    def zero_loss(self) -> torch.Tensor:
+        """A zero attached to the graph through the head and every row, as the dense path's (the engine's loss for
+        a skipped, non-finite step; under ZeRO-3 call it inside :func:`within_head`)."""
+        return self.map_rows(self.answer, _zero_rows).sum()
+
+    def rebind(self, packed: torch.Tensor) -> "ChunkedLogits":
+        _, start, stop = self.source
+        return ChunkedLogits(packed[start:stop], self.answer, self.head, self.spec, self.chunk_elems,
+                             (packed, start, stop))
+
+
+def chunked_logits(head: torch.nn.Module, spec: HeadSpec, packed: torch.Tensor, answers: dict,
+                   chunk_elems: int) -> dict:
+    """One :class:`ChunkedLogits` per batch from the step's packed hidden rows (batches in ``answers`` order)."""
+    if not isinstance(head, torch.nn.Linear) or hasattr(head, "lora_A"):
+        raise UnsupportedHead(f"the chunked LM head needs a plain linear output layer, got {type(head).__name__} "
+                              "(a LoRA adapter on the head?); set train.head_path: dense or leave the head out of "
+                              "model.lora.target_modules")
+    out, start = {}, 0
+    for name, answer in answers.items():
+        stop = start + int(answer.sum())
+        out[name] = ChunkedLogits(packed[start:stop], answer, head, spec, chunk_elems, (packed, start, stop))
+        start = stop
+    return out
+
+
+def run_inside(module: torch.nn.Module, fn, *inputs):
+    """``fn(*inputs)`` run as ``module``'s forward, so that hooks on ``module`` wrap it: under ZeRO-3 the head's
+    parameters are gathered ONCE before ``fn`` (not per chunk, not per term), released after it, gathered once again
+    before ``fn``'s backward (DeepSpeed's pre-backward hook on the outputs) and released after it.  Without hooks it
+    is a plain call."""
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        return module(*inputs)
+    finally:
+        if had:
+            module.forward = old
+        else:
+            del module.forward
+
+
+def within_head(logits: dict, fn):
+    """``fn(logits)`` -- for :class:`ChunkedLogits`, inside one call of their head module (:func:`run_inside`),
+    with each batch's hidden rows taken from that call's input."""
+    chunked = [v for v in logits.values() if isinstance(v, ChunkedLogits)]
+    if not chunked:
+        return fn(logits)
+    packed = chunked[0].source[0]
+
+    def inner(h):
+        return fn({n: v.rebind(h) if isinstance(v, ChunkedLogits) else v for n, v in logits.items()})
+
+    return run_inside(chunked[0].head, inner, packed)
