@@ -22,6 +22,7 @@ set ``train.answer_only_logits: false`` (the model then forms its own full logit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -173,68 +174,123 @@ def chunk_rows(vocab: int, chunk_elems: int) -> int:
     return max(1, int(chunk_elems) // max(1, int(vocab)))
 
 
-class _ChunkedRows(torch.autograd.Function):
-    """``fn(post(head(h_c)), *args_c)`` for chunks ``c`` of rows, concatenated; the chunk's logits are recomputed
-    in backward instead of saved (the approach of Liger-Kernel's fused linear cross-entropy / Apple's Cut
-    Cross-Entropy, for any per-row function ``fn``).
+class ChunkedHead:
+    """The head applied to a set of packed hidden rows, one chunk of positions at a time, for any number of per-row
+    functions (the terms of a step); their backward shares ONE pass and ONE head-gradient buffer.
 
-    Saved: ``hidden`` [N, d], the weight (a handle, not a copy) and ``fn``'s per-row arguments -- O(N d), never
-    O(N V).  Backward, per chunk: recompute ``lin = h_c W^T + b`` (leaf), ``out = fn(post(lin))``,
-    ``dlin = d(out . g_c)/dlin`` by autograd (so ``fn``'s math lives once, in palu_ds.losses), then
-    ``dh_c = hidden_scale * dlin W``, ``dW += dlin^T h_c`` (one [V, d] buffer for all chunks, in W's dtype),
-    ``db += sum(dlin)``.  Peak extra memory: one chunk's logits and their autograd temporaries + dW.
-    Cost: one more head matmul than the dense path (the forward one, recomputed).
+    Forward (:meth:`rows`): ``fn(post(head(h_c)), *args_c)`` per chunk ``c`` under no_grad -- the chunk's logits are
+    freed before the next chunk.  Each call returns a :class:`_Job` output whose backward only records its incoming
+    gradient; all of them hang on one :class:`_Anchor` node (inputs: the packed hidden rows, the weight, the bias),
+    whose backward autograd runs once, after every recorded job that the loss reaches.  It then recomputes each
+    job's chunks (``lin = h_c W^T + b`` as a leaf, ``out = fn(post(lin))``, ``dlin = d(out . g_c)/dlin`` by autograd,
+    so ``fn``'s math lives once, in palu_ds.losses) and accumulates ``dh_c = hidden_scale * dlin W`` and
+    ``dW += dlin^T h_c`` (``db += sum dlin``) into one buffer each -- the approach of Liger-Kernel's fused linear
+    cross-entropy and Apple's Cut Cross-Entropy, for every term of the step together.
+
+    Memory: O(rows x d) saved, one chunk's logits and their autograd temporaries, one [V, d] gradient -- never
+    O(positions x V).  Cost: one head matmul more than the dense path (the forward's, recomputed in backward).
     """
 
+    def __init__(self, packed: torch.Tensor, head: torch.nn.Module, spec: HeadSpec, chunk_elems: int):
+        self.packed, self.head, self.spec, self.chunk_elems = packed, head, spec, chunk_elems
+        self.jobs: list = []
+        self.anchor = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.head, "bias", None)
+
+    def logits(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.nn.functional.linear(self.spec.prepare(h), weight, bias)
+
+    def rows(self, index, fn, *row_args: torch.Tensor) -> torch.Tensor:
+        """``fn(logits[index], *row_args)`` for the packed rows ``index`` (a slice or a LongTensor)."""
+        n = self.packed[index].shape[0]
+        for a in row_args:
+            if a.shape[0] != n:
+                raise ValueError(f"per-row argument has {a.shape[0]} rows for {n} positions")
+            if a.requires_grad:
+                raise ValueError("chunked head: per-row arguments are constants (reference tensors, ids); "
+                                 "gradients flow only to the hidden states and the head")
+        params = [t for t in (self.packed, self.weight, self.bias) if t is not None]
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in params)):
+            return _Job.forward(None, None, self, index, fn, *row_args)
+        if self.anchor is None:
+            self.anchor = _Anchor.apply(self, self.packed, self.weight, self.bias)
+        return _Job.apply(self.anchor, self, index, fn, *row_args)
+
+    def _chunks(self, index):
+        h = self.packed[index]
+        step = chunk_rows(self.weight.shape[0], self.chunk_elems)
+        for s in range(0, max(1, h.shape[0]), step):
+            yield s, min(s + step, h.shape[0]), h[s:s + step]
+
+
+class _Job(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, spec, rows, hidden, weight, bias, *args):
+    def forward(ctx, anchor, head, index, fn, *args):
         with torch.no_grad():
-            outs = [fn(spec.post(torch.nn.functional.linear(spec.prepare(hidden[s:s + rows]), weight, bias)),
-                       *(a[s:s + rows] for a in args))
-                    for s in range(0, max(1, hidden.shape[0]), rows)]
-        ctx.fn, ctx.spec, ctx.rows, ctx.has_bias = fn, spec, rows, bias is not None
-        ctx.save_for_backward(hidden, weight, bias, *args)
+            outs = [fn(head.spec.post(head.logits(h, head.weight, head.bias)), *(a[s:e] for a in args))
+                    for s, e, h in head._chunks(index)]
+        if ctx is not None:
+            ctx.job = (head, index, fn, args)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, bias, *args = ctx.saved_tensors
-        fn, spec, rows = ctx.fn, ctx.spec, ctx.rows
-        need_h, need_w, need_b = ctx.needs_input_grad[3:6]
-        gh = torch.empty_like(hidden) if need_h else None
+        head, index, fn, args = ctx.job
+        head.jobs.append((index, fn, args, grad))
+        return (torch.zeros((), device=grad.device), None, None, None, *(None for _ in args))
+
+
+class _Anchor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, head, packed, weight, bias):
+        ctx.head = head
+        ctx.save_for_backward(packed, weight, bias)
+        return packed.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        head = ctx.head
+        packed, weight, bias = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[1:4]
+        gh = torch.zeros_like(packed) if need_h else None
         gw = torch.zeros_like(weight) if need_w else None
         gb = torch.zeros_like(bias) if need_b and bias is not None else None
-        for s in range(0, hidden.shape[0], rows):
-            h = spec.prepare(hidden[s:s + rows]).detach()
-            with torch.enable_grad():
-                lin = torch.nn.functional.linear(h, weight.detach(), None if bias is None else bias.detach())
-                lin.requires_grad_(True)
-                out = fn(spec.post(lin), *(a[s:s + rows] for a in args))
-                (dlin,) = torch.autograd.grad(out, lin, grad[s:s + rows].to(out.dtype))
-            dlin = dlin.to(weight.dtype)
-            if gh is not None:
-                d = dlin @ weight
-                gh[s:s + rows] = (d * spec.hidden_scale if spec.hidden_scale != 1.0 else d).to(hidden.dtype)
-            if gw is not None:
-                gw.addmm_(dlin.T, h.to(weight.dtype))
-            if gb is not None:
-                gb += dlin.sum(0).to(gb.dtype)
-        return (None, None, None, gh, gw, gb, *(None for _ in args))
+        w, b = weight.detach(), None if bias is None else bias.detach()
+        hs = head.spec.hidden_scale
+        jobs, head.jobs = head.jobs, []
+        for index, fn, args, grad in jobs:
+            rows = torch.arange(packed.shape[0], device=packed.device)[index] if gh is not None else None
+            for s, e, h in head._chunks(index):
+                h = h.detach()
+                with torch.enable_grad():
+                    lin = head.logits(h, w, b).requires_grad_(True)
+                    out = fn(head.spec.post(lin), *(a[s:e] for a in args))
+                    (dlin,) = torch.autograd.grad(out, lin, grad[s:e].to(out.dtype))
+                dlin = dlin.to(weight.dtype)
+                if gh is not None:
+                    d = dlin @ w
+                    gh.index_add_(0, rows[s:e], (d * hs if hs != 1.0 else d).to(packed.dtype))
+                if gw is not None:
+                    gw.addmm_(dlin.T, head.spec.prepare(h).to(weight.dtype))
+                if gb is not None:
+                    gb += dlin.sum(0).to(gb.dtype)
+        return None, gh, gw, gb
 
 
 def chunked_rows(fn, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: HeadSpec,
                  chunk_elems: int, *row_args: torch.Tensor) -> torch.Tensor:
-    """``fn(post(head(hidden)), *row_args)`` with at most ``chunk_elems`` logits alive at a time (forward and
+    """``fn(post(hidden W^T + b), *row_args)`` with at most ``chunk_elems`` logits alive at a time (forward and
     backward); same values and gradients as the dense form up to rounding.  ``fn`` must be per-row: row ``i`` of its
     output depends only on row ``i`` of its inputs (every per-position loss of palu_ds.losses is)."""
-    for a in row_args:
-        if a.shape[0] != hidden.shape[0]:
-            raise ValueError(f"per-row argument has {a.shape[0]} rows for {hidden.shape[0]} positions")
-        if a.requires_grad:
-            raise ValueError("chunked_rows: per-row arguments are constants (reference tensors, ids); "
-                             "gradients flow only to the hidden states and the head")
-    rows = chunk_rows(weight.shape[0], chunk_elems)
-    return _ChunkedRows.apply(fn, spec, rows, hidden, weight, bias, *row_args)
+    head = SimpleNamespace(weight=weight, bias=bias)  # what ChunkedHead reads of a head module
+    return ChunkedHead(hidden, head, spec, chunk_elems).rows(slice(None), fn, *row_args)
 
 
 def _zero_rows(z: torch.Tensor) -> torch.Tensor:
@@ -244,64 +300,64 @@ def _zero_rows(z: torch.Tensor) -> torch.Tensor:
 class ChunkedLogits(PackedLogits):
     """Stands where :class:`palu_ds.batch.PackedLogits` does (same ``answer`` mask, same row order), but holds the
     last hidden states of the answer positions and the head instead of their logits.  The methods evaluate every
-    term through :meth:`map_rows` (:func:`palu_ds.losses.map_rows`), which runs :func:`chunked_rows`: the V-wide
-    logits exist one chunk at a time.  Indexing it (``self[mask]``) is refused: that would form them all."""
+    term through :meth:`map_rows` (:func:`palu_ds.losses.map_rows`), which runs :class:`ChunkedHead`: the V-wide
+    logits exist one chunk at a time.  Indexing it (``self[mask]``) is refused: that would form them all.
+    The batches of one step share one :class:`ChunkedHead` (``head``) over their packed rows ``[start, stop)``."""
 
-    def __init__(self, hidden: torch.Tensor, answer: torch.Tensor, head: torch.nn.Module, spec: HeadSpec,
-                 chunk_elems: int, source: tuple | None = None):  # noqa: D107 -- no super().__init__: no rows
-        if hidden.shape[0] != int(answer.sum()):
-            raise ValueError(f"{hidden.shape[0]} hidden rows for {int(answer.sum())} answer positions")
-        self.hidden, self.answer, self.head, self.spec, self.chunk_elems = hidden, answer, head, spec, chunk_elems
-        self.source = source  # (all packed hidden rows of the step, start, stop): see within_head
+    def __init__(self, chunked: ChunkedHead, start: int, stop: int, answer: torch.Tensor):  # noqa: D107 (no rows)
+        if stop - start != int(answer.sum()):
+            raise ValueError(f"{stop - start} hidden rows for {int(answer.sum())} answer positions")
+        self.chunked, self.start, self.stop, self.answer = chunked, start, stop, answer
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.chunked.packed[self.start:self.stop]
 
     @property
     def device(self) -> torch.device:
-        return self.hidden.device
+        return self.chunked.packed.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.hidden.dtype
+        return self.chunked.packed.dtype
 
     def __getitem__(self, mask):
         raise TypeError("ChunkedLogits never forms the V-wide logits; evaluate per-row functions with "
                         "palu_ds.losses.map_rows(logits, mask, fn, *row_args)")
 
-    def _select(self, mask: torch.Tensor) -> torch.Tensor:
+    def _index(self, mask: torch.Tensor):
         if mask is self.answer:
-            return self.hidden
+            return slice(self.start, self.stop)
         if mask.shape != self.answer.shape or mask.dtype != torch.bool:
             raise TypeError("ChunkedLogits is indexed by a boolean mask over the shifted positions")
         if (mask & ~self.answer).any():
             raise ValueError("mask selects positions without an answer label: their hidden states were not kept")
-        return self.hidden if bool(mask[self.answer].all()) else self.hidden[mask[self.answer]]
+        sel = mask[self.answer]
+        return slice(self.start, self.stop) if bool(sel.all()) else self.start + sel.nonzero().squeeze(-1)
 
     def map_rows(self, mask: torch.Tensor, fn, *row_args: torch.Tensor) -> torch.Tensor:
         """``fn(logits[mask], *row_args)`` computed chunk by chunk from the hidden states."""
-        return chunked_rows(fn, self._select(mask), self.head.weight, getattr(self.head, "bias", None), self.spec,
-                            self.chunk_elems, *row_args)
+        return self.chunked.rows(self._index(mask), fn, *row_args)
 
     def zero_loss(self) -> torch.Tensor:
         """A zero attached to the graph through the head and every row, as the dense path's (the engine's loss for
         a skipped, non-finite step; under ZeRO-3 call it inside :func:`within_head`)."""
         return self.map_rows(self.answer, _zero_rows).sum()
 
-    def rebind(self, packed: torch.Tensor) -> "ChunkedLogits":
-        _, start, stop = self.source
-        return ChunkedLogits(packed[start:stop], self.answer, self.head, self.spec, self.chunk_elems,
-                             (packed, start, stop))
-
 
 def chunked_logits(head: torch.nn.Module, spec: HeadSpec, packed: torch.Tensor, answers: dict,
                    chunk_elems: int) -> dict:
-    """One :class:`ChunkedLogits` per batch from the step's packed hidden rows (batches in ``answers`` order)."""
+    """One :class:`ChunkedLogits` per batch over the step's packed hidden rows (batches in ``answers`` order), all
+    sharing one :class:`ChunkedHead`."""
     if not isinstance(head, torch.nn.Linear) or hasattr(head, "lora_A"):
         raise UnsupportedHead(f"the chunked LM head needs a plain linear output layer, got {type(head).__name__} "
                               "(a LoRA adapter on the head?); set train.head_path: dense or leave the head out of "
                               "model.lora.target_modules")
+    chunked = ChunkedHead(packed, head, spec, chunk_elems)
     out, start = {}, 0
     for name, answer in answers.items():
         stop = start + int(answer.sum())
-        out[name] = ChunkedLogits(packed[start:stop], answer, head, spec, chunk_elems, (packed, start, stop))
+        out[name] = ChunkedLogits(chunked, start, stop, answer)
         start = stop
     return out
 
@@ -325,13 +381,15 @@ def run_inside(module: torch.nn.Module, fn, *inputs):
 
 def within_head(logits: dict, fn):
     """``fn(logits)`` -- for :class:`ChunkedLogits`, inside one call of their head module (:func:`run_inside`),
-    with each batch's hidden rows taken from that call's input."""
+    over a fresh :class:`ChunkedHead` whose hidden rows are that call's input."""
     chunked = [v for v in logits.values() if isinstance(v, ChunkedLogits)]
     if not chunked:
         return fn(logits)
-    packed = chunked[0].source[0]
+    old = chunked[0].chunked
 
-    def inner(h):
-        return fn({n: v.rebind(h) if isinstance(v, ChunkedLogits) else v for n, v in logits.items()})
+    def inner(packed):
+        new = ChunkedHead(packed, old.head, old.spec, old.chunk_elems)
+        return fn({n: ChunkedLogits(new, v.start, v.stop, v.answer) if isinstance(v, ChunkedLogits) else v
+                   for n, v in logits.items()})
 
-    return run_inside(chunked[0].head, inner, packed)
+    return run_inside(old.head, inner, old.packed)

@@ -95,6 +95,7 @@ def test_without_bias():
 def test_chunks_bound_the_logits_alive_in_forward_and_backward():
     g = torch.Generator().manual_seed(3)
     head = torch.nn.Linear(D, V).double()
+    w, b = head.weight.detach().clone().requires_grad_(True), head.bias.detach().clone()  # plain tensors work too
     h = torch.randn(23, D, dtype=torch.float64, generator=g, requires_grad=True)
     y = torch.randint(0, V, (23,), generator=g)
     seen = []
@@ -103,11 +104,15 @@ def test_chunks_bound_the_logits_alive_in_forward_and_backward():
         seen.append(z.shape[0])
         return L.row_logps(z, t)
 
-    out = chunked_rows(fn, h, head.weight, head.bias, HeadSpec("x"), 5 * V, y)
-    out.sum().backward()
+    out = chunked_rows(fn, h, w, b, HeadSpec("x"), 5 * V, y)
+    (out * torch.arange(23.0, dtype=torch.float64)).sum().backward()  # per-row upstream gradients
     assert chunk_rows(V, 5 * V) == 5 and seen == [5, 5, 5, 5, 3] * 2  # forward, then the recompute in backward
-    want = L.row_logps(head(h), y)
+    h2 = h.detach().clone().requires_grad_(True)
+    want = L.row_logps(head(h2), y)
+    (want * torch.arange(23.0, dtype=torch.float64)).sum().backward()
     torch.testing.assert_close(out, want, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(w.grad, head.weight.grad, rtol=RTOL, atol=ATOL)
 
 
 def test_chunked_logits_refuse_forming_rows_and_misaligned_args():
@@ -218,3 +223,23 @@ def test_config_validation():
         load_config(None, base + ["train.head_path=chunked", "train.answer_only_logits=false"])
     with pytest.raises(ConfigError, match="head_chunk_elems must be >= 1"):
         load_config(None, base + ["train.head_chunk_elems=0"])
+
+
+def test_terms_share_one_backward_and_an_unused_term_is_harmless():
+    """Two terms on the same rows (one left out of the loss): one gradient buffer, the used term's gradients."""
+    g = torch.Generator().manual_seed(4)
+    head = torch.nn.Linear(D, V).double()
+    answer = torch.ones(1, 9, dtype=torch.bool)
+    h = torch.randn(9, D, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (9,), generator=g)
+    lg = chunked_logits(head, HeadSpec("x"), h, {"forget": answer}, 2 * V)["forget"]
+    used = L.map_rows(lg, answer, L.row_logps, y).sum()
+    L.map_rows(lg, answer, L.logit_margin_flat).sum()          # computed, never back-propagated
+    used.backward()
+    h2 = h.detach().clone().requires_grad_(True)
+    head2 = torch.nn.Linear(D, V).double()
+    head2.load_state_dict(head.state_dict())
+    L.row_logps(head2(h2), y).sum().backward()
+    for a, b in ((h.grad, h2.grad), (head.weight.grad, head2.weight.grad), (head.bias.grad, head2.bias.grad)):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    assert lg.chunked.jobs == []                                # the shared backward consumed what it recorded
