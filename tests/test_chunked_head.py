@@ -243,3 +243,20 @@ def test_terms_share_one_backward_and_an_unused_term_is_harmless():
     for a, b in ((h.grad, h2.grad), (head.weight.grad, head2.weight.grad), (head.bias.grad, head2.bias.grad)):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
     assert lg.chunked.jobs == []                                # the shared backward consumed what it recorded
+
+
+def test_all_terms_of_a_step_run_inside_one_head_call():
+    """Under ZeRO-3 a module's parameters are gathered by hooks around its call: within_head makes the whole step's
+    terms one call of the head (not one per chunk or per term) -- counted here with a forward pre-hook."""
+    head, _, batches, hidden0 = world()
+    m = get_method("palu")
+    answers = {n: b["labels"][:, 1:] != IGNORE_INDEX for n, b in batches.items() if n in m.batches}
+    hidden = {n: hidden0[n].clone().requires_grad_(True) for n in answers}
+    packed = torch.cat([hidden[n][:, :-1][a] for n, a in answers.items()])
+    calls = []
+    head.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape))
+    refs = {"forget": pack_ref(hidden0["forget"] @ head.weight.detach().T, batches["forget"], K=5, k=4)}
+    logits = chunked_logits(head, HeadSpec("x"), packed, answers, 2 * V)
+    terms = within_head(logits, lambda lg: m.terms(StepInputs(logits=lg, batches=batches, ref=refs), {"K": 5}))
+    m.objective(terms, {"K": 5}).backward()
+    assert calls == [packed.shape] and len(terms) == 3 and head.weight.grad.abs().sum() > 0
