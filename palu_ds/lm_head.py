@@ -193,8 +193,14 @@ class ChunkedHead:
 
     def __init__(self, packed: torch.Tensor, head: torch.nn.Module, spec: HeadSpec, chunk_elems: int):
         self.packed, self.head, self.spec, self.chunk_elems = packed, head, spec, chunk_elems
-        self.jobs: list = []
+        # what the anchor's backward needs, without a reference back to this object (which holds the anchor
+        # tensor): no reference cycle through the autograd graph
+        self.state = SimpleNamespace(jobs=[], spec=spec, chunk_elems=chunk_elems)
         self.anchor = None
+
+    @property
+    def jobs(self) -> list:
+        return self.state.jobs
 
     @property
     def weight(self) -> torch.Tensor:
@@ -205,7 +211,7 @@ class ChunkedHead:
         return getattr(self.head, "bias", None)
 
     def logits(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return torch.nn.functional.linear(self.spec.prepare(h), weight, bias)
+        return _head_logits(self.spec, h, weight, bias)
 
     def rows(self, index, fn, *row_args: torch.Tensor) -> torch.Tensor:
         """``fn(logits[index], *row_args)`` for the packed rows ``index`` (a slice or a LongTensor)."""
@@ -220,14 +226,20 @@ class ChunkedHead:
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in params)):
             return _Job.forward(None, None, self, index, fn, *row_args)
         if self.anchor is None:
-            self.anchor = _Anchor.apply(self, self.packed, self.weight, self.bias)
+            self.anchor = _Anchor.apply(self.state, self.packed, self.weight, self.bias)
         return _Job.apply(self.anchor, self, index, fn, *row_args)
 
     def _chunks(self, index):
-        h = self.packed[index]
-        step = chunk_rows(self.weight.shape[0], self.chunk_elems)
-        for s in range(0, max(1, h.shape[0]), step):
-            yield s, min(s + step, h.shape[0]), h[s:s + step]
+        return _chunks(self.packed[index], chunk_rows(self.weight.shape[0], self.chunk_elems))
+
+
+def _chunks(h: torch.Tensor, step: int):
+    for s in range(0, max(1, h.shape[0]), step):
+        yield s, min(s + step, h.shape[0]), h[s:s + step]
+
+
+def _head_logits(spec: HeadSpec, h, weight, bias) -> torch.Tensor:
+    return torch.nn.functional.linear(spec.prepare(h), weight, bias)
 
 
 class _Job(torch.autograd.Function):
@@ -243,42 +255,44 @@ class _Job(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         head, index, fn, args = ctx.job
-        head.jobs.append((index, fn, args, grad))
+        ctx.job = None
+        head.state.jobs.append((index, fn, args, grad))
         return (torch.zeros((), device=grad.device), None, None, None, *(None for _ in args))
 
 
 class _Anchor(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, head, packed, weight, bias):
-        ctx.head = head
+    def forward(ctx, state, packed, weight, bias):
+        ctx.state = state
         ctx.save_for_backward(packed, weight, bias)
         return packed.new_zeros(())
 
     @staticmethod
     def backward(ctx, _):
-        head = ctx.head
+        state = ctx.state
         packed, weight, bias = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[1:4]
         gh = torch.zeros_like(packed) if need_h else None
         gw = torch.zeros_like(weight) if need_w else None
         gb = torch.zeros_like(bias) if need_b and bias is not None else None
         w, b = weight.detach(), None if bias is None else bias.detach()
-        hs = head.spec.hidden_scale
-        jobs, head.jobs = head.jobs, []
+        spec = state.spec
+        hs = spec.hidden_scale
+        jobs, state.jobs = state.jobs, []
         for index, fn, args, grad in jobs:
             rows = torch.arange(packed.shape[0], device=packed.device)[index] if gh is not None else None
-            for s, e, h in head._chunks(index):
+            for s, e, h in _chunks(packed[index], chunk_rows(weight.shape[0], state.chunk_elems)):
                 h = h.detach()
                 with torch.enable_grad():
-                    lin = head.logits(h, w, b).requires_grad_(True)
-                    out = fn(head.spec.post(lin), *(a[s:e] for a in args))
+                    lin = _head_logits(spec, h, w, b).requires_grad_(True)
+                    out = fn(spec.post(lin), *(a[s:e] for a in args))
                     (dlin,) = torch.autograd.grad(out, lin, grad[s:e].to(out.dtype))
                 dlin = dlin.to(weight.dtype)
                 if gh is not None:
                     d = dlin @ w
                     gh.index_add_(0, rows[s:e], (d * hs if hs != 1.0 else d).to(packed.dtype))
                 if gw is not None:
-                    gw.addmm_(dlin.T, head.spec.prepare(h).to(weight.dtype))
+                    gw.addmm_(dlin.T, spec.prepare(h).to(weight.dtype))
                 if gb is not None:
                     gb += dlin.sum(0).to(gb.dtype)
         return None, gh, gw, gb

@@ -260,3 +260,22 @@ def test_all_terms_of_a_step_run_inside_one_head_call():
     terms = within_head(logits, lambda lg: m.terms(StepInputs(logits=lg, batches=batches, ref=refs), {"K": 5}))
     m.objective(terms, {"K": 5}).backward()
     assert calls == [packed.shape] and len(terms) == 3 and head.weight.grad.abs().sum() > 0
+
+
+def test_no_reference_cycle_keeps_a_step_alive():
+    """After backward, dropping the step's objects frees its hidden rows without the cycle collector."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        head = torch.nn.Linear(D, V).double()
+        h = torch.randn(6, D, dtype=torch.float64, requires_grad=True)
+        packed = h * 1.0
+        lg = chunked_logits(head, HeadSpec("x"), packed, {"forget": torch.ones(1, 6, dtype=torch.bool)}, V)
+        L.map_rows(lg["forget"], lg["forget"].answer, L.logit_margin_flat).sum().backward()
+        ref = weakref.ref(packed)
+        del lg, packed
+        assert ref() is None
+    finally:
+        gc.enable()
