@@ -67,3 +67,12 @@ class PackedLogits:
         if (mask & ~self.answer).any():
             raise ValueError("mask selects positions without an answer label: their logits were not computed")
         return self.rows[mask[self.answer]]
+
+    def map_rows(self, mask: torch.Tensor, fn, *row_args: torch.Tensor) -> torch.Tensor:
+        """``fn(self[mask], *row_args)`` for a per-row function ``fn`` (see :func:`palu_ds.losses.map_rows`;
+        :class:`palu_ds.lm_head.ChunkedLogits` evaluates the same call chunk by chunk from the hidden states)."""
+        return fn(self[mask], *row_args)
+
+    def zero_loss(self) -> torch.Tensor:
+        """A zero attached to the graph through every row (the engine's loss for a skipped, non-finite step)."""
+        return torch.nan_to_num(self.rows).sum() * 0.0

@@ -86,6 +86,8 @@ class TrainConfig:
     max_nonfinite: int = 3  # consecutive non-finite steps before stopping
     timeout: float = 600.0  # seconds: bound on any collective (process-group timeout) and on one step (watchdog)
     answer_only_logits: bool = True  # LM head only where the next token is an answer token (False: full logits)
+    head_path: str = "dense"  # dense: the answer rows' logits at once | chunked: head + losses in chunks (issue 17)
+    head_chunk_elems: int = 1 << 24  # chunked: logits elements alive at a time (rows = this // vocabulary)
 
 
 @dataclass
@@ -217,6 +219,11 @@ def validate_config(cfg: RunConfig, method=None) -> None:
     _check_ranges(cfg)
     if cfg.eval.suite not in ("tofu", "muse"):
         raise ConfigError(f"eval.suite must be tofu or muse, got {cfg.eval.suite!r}")
+    if cfg.train.head_path not in ("dense", "chunked"):
+        raise ConfigError(f"train.head_path must be dense or chunked, got {cfg.train.head_path!r}")
+    if cfg.train.head_path == "chunked" and not cfg.train.answer_only_logits:
+        raise ConfigError("train.head_path=chunked computes the head from the answer positions' hidden states: "
+                          "it needs train.answer_only_logits: true (or set train.head_path: dense)")
     if method is None:
         from palu_ds.methods import get_method
 
@@ -266,6 +273,7 @@ RANGES = [
     ("train.max_steps", "int", 1, None, False, True), ("train.max_grad_norm", "num", 0, None, False, False),
     ("train.save_every", "int", 0, None, False, False), ("train.keep_last", "int", 1, None, False, False),
     ("train.max_nonfinite", "int", 1, None, False, False), ("train.timeout", "num", 0, None, True, False),
+    ("train.head_chunk_elems", "int", 1, None, False, False),
     ("data.max_length", "int", 2, None, False, False), ("data.n_init", "int", 1, None, False, True),
     ("eval.every", "int", 0, None, False, False), ("eval.batch_size", "int", 1, None, False, False),
     ("eval.max_new_tokens", "int", 1, None, False, True), ("eval.max_examples", "int", 1, None, False, True),

@@ -23,7 +23,7 @@ from dataclasses import asdict
 
 import torch
 
-from palu_ds import checkpoint, dist
+from palu_ds import checkpoint, dist, lm_head
 from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 from palu_ds.config import RunConfig
 from palu_ds.data.build import build_datasets, report_spans
@@ -157,6 +157,12 @@ class Trainer:
         self.answer_only = cfg.train.answer_only_logits and _accepts_logits_to_keep(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        if cfg.train.head_path == "chunked" and not self.answer_only:
+            raise lm_head.UnsupportedHead(f"train.head_path=chunked: {type(model).__name__}.forward takes no "
+                                          "logits_to_keep, so no answer-only hidden states; set train.head_path: dense")
+        if self.answer_only:  # the head path must give the model's own logits: refuse by name where it cannot
+            self.head_spec = lm_head.head_spec(model)
+            lm_head.verify(self.engine.module, self.head_spec)
         self.dual = self._build_dual()
 
         resume = self._resume_path()
@@ -248,7 +254,10 @@ class Trainer:
             answers[n] = micro[n]["labels"][:, 1:] != IGNORE_INDEX
             rows.append(hidden[row:row + b, :t - 1][answers[n]])
             row += b
-        logits = self.engine.module.get_output_embeddings()(torch.cat(rows))
+        if self.cfg.train.head_path == "chunked":  # hidden rows only: logits formed chunk by chunk in the terms
+            return lm_head.chunked_logits(lm_head.output_head(self.engine.module), self.head_spec, torch.cat(rows),
+                                          answers, self.cfg.train.head_chunk_elems)
+        logits = lm_head.lm_logits(self.engine.module, torch.cat(rows), self.head_spec)
         out = {}
         for n, part in zip(names, logits.split([int(a.sum()) for a in answers.values()])):
             out[n] = PackedLogits(part, answers[n])
@@ -271,7 +280,8 @@ class Trainer:
             micro = {n: {key: v.to(self.device) for key, v in b.items()} for n, b in micro.items()}
             ref = {n: self.reference.lookup(n, b) for n, b in micro.items()}
             logits = self._forward(micro)
-            terms = self.method.terms(StepInputs(logits=logits, batches=micro, ref=ref, normalizers=norms), self.hp)
+            terms = lm_head.within_head(logits, lambda lg: self.method.terms(  # chunked: inside one head call
+                StepInputs(logits=lg, batches=micro, ref=ref, normalizers=norms), self.hp))
             if self.dual is not None:  # dual_update=micro_batch moves it between micro-batches (open-unlearning)
                 lam = self.dual.value
             loss = self.method.objective(terms, self.hp, lam) * (self.world * self.gas)
@@ -279,7 +289,9 @@ class Trainer:
                 loss = loss * float("nan")
             if not torch.isfinite(loss):  # local decision; all ranks still run backward, so collectives match
                 bad = True
-                loss = sum(torch.nan_to_num(getattr(v, "rows", v)).sum() for v in logits.values()) * 0.0
+                loss = lm_head.within_head(logits, lambda lg: sum(
+                    v.zero_loss() if isinstance(v, PackedLogits) else torch.nan_to_num(v).sum() * 0.0
+                    for v in lg.values()))
             for name, v in terms.items():
                 term_sums[name] = term_sums.get(name, 0.0) + v.detach().float()
             tokens += sum(int(b["attention_mask"].sum()) for n, b in micro.items() if n != "idk")

@@ -50,9 +50,27 @@ def aggregate_loss(values: torch.Tensor, mask: torch.Tensor | None = None, norma
     return values.sum() / normalizer.clamp(min=1)
 
 
+def map_rows(logits, mask: torch.Tensor, fn, *row_args: torch.Tensor) -> torch.Tensor:
+    """``fn(logits[mask], *row_args)``: a per-position loss ``fn`` (row i of its output depends only on row i of
+    its inputs) on the rows ``mask`` selects.  ``logits`` is a dense [B, T, V] tensor or a logits provider with its
+    own ``map_rows`` (:class:`palu_ds.batch.PackedLogits`; :class:`palu_ds.lm_head.ChunkedLogits`, which computes
+    the same rows from the hidden states a chunk at a time, recomputing them in backward).  Every loss below that
+    needs V-wide rows goes through here, so one copy of the math serves the dense and the chunked head.
+    """
+    if hasattr(logits, "map_rows"):
+        return logits.map_rows(mask, fn, *row_args)
+    return fn(logits[mask], *row_args)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Token / sequence log-probabilities (NLL, GradAscent, GradDiff, NPO, SimNPO, DPO)
 # ----------------------------------------------------------------------------------------------------------------
+def row_logps(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(z_n)[y_n]`` per row; [N] from rows [N, V] and targets [N] (float32 math).
+    Gradient w.r.t. ``z_n``: ``onehot(y_n) - softmax(z_n)``."""
+    return -F.cross_entropy(_f32(rows), targets, reduction="none")
+
+
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``log p_theta(labels[b,t] | x_<t)`` at answer tokens, 0 where ``labels == -100``; [B, T] from [B, T, V].
 
@@ -60,8 +78,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Example: uniform logits over V=4 -> every answer token gets ``-ln 4``.
     """
     mask = labels != IGNORE_INDEX
-    rows = _f32(logits[mask])
-    lp = -F.cross_entropy(rows, labels[mask], reduction="none")
+    lp = map_rows(logits, mask, row_logps, labels[mask])
     return torch.zeros(labels.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp)
 
 

@@ -13,6 +13,7 @@ resident mode, ``logits`` [B, T, V] of the reference model, from which every par
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
@@ -114,7 +115,7 @@ def palu_sensitive(x: StepInputs, hp) -> Tensor:
         per = L.palu_local_entropy_topk(hidden_s, x.head_weight, ids, x.head_bias, hp["detach_target"],
                                         hp["topk_chunk_elems"])
     else:
-        per = L.palu_local_entropy(logits_s[sens], ids, hp["detach_target"])
+        per = L.map_rows(logits_s, sens, partial(L.palu_local_entropy, detach_target=hp["detach_target"]), ids)
     return L.aggregate_loss(per, None, _norm(x, "forget", "sens"))
 
 
@@ -123,21 +124,21 @@ def palu_common_kl(x: StepInputs, hp) -> Tensor:
     exact from resident ``logits``."""
     logits_s, _, _, common = _shifted(x, "forget", "common_mask")
     ref = _ref(x, "forget", "kl_ids", "kl_logps")
-    rows = logits_s[common]
     if "kl_ids" in ref and "kl_logps" in ref:
         k = hp["kl_topk"] or ref["kl_ids"].shape[-1]
-        ids, logps = ref["kl_ids"][:, :k].to(rows.device, torch.long), ref["kl_logps"][:, :k].to(rows.device)
-        _check_rows("kl_ids", ids.shape[0], rows.shape[0])
-        per = L.kl_sparse(rows, ids, logps, hp["kl_direction"])
+        ids, logps = ref["kl_ids"][:, :k].to(logits_s.device, torch.long), ref["kl_logps"][:, :k].to(logits_s.device)
+        _check_rows("kl_ids", ids.shape[0], int(common.sum()))
+        per = L.map_rows(logits_s, common, partial(L.kl_sparse, direction=hp["kl_direction"]), ids, logps)
     else:
-        per = L.kl_exact(rows, ref["logits"][:, :-1][common], hp["kl_direction"])
+        ref_rows = ref["logits"][:, :-1][common].to(logits_s.device)
+        per = L.map_rows(logits_s, common, partial(L.kl_exact, direction=hp["kl_direction"]), ref_rows)
     return L.aggregate_loss(per, None, _norm(x, "forget", "common"))
 
 
 def flat_forget(x: StepInputs, hp) -> Tensor:
     """Logit-margin flattening averaged over the forget batch's answer tokens (arXiv 2506.05314)."""
     logits_s, _, answer = _shifted(x, "forget")
-    return L.aggregate_loss(L.logit_margin_flat(logits_s[answer]), None, _norm(x, "forget", "answer"))
+    return L.aggregate_loss(L.map_rows(logits_s, answer, L.logit_margin_flat), None, _norm(x, "forget", "answer"))
 
 
 def npo_forget(x: StepInputs, hp) -> Tensor:

@@ -1,0 +1,409 @@
+"""The LM head exactly as the model's own forward applies it -- the one place that knows an architecture's head.
+
+The engine's answer-only path (``train.answer_only_logits``) does not let the model form logits: it takes the last
+hidden states and calls the head itself on the answer positions only.  Some causal LMs do more than ``W h + b``
+after (or before) their head; the head path must do the same or the training logits differ from the model's.
+What transformers 5.24's ``*ForCausalLM.forward`` do (read from their source):
+
+* Gemma-2/3/3n/4, VaultGemma, NanoChat, Beam: ``z = cap * tanh(z / cap)`` with ``config.final_logit_softcapping``
+  (RecurrentGemma: ``config.logits_soft_cap``);
+* Cohere, Cohere2, Cohere2-MoE, Cohere-Compass: ``z = z * config.logit_scale``;
+* Granite (and its MoE / SWA / hybrid variants): ``z = z / config.logits_scaling``; HyperCLOVAX:
+  ``z = z * config.logits_scaling``; Falcon-H1: ``z = z * config.lm_head_multiplier``;
+* MiniCPM3: ``h = h / config.logits_scaling`` before the head;
+* Llama, Qwen2/3, Mistral, Phi, SmolLM, OLMo, ... (the large majority): nothing.
+
+Architectures whose head is something else (a vocabulary slice, a learned soft-cap module, a decoder after the
+head, n-gram streams, ...) are refused by name (:data:`REFUSED`); for any other, :func:`verify` compares the head
+path with the model's own logits once, on a few tokens, and refuses on a mismatch.  Either way the error says to
+set ``train.answer_only_logits: false`` (the model then forms its own full logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from palu_ds.batch import PackedLogits
+
+# model_type -> config attribute of the final logit soft-cap ``cap * tanh(z / cap)`` (None in the config = off)
+SOFTCAP = {"gemma2": "final_logit_softcapping", "gemma3_text": "final_logit_softcapping",
+           "gemma3n_text": "final_logit_softcapping", "gemma4_text": "final_logit_softcapping",
+           "gemma4_unified_text": "final_logit_softcapping", "vaultgemma": "final_logit_softcapping",
+           "nanochat": "final_logit_softcapping", "beam": "final_logit_softcapping",
+           "recurrent_gemma": "logits_soft_cap"}
+# model_type -> (config attribute, power): logits *= attr ** power
+SCALE = {"cohere": ("logit_scale", 1), "cohere2": ("logit_scale", 1), "cohere2_moe": ("logit_scale", 1),
+         "cohere_compass_text": ("logit_scale", 1),
+         "granite": ("logits_scaling", -1), "granite_swa": ("logits_scaling", -1), "granitemoe": ("logits_scaling", -1),
+         "granitemoe_swa": ("logits_scaling", -1), "granitemoehybrid": ("logits_scaling", -1),
+         "granitemoeshared": ("logits_scaling", -1), "hyperclovax": ("logits_scaling", 1),
+         "falcon_h1": ("lm_head_multiplier", 1)}
+# model_type -> (config attribute, power): hidden *= attr ** power before the head
+HIDDEN_SCALE = {"minicpm3": ("logits_scaling", -1)}
+REFUSED = {
+    "inkling_text": "divides the hidden states by a muP multiplier and slices the padded vocabulary",
+    "inkling2_text": "applies a learned soft-cap module after the head",
+    "gemma4_assistant": "projects and masks the hidden states with ordered embeddings",
+    "gemma4_unified_assistant": "projects and masks the hidden states with ordered embeddings",
+    "prophetnet": "predicts n-gram streams",
+    "clvp_decoder": "applies a final norm inside the causal-LM head",
+    "modernbert-decoder": "runs a decoder layer after the head",
+    "electra": "runs a generator projection before the head",
+    "xlstm": "has no logits_to_keep head and chunks its inference logits",
+    "cpmant": "scales its logits inside the base model",
+}
+
+
+class UnsupportedHead(ValueError):
+    """The answer-only head cannot reproduce this architecture's logits."""
+
+
+def _what_to_do() -> str:
+    return "set train.answer_only_logits: false (the model then forms its own full logits)"
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """How one architecture turns last hidden states into logits: ``post(head(h * hidden_scale))`` with
+    ``post(z) = softcap(z * scale)``, ``softcap(z) = cap * tanh(z / cap)`` (identity when ``softcap`` is None)."""
+
+    arch: str
+    scale: float = 1.0
+    softcap: float | None = None
+    hidden_scale: float = 1.0
+
+    @property
+    def is_linear(self) -> bool:
+        """Whether the logits are affine in the head's output (no soft-cap): then e.g. mean(z) = h . mean(W)."""
+        return self.softcap is None
+
+    def prepare(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden if self.hidden_scale == 1.0 else hidden * self.hidden_scale
+
+    def post(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the model applies after its head (same operations, same order as its forward)."""
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def _config(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return getattr(base, "config", None)
+
+
+def head_spec(model) -> HeadSpec:
+    """The :class:`HeadSpec` of a (possibly peft-wrapped) transformers causal LM; :class:`UnsupportedHead` for an
+    architecture in :data:`REFUSED`."""
+    cfg = _config(model)
+    arch = getattr(cfg, "model_type", None) or type(model).__name__
+    if arch in REFUSED:
+        raise UnsupportedHead(f"architecture {arch!r} {REFUSED[arch]}: the answer-only LM head cannot reproduce its "
+                              f"logits; {_what_to_do()}")
+    kw = {}
+    if arch in SOFTCAP and getattr(cfg, SOFTCAP[arch], None) is not None:
+        kw["softcap"] = float(getattr(cfg, SOFTCAP[arch]))
+    if arch in SCALE:
+        attr, power = SCALE[arch]
+        kw["scale"] = float(getattr(cfg, attr)) ** power
+    if arch in HIDDEN_SCALE:
+        attr, power = HIDDEN_SCALE[arch]
+        kw["hidden_scale"] = float(getattr(cfg, attr)) ** power
+    return HeadSpec(arch, **kw)
+
+
+def output_head(model) -> torch.nn.Module:
+    """The output layer of a causal LM (peft-wrapped or a DeepSpeed engine); a bare ``nn.Linear`` is its own head."""
+    if isinstance(model, torch.nn.Linear):
+        return model
+    base = model.module if hasattr(model, "module") and not hasattr(model, "get_output_embeddings") else model
+    head = base.get_output_embeddings()
+    if head is None:
+        raise UnsupportedHead(f"{type(base).__name__} has no output embeddings (get_output_embeddings() is None); "
+                              f"{_what_to_do()}")
+    return head
+
+
+def lm_logits(model, hidden: torch.Tensor, spec: HeadSpec | None = None) -> torch.Tensor:
+    """The model's own logits from its last hidden states ``hidden`` [..., d] (any subset of positions)."""
+    spec = spec or head_spec(model)
+    return spec.post(output_head(model)(spec.prepare(hidden)))
+
+
+@torch.no_grad()
+def verify(model, spec: HeadSpec | None = None, n_tokens: int = 8, atol: float = 1e-4, rtol: float = 1e-3) -> float:
+    """Check the head path against the model's own forward on ``n_tokens`` tokens; returns the max abs difference.
+
+    Both come from ONE forward (``output_hidden_states=True``, full logits), in eval mode and with the RNG state
+    restored, so dropout cannot make them differ and training is not perturbed.  Every rank must call it (ZeRO-3
+    gathers inside).  Raises :class:`UnsupportedHead` naming the architecture on a mismatch.
+    """
+    spec = spec or head_spec(model)
+    module = model.module if hasattr(model, "module") and hasattr(model, "backward") else model  # DeepSpeed engine
+    cfg = _config(module)
+    vocab = int(getattr(cfg, "vocab_size", 0) or output_head(module).weight.shape[0])
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    ids = (torch.arange(n_tokens, device=device) * 7919 % max(1, vocab - 1) + 1)[None]
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+            want = out.logits.float()
+            got = lm_logits(module, out.hidden_states[-1], spec).float()
+    finally:
+        module.train(was_training)
+    diff = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
+    if not (got.shape == want.shape and torch.allclose(got, want, atol=atol, rtol=rtol)):
+        raise UnsupportedHead(f"architecture {spec.arch!r}: the answer-only LM head gives logits that differ from "
+                              f"the model's own forward (max |diff| {diff:.3g}, shapes {tuple(got.shape)} vs "
+                              f"{tuple(want.shape)}); {_what_to_do()}")
+    return diff
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked head + losses: never the [positions x vocabulary] logits (issue 17)
+# ----------------------------------------------------------------------------------------------------------------
+def chunk_rows(vocab: int, chunk_elems: int) -> int:
+    """Positions per chunk so that one chunk's logits hold at most ``chunk_elems`` elements (at least 1 row)."""
+    return max(1, int(chunk_elems) // max(1, int(vocab)))
+
+
+class ChunkedHead:
+    """The head applied to a set of packed hidden rows, one chunk of positions at a time, for any number of per-row
+    functions (the terms of a step); their backward shares ONE pass and ONE head-gradient buffer.
+
+    Forward (:meth:`rows`): ``fn(post(head(h_c)), *args_c)`` per chunk ``c`` under no_grad -- the chunk's logits are
+    freed before the next chunk.  Each call returns a :class:`_Job` output whose backward only records its incoming
+    gradient; all of them hang on one :class:`_Anchor` node (inputs: the packed hidden rows, the weight, the bias),
+    whose backward autograd runs once, after every recorded job that the loss reaches.  It then recomputes each
+    job's chunks (``lin = h_c W^T + b`` as a leaf, ``out = fn(post(lin))``, ``dlin = d(out . g_c)/dlin`` by autograd,
+    so ``fn``'s math lives once, in palu_ds.losses) and accumulates ``dh_c = hidden_scale * dlin W`` and
+    ``dW += dlin^T h_c`` (``db += sum dlin``) into one buffer each -- the approach of Liger-Kernel's fused linear
+    cross-entropy and Apple's Cut Cross-Entropy, for every term of the step together.
+
+    Memory: O(rows x d) saved, one chunk's logits and their autograd temporaries, one [V, d] gradient -- never
+    O(positions x V).  Cost: one head matmul more than the dense path (the forward's, recomputed in backward).
+    """
+
+    def __init__(self, packed: torch.Tensor, head: torch.nn.Module, spec: HeadSpec, chunk_elems: int):
+        self.packed, self.head, self.spec, self.chunk_elems = packed, head, spec, chunk_elems
+        # what the anchor's backward needs, without a reference back to this object (which holds the anchor
+        # tensor): no reference cycle through the autograd graph
+        self.state = SimpleNamespace(jobs=[], spec=spec, chunk_elems=chunk_elems)
+        self.anchor = None
+
+    @property
+    def jobs(self) -> list:
+        return self.state.jobs
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.head, "bias", None)
+
+    def logits(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _head_logits(self.spec, h, weight, bias)
+
+    def rows(self, index, fn, *row_args: torch.Tensor) -> torch.Tensor:
+        """``fn(logits[index], *row_args)`` for the packed rows ``index`` (a slice or a LongTensor)."""
+        n = self.packed[index].shape[0]
+        for a in row_args:
+            if a.shape[0] != n:
+                raise ValueError(f"per-row argument has {a.shape[0]} rows for {n} positions")
+            if a.requires_grad:
+                raise ValueError("chunked head: per-row arguments are constants (reference tensors, ids); "
+                                 "gradients flow only to the hidden states and the head")
+        params = [t for t in (self.packed, self.weight, self.bias) if t is not None]
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in params)):
+            return _Job.forward(None, None, self, index, fn, *row_args)
+        if self.anchor is None:
+            self.anchor = _Anchor.apply(self.state, self.packed, self.weight, self.bias)
+        return _Job.apply(self.anchor, self, index, fn, *row_args)
+
+    def _chunks(self, index):
+        return _chunks(self.packed[index], chunk_rows(self.weight.shape[0], self.chunk_elems))
+
+
+def _chunks(h: torch.Tensor, step: int):
+    for s in range(0, max(1, h.shape[0]), step):
+        yield s, min(s + step, h.shape[0]), h[s:s + step]
+
+
+def _head_logits(spec: HeadSpec, h, weight, bias) -> torch.Tensor:
+    return torch.nn.functional.linear(spec.prepare(h), weight, bias)
+
+
+class _Job(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, head, index, fn, *args):
+        with torch.no_grad():
+            outs = [fn(head.spec.post(head.logits(h, head.weight, head.bias)), *(a[s:e] for a in args))
+                    for s, e, h in head._chunks(index)]
+        if ctx is not None:
+            ctx.job = (head, index, fn, args)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        head, index, fn, args = ctx.job
+        ctx.job = None
+        head.state.jobs.append((index, fn, args, grad))
+        return (torch.zeros((), device=grad.device), None, None, None, *(None for _ in args))
+
+
+class _Anchor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, state, packed, weight, bias):
+        ctx.state = state
+        ctx.save_for_backward(packed, weight, bias)
+        return packed.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        state = ctx.state
+        packed, weight, bias = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[1:4]
+        gh = torch.zeros_like(packed) if need_h else None
+        gw = torch.zeros_like(weight) if need_w else None
+        gb = torch.zeros_like(bias) if need_b and bias is not None else None
+        w, b = weight.detach(), None if bias is None else bias.detach()
+        spec = state.spec
+        hs = spec.hidden_scale
+        jobs, state.jobs = state.jobs, []
+        for index, fn, args, grad in jobs:
+            rows = torch.arange(packed.shape[0], device=packed.device)[index] if gh is not None else None
+            for s, e, h in _chunks(packed[index], chunk_rows(weight.shape[0], state.chunk_elems)):
+                h = h.detach()
+                with torch.enable_grad():
+                    lin = _head_logits(spec, h, w, b).requires_grad_(True)
+                    out = fn(spec.post(lin), *(a[s:e] for a in args))
+                    (dlin,) = torch.autograd.grad(out, lin, grad[s:e].to(out.dtype))
+                dlin = dlin.to(weight.dtype)
+                if gh is not None:
+                    d = dlin @ w
+                    gh.index_add_(0, rows[s:e], (d * hs if hs != 1.0 else d).to(packed.dtype))
+                if gw is not None:
+                    gw.addmm_(dlin.T, spec.prepare(h).to(weight.dtype))
+                if gb is not None:
+                    gb += dlin.sum(0).to(gb.dtype)
+        return None, gh, gw, gb
+
+
+def chunked_rows(fn, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: HeadSpec,
+                 chunk_elems: int, *row_args: torch.Tensor) -> torch.Tensor:
+    """``fn(post(hidden W^T + b), *row_args)`` with at most ``chunk_elems`` logits alive at a time (forward and
+    backward); same values and gradients as the dense form up to rounding.  ``fn`` must be per-row: row ``i`` of its
+    output depends only on row ``i`` of its inputs (every per-position loss of palu_ds.losses is)."""
+    head = SimpleNamespace(weight=weight, bias=bias)  # what ChunkedHead reads of a head module
+    return ChunkedHead(hidden, head, spec, chunk_elems).rows(slice(None), fn, *row_args)
+
+
+def _zero_rows(z: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(z).sum(-1) * 0.0
+
+
+class ChunkedLogits(PackedLogits):
+    """Stands where :class:`palu_ds.batch.PackedLogits` does (same ``answer`` mask, same row order), but holds the
+    last hidden states of the answer positions and the head instead of their logits.  The methods evaluate every
+    term through :meth:`map_rows` (:func:`palu_ds.losses.map_rows`), which runs :class:`ChunkedHead`: the V-wide
+    logits exist one chunk at a time.  Indexing it (``self[mask]``) is refused: that would form them all.
+    The batches of one step share one :class:`ChunkedHead` (``head``) over their packed rows ``[start, stop)``."""
+
+    def __init__(self, chunked: ChunkedHead, start: int, stop: int, answer: torch.Tensor):  # noqa: D107 (no rows)
+        if stop - start != int(answer.sum()):
+            raise ValueError(f"{stop - start} hidden rows for {int(answer.sum())} answer positions")
+        self.chunked, self.start, self.stop, self.answer = chunked, start, stop, answer
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.chunked.packed[self.start:self.stop]
+
+    @property
+    def device(self) -> torch.device:
+        return self.chunked.packed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.chunked.packed.dtype
+
+    def __getitem__(self, mask):
+        raise TypeError("ChunkedLogits never forms the V-wide logits; evaluate per-row functions with "
+                        "palu_ds.losses.map_rows(logits, mask, fn, *row_args)")
+
+    def _index(self, mask: torch.Tensor):
+        if mask is self.answer:
+            return slice(self.start, self.stop)
+        if mask.shape != self.answer.shape or mask.dtype != torch.bool:
+            raise TypeError("ChunkedLogits is indexed by a boolean mask over the shifted positions")
+        if (mask & ~self.answer).any():
+            raise ValueError("mask selects positions without an answer label: their hidden states were not kept")
+        sel = mask[self.answer]
+        return slice(self.start, self.stop) if bool(sel.all()) else self.start + sel.nonzero().squeeze(-1)
+
+    def map_rows(self, mask: torch.Tensor, fn, *row_args: torch.Tensor) -> torch.Tensor:
+        """``fn(logits[mask], *row_args)`` computed chunk by chunk from the hidden states."""
+        return self.chunked.rows(self._index(mask), fn, *row_args)
+
+    def zero_loss(self) -> torch.Tensor:
+        """A zero attached to the graph through the head and every row, as the dense path's (the engine's loss for
+        a skipped, non-finite step; under ZeRO-3 call it inside :func:`within_head`)."""
+        return self.map_rows(self.answer, _zero_rows).sum()
+
+
+def chunked_logits(head: torch.nn.Module, spec: HeadSpec, packed: torch.Tensor, answers: dict,
+                   chunk_elems: int) -> dict:
+    """One :class:`ChunkedLogits` per batch over the step's packed hidden rows (batches in ``answers`` order), all
+    sharing one :class:`ChunkedHead`."""
+    if not isinstance(head, torch.nn.Linear) or hasattr(head, "lora_A"):
+        raise UnsupportedHead(f"the chunked LM head needs a plain linear output layer, got {type(head).__name__} "
+                              "(a LoRA adapter on the head?); set train.head_path: dense or leave the head out of "
+                              "model.lora.target_modules")
+    chunked = ChunkedHead(packed, head, spec, chunk_elems)
+    out, start = {}, 0
+    for name, answer in answers.items():
+        stop = start + int(answer.sum())
+        out[name] = ChunkedLogits(chunked, start, stop, answer)
+        start = stop
+    return out
+
+
+def run_inside(module: torch.nn.Module, fn, *inputs):
+    """``fn(*inputs)`` run as ``module``'s forward, so that hooks on ``module`` wrap it: under ZeRO-3 the head's
+    parameters are gathered ONCE before ``fn`` (not per chunk, not per term), released after it, gathered once again
+    before ``fn``'s backward (DeepSpeed's pre-backward hook on the outputs) and released after it.  Without hooks it
+    is a plain call."""
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        return module(*inputs)
+    finally:
+        if had:
+            module.forward = old
+        else:
+            del module.forward
+
+
+def within_head(logits: dict, fn):
+    """``fn(logits)`` -- for :class:`ChunkedLogits`, inside one call of their head module (:func:`run_inside`),
+    over a fresh :class:`ChunkedHead` whose hidden rows are that call's input."""
+    chunked = [v for v in logits.values() if isinstance(v, ChunkedLogits)]
+    if not chunked:
+        return fn(logits)
+    old = chunked[0].chunked
+
+    def inner(packed):
+        new = ChunkedHead(packed, old.head, old.spec, old.chunk_elems)
+        return fn({n: ChunkedLogits(new, v.start, v.stop, v.answer) if isinstance(v, ChunkedLogits) else v
+                   for n, v in logits.items()})
+
+    return run_inside(old.head, inner, old.packed)
