@@ -17,8 +17,9 @@ with k=256 reference ids and log-probs), half the retain batch.  Each variant ru
 figure is the peak resident set (VmHWM, reset through /proc/self/clear_refs after the set-up) minus the resident set
 just before the stage -- i.e. what the head + losses + their backward add on top of the weight, the hidden states and
 the reference tensors (the head's gradient included, in both variants).  Time: one warm-up then the best of
-``--reps`` forward+backward passes (wall and CPU time; on a shared machine the CPU time is the steadier one).  Variants alternate ``--rounds`` times (dense, chunked, dense, chunked, ...) so
-that a noisy neighbour hits both alike; the table reports the best time and the largest peak of each variant.
+``--reps`` forward+backward passes (wall and CPU time; on a shared machine the CPU time is the steadier one).
+Variants alternate ``--rounds`` times (dense, chunked, dense, chunked, ...) so that a noisy neighbour hits both
+alike; the table reports the best time and the largest peak of each variant (``--reps 0``: one pass, no warm-up).
 """
 
 from __future__ import annotations
