@@ -11,6 +11,7 @@ each reported as training tokens/s (median over the steps after the first two), 
 utilisation MFU = 6 x parameters x tokens/s / matmul rate.
 
     python benchmarks/real_model_throughput.py --tofu ../shared/data/tofu --out runs/bench_real
+    python benchmarks/real_model_throughput.py --profile --out runs/bench_real_profile   # where a step's time goes
 """
 import argparse
 import json
@@ -28,11 +29,16 @@ from palu_ds.models import smollm2  # noqa: E402
 
 MATMUL = r"""
 import json, time, torch
-a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-best = 1e9
-for _ in range(5):
-    t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
-print("RESULT", json.dumps({"gflops": 2 * 2048 ** 3 / best / 1e9}))
+def rate(m, k, n):
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    best = 1e9
+    for _ in range(5):
+        t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n / best / 1e9
+# the model's own products for 768 tokens (8 x 96): q/o, k/v (3 of 9 heads), gate/up, down, the full LM head
+shapes = {"q_proj/o_proj": (768, 576, 576), "k_proj/v_proj": (768, 576, 192), "gate/up_proj": (768, 576, 1536),
+          "down_proj": (768, 1536, 576), "lm_head (all positions)": (768, 576, 49152)}
+print("RESULT", json.dumps({"gflops": rate(2048, 2048, 2048), "shapes": {k: rate(*v) for k, v in shapes.items()}}))
 """
 
 PLAIN = r"""
@@ -60,6 +66,19 @@ for s in range(steps):
     opt.zero_grad(); loss.backward(); opt.step()
     rates.append(int(b["attention_mask"].sum()) / (time.perf_counter() - t))
 print("RESULT", json.dumps({"tokens_per_s": statistics.median(rates[2:]), "peak_rss": peak_memory_bytes()}))
+if len(sys.argv) > 4:  # --profile: where one step's time goes, by operator (self CPU time)
+    from torch.profiler import profile
+    with profile() as prof:
+        b = collate([forget[i] for i in range(4)] + [retain[i] for i in range(4)], tok.pad_token_id)
+        lg, lb = shift(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        loss = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100)
+        opt.zero_grad(); loss.backward(); opt.step()
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev)
+    mm = sum(e.self_cpu_time_total for e in ev if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"))
+    print(f"PROFILE matrix products {mm / total:.0%} of the step's self CPU time; top operators:")
+    for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:12]:
+        print(f"PROFILE {e.key:45s} {e.self_cpu_time_total / total:6.1%}")
 """
 
 RUNS = [  # (name, method, reference mode, ranks, DeepSpeed config)
@@ -107,6 +126,8 @@ def main() -> int:
     p.add_argument("--tofu", default=os.path.join(ROOT, "..", "shared", "data", "tofu"))
     p.add_argument("--out", default="runs/bench_real")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--matmul-only", action="store_true", help="only the CPU's matmul rates (2048^3, the model's shapes)")
+    p.add_argument("--profile", action="store_true", help="the matmul rates and a torch.profiler breakdown of a plain step")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     model, tofu = smollm2(), os.path.abspath(a.tofu)
@@ -114,14 +135,26 @@ def main() -> int:
 
     with safe_open(os.path.join(model, "model.safetensors"), "pt") as f:  # tied: the embedding counted once
         n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    gflops = result([sys.executable, "-c", MATMUL], 2, os.path.join(a.out, "matmul.log"))["gflops"]
+    mm = result([sys.executable, "-c", MATMUL], 2, os.path.join(a.out, "matmul.log"))
+    gflops = mm["gflops"]
+    print("fp32 matmul rate at the model's own shapes (768 tokens), GFLOP/s: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in mm["shapes"].items()))
+    if a.matmul_only or a.profile:
+        print(f"2048^3: {gflops:.1f} GFLOP/s")
+        if a.profile:
+            log = os.path.join(a.out, "profile.log")
+            with open(log, "w") as f:
+                p = subprocess.run([sys.executable, "-c", PLAIN, model, tofu, "4", "profile"], cwd=ROOT, env=env(2),
+                                   stdout=subprocess.PIPE, stderr=f, text=True)
+            print("\n".join(ln[8:] for ln in p.stdout.splitlines() if ln.startswith("PROFILE ")))
+        return 0
     rows = [("plain transformers + AdamW", 1,
              result([sys.executable, "-c", PLAIN, model, tofu, str(a.steps)], 2, os.path.join(a.out, "plain.log")))]
     for name, method, mode, ranks, ds in RUNS:
         out = os.path.join(a.out, f"{method}_{mode}_{ranks}")
         rows.append((name, ranks, train(model, tofu, out, method, mode, ranks, ds, a.steps)))
     plain = rows[0][2]["tokens_per_s"]
-    report = {"matmul_gflops": gflops, "params": n_params, "runs": []}
+    report = {"matmul_gflops": gflops, "matmul_shapes_gflops": mm["shapes"], "params": n_params, "runs": []}
     print(f"{n_params / 1e6:.1f}M parameters; fp32 matmul (2048^3, 2 threads): {gflops:.1f} GFLOP/s\n")
     print("| run | ranks | tokens/s | vs plain step | MFU (vs matmul rate) | peak RSS per rank |\n|---|---|---|---|---|---|")
     for name, ranks, r in rows:
