@@ -1,7 +1,7 @@
 """The fact check of `make demo` (evaluation/facts.py) and its report (launch/demo.py)."""
+import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
@@ -9,8 +9,9 @@ from evaluation.facts import check_rows, load_rows, names_key, summarize
 from palu_ds.data.errors import DataError
 from tests.e2e import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "launch"))
-import demo  # noqa: E402
+_spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "launch", "demo.py"))
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
 
 
 def test_names_key_at_a_word_start_case_insensitive():
