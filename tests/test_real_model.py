@@ -4,6 +4,7 @@ reference; precomputed == resident on it; the saved folder keeps one embedding m
 logits; a LoRA-merged save reloads. Data: the project's real-facts QA file (launch/data/real_facts)."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -22,6 +23,12 @@ def run_args(model, out, method="palu", stage=3, extra=()):
     if method != "palu":
         args.append("method.params={}")
     return args + list(extra)
+
+
+def done(out):
+    """The run's summary; its checkpoints (weights + Adam states, ~2 GB for this model) are not needed here."""
+    shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+    return summary(out)
 
 
 def load(model_dir):
@@ -68,7 +75,7 @@ def test_zero3_two_ranks_precomputed_then_save_reload(smollm2, tmp_path, method)
     out = str(tmp_path / method)
     launch("launch/train.py", run_args(smollm2, out, method), timeout=900)
     assert os.path.isfile(os.path.join(out, "reference_cache", "manifest.json"))
-    s = summary(out)
+    s = done(out)
     assert s["steps"] == 2 and s["skipped_steps"] == 0
     assert all(torch.isfinite(torch.tensor(v)) for v in s["last"].values() if isinstance(v, float))
     model = assert_tied_folder(s["model"])
@@ -93,7 +100,7 @@ def test_precomputed_equals_resident(smollm2, tmp_path):
         out = str(tmp_path / mode)
         launch("launch/train.py", run_args(smollm2, out, extra=[f"reference.mode={mode}", "reference.dtype=float32"]),
                nproc=1, timeout=900)
-        runs[mode] = summary(out)
+        runs[mode] = done(out)
     for k in ("loss/forget", "loss/kl", "loss/total"):
         assert runs["precomputed"]["last"][k] == pytest.approx(runs["resident"]["last"][k], rel=1e-5), k
     wp, wr = state(runs["precomputed"]["model"]), state(runs["resident"]["model"])
@@ -109,7 +116,7 @@ def test_lora_merged_save_reloads(smollm2, tmp_path):
     launch("launch/train.py", run_args(smollm2, out, stage=2, extra=[
         "model.lora={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}", "train.lr=1e-3"]), nproc=1,
         timeout=900)
-    s = summary(out)
+    s = done(out)
     assert_tied_folder(s["model"])
     base, after = state(smollm2), state(s["model"])
     assert set(after) == set(base)
