@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,7 +70,10 @@ def check_model(model_dir: str) -> str:
     return "tied, reloads identically"
 
 
-def summary(out: str) -> dict:
+def summary(out: str, keep_checkpoints: bool = False) -> dict:
+    """The run's summary, checked finite; its checkpoints (~2 GB each: weights + Adam states) deleted unless kept."""
+    if not keep_checkpoints:
+        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
     bad = [k for k, v in s["last"].items() if isinstance(v, float) and not math.isfinite(v)]
@@ -119,7 +123,8 @@ def main() -> int:
     st.run("fine-tune (SFT), ZeRO-2", ds("launch/finetune.py", [
         "--deepspeed", "ds_configs/cpu/zero2.json", "--config", "launch/configs/finetune.yaml", f"model.path={model}",
         f"data.forget.source={FACTS}/retain.jsonl", "data.forget.config=null", "data.max_length=96",
-        "train.max_steps=2", "train.batch_size=2", f"train.output_dir={ft}", "train.lr=1e-5"]), lambda: check_model(summary(ft)["model"]))
+        "train.max_steps=2", "train.batch_size=2", f"train.output_dir={ft}", "train.lr=1e-5"]),
+        lambda: check_model(summary(ft)["model"]))
     pre = os.path.join(out, "precompute")
     st.run("precompute (palu), ZeRO-3", ds("launch/precompute.py", train_args(model, pre, "palu", 3)),
            lambda: "manifest written" if os.path.isfile(os.path.join(pre, "reference_cache", "manifest.json"))
