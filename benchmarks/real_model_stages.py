@@ -153,7 +153,7 @@ def main() -> int:
     st.run("palu + LoRA (merged at save), ZeRO-2", ds("launch/train.py", train_args(
         model, lora, "palu", 2, extra=["model.lora={r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}"])),
         lambda: check_model(summary(lora)["model"]))
-    tuned = os.path.join(out, "palu_zero3", "model")
+    tuned = os.path.join(out, f"palu_zero{a.stages.split(',')[0]}", "model")  # the first palu run's model
     st.run("TOFU evaluation (forget01, 4 rows per part)", ds("evaluation/run.py", [
         "--model", tuned, "--suite", "tofu", "--split", "forget01", "--data", os.path.abspath(a.tofu),
         "--max-examples", "4", "--max-new-tokens", "24", "--no-forget-quality", "--out", os.path.join(out, "tofu")]))
