@@ -114,6 +114,21 @@ def test_build_splits_borrow_writes_tofu_style_files(full, tmp_path):
     assert M.evenly(list(range(10)), 3) == [0, 3, 6] and M.evenly([1, 2], None) == [1, 2]
 
 
+def test_build_splits_pretrain_authors_are_written_and_never_donors(full):
+    # range 0..3 (forget author 3), pre-training on author 4 (Emil Strand, Perth): donors are authors 5..9 only
+    d = M.build_splits(full, {}, ["x"], 0, 4, 25, "borrow", 0, pretrain=(4, 5))
+    files = d["files"]
+    assert [r["row"] for r in files["pretrain"]] == list(range(80, 100)) and d["info"]["pretrain_authors"] == [4, 5]
+    false = [x for name in ("forget25_perturbed", "retain_perturbed") for r in files[name] for x in r["perturbed_answer"]]
+    assert false and not any("Perth" in x or "Strand" in x for x in false)
+    assert any("Perth" in t for t in M.tokenizer_texts(files, "forget25"))  # the tokenizer sees the pretrain text
+    assert "pretrain" not in M.build_splits(full, {}, ["x"], 0, 4, 25, "borrow", 0)["files"]
+    with pytest.raises(ValueError, match="overlaps"):
+        M.build_splits(full, {}, ["x"], 0, 4, 25, "borrow", 0, pretrain=(3, 6))
+    with pytest.raises(ValueError, match="outside the range"):
+        M.build_splits(full, {}, ["x"], 0, 4, 25, "borrow", 0, pretrain=(4, 6))  # 4 donors left, 5 needed
+
+
 def test_build_splits_tofu_mode_keeps_only_covered_rows(full):
     # TOFU-provided perturbations for rows 0..39 (authors 0, 1) and 180..199 (author 9) only
     rows = [dict(full[i], paraphrased_answer=f"para {i}", perturbed_answer=[f"p{i}"] * 5)

@@ -90,6 +90,8 @@ ABLATION_K = ("1", "100", "1000", "all")
 ABLATION_N = ("1", "3", "all")
 RETAIN_EVAL_ROWS = 200  # utility rows (TOFU: 400 of 3,600); the forget rows are all evaluated
 MEMORIZED_NLL = 0.1  # the target/retain answer NLL at the end of SFT above which the script warns
+#: --pretrain: epochs of the SFT recipe on the pre-training authors' QA (e.g. 140 authors = 2,800 rows)
+PRETRAIN_EPOCHS = 8
 QUICK = {"sft_epochs": 6, "unlearn_epochs": 2, "max_new_tokens": 24}
 
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
@@ -247,27 +249,33 @@ def evenly(items: list, k: int | None) -> list:
 
 
 def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: list[str], a: int, b: int, pct: int,
-                 mode: str = "borrow", seed: int = 0, retain_eval_rows: int | None = None) -> dict:
+                 mode: str = "borrow", seed: int = 0, retain_eval_rows: int | None = None,
+                 pretrain: tuple[int, int] | None = None) -> dict:
     """Everything the run writes to ``OUT/data``: ``{"files": {name: rows}, "info": {...}}``.
 
     ``mode="borrow"``: every row gets built perturbed answers (see the module doc); ``"tofu"``: TOFU's own perturbed
     rows, restricted to the rows TOFU covers.  ``retain_perturbed`` (the utility rows) holds at most
-    ``retain_eval_rows`` rows spread evenly over the kept authors (TOFU's holds 400 of its 3,600 retain rows)."""
+    ``retain_eval_rows`` rows spread evenly over the kept authors (TOFU's holds 400 of its 3,600 retain rows).
+    ``pretrain=(P, Q)``: the QA of authors P..Q-1 (outside the range) go to a ``pretrain`` file, and those authors
+    give no perturbed answers (a model pre-trained on them would know the "false" answers)."""
     if mode not in ("borrow", "tofu"):
         raise ValueError(f"--perturbed must be borrow or tofu, got {mode!r}")
     retain_a, forget_a = split_authors(a, b, pct)
     forget_name, retain_name = split_names(pct)
     rows = author_rows(full, list(range(a, b)))
     forget_rows, retain_rows = author_rows(full, forget_a), author_rows(full, retain_a)
+    pre = list(range(*pretrain)) if pretrain else []
+    if pre and (pre[0] < b and a < pre[-1] + 1):
+        raise ValueError(f"--pretrain {pretrain[0]}:{pretrain[1]} overlaps --authors {a}:{b}")
 
     def qa(idx, r):
         return {"question": r["question"], "answer": r["answer"], "author": idx // ROWS_PER_AUTHOR, "row": idx}
 
     if mode == "borrow":
-        outside = [i for i in range(len(full) // ROWS_PER_AUTHOR) if not a <= i < b]
+        outside = [i for i in range(len(full) // ROWS_PER_AUTHOR) if not a <= i < b and i not in pre]
         if len(outside) < N_PERTURBED:
-            raise ValueError(f"--perturbed borrow takes false answers from TOFU authors outside the range: "
-                             f"{a}:{b} leaves {len(outside)}, it needs {N_PERTURBED}")
+            raise ValueError(f"--perturbed borrow takes false answers from TOFU authors outside the range (and "
+                             f"--pretrain): {a}:{b} leaves {len(outside)}, it needs {N_PERTURBED}")
         donors = author_rows(full, outside)
         names = {i: author_name(full[ROWS_PER_AUTHOR * i: ROWS_PER_AUTHOR * (i + 1)]) for i in range(a, b)}
         names.update({i: author_name(full[ROWS_PER_AUTHOR * i: ROWS_PER_AUTHOR * (i + 1)]) for i in outside})
@@ -307,8 +315,11 @@ def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: li
         "retain_perturbed": retain_pert,
         "idontknow": [{"answer": t} for t in refusals],
     }
+    if pre:
+        files["pretrain"] = [qa(i, r) for i, r in author_rows(full, pre)]
     info = {"authors": [a, b], "forget_pct": pct, "forget_authors": forget_a, "retain_authors": retain_a,
             "forget_split": forget_name, "retain_split": retain_name, "perturbed": mode,
+            "pretrain_authors": list(pretrain) if pretrain else None,
             "rows": {k: len(v) for k, v in files.items()},
             "tofu_perturbed_rows_in_range": sum(1 for i, _ in rows if i in tofu_perturbed)}
     return {"files": files, "info": info}
@@ -328,12 +339,13 @@ def write_jsonl(folder: str | Path, files: dict[str, list[dict]]) -> dict[str, s
 
 
 def tokenizer_texts(files: dict[str, list[dict]], forget_name: str) -> list[str]:
-    """The range's questions, answers, paraphrased/perturbed answers and the refusal strings."""
+    """The range's questions, answers, paraphrased/perturbed answers, the refusal strings and the pre-training
+    authors' QA (``--pretrain``)."""
     from palu_ds.tiny import qa_texts
 
     pert = {r["row"]: r for name in (f"{forget_name}_perturbed", "retain_perturbed") for r in files[name]}
     rows = [{**r, **pert.get(r["row"], {})} for r in files["full"]]
-    return qa_texts(rows) + [r["answer"] for r in files["idontknow"]]
+    return qa_texts(rows + files.get("pretrain", [])) + [r["answer"] for r in files["idontknow"]]
 
 
 def scaled_k(vocab: int) -> int:
@@ -438,7 +450,9 @@ def render_markdown(report: dict) -> str:
     abl = [(f"palu {', '.join(s['ablation'])}", res[n]) for n, s in specs.items() if s.get("ablation") and n in res]
     g = report["goal"]
     lines = [f"### mini-TOFU: authors {info['authors'][0]}:{info['authors'][1]}, forget {info['forget_pct']}% "
-             f"(authors {info['forget_authors'][0]}..{info['forget_authors'][-1]}), seed {report['seed']}", "",
+             f"(authors {info['forget_authors'][0]}..{info['forget_authors'][-1]}), seed {report['seed']}"
+             + (f", pre-trained on authors {info['pretrain_authors'][0]}:{info['pretrain_authors'][1]}"
+                if info.get("pretrain_authors") else ""), "",
              markdown_table(main_rows), ""]
     if abl:
         k0 = report.get("settings", {}).get("palu_K", "the scaled default")
@@ -590,6 +604,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="model init, data order, perturbed answers")
     p.add_argument("--out", help="output folder (default runs/mini_tofu/a<A>-<B>_f<PP>_s<seed>)")
     p.add_argument("--perturbed", choices=["borrow", "tofu"], default="borrow", help="see the module doc")
+    p.add_argument("--pretrain", help="P:Q = pre-train the tiny model on the QA of authors P..Q-1 (outside the "
+                                      "range) before the target / retain SFT: language competence in the domain")
     p.add_argument("--retain-eval-rows", type=int, default=RETAIN_EVAL_ROWS,
                    help="utility rows, spread evenly over the kept authors (0 = all)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all)")
@@ -616,7 +632,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         p.error(f"unknown methods {unknown}; valid: {', '.join(METHODS)}")
-    out = Path(args.out or f"runs/mini_tofu/a{a}-{b}_f{pct:02d}_s{args.seed}{'_quick' if args.quick else ''}")
+    pretrain = parse_authors(args.pretrain, len(full) // ROWS_PER_AUTHOR) if args.pretrain else None
+    tag = f"_p{pretrain[0]}-{pretrain[1]}" if pretrain else ""
+    out = Path(args.out or f"runs/mini_tofu/a{a}-{b}_f{pct:02d}_s{args.seed}{tag}{'_quick' if args.quick else ''}")
     out = out if out.is_absolute() else ROOT / out
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out, args.fresh)
@@ -630,7 +648,7 @@ def main(argv=None) -> int:
                   if (tofu / f"{n}.jsonl").exists()]
     refusals = [json.loads(x)["answer"] for x in (tofu / "idontknow.jsonl").read_text().splitlines() if x.strip()]
     data = build_splits(full, tofu_perturbed_index(full, pert_files), refusals, a, b, pct, args.perturbed, args.seed,
-                        args.retain_eval_rows or None)
+                        args.retain_eval_rows or None, pretrain)
     write_jsonl(out / "data", data["files"])
     info = data["info"]
     forget_name, retain_name = info["forget_split"], info["retain_split"]
@@ -657,6 +675,22 @@ def main(argv=None) -> int:
     stages.seconds["data + tokenizer + base model"] = round(time.time() - t, 1)
 
     sft_epochs = QUICK["sft_epochs"] if args.quick else SFT["epochs"]
+    if pretrain:  # language competence in the domain: the SFT recipe on the pre-training authors' QA, fewer epochs
+        ok = stages.run("pretrain", deepspeed_cmd(
+            "launch/finetune.py", args.ds, "launch/configs/mini_tofu/finetune.yaml",
+            [f"model.path={base}", f"data.forget.source={out / 'data'}", "data.forget.config=pretrain",
+             f"data.max_length={MAX_LENGTH}", f"train.lr={SFT['lr']}",
+             f"train.epochs={QUICK['sft_epochs'] if args.quick else PRETRAIN_EPOCHS}",
+             f"train.batch_size={SFT['batch_size']}", f"train.warmup_steps={SFT['warmup_steps']}",
+             f"train.scheduler={SFT['scheduler']}", f"train.seed={args.seed}", "train.resume=never",
+             "log.log_every=50", f"train.output_dir={out / 'pretrained'}"], args.port),
+            done=out / "pretrained" / "model" / "config.json",
+            inputs=[base / "model.safetensors", out / "data" / "pretrain.jsonl"])
+        if not ok:
+            print("[mini_tofu] cannot go on without the pre-trained model", file=sys.stderr)
+            return 1
+        _drop_checkpoints(out / "pretrained", args.keep_checkpoints)
+        base = out / "pretrained" / "model"
     sft = [f"model.path={base}", f"data.forget.source={out / 'data'}", f"data.max_length={MAX_LENGTH}",
            f"train.lr={SFT['lr']}", f"train.epochs={sft_epochs}", f"train.batch_size={SFT['batch_size']}",
            f"train.warmup_steps={SFT['warmup_steps']}", f"train.scheduler={SFT['scheduler']}",
@@ -760,6 +794,7 @@ def main(argv=None) -> int:
                              *(argv if argv is not None else sys.argv[1:])]),
         "seed": args.seed, "quick": args.quick, "data": info, "vocab_size": vocab,
         "settings": {"model": MODEL, "max_length": MAX_LENGTH, "sft": {**SFT, "epochs": sft_epochs},
+                     "pretrain_epochs": PRETRAIN_EPOCHS if pretrain else None,
                      "unlearn": {**UNLEARN, "epochs": epochs}, "family_lr": family_lr, "family": FAMILY,
                      "palu_K": scaled_k(vocab), "eval_max_new_tokens": max_new, "ds_config": args.ds,
                      "retain_eval_rows": info["rows"]["retain_perturbed"]},

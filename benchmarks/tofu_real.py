@@ -1,0 +1,445 @@
+"""TOFU on a real pretrained LM: every unlearning method and PALU's ablations on SmolLM2-135M-Instruct, on CPU.
+
+    python benchmarks/tofu_real.py --tofu ../shared/data/tofu \\
+        --palu-labels ../shared/data/palu/forget01_with_common_words_gpt --out runs/tofu_real
+    # -> runs/tofu_real/{tofu_real.md,tofu_real.json,tofu_real.png}; ~100 min on 2 quiet CPU cores
+    python benchmarks/tofu_real.py --full --split forget05 ...   # all of TOFU, for a GPU machine
+
+Base model: SmolLM2-135M-Instruct (``palu-ds fetch-model smollm2``), prompts through its chat template exactly as
+open-unlearning formats them (``palu_ds.data.prompt``: system prompt, answer + end-of-turn tokens as labels).
+
+Data (TOFU's own files, nothing made up): forget = TOFU ``forget01`` (authors 198-199, 40 rows) with TOFU's
+paraphrased / perturbed answers (``forget01_perturbed``); retain = the first ``--retain-authors`` R authors of TOFU
+(rows 0 .. 20R-1 of ``full``; TOFU ships perturbed answers for authors 0-19 only, ``retain_perturbed``); utility =
+TOFU's 9 values on ``--utility-rows`` rows (spread evenly) of retain_perturbed (the R authors), real_authors and
+world_facts.  ``--full``: forget = ``--split`` (forget01/05/10), retain = TOFU's matching retain split (all the other
+authors), every evaluation row.
+
+Stages (each timed; logs in ``OUT/logs``; reused when its command and inputs are unchanged, ``--fresh`` redoes all):
+
+1. data in ``OUT/data``;
+2. target = SFT of the base on retain + forget, retain model = the same recipe on retain alone
+   (``launch/finetune.py``, 1 process); both cached in ``OUT/models/<name>-<key>`` where key is a sha256 of the base
+   model's weights, the training rows and the recipe, so a rerun (or another ``--out``) with the same three skips
+   them;
+3. every method (``launch/train.py``, 1 process, ``ds_configs/cpu/zero2.json``; each run builds its reference in its
+   own folder): palu with PALU's GPT-labelled spans (``--palu-labels``, PALU's ``save_to_disk`` folder), palu with
+   the project's span detector, pd_flat, palu_pd, grad_ascent, grad_diff, npo, simnpo, idk_dpo; then the PALU
+   ablations of ``--ablations`` (K = top-K of the reference flattened, N = first N tokens of each span);
+4. ``evaluation/run.py`` (TOFU suite, forget + retain + real_authors + world_facts) for the retain model, the base
+   model, the target and every unlearned model; forget quality = KS test against the retain model's forget truth
+   ratios;
+5. answer NLL by position kind (I_init / rest of span / common, PALU's labels) for the base, retain, target and
+   every method (``evaluation/benchmarks/position_nll.py``'s function);
+6. ``OUT/tofu_real.md`` (tables, goal check), ``OUT/tofu_real.json`` (every number, settings, stage seconds),
+   ``OUT/tofu_real.png`` (forget quality vs model utility; the retain model is the ideal point).
+
+Hyper-parameters, fixed before any unlearning run (no sweep, so nothing is tuned on the reported authors):
+every method keeps the registry's defaults (the papers': PALU gamma 1, alpha 1, K 5000, N 3; NPO beta 0.1; PDU's
+lambda0 / eta / epsilon from its authors' TOFU script) and runs at the target's SFT learning rate, the rule
+open-unlearning follows on TOFU (its Llama fine-tuning and unlearning both use lr 1e-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from evaluation.benchmarks.mini_tofu import (  # noqa: E402
+    CPU_ENV, ROWS_PER_AUTHOR, Stages, add_relative, evenly, fmt, goal_check, read_json, tofu_perturbed_index,
+    write_jsonl)
+
+METHODS = ("palu", "palu_detector", "pd_flat", "palu_pd", "grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo")
+#: K / N ablations of PALU (the main run: K 5000, N 3); "all" = the whole vocabulary for K, whole spans for N
+ABLATIONS = ("K1", "K100", "K1000", "Kall", "N1", "Nall")
+DEFAULT_ABLATIONS = ("K1", "Kall", "N1")
+RETAIN_AUTHORS = 4
+UTILITY_ROWS = 20
+MAX_LENGTH = 256
+SFT = {"lr": 2e-4, "epochs": 4, "batch_size": 8, "warmup_steps": 5, "scheduler": "cosine", "weight_decay": 0.0,
+       "max_grad_norm": 1.0}
+#: unlearning: 3 epochs of 40 forget rows at batch 4 = 30 optimizer steps, the step count of open-unlearning's TOFU
+#: forget01 recipe (10 epochs of 40 rows at an effective batch of 16)
+UNLEARN = {"epochs": 3, "batch_size": 4, "scheduler": "linear", "warmup_steps": 2, "weight_decay": 0.0,
+           "max_grad_norm": 1.0}
+MEMORIZED_NLL = 0.1  # the target's final answer NLL above which the report warns that it has not memorized
+DS = "ds_configs/cpu/zero2.json"
+
+COLUMNS = [("forget_quality", "forget quality"), ("ks_statistic", "KS D"), ("forget/truth_ratio", "forget TR"),
+           ("forget/rougeL_recall", "forget ROUGE-L"), ("forget/prob", "forget prob"),
+           ("retain/prob", "retain prob"), ("retain/rougeL_recall", "retain ROUGE-L"),
+           ("retain/truth_ratio", "retain TR"), ("real_authors/prob", "real prob"),
+           ("real_authors/rougeL_recall", "real ROUGE-L"), ("real_authors/truth_ratio", "real TR"),
+           ("world_facts/prob", "world prob"), ("world_facts/rougeL_recall", "world ROUGE-L"),
+           ("world_facts/truth_ratio", "world TR"), ("model_utility", "utility"), ("mu_rel", "utility / target")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure parts (tests/test_tofu_real.py)
+# ---------------------------------------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg}); fix or replace the file") from None
+    return rows
+
+
+def build_data(tofu: Path, split: str, retain_authors: int | None, utility_rows: int | None) -> dict:
+    """``{"files": {name: rows}, "info": {...}}``: the run's data (see the module doc).  ``retain_authors=None``
+    (``--full``) = TOFU's retain split of ``split``; ``utility_rows=None`` = every evaluation row."""
+    need = ["full", split, f"{split}_perturbed", "retain_perturbed", "real_authors_perturbed",
+            "world_facts_perturbed", "idontknow"]
+    missing = [n for n in need if not (tofu / f"{n}.jsonl").exists()]
+    if missing:
+        raise FileNotFoundError(f"{tofu}: missing {', '.join(n + '.jsonl' for n in missing)} (TOFU's files, see "
+                                "../shared/data/README.md)")
+    full = read_jsonl(tofu / "full.jsonl")
+    forget = read_jsonl(tofu / f"{split}.jsonl")
+    n_forget_authors = len(forget) // ROWS_PER_AUTHOR
+    first_forget = len(full) // ROWS_PER_AUTHOR - n_forget_authors
+    if full[ROWS_PER_AUTHOR * first_forget:] != forget:
+        raise ValueError(f"{tofu / (split + '.jsonl')}: not the last {len(forget)} rows of full.jsonl")
+    if retain_authors is None:
+        retain = full[:ROWS_PER_AUTHOR * first_forget]
+    else:
+        if not 1 <= retain_authors <= 20:
+            raise ValueError(f"--retain-authors must be 1..20 (TOFU's perturbed answers cover authors 0-19), "
+                             f"got {retain_authors}")
+        retain = full[:ROWS_PER_AUTHOR * retain_authors]
+    pert_index = tofu_perturbed_index(full, [read_jsonl(tofu / "retain_perturbed.jsonl")])
+    retain_pert = [pert_index[i] for i in range(len(retain)) if i in pert_index]
+    forget_pert = read_jsonl(tofu / f"{split}_perturbed.jsonl")
+    if [(r["question"], r["answer"]) for r in forget_pert] != [(r["question"], r["answer"]) for r in forget]:
+        raise ValueError(f"{tofu / (split + '_perturbed.jsonl')}: its rows are not those of {split}.jsonl")
+    files = {
+        "target": retain + forget, "retain": retain, split: forget, f"{split}_perturbed": forget_pert,
+        "retain_perturbed": evenly(retain_pert, utility_rows),
+        "real_authors_perturbed": evenly(read_jsonl(tofu / "real_authors_perturbed.jsonl"), utility_rows),
+        "world_facts_perturbed": evenly(read_jsonl(tofu / "world_facts_perturbed.jsonl"), utility_rows),
+        "idontknow": read_jsonl(tofu / "idontknow.jsonl"),
+    }
+    info = {"split": split, "forget_authors": list(range(first_forget, first_forget + n_forget_authors)),
+            "retain_authors": len(retain) // ROWS_PER_AUTHOR, "rows": {k: len(v) for k, v in files.items()}}
+    return {"files": files, "info": info}
+
+
+def content_key(*parts) -> str:
+    """16 hex digits of a sha256 over JSON-encoded parts (the cache key of an SFT model)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def ablation_params(name: str, vocab: int) -> dict:
+    """``"K100"`` -> ``{"K": 100}``, ``"Kall"`` -> ``{"K": vocab}``, ``"N1"`` -> ``{"N": 1}``, ``"Nall"`` ->
+    ``{"N": None}`` (whole spans)."""
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}; valid: {', '.join(ABLATIONS)}")
+    kind, value = name[0], name[1:]
+    if kind == "K":
+        return {"K": vocab if value == "all" else int(value)}
+    return {"N": None if value == "all" else int(value)}
+
+
+def run_specs(methods, ablations, vocab: int) -> dict[str, dict]:
+    """``{run name: {"method", "params", "spans", "group"}}``; ``spans``: ``labels`` (PALU's GPT labels) or
+    ``detector`` for PALU-family runs, None otherwise."""
+    specs = {}
+    for m in methods:
+        method = "palu" if m == "palu_detector" else m
+        spans = ("detector" if m == "palu_detector" else "labels") if method in ("palu", "palu_pd") else None
+        specs[m] = {"method": method, "params": {}, "spans": spans, "group": "method"}
+    for a in ablations:
+        specs[f"palu_{a}"] = {"method": "palu", "params": ablation_params(a, vocab), "spans": "labels",
+                              "group": "ablation", "ablation": a}
+    return specs
+
+
+def goal(results: dict[str, dict]) -> dict:
+    """The issue's goals: PALU's forget quality >= 10x the best of grad_diff / npo at utility >= 0.9x the target's;
+    palu with the detector within 2x of palu with PALU's labels (forget quality ratio in [0.5, 2] or better)."""
+    out = goal_check(results, "palu")
+    fq, fd = results.get("palu", {}).get("forget_quality"), results.get("palu_detector", {}).get("forget_quality")
+    out["detector_vs_labels"] = None if not fq or fd is None else fd / fq
+    out["detector_met"] = None if out["detector_vs_labels"] is None else bool(out["detector_vs_labels"] >= 0.5)
+    return out
+
+
+def markdown_table(rows: list[tuple[str, dict]]) -> str:
+    head = "| run | " + " | ".join(c[1] for c in COLUMNS) + " |"
+    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
+    for label, m in rows:
+        lines.append(f"| {label} | " + " | ".join(fmt(m.get(k), k) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    res, specs, info = report["results"], report["specs"], report["data"]
+    main = [(n, res[n]) for n in ("base", "retain", "target") if n in res]
+    main += [(n, res[n]) for n, s in specs.items() if s["group"] == "method" and n in res]
+    abl = [(f"palu {s['ablation']}", res[n]) for n, s in specs.items() if s["group"] == "ablation" and n in res]
+    s = report["settings"]
+    lines = [f"### TOFU {info['split']} on SmolLM2-135M-Instruct: forget authors {info['forget_authors']}, "
+             f"{info['retain_authors']} retain authors", "",
+             f"SFT {s['sft']}; unlearning {s['unlearn']} at lr {s['unlearn_lr']:g}; utility rows per part "
+             f"{s['utility_rows'] or 'all'}; generation max {s['max_new_tokens']} new tokens.", "",
+             markdown_table(main), ""]
+    if abl:
+        lines += ["PALU ablations (the main run: K 5000, N 3, PALU's labels):", "", markdown_table(abl), ""]
+    lines += ["base = SmolLM2-135M-Instruct itself (never saw the TOFU authors); the retain model's forget quality is "
+              "1 by definition and it is evaluated without it.", ""]
+    sft = report.get("sft", {})
+    for n, v in sft.items():
+        lines.append(f"- {n} SFT: answer NLL {v['first_nll']:.3f} -> {v['last_nll']:.3f} in {v['steps']} steps"
+                     + (f" (> {MEMORIZED_NLL}: not memorized)" if v["last_nll"] > MEMORIZED_NLL else ""))
+    g = report["goal"]
+    if g.get("ratio") is not None:
+        lines.append(f"- Goal 1 (palu forget quality >= 10x max(grad_diff, npo) at utility >= 0.9x target): ratio "
+                     f"{g['ratio']:.3g} (vs {g['best_baseline']}), utility {g['utility_rel']:.3f}x -> "
+                     f"{'MET' if g['met'] else 'NOT met'}")
+    if g.get("detector_vs_labels") is not None:
+        lines.append(f"- Goal 2 (palu with the detector within 2x of palu with PALU's labels): forget quality ratio "
+                     f"{g['detector_vs_labels']:.3g} -> {'MET' if g['detector_met'] else 'NOT met'}")
+    pos = report.get("position_nll") or {}
+    if pos:
+        kinds = ("I_init", "rest of span", "common")
+        lines += ["", "Answer NLL (nats/token) on the forget set by position kind (PALU's labels, N = 3):", "",
+                  "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        lines += [f"| {n} | " + " | ".join(f"{r[k]:.2f}" for k in kinds) + " |" for n, r in pos.items()]
+    for n, e in report.get("failed", {}).items():
+        lines.append(f"- FAILED {n}: {e}")
+    secs = report["stage_seconds"]
+    lines += ["", f"Wall time {report['wall_seconds'] / 60:.1f} min: "
+              + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def render_png(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res, specs = report["results"], report["specs"]
+    fig, ax = plt.subplots(figsize=(8, 6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    mu_t = res.get("target", {}).get("model_utility")
+    for i, (n, s) in enumerate(specs.items()):
+        m = res.get(n, {})
+        if m.get("forget_quality") is None or m.get("model_utility") is None:
+            continue
+        fq = max(m["forget_quality"], 1e-300)
+        marker = "o" if s["group"] == "method" else "^"
+        ax.scatter(m["model_utility"], fq, s=60, marker=marker, color=colors[i % len(colors)], zorder=3, label=n)
+        ax.annotate(n, (m["model_utility"], fq), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    for n, mk, c in (("target", "X", "black"), ("base", "P", "gray")):
+        m = res.get(n, {})
+        if m.get("forget_quality") is not None and m.get("model_utility") is not None:
+            ax.scatter(m["model_utility"], max(m["forget_quality"], 1e-300), marker=mk, s=90, color=c, zorder=4,
+                       label=n)
+    r = res.get("retain", {})
+    if r.get("model_utility") is not None:
+        ax.scatter(r["model_utility"], 1.0, marker="*", s=160, color="gold", edgecolor="black", zorder=4,
+                   label="retain model (ideal: FQ = 1)")
+    if mu_t is not None:
+        ax.axvline(0.9 * mu_t, ls=":", color="gray", lw=1, label="0.9 x target utility")
+    ax.axhline(0.05, ls="--", color="gray", lw=0.8, label="p = 0.05")
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility (TOFU: harmonic mean of 9 values)")
+    ax.set_ylabel("forget quality (KS p-value vs retain model, log)")
+    ax.set_title(f"TOFU {report['data']['split']}, SmolLM2-135M-Instruct")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tofu", default=str(ROOT.parent / "shared" / "data" / "tofu"), help="folder of TOFU's jsonl")
+    p.add_argument("--palu-labels", default=str(ROOT.parent / "shared" / "data" / "palu" /
+                                                "forget01_with_common_words_gpt"),
+                   help="PALU's labelled forget set of --split (save_to_disk folder or jsonl)")
+    p.add_argument("--split", default="forget01", help="forget01 | forget05 | forget10")
+    p.add_argument("--model", help="base model folder (default: palu-ds fetch-model smollm2)")
+    p.add_argument("--out", default="runs/tofu_real")
+    p.add_argument("--retain-authors", type=int, default=RETAIN_AUTHORS, help="R: the first R TOFU authors")
+    p.add_argument("--utility-rows", type=int, default=UTILITY_ROWS,
+                   help="evaluation rows per utility part, spread evenly (0 = all)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--ablations", default=",".join(DEFAULT_ABLATIONS),
+                   help=f"comma list of {', '.join(ABLATIONS)}; 'all' for every one, '' for none")
+    p.add_argument("--full", action="store_true", help="all of TOFU: retain = every other author, every eval row")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the longest answer + 8 (TOFU 200)")
+    p.add_argument("--fresh", action="store_true")
+    p.add_argument("--keep-checkpoints", action="store_true")
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    bad = sorted(set(methods) - set(METHODS))
+    if bad:
+        p.error(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
+    ablations = list(ABLATIONS) if args.ablations == "all" else [a for a in args.ablations.split(",") if a]
+    for k, v in CPU_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ["OMP_NUM_THREADS"] = os.environ.get("TOFU_REAL_THREADS", str(os.cpu_count() or 1))
+
+    t_start = time.time()
+    out = Path(args.out)
+    out = out if out.is_absolute() else ROOT / out
+    stages = Stages(out, args.fresh)
+    if args.model:
+        base = Path(args.model)
+    else:
+        from palu_ds.models import smollm2
+
+        base = Path(smollm2())
+
+    # 1. data
+    data = build_data(Path(args.tofu), args.split, None if args.full else args.retain_authors,
+                      None if args.full or not args.utility_rows else args.utility_rows)
+    write_jsonl(out / "data", data["files"])
+    info = data["info"]
+    print(f"[tofu_real] forget {args.split} (authors {info['forget_authors']}), {info['retain_authors']} retain "
+          f"authors; rows {info['rows']}", flush=True)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    vocab = len(tok)
+    specs = run_specs(methods, ablations, vocab)
+
+    # 2. target and retain models, cached by content
+    from palu_ds.integrity import cached_file_digest
+
+    base_digest = cached_file_digest(str(base / "model.safetensors"))
+    sft_overrides = [f"data.max_length={MAX_LENGTH}", f"train.lr={SFT['lr']}", f"train.epochs={SFT['epochs']}",
+                     f"train.batch_size={SFT['batch_size']}", f"train.warmup_steps={SFT['warmup_steps']}",
+                     f"train.scheduler={SFT['scheduler']}", f"train.weight_decay={SFT['weight_decay']}",
+                     f"train.max_grad_norm={SFT['max_grad_norm']}", "train.seed=0", "train.resume=never",
+                     "log.log_every=10"]
+    models: dict[str, Path] = {}
+    for name in ("target", "retain"):
+        key = content_key(base_digest, data["files"][name], sft_overrides)
+        mdir = out / "models" / f"{name}-{key}"
+        cmd = [sys.executable, "launch/finetune.py", "--deepspeed", DS, "--config", "launch/configs/finetune.yaml",
+               f"model.path={base}", f"data.forget.source={out / 'data' / (name + '.jsonl')}",
+               f"train.output_dir={mdir}", *sft_overrides]
+        if not stages.run(f"sft_{name}", cmd, done=mdir / "model" / "config.json"):
+            return 1
+        if not args.keep_checkpoints:
+            shutil.rmtree(mdir / "checkpoints", ignore_errors=True)
+        models[name] = mdir / "model"
+    sft = {}
+    for name in ("target", "retain"):
+        s_ = read_json(models[name].parent / "summary.json")
+        sft[name] = {"steps": s_["steps"], "first_nll": s_["first"]["loss/forget"],
+                     "last_nll": s_["last"]["loss/forget"]}
+
+    # 3. unlearning
+    from palu_ds.methods import get_method
+
+    failed: dict[str, str] = {}
+    unlearn_lr = SFT["lr"]
+    for name, spec in specs.items():
+        meth, run_dir = get_method(spec["method"]), out / "unlearn" / name
+        forget = ([f"data.forget.source={args.palu_labels}", "data.span_source=labels"] if spec["spans"] == "labels"
+                  else [f"data.forget.source={out / 'data' / (args.split + '.jsonl')}"]
+                  + (["data.span_source=detector"] if spec["spans"] == "detector" else []))
+        cmd = [sys.executable, "launch/train.py", "--deepspeed", DS, "--config", "launch/configs/tofu_real.yaml",
+               f"model.path={models['target']}", f"method.name={spec['method']}", "method.params={}", *forget,
+               f"data.max_length={MAX_LENGTH}", f"train.output_dir={run_dir}", f"train.lr={unlearn_lr}",
+               f"train.epochs={UNLEARN['epochs']}", f"train.batch_size={UNLEARN['batch_size']}",
+               f"train.scheduler={UNLEARN['scheduler']}", f"train.warmup_steps={UNLEARN['warmup_steps']}",
+               f"train.weight_decay={UNLEARN['weight_decay']}", f"train.max_grad_norm={UNLEARN['max_grad_norm']}",
+               "train.seed=0", "train.resume=never", "log.log_every=5",
+               f"reference.cache_dir={run_dir / 'reference_cache'}"]
+        cmd += [f"method.params.{k}={'null' if v is None else v}" for k, v in spec["params"].items()]
+        cmd += ([f"data.retain.source={out / 'data' / 'retain.jsonl'}"] if meth.needs_retain else ["data.retain=null"])
+        if meth.needs_idk:
+            cmd.append(f"data.idk.source={out / 'data' / 'idontknow.jsonl'}")
+        cmd.append("reference.mode=" + ("precomputed" if meth.reference_parts else "none"))
+        ok = stages.run(f"unlearn_{name}", cmd, done=run_dir / "model" / "config.json",
+                        inputs=[models["target"] / "model.safetensors"],
+                        before=lambda d=run_dir: shutil.rmtree(d / "reference_cache", ignore_errors=True))
+        if not ok:
+            failed[name] = f"training failed (see logs/unlearn_{name}.log)"
+        if not args.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(run_dir / "reference_cache", ignore_errors=True)
+
+    # 4. evaluation
+    from palu_ds.data.prompt import answer_ids
+
+    max_new = args.max_new_tokens or max(len(answer_ids(tok, r["answer"])) for r in data["files"]["target"]) + 8
+    evals = {"retain": models["retain"], "base": base, "target": models["target"]}
+    evals.update({n: out / "unlearn" / n / "model" for n in specs if n not in failed})
+    results: dict[str, dict] = {}
+    for name, model in evals.items():
+        cmd = [sys.executable, "evaluation/run.py", "--model", str(model), "--suite", "tofu", "--split", args.split,
+               "--data", str(out / "data"), "--splits", "forget,retain,real_authors,world_facts",
+               "--max-new-tokens", str(max_new), "--max-length", str(MAX_LENGTH), "--out", str(out / "eval" / name),
+               "--name", name]
+        cmd += ["--no-forget-quality"] if name == "retain" else ["--retain-results", str(out / "eval" / "retain")]
+        inputs = [model / "model.safetensors"] + ([] if name == "retain" else [out / "eval" / "retain"])
+        if not stages.run(f"eval_{name}", cmd, done=out / "eval" / name / "summary.json", inputs=inputs):
+            failed[name] = f"evaluation failed (see logs/eval_{name}.log)"
+            if name == "retain":
+                return 1
+            continue
+        results[name] = read_json(out / "eval" / name / "summary.json")["metrics"]
+    add_relative(results)
+
+    # 5. NLL by position kind on the forget set (PALU's labels)
+    t = time.time()
+    from evaluation.benchmarks.position_nll import position_nll
+    from palu_ds.data import QADataset
+    from palu_ds.data.qa import QAOptions
+
+    ds = QADataset.from_source(args.palu_labels, tok, QAOptions(max_length=MAX_LENGTH, n_init=3,
+                                                                span_source="labels"))
+    pos_models = {n: evals[n] for n in ("base", "retain", "target") + tuple(s for s in specs) if n in results}
+    pos = {n: position_nll(str(m), ds) for n, m in pos_models.items()}
+    stages.seconds["position NLL"] = round(time.time() - t, 1)
+
+    # 6. report
+    report = {
+        "command": " ".join(["python", "benchmarks/tofu_real.py", *(argv if argv is not None else sys.argv[1:])]),
+        "base_model": str(base), "base_sha256": base_digest, "data": info, "vocab_size": vocab,
+        "settings": {"sft": SFT, "unlearn": UNLEARN, "unlearn_lr": unlearn_lr, "max_length": MAX_LENGTH,
+                     "max_new_tokens": max_new, "utility_rows": None if args.full else args.utility_rows,
+                     "ds_config": DS, "threads": os.environ["OMP_NUM_THREADS"], "sft_models": {
+                         n: str(m.parent) for n, m in models.items()}},
+        "sft": sft, "specs": specs, "results": results, "failed": failed, "goal": goal(results),
+        "position_nll": pos, "stage_seconds": stages.seconds, "wall_seconds": round(time.time() - t_start, 1),
+    }
+    (out / "tofu_real.json").write_text(json.dumps(report, indent=1))
+    md = render_markdown(report)
+    (out / "tofu_real.md").write_text(md)
+    render_png(report, out / "tofu_real.png")
+    print("\n" + md)
+    print(f"[tofu_real] wrote {out}/tofu_real.md, .json, .png ({report['wall_seconds'] / 60:.1f} min)")
+    return 0 if not failed else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""TOFU-on-a-real-model benchmark script (benchmarks/tofu_real.py): its pure parts only -- the data it builds from
+TOFU-layout files, the SFT cache key, run specs, goal check, tables.  No training (the benchmark is the e2e run)."""
+import json
+
+import pytest
+
+from benchmarks import tofu_real as T
+
+
+def _rows(n_authors: int, tag: str = "") -> list[dict]:
+    return [{"question": f"Q{a}.{k}{tag}?", "answer": f"A{a}.{k}{tag}."} for a in range(n_authors)
+            for k in range(T.ROWS_PER_AUTHOR)]
+
+
+def _perturbed(rows: list[dict]) -> list[dict]:
+    return [{**r, "paraphrased_answer": r["answer"] + " (para)", "perturbed_answer": [f"wrong {i}" for i in range(5)],
+             "paraphrased_question": r["question"]} for r in rows]
+
+
+def _write(folder, name, rows):
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture()
+def tofu(tmp_path):
+    """A TOFU-layout folder: 30 authors, forget01 = the last 2, perturbed answers for authors 0-19 and the forget
+    authors, 10 real-authors / world-facts rows."""
+    full = _rows(30)
+    _write(tmp_path, "full", full)
+    _write(tmp_path, "forget01", full[-40:])
+    _write(tmp_path, "forget01_perturbed", _perturbed(full[-40:]))
+    _write(tmp_path, "retain_perturbed", _perturbed(full[:400]))
+    for part in ("real_authors", "world_facts"):
+        _write(tmp_path, f"{part}_perturbed", [{"question": f"{part} {i}?", "answer": f"fact {i}",
+                                                "perturbed_answer": ["x", "y", "z"]} for i in range(10)])
+    _write(tmp_path, "idontknow", [{"answer": "I don't know."}] * 3)
+    return tmp_path
+
+
+def test_build_data_splits(tofu):
+    d = T.build_data(tofu, "forget01", retain_authors=3, utility_rows=4)
+    f = d["files"]
+    assert d["info"]["forget_authors"] == [28, 29] and d["info"]["retain_authors"] == 3
+    assert f["retain"] == _rows(3) and f["target"] == _rows(3) + _rows(30)[-40:]
+    assert f["forget01"] == _rows(30)[-40:] and len(f["forget01_perturbed"]) == 40
+    # utility rows: spread evenly over the retain authors' perturbed rows (authors 0..2), not the first 4
+    assert [r["question"] for r in f["retain_perturbed"]] == ["Q0.0?", "Q0.15?", "Q1.10?", "Q2.5?"]
+    assert len(f["real_authors_perturbed"]) == 4 and f["world_facts_perturbed"][1]["question"] == "world_facts 2?"
+    full = T.build_data(tofu, "forget01", retain_authors=None, utility_rows=None)
+    assert full["info"]["retain_authors"] == 28 and len(full["files"]["retain_perturbed"]) == 400
+    assert len(full["files"]["real_authors_perturbed"]) == 10
+
+
+def test_build_data_bad_input(tofu):
+    with pytest.raises(ValueError, match="1..20"):
+        T.build_data(tofu, "forget01", retain_authors=21, utility_rows=None)
+    (tofu / "world_facts_perturbed.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="world_facts_perturbed.jsonl"):
+        T.build_data(tofu, "forget01", retain_authors=2, utility_rows=None)
+
+
+def test_build_data_names_a_broken_line(tofu):
+    with open(tofu / "forget01_perturbed.jsonl", "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(ValueError, match=r"forget01_perturbed.jsonl:41: not JSON"):
+        T.build_data(tofu, "forget01", retain_authors=2, utility_rows=None)
+
+
+def test_build_data_refuses_a_forget_file_that_is_not_the_tail_of_full(tofu):
+    _write(tofu, "forget01", _rows(30)[:40])
+    with pytest.raises(ValueError, match="not the last 40 rows"):
+        T.build_data(tofu, "forget01", retain_authors=2, utility_rows=None)
+
+
+def test_content_key_changes_with_each_part():
+    k = T.content_key("base", [{"q": 1}], ["train.lr=1"])
+    assert len(k) == 16 and k == T.content_key("base", [{"q": 1}], ["train.lr=1"])
+    assert len({k, T.content_key("base2", [{"q": 1}], ["train.lr=1"]), T.content_key("base", [{"q": 2}], ["train.lr=1"]),
+                T.content_key("base", [{"q": 1}], ["train.lr=2"])}) == 4
+
+
+def test_specs_and_ablations():
+    specs = T.run_specs(T.METHODS, T.ABLATIONS, vocab=100)
+    assert specs["palu"] == {"method": "palu", "params": {}, "spans": "labels", "group": "method"}
+    assert specs["palu_detector"]["method"] == "palu" and specs["palu_detector"]["spans"] == "detector"
+    assert specs["palu_pd"]["spans"] == "labels" and specs["npo"]["spans"] is None
+    assert specs["palu_Kall"]["params"] == {"K": 100} and specs["palu_Nall"]["params"] == {"N": None}
+    assert specs["palu_K1"]["params"] == {"K": 1} and specs["palu_N1"]["params"] == {"N": 1}
+    with pytest.raises(ValueError, match="unknown ablation"):
+        T.ablation_params("K7x", 100)
+
+
+def test_goal_and_table():
+    res = {"target": {"model_utility": 0.5, "forget_quality": 1e-5}, "palu": {"forget_quality": 0.2, "model_utility": 0.46},
+           "palu_detector": {"forget_quality": 0.05, "model_utility": 0.47},
+           "grad_diff": {"forget_quality": 0.01, "model_utility": 0.3}, "npo": {"forget_quality": 0.001}}
+    T.add_relative(res)
+    g = T.goal(res)
+    assert g["best_baseline"] == "grad_diff" and g["ratio"] == pytest.approx(20) and g["met"] is True
+    assert g["detector_vs_labels"] == pytest.approx(0.25) and g["detector_met"] is False
+    res["palu"]["model_utility"] = 0.4  # 0.8x the target's utility: goal 1 fails on utility
+    T.add_relative(res)
+    assert T.goal(res)["met"] is False
+    table = T.markdown_table([("palu", res["palu"])])
+    assert table.splitlines()[0].count("|") == len(T.COLUMNS) + 2 and "2.00e-01" in table and "0.800" in table
