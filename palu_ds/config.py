@@ -46,7 +46,7 @@ class DataConfig:
     spans_key: str = "target_words"
     max_length: int = 256
     n_init: int | None = 3
-    span_source: str = "auto"
+    span_source: str = "auto"  # the forget set's: auto | labels | detector | model | none (retain/idk: none)
     span_model: str | None = None
     # how QA becomes tokens for training, precompute and in-training evaluation (palu_ds.data.prompt): the
     # tokenizer's chat template as open-unlearning applies it, with this system prompt and date string

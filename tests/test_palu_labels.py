@@ -49,7 +49,7 @@ def test_save_to_disk_folder_reads_with_every_span_exact(tokenizer):
             assert any(a < e and b > s for a, b in offsets), (i, s, e)
     info = ds.span_info()
     assert info["source"] == "labels" and info["rows"] == 40 and info["spans"] == n_labels
-    assert info["rows_by_source"] == {"labels": 40, "detector": 0, "model": 0}
+    assert info["rows_by_source"] == {"labels": 40, "detector": 0, "model": 0, "none": 0}
 
 
 def test_dataset_dict_folder_split_and_folder_with_config(tmp_path):
@@ -115,6 +115,36 @@ def test_tofu_palu_configs_take_the_labelled_source(name, tokenizer):
     cfg = load_config(path, ["data.forget.source=locuslab/TOFU", "data.forget.config=forget01"])
     with pytest.raises(DataError, match="span_source is 'labels'"):
         QADataset([{"question": "Q?", "answer": "A b."}], tokenizer, QAOptions(span_source=cfg.data.span_source))
+
+
+@pytest.mark.parametrize("name", ["palu", "idk_dpo"])
+def test_labels_setting_applies_to_the_forget_set_only(name, tokenizer, tmp_path):
+    """``data.span_source: labels`` with PALU's labelled forget set and an unlabelled retain set (TOFU's retain99,
+    as the shipped TOFU PALU configs pair them) builds every dataset: the retain set -- and the idk set, whose rows are
+    the forget prompts with refusal answers, so the forget labels' offsets would not fit -- label no spans."""
+    from palu_ds.config import load_config
+    from palu_ds.data.build import build_datasets
+    from palu_ds.methods import METHODS
+
+    retain = tmp_path / "retain.jsonl"
+    retain.write_text("".join(json.dumps({"question": f"Who is author {i}?", "answer": f"Author {i} is Ana Lopez."})
+                              + "\n" for i in range(3)))
+    idk = tmp_path / "idk.jsonl"
+    idk.write_text(json.dumps({"answer": "I have no idea who that is."}) + "\n")
+    cfg = load_config(os.path.join(ROOT, "launch", "configs", "tofu", f"{name}_forget01.yaml"),
+                      [f"data.forget.source={FIX}", "data.forget.config=null", f"data.retain.source={retain}",
+                       "data.retain.config=null", "data.span_source=labels"]
+                      + ([f"data.idk.source={idk}"] if name == "idk_dpo" else []))
+    ds = build_datasets(cfg.data, tokenizer, METHODS[name].batches)
+    assert ds["forget"].span_info()["source"] == "labels" and ds["forget"].n_spans > 0
+    for other in set(ds) - {"forget"}:
+        info = ds[other].span_info()
+        assert info["source"] == "none" and info["spans"] == 0, other
+        assert not any(sum(ds[other][i]["sens_mask"]) for i in range(len(ds[other])))
+    # the forget set itself still demands its labels
+    cfg.data.forget.source = str(retain)
+    with pytest.raises(DataError, match="span_source is 'labels'"):
+        build_datasets(cfg.data, tokenizer, METHODS[name].batches)
 
 
 def test_spans_cli_labels_the_way_training_does(tmp_path, capsys):

@@ -10,22 +10,25 @@ from palu_ds.data.qa import QADataset, QAOptions, with_refusals
 from palu_ds.data.text import TextChunks
 
 
-def qa_options(data_cfg) -> QAOptions:
+def qa_options(data_cfg, spans: bool = True) -> QAOptions:
+    """The QA options of a dataset; ``spans=False`` (the retain and idk sets) labels no sensitive spans: only the
+    forget set's spans are read by a loss, and ``data.span_source: labels`` must not demand labels elsewhere."""
     return QAOptions(question_key=data_cfg.question_key, answer_key=data_cfg.answer_key,
                      spans_key=data_cfg.spans_key, max_length=data_cfg.max_length, n_init=data_cfg.n_init,
-                     span_source=data_cfg.span_source, span_model=data_cfg.span_model, prompt=data_cfg.prompt)
+                     span_source=data_cfg.span_source if spans else "none", span_model=data_cfg.span_model,
+                     prompt=data_cfg.prompt)
 
 
 def _name(src) -> str:
     return f"{src.source}[{src.config}]" if src.config else src.source
 
 
-def build_one(src, data_cfg, tokenizer):
+def build_one(src, data_cfg, tokenizer, spans: bool = True):
     records = load_records(src.source, src.config, src.split)
     if src.kind == "text":
         docs = [r if isinstance(r, str) else r.get("text") for r in records]
         return TextChunks(docs, tokenizer, data_cfg.max_length, source=_name(src), n_init=data_cfg.n_init)
-    return QADataset(records, tokenizer, qa_options(data_cfg), source=_name(src))
+    return QADataset(records, tokenizer, qa_options(data_cfg, spans), source=_name(src))
 
 
 log = logging.getLogger("palu_ds")
@@ -69,7 +72,7 @@ def build_datasets(data_cfg, tokenizer, names: tuple[str, ...], seed: int = 0) -
                                     "each refusal row needs a non-empty answer")
                 refusals.append(text)
             recs = with_refusals(forget_records, refusals, data_cfg.answer_key, seed)
-            out[name] = QADataset(recs, tokenizer, qa_options(data_cfg), source=_name(data_cfg.idk))
+            out[name] = QADataset(recs, tokenizer, qa_options(data_cfg, spans=False), source=_name(data_cfg.idk))
         else:
-            out[name] = build_one(getattr(data_cfg, name), data_cfg, tokenizer)
+            out[name] = build_one(getattr(data_cfg, name), data_cfg, tokenizer, spans=name == "forget")
     return out

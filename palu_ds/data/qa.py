@@ -22,7 +22,7 @@ from palu_ds.data.spans import (check_offsets, detect_spans, model_spans, parse_
 log = logging.getLogger(__name__)
 
 
-SPAN_SOURCES = ("auto", "labels", "detector", "model")
+SPAN_SOURCES = ("auto", "labels", "detector", "model", "none")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class QAOptions:
     spans_key: str = "target_words"
     max_length: int = 256
     n_init: int | None = 3  # None = every token of a span is in I_init
-    span_source: str = "auto"  # auto (labels when present, else detector) | labels | detector | model
+    span_source: str = "auto"  # auto (labels when present, else detector) | labels | detector | model | none
     span_model: str | None = None  # a transformers token-classification model (span_source=model)
     prompt: PromptFormat = DEFAULT_FORMAT  # chat template / system prompt / date (palu_ds.data.prompt)
 
@@ -53,7 +53,7 @@ class QADataset(torch.utils.data.Dataset):
         uses_chat(tokenizer, options.prompt)  # a required chat template that is missing fails here, not per row
         self._records = records  # error locations: JSONL line numbers when the records came from a file
         self.truncated = 0
-        self.span_rows = {"labels": 0, "detector": 0, "model": 0}  # rows whose spans came from each source
+        self.span_rows = {"labels": 0, "detector": 0, "model": 0, "none": 0}  # rows whose spans came from each source
         self.n_spans = 0
         pipe = _span_pipeline(options)
         self.examples = [self._encode(i, r, tokenizer, pipe) for i, r in enumerate(records)]
@@ -138,6 +138,8 @@ def row_spans(record, question: str, answer: str, span_source: str = "auto", spa
               pipe=None, source: str = "<records>", row: int = 0) -> tuple[list[tuple[int, int]], str]:
     """The sensitive character spans of one QA row and where they came from (``labels`` / ``model`` /
     ``detector``): the one labelling rule of training (:class:`QADataset`) and of ``palu-ds spans``."""
+    if span_source == "none":  # the retain / idk sets: no loss reads their spans
+        return [], "none"
     has_labels = isinstance(record, dict) and record.get(spans_key) is not None
     if span_source == "labels" or (span_source == "auto" and has_labels):
         if not has_labels:
