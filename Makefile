@@ -20,7 +20,7 @@ export HF_HUB_OFFLINE ?= 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
 
-.PHONY: install demo test test-fast test-cluster clean lock
+.PHONY: install demo test test-fast test-unit test-distributed test-e2e test-cluster clean lock
 
 $(STAMP): setup.py constraints.txt $(LOCK)
 	@command -v mpirun >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null) || echo "note: openmpi not installed (mpirun tests will be skipped)"; }
@@ -44,6 +44,10 @@ test: $(STAMP) $(MODEL)
 
 test-fast: $(STAMP) $(MODEL)
 	$(BIN)/python -m pytest tests -q -m "not slow and not cluster_full" --timeout 600
+
+# one tier at a time (pytest.ini: every test is exactly one of unit / distributed / e2e)
+test-unit test-distributed test-e2e: test-%: $(STAMP) $(MODEL)
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider --timeout 900 -m "$* and not cluster_full"
 
 # the cluster tests in full (make test runs a reduced form): a private single-host SLURM from Debian's packages
 # (installed with apt-get when missing), sbatch + requeue twice, mpirun, killed ranks under each launcher

@@ -71,3 +71,18 @@ def smollm2():
     from palu_ds.models import smollm2
 
     return smollm2()
+
+
+TIERS = ("unit", "distributed", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test gets exactly one tier marker (``-m unit`` / ``-m distributed`` / ``-m e2e``, as torchtune's
+    folders): the one it declares, else ``e2e`` for a ``slow`` test (an end-to-end run of the real CLI), else
+    ``unit``."""
+    for item in items:
+        declared = [t for t in TIERS if item.get_closest_marker(t)]
+        if len(declared) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked {declared}: one tier per test")
+        if not declared:
+            item.add_marker("e2e" if item.get_closest_marker("slow") else "unit")

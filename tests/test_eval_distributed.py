@@ -51,6 +51,7 @@ def _assert_same(a, b, path=""):
         assert a == b, (path, a, b)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(200)
 def test_two_ranks_equal_one_rank(tmp_path):
     make_tiny_model(tmp_path / "model", corpus_texts())

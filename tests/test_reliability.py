@@ -179,6 +179,7 @@ def _train_args(tiny, target, out, *extra, ds="ds_configs/cpu/zero2.json"):
             "data.max_length=64", *extra]
 
 
+@pytest.mark.e2e  # the real CLI, one process
 @pytest.mark.parametrize("case", ["lr", "resume", "ds_missing", "ds_json", "ds_batch", "K"])
 def test_bad_settings_and_paths_fail_before_any_model_loads(tiny, tmp_path, case):
     """Through the real CLI: exit 2 with 'config error' naming the key or file, no model loaded, no reference_cache
