@@ -13,14 +13,11 @@ and prints one markdown table row per (V, K): best of --repeats interleaved runs
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from palu_ds.losses import palu_local_entropy, palu_local_entropy_topk  # noqa: E402
+from palu_ds.losses import palu_local_entropy, palu_local_entropy_topk
 
 
 def _best_times(fns, repeats: int) -> list[float]:

@@ -16,10 +16,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from vs_open_unlearning import env, port  # noqa: E402
+from benchmarks.vs_open_unlearning import env, port
 
 
 def build(out: str) -> tuple[str, str]:

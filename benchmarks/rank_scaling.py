@@ -21,9 +21,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from benchmarks.vs_open_unlearning import build_model, env, port  # noqa: E402
+from benchmarks.vs_open_unlearning import build_model, env, port
 
 COLLECTIVES = r"""
 import json, statistics, sys, time, torch, torch.distributed as dist

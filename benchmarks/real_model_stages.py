@@ -18,11 +18,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from benchmarks.vs_open_unlearning import env, port  # noqa: E402
-from palu_ds.methods import METHODS  # noqa: E402
-from palu_ds.models import smollm2  # noqa: E402
+from benchmarks.vs_open_unlearning import env, port
+from palu_ds.methods import METHODS
+from palu_ds.models import smollm2
 
 FACTS = os.path.join(ROOT, "launch", "data", "real_facts")
 

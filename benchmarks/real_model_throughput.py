@@ -22,10 +22,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from benchmarks.vs_open_unlearning import env, port  # noqa: E402
-from palu_ds.models import smollm2  # noqa: E402
+from benchmarks.vs_open_unlearning import env, port
+from palu_ds.models import smollm2
 
 MATMUL = r"""
 import json, time, torch

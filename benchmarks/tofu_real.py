@@ -30,7 +30,7 @@ Stages (each timed; logs in ``OUT/logs``; reused when its command and inputs are
    model, the target and every unlearned model; forget quality = KS test against the retain model's forget truth
    ratios;
 5. answer NLL by position kind (I_init / rest of span / common, PALU's labels) for the base, retain, target and
-   every method (``evaluation/benchmarks/position_nll.py``'s function);
+   every method (``benchmarks/position_nll.py``'s function);
 6. ``OUT/tofu_real.md`` (tables, goal check), ``OUT/tofu_real.json`` (every number, settings, stage seconds),
    ``OUT/tofu_real.png`` (forget quality vs model utility; the retain model is the ideal point).
 
@@ -53,10 +53,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from evaluation.benchmarks.mini_tofu import (  # noqa: E402
+from benchmarks.mini_tofu import (
     CPU_ENV, ROWS_PER_AUTHOR, Stages, add_relative, evenly, fmt, goal_check, read_json, tofu_perturbed_index,
     write_jsonl)
 
@@ -411,7 +409,7 @@ def main(argv=None) -> int:
 
     # 5. NLL by position kind on the forget set (PALU's labels)
     t = time.time()
-    from evaluation.benchmarks.position_nll import position_nll
+    from benchmarks.position_nll import position_nll
     from palu_ds.data import QADataset
     from palu_ds.data.qa import QAOptions
 

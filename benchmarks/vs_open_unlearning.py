@@ -19,7 +19,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 OPEN_UNLEARNING = {  # measured by the project on a machine of this kind (issue 9), another run
     ("npo", 1): (0.53, 1112, 1096), ("pd_flat", 1): (0.39, 1666, 987), ("grad_diff", 1): (0.58, 1103, 1190),

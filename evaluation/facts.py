@@ -17,17 +17,13 @@ import argparse
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluation import metrics as M  # noqa: E402
-from evaluation.distributed import gather_records, rank_world, shard_indices  # noqa: E402
-from evaluation.prompt import encode_qa  # noqa: E402
-from evaluation.scoring import generate_greedy, pad_id_of, score_targets  # noqa: E402
-from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat  # noqa: E402
+from evaluation import metrics as M
+from evaluation.distributed import gather_records, rank_world, shard_indices
+from evaluation.prompt import encode_qa
+from evaluation.scoring import generate_greedy, pad_id_of, score_targets
+from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat
 
 
 def names_key(text: str, key: str) -> bool:

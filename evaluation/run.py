@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluation.config import MUSE_PARTS, TOFU_PARTS, SuiteConfig  # noqa: E402
-from palu_ds.data.prompt import PromptFormat  # noqa: E402
+from evaluation.config import MUSE_PARTS, TOFU_PARTS, SuiteConfig
+from palu_ds.data.prompt import PromptFormat
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -18,7 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 DRIVER = """
 import sys
-sys.path.insert(0, {repo!r})
 from evaluation import run
 from evaluation.distributed import init_from_env
 import torch.distributed as dist

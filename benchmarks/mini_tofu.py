@@ -1,6 +1,6 @@
 """mini-TOFU: the TOFU unlearning benchmark in miniature, on CPU, from the real TOFU files, through the real CLIs.
 
-    python evaluation/benchmarks/mini_tofu.py --tofu ../shared/data/tofu --authors 0:40 --forget 10% --seed 0
+    python benchmarks/mini_tofu.py --tofu ../shared/data/tofu --authors 0:40 --forget 10% --seed 0
     # -> runs/mini_tofu/a0-40_f10_s0/{mini_tofu.md,mini_tofu.json,mini_tofu.png}; ~12 min on 2 quiet CPU cores
 
 Author ``i`` is rows ``20i .. 20i+19`` of ``full.jsonl``; ``--authors A:B`` takes authors A..B-1 and the last
@@ -57,9 +57,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]
 
 ROWS_PER_AUTHOR = 20
 N_PERTURBED = 5
@@ -790,7 +788,7 @@ def main(argv=None) -> int:
 
     # 5. table, JSON, PNG
     report = {
-        "command": " ".join(["python", "evaluation/benchmarks/mini_tofu.py",
+        "command": " ".join(["python", "benchmarks/mini_tofu.py",
                              *(argv if argv is not None else sys.argv[1:])]),
         "seed": args.seed, "quick": args.quick, "data": info, "vocab_size": vocab,
         "settings": {"model": MODEL, "max_length": MAX_LENGTH, "sft": {**SFT, "epochs": sft_epochs},
