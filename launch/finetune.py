@@ -2,8 +2,10 @@
 --deepspeed ds_configs/zero2.json --config launch/configs/finetune.yaml data.forget.source=<train data>``.
 The training data is ``data.forget``; the objective is the answer-token NLL."""
 
+from evaluation import trainer_evaluator
 from palu_ds.process import run_main
 from palu_ds.run import main
 
 if __name__ == "__main__":
-    run_main(main, "palu_ds fine-tuning (SFT)", forced=["method.name=sft", "reference.mode=none"])
+    run_main(main, "palu_ds fine-tuning (SFT)", forced=["method.name=sft", "reference.mode=none"],
+             evaluator_for=trainer_evaluator)

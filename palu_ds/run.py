@@ -30,7 +30,9 @@ def write_summary(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def main(description: str, forced: list[str] = (), default_ds: str | None = None) -> int:
+def main(description: str, forced: list[str] = (), default_ds: str | None = None, evaluator_for=None) -> int:
+    """``evaluator_for(cfg)``: the in-training evaluator (or None) for the engine, from the launch script
+    (``evaluation.trainer_evaluator``), so that the library does not import the evaluation package."""
     setup_logging()
     args = parser(description, default_ds).parse_args()
     if not args.deepspeed:
@@ -40,13 +42,14 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
         cfg = load_config(args.config, list(args.overrides) + list(forced))
         check_run_paths(cfg, args.deepspeed)
         check_model_vocabulary(cfg)
+        evaluator = evaluator_for(cfg) if evaluator_for else None
     except (ConfigError, FileNotFoundError) as e:  # before any model is loaded
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from palu_ds.engine import Trainer
     from palu_ds.methods import get_method
 
-    trainer = Trainer(cfg, args.deepspeed, get_method(cfg.method.name))
+    trainer = Trainer(cfg, args.deepspeed, get_method(cfg.method.name), evaluator)
     trainer.setup()
     last = trainer.train()
     from palu_ds import dist
