@@ -22,7 +22,7 @@ def evaluate(model, tokenizer, suite_cfg: Any, *, out_dir=None, **overrides) -> 
     training mode restored afterwards; no gradients are kept.
     """
     from . import muse, tofu
-    from .distributed import barrier, rank_world
+    from palu_ds import dist
 
     cfg = as_suite_config(suite_cfg)
     if overrides:
@@ -36,9 +36,9 @@ def evaluate(model, tokenizer, suite_cfg: Any, *, out_dir=None, **overrides) -> 
         model.train(was_training)
     out.meta.update(cfg.extra)
     if out_dir is not None:
-        if rank_world()[0] == 0:
+        if dist.is_main():
             out.write(out_dir)
-        barrier()
+        dist.barrier()
     return out
 
 

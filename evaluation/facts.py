@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from evaluation import metrics as M
-from evaluation.distributed import gather_records, rank_world, shard_indices
+from palu_ds.dist import gather_records, is_main, rank, shard_indices, world
 from evaluation.prompt import encode_qa
 from evaluation.scoring import generate_greedy, pad_id_of, score_targets
 from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat
@@ -34,8 +34,7 @@ def names_key(text: str, key: str) -> bool:
 def check_rows(model, tokenizer, rows: list[dict], fmt: PromptFormat = DEFAULT_FORMAT, max_new_tokens: int = 24,
                batch_size: int = 16) -> list[dict]:
     """Per-row records (every rank gets all of them, ordered as ``rows``)."""
-    rank, world = rank_world()
-    idx = shard_indices(len(rows), rank, world)
+    idx = shard_indices(len(rows), rank(), world())
     pairs = [encode_qa(tokenizer, rows[i]["question"], [rows[i]["answer"]], fmt=fmt) for i in idx]
     stats = score_targets(model, [a[0] for _, a in pairs], pad_id=pad_id_of(tokenizer), batch_size=batch_size)
     gens = generate_greedy(model, tokenizer, [p for p, _ in pairs], max_new_tokens=max_new_tokens,
@@ -72,7 +71,7 @@ def main(argv=None) -> dict:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from evaluation.distributed import init_from_env
+    from palu_ds.dist import init_from_env
     from evaluation.run import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -92,7 +91,7 @@ def main(argv=None) -> dict:
     for path in args.data:
         records = check_rows(model, tokenizer, load_rows(path), fmt, args.max_new_tokens, args.batch_size)
         out[Path(path).stem] = {"summary": summarize(records), "records": records}
-    if rank_world()[0] == 0:
+    if is_main():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         tmp = args.out + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

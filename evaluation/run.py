@@ -73,13 +73,13 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     from evaluation.api import evaluate
-    from evaluation.distributed import init_from_env, rank_world
+    from palu_ds import dist as ranks
 
     args = parse_args(argv)
     import torch.distributed as dist
 
-    started_here = not (dist.is_available() and dist.is_initialized()) and init_from_env()
-    rank, world = rank_world()
+    started_here = not (dist.is_available() and dist.is_initialized()) and ranks.init_from_env()
+    rank, world = ranks.rank(), ranks.world()
     cfg = SuiteConfig(suite=args.suite, split=args.split, data=args.data, splits=args.splits,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                       max_examples=args.max_examples, k=args.k, retain_results=args.retain_results,

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .distributed import is_dist, max_across_ranks
+from palu_ds.dist import max_across_ranks, world
 
 
 @dataclass
@@ -43,7 +43,7 @@ def is_zero3(model) -> bool:
 
 
 def default_lockstep(model) -> bool:
-    return is_dist() and torch.distributed.get_world_size() > 1 and is_zero3(model)
+    return world() > 1 and is_zero3(model)
 
 
 def pad_id_of(tokenizer) -> int:

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 DRIVER = """
 import sys
 from evaluation import run
-from evaluation.distributed import init_from_env
+from palu_ds.dist import init_from_env
 import torch.distributed as dist
 init_from_env()  # once: main() leaves a group it did not create alone
 common = ["--model", {model!r}, "--max-new-tokens", "8", "--batch-size", "2", "--no-forget-quality"]
