@@ -11,9 +11,10 @@ In-training use::
 The training engine gets :func:`trainer_evaluator` from its entry point (launch/train.py) as a callable.
 """
 
+from palu_ds.data.errors import DataError
+
 from .api import evaluate, trainer_evaluator
 from .config import MissingRetainResults, SuiteConfig
-from .data import DataError
 from .results import EvalOutput
 
 __all__ = ["evaluate", "trainer_evaluator", "SuiteConfig", "EvalOutput", "MissingRetainResults", "DataError"]

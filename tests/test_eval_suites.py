@@ -116,7 +116,7 @@ def test_missing_field_names_file_row_and_field(env, tmp_path):
     (bad / "retain_perturbed.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(DataError, match=r"retain_perturbed.jsonl: row 2 has no field 'paraphrased_answer'"):
         evaluate(env["model"], env["tok"], SuiteConfig(data=str(bad), splits=("retain",), forget_quality=False))
-    with pytest.raises(DataError, match=r"forget05_perturbed.jsonl not found"):
+    with pytest.raises(DataError, match=r"forget05_perturbed.jsonl: not found"):
         evaluate(env["model"], env["tok"], SuiteConfig(split="forget05", data=str(bad), forget_quality=False))
 
 
