@@ -20,10 +20,9 @@ import re
 from pathlib import Path
 
 from evaluation import metrics as M
-from palu_ds.dist import gather_records, is_main, rank, shard_indices, world
-from evaluation.prompt import encode_qa
 from evaluation.scoring import generate_greedy, pad_id_of, score_targets
-from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat
+from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat, encode_qa
+from palu_ds.dist import gather_records, is_main, rank, shard_indices, world
 
 
 def names_key(text: str, key: str) -> bool:

@@ -1,6 +1,6 @@
 """Batched model passes: teacher-forced token statistics of targets given prompts, and left-padded greedy generation.
 
-Both take token ids (see :mod:`evaluation.prompt`) and return per-query results in the order given.  Queries are
+Both take token ids (see :mod:`palu_ds.data.prompt`) and return per-query results in the order given.  Queries are
 sorted by length inside a call to keep padding small.  Under DeepSpeed ZeRO-3 (parameters partitioned across
 ranks) every rank must run the same number of forward passes, so with ``lockstep`` the number of batches is
 synchronised across ranks (extra dummy batches) and generation uses ``synced_gpus``.

@@ -24,11 +24,12 @@ from __future__ import annotations
 import re
 import time
 
+from palu_ds.data.prompt import encode_qa
+from palu_ds.dist import gather_records, rank, shard_indices, world
+
 from . import metrics as M
 from .config import SuiteConfig, load_retain_results
 from .data import load_tofu
-from palu_ds.dist import gather_records, rank, shard_indices, world
-from .prompt import encode_qa
 from .results import EvalOutput, mean
 from .scoring import generate_greedy, pad_id_of, score_targets
 
