@@ -19,7 +19,7 @@ from pathlib import Path
 
 from evaluation import SuiteConfig, evaluate
 from evaluation.report import load_summary, render
-from evaluation.synthetic import make_tiny_model
+from palu_ds.tiny import make_tiny_model
 
 
 def tokenizer_texts(data: Path, limit_chars: int = 3_000_000) -> list[str]:

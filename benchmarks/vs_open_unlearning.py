@@ -29,20 +29,18 @@ MAXRSS = ("import resource,subprocess,sys; r=subprocess.call(sys.argv[1:]); "
 
 
 def build_model(tofu: str, out: str) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
     import torch
+    from transformers import LlamaForCausalLM
 
     from palu_ds.data.io import load_records
-    from palu_ds.tiny import qa_texts, train_tokenizer
+    from palu_ds.tiny import qa_texts, tiny_llama_config, train_tokenizer
 
     path = os.path.join(out, "model")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
     tok = train_tokenizer(qa_texts(load_records(os.path.join(tofu, "full.jsonl"))), vocab_size=8192)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=4, intermediate_size=688, tie_word_embeddings=False,
-                      max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = tiny_llama_config(len(tok), hidden=256, layers=4, heads=4, intermediate=688, max_positions=512,
+                            tokenizer=tok)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}")

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from evaluation import run
-from evaluation.synthetic import corpus_texts, make_tiny_model, write_muse, write_tofu
+from palu_ds.data.synthetic import corpus_texts, write_muse, write_tofu
+from palu_ds.tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

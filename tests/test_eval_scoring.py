@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from evaluation.scoring import generate_greedy, score_targets
-from evaluation.synthetic import CHAT_TEMPLATE, corpus_texts, make_tiny_model
+from palu_ds.data.synthetic import corpus_texts
+from palu_ds.tiny import CHAT_TEMPLATE, make_tiny_model
 from palu_ds.data.prompt import encode_qa, encode_text, format_prompt
 
 

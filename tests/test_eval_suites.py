@@ -8,7 +8,8 @@ from scipy.stats import ks_2samp
 
 from evaluation import DataError, MissingRetainResults, SuiteConfig, evaluate
 from evaluation import report, run
-from evaluation.synthetic import corpus_texts, make_tiny_model, write_muse, write_tofu
+from palu_ds.data.synthetic import corpus_texts, write_muse, write_tofu
+from palu_ds.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")
