@@ -11,12 +11,13 @@ Shapes: 1 process (DeepSpeed stage 0, 2 threads) and DeepSpeed ZeRO-3 on 2 ranks
 import argparse
 import json
 import os
-import socket
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+
+from palu_ds.localrun import cpu_env, launcher_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,23 +50,10 @@ def build_model(tofu: str, out: str) -> str:
     return path
 
 
-def port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env(threads: int) -> dict:
-    e = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
-             OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    e.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".venv", "torch_extensions"))
-    return e
-
-
 def run(cmd: list[str], threads: int, log: str) -> tuple[int, float, int]:
     t = time.time()
     with open(log, "w") as f:
-        p = subprocess.run([sys.executable, "-c", MAXRSS, *cmd], cwd=ROOT, env=env(threads), stdout=subprocess.PIPE,
+        p = subprocess.run([sys.executable, "-c", MAXRSS, *cmd], cwd=ROOT, env=cpu_env(OMP_NUM_THREADS=str(threads)), stdout=subprocess.PIPE,
                            stderr=f, text=True)
     f_out = p.stdout
     kb = int(f_out.strip().split("MAXRSS_KB")[-1]) if "MAXRSS_KB" in f_out else 0
@@ -84,8 +72,7 @@ def train(method: str, nproc: int, model: str, tofu: str, out: str, steps: int) 
     args = [a for a in args if a]
     if method == "palu":
         args.append("method.params.K=1000")
-    cmd = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port())]
-           if nproc > 1 else [sys.executable]) + args
+    cmd = launcher_cmd(args[0], args[1:], nproc)
     rc, wall, _ = run(cmd, 1 if nproc > 1 else 2, os.path.join(out, f"{method}_{nproc}.log"))
     if rc != 0:
         return {"method": method, "nproc": nproc, "exit": rc}
@@ -100,8 +87,7 @@ def train(method: str, nproc: int, model: str, tofu: str, out: str, steps: int) 
 def evaluate(model: str, tofu: str, out: str, nproc: int) -> dict:
     args = ["evaluation/run.py", "--model", model, "--suite", "tofu", "--split", "forget10", "--data", tofu,
             "--no-forget-quality", "--out", os.path.join(out, f"eval_{nproc}")]
-    cmd = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port())]
-           if nproc > 1 else [sys.executable]) + args
+    cmd = launcher_cmd(args[0], args[1:], nproc)
     rc, wall, rss = run(cmd, 1 if nproc > 1 else 2, os.path.join(out, f"eval_{nproc}.log"))
     return {"nproc": nproc, "exit": rc, "wall_s": wall, "peak_rss_mib": rss / 2 ** 20}
 

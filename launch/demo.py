@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from palu_ds.localrun import launcher_cmd
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,8 +33,7 @@ def run(stage: str, cmd: list[str], timings: dict) -> None:
 
 
 def deepspeed(script: str, ds: str, config: str, overrides: list[str], port: int) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-            script, "--deepspeed", ds, "--config", config, *overrides]
+    return launcher_cmd(script, ["--deepspeed", ds, "--config", config, *overrides], 2, port)
 
 
 def summary(out: str, name: str) -> dict:
@@ -153,9 +154,8 @@ def real_demo(args) -> int:
     data = [os.path.join(REAL_DATA, f"{name}.jsonl") for name in SIDES]
 
     def ask(stage: str, model: str, name: str) -> dict:
-        run(stage, [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                    str(args.port), "evaluation/facts.py", "--model", model, "--data", *data,
-                    "--out", f"{out}/facts/{name}.json"], timings)
+        run(stage, launcher_cmd("evaluation/facts.py", ["--model", model, "--data", *data,
+                                                        "--out", f"{out}/facts/{name}.json"], 2, args.port), timings)
         with open(f"{out}/facts/{name}.json", encoding="utf-8") as f:
             return json.load(f)
 

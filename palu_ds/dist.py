@@ -10,22 +10,17 @@ must be exported for multi-node runs (the sbatch scripts do it).
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
+
+from palu_ds.localrun import free_port
 
 _SOURCES = [  # (rank, world size, local rank)
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
     ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def discover_env() -> None:
@@ -44,7 +39,7 @@ def discover_env() -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if os.environ["WORLD_SIZE"] == "1":
-        default_port = _free_port()
+        default_port = free_port()
     elif "SLURM_JOB_ID" in os.environ:  # two jobs sharing a node must not collide
         default_port = 20000 + int(os.environ["SLURM_JOB_ID"]) % 20000
     else:

@@ -1,19 +1,13 @@
-"""Test-wide CPU settings for DeepSpeed/gloo (set here, not in library code that must also run on GPUs)."""
-import os
+"""Test-wide CPU settings for DeepSpeed/gloo (palu_ds.localrun, not library code that must also run on GPUs)."""
 import warnings
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import pytest
+
+from palu_ds.localrun import setdefaults
+
+setdefaults()
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
