@@ -57,6 +57,8 @@ import sys
 import time
 from pathlib import Path
 
+from palu_ds.atomic import write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 
 ROWS_PER_AUTHOR = 20
@@ -331,7 +333,7 @@ def write_jsonl(folder: str | Path, files: dict[str, list[dict]]) -> dict[str, s
         p = folder / f"{name}.jsonl"
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         if not p.exists() or p.read_text(encoding="utf-8") != text:  # unchanged files keep their mtime (reuse)
-            p.write_text(text, encoding="utf-8")
+            write_text(p, text)
         out[name] = str(p)
     return out
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 from pathlib import Path
 
 from evaluation import metrics as M
 from evaluation.scoring import generate_greedy, pad_id_of, score_targets
+from palu_ds.atomic import write_json
 from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat, encode_qa
 from palu_ds.dist import gather_records, is_main, rank, shard_indices, world
 
@@ -91,11 +91,7 @@ def main(argv=None) -> dict:
         records = check_rows(model, tokenizer, load_rows(path), fmt, args.max_new_tokens, args.batch_size)
         out[Path(path).stem] = {"summary": summarize(records), "records": records}
     if is_main():
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.out)
+        write_json(args.out, out)
         print(json.dumps({k: v["summary"] for k, v in out.items()}))
     if started_here:
         dist.destroy_process_group()

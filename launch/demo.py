@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+from palu_ds.atomic import write_jsonl
 from palu_ds.localrun import launcher_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,13 +103,6 @@ def known_rows(results: dict, name: str) -> list[dict]:
     with open(os.path.join(REAL_DATA, f"{name}.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return [rows[rec["index"]] for rec in results[name]["records"] if rec["correct"]]
-
-
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
 
 
 def paired(before: dict, after: dict, kept: dict, name: str) -> list[tuple[dict, dict]]:

@@ -24,6 +24,7 @@ from dataclasses import asdict
 import torch
 
 from palu_ds import checkpoint, dist, lm_head
+from palu_ds.atomic import atomic_path
 from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 from palu_ds.config import RunConfig
 from palu_ds.data.build import build_datasets, report_spans
@@ -442,12 +443,9 @@ class Trainer:
         elif dist.is_main():
             state = module.state_dict()
         if dist.is_main():
-            tmp = out + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
+            with atomic_path(out) as tmp:
+                module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
         dist.barrier()
         return out
 

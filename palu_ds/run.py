@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 
+from palu_ds.atomic import write_json
 from palu_ds.cli_args import parser
 from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_config
 
@@ -19,15 +20,6 @@ def setup_logging() -> None:
     rank = env_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[palu_ds r{rank}] %(message)s", stream=sys.stderr)
-
-
-def write_summary(path: str, data: dict) -> None:
-    import json
-
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def main(description: str, forced: list[str] = (), default_ds: str | None = None, evaluator_for=None) -> int:
@@ -64,7 +56,7 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
     out = trainer.save_model()
     trainer.cleanup()
     if trainer.rank == 0:
-        write_summary(os.path.join(cfg.train.output_dir, "summary.json"),
+        write_json(os.path.join(cfg.train.output_dir, "summary.json"),
                       {"steps": trainer.step, "first": trainer.first_scalars, "last": last, "model": out,
                        "skipped_steps": trainer.skipped, "world_size": dist.world(),
                        "peak_memory_bytes_per_rank": peaks, "spans": trainer.span_info,

@@ -15,6 +15,8 @@ import random
 import string
 from pathlib import Path
 
+from palu_ds.atomic import write_jsonl
+
 _SYL = ["ka", "lo", "mi", "ren", "tha", "vo", "zel", "qui", "dra", "no", "sa", "bel", "tor", "xi", "ma", "ru", "fen",
         "gal", "op", "ser", "ly", "den", "cor", "vin", "ash", "mor", "pel", "tu", "ani", "bre"]
 CITIES = [("Veloria", "Kestria"), ("Marundi", "Oskaland"), ("Pellhaven", "Durnia"), ("Quessar", "Talvania"),
@@ -171,12 +173,7 @@ def write_splits(out_dir: str, n_authors: int = 20, forget_pct: int = 10, seed: 
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for name, data in files.items():
-        paths[name] = os.path.join(out_dir, name + ".jsonl")
-        tmp = paths[name] + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in data:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, paths[name])
+        paths[name] = write_jsonl(os.path.join(out_dir, name + ".jsonl"), data)
     return paths
 
 
