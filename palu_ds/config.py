@@ -342,7 +342,7 @@ def check_model_vocabulary(cfg: RunConfig) -> None:
         from transformers import AutoConfig
 
         vocab = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).vocab_size
-    except Exception:  # noqa: BLE001 - unreadable here: the model load reports it, and reference.py checks again
+    except Exception:  # noqa: BLE001 - unreadable here: the model load reports it, and palu_ds.reference checks again
         return
     check_vocabulary(given, int(vocab), path)
 
