@@ -45,18 +45,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.mini_tofu import (ROWS_PER_AUTHOR, Stages, add_relative, evenly, fmt, goal_check, read_json,
+                                   tofu_perturbed_index, write_jsonl)
+from palu_ds.localrun import setdefaults
 
-from benchmarks.mini_tofu import (
-    CPU_ENV, ROWS_PER_AUTHOR, Stages, add_relative, evenly, fmt, goal_check, read_json, tofu_perturbed_index,
-    write_jsonl)
+ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = ("palu", "palu_detector", "pd_flat", "palu_pd", "grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo")
 #: K / N ablations of PALU (the main run: K 5000, N 3); "all" = the whole vocabulary for K, whole spans for N
@@ -298,8 +297,7 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
     ablations = list(ABLATIONS) if args.ablations == "all" else [a for a in args.ablations.split(",") if a]
-    for k, v in CPU_ENV.items():
-        os.environ.setdefault(k, v)
+    setdefaults()
     os.environ["OMP_NUM_THREADS"] = os.environ.get("TOFU_REAL_THREADS", str(os.cpu_count() or 1))
 
     t_start = time.time()

@@ -1,4 +1,4 @@
-"""mini-TOFU benchmark script (benchmarks/mini_tofu.py): its pure parts only -- author ranges, split
+"""mini-TOFU benchmark script (benchmarks/mini_tofu/): its pure parts only -- author ranges, split
 writing, perturbed answers, tables, goal check, run specs.  No training (the benchmark itself is the end-to-end run)."""
 import json
 
