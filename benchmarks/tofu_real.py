@@ -53,6 +53,7 @@ from pathlib import Path
 
 from benchmarks.mini_tofu import (ROWS_PER_AUTHOR, Stages, add_relative, evenly, fmt, goal_check, read_json,
                                    tofu_perturbed_index, write_jsonl)
+from palu_ds.data.io import read_json_records
 from palu_ds.localrun import setdefaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,17 +86,6 @@ COLUMNS = [("forget_quality", "forget quality"), ("ks_statistic", "KS D"), ("for
 # ---------------------------------------------------------------------------------------------------------------
 # Pure parts (tests/test_tofu_real.py)
 # ---------------------------------------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg}); fix or replace the file") from None
-    return rows
-
-
 def build_data(tofu: Path, split: str, retain_authors: int | None, utility_rows: int | None) -> dict:
     """``{"files": {name: rows}, "info": {...}}``: the run's data (see the module doc).  ``retain_authors=None``
     (``--full``) = TOFU's retain split of ``split``; ``utility_rows=None`` = every evaluation row."""
@@ -105,8 +95,8 @@ def build_data(tofu: Path, split: str, retain_authors: int | None, utility_rows:
     if missing:
         raise FileNotFoundError(f"{tofu}: missing {', '.join(n + '.jsonl' for n in missing)} (TOFU's files, see "
                                 "../shared/data/README.md)")
-    full = read_jsonl(tofu / "full.jsonl")
-    forget = read_jsonl(tofu / f"{split}.jsonl")
+    full = read_json_records(tofu / "full.jsonl")
+    forget = read_json_records(tofu / f"{split}.jsonl")
     n_forget_authors = len(forget) // ROWS_PER_AUTHOR
     first_forget = len(full) // ROWS_PER_AUTHOR - n_forget_authors
     if full[ROWS_PER_AUTHOR * first_forget:] != forget:
@@ -118,17 +108,17 @@ def build_data(tofu: Path, split: str, retain_authors: int | None, utility_rows:
             raise ValueError(f"--retain-authors must be 1..20 (TOFU's perturbed answers cover authors 0-19), "
                              f"got {retain_authors}")
         retain = full[:ROWS_PER_AUTHOR * retain_authors]
-    pert_index = tofu_perturbed_index(full, [read_jsonl(tofu / "retain_perturbed.jsonl")])
+    pert_index = tofu_perturbed_index(full, [read_json_records(tofu / "retain_perturbed.jsonl")])
     retain_pert = [pert_index[i] for i in range(len(retain)) if i in pert_index]
-    forget_pert = read_jsonl(tofu / f"{split}_perturbed.jsonl")
+    forget_pert = read_json_records(tofu / f"{split}_perturbed.jsonl")
     if [(r["question"], r["answer"]) for r in forget_pert] != [(r["question"], r["answer"]) for r in forget]:
         raise ValueError(f"{tofu / (split + '_perturbed.jsonl')}: its rows are not those of {split}.jsonl")
     files = {
         "target": retain + forget, "retain": retain, split: forget, f"{split}_perturbed": forget_pert,
         "retain_perturbed": evenly(retain_pert, utility_rows),
-        "real_authors_perturbed": evenly(read_jsonl(tofu / "real_authors_perturbed.jsonl"), utility_rows),
-        "world_facts_perturbed": evenly(read_jsonl(tofu / "world_facts_perturbed.jsonl"), utility_rows),
-        "idontknow": read_jsonl(tofu / "idontknow.jsonl"),
+        "real_authors_perturbed": evenly(read_json_records(tofu / "real_authors_perturbed.jsonl"), utility_rows),
+        "world_facts_perturbed": evenly(read_json_records(tofu / "world_facts_perturbed.jsonl"), utility_rows),
+        "idontknow": read_json_records(tofu / "idontknow.jsonl"),
     }
     info = {"split": split, "forget_authors": list(range(first_forget, first_forget + n_forget_authors)),
             "retain_authors": len(retain) // ROWS_PER_AUTHOR, "rows": {k: len(v) for k, v in files.items()}}

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from palu_ds.data.io import read_json_records
 from palu_ds.localrun import launcher_cmd, setdefaults
 
 from .report import add_relative, goal_check, render_markdown, render_png
@@ -69,18 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _jsonl(path: Path) -> list:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-
-
 # ----------------------------------------------------------------------------------------------- 1. data
 def stage_data(run: Run, tofu: Path, full: list[dict], a: int, b: int, pct: int, pretrain) -> dict:
     """The splits of authors a..b-1 in ``OUT/data``; returns :func:`build_splits`' ``{"files", "info"}``."""
     args = run.args
-    pert_files = [_jsonl(tofu / f"{n}.jsonl")
+    pert_files = [read_json_records(tofu / f"{n}.jsonl")
                   for n in ("retain_perturbed", "forget01_perturbed", "forget05_perturbed", "forget10_perturbed")
                   if (tofu / f"{n}.jsonl").exists()]
-    refusals = [r["answer"] for r in _jsonl(tofu / "idontknow.jsonl")]
+    refusals = [r["answer"] for r in read_json_records(tofu / "idontknow.jsonl")]
     data = build_splits(full, tofu_perturbed_index(full, pert_files), refusals, a, b, pct, args.perturbed, args.seed,
                         args.retain_eval_rows or None, pretrain)
     write_jsonl(run.out / "data", data["files"])
@@ -268,7 +265,7 @@ def main(argv=None) -> int:
     setdefaults()
     t_start = time.time()
     tofu = Path(args.tofu)
-    full = _jsonl(tofu / "full.jsonl")
+    full = read_json_records(tofu / "full.jsonl")
     a, b = parse_authors(args.authors, len(full) // ROWS_PER_AUTHOR)
     pct = parse_forget(args.forget)
     pretrain = parse_authors(args.pretrain, len(full) // ROWS_PER_AUTHOR) if args.pretrain else None
