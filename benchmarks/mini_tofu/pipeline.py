@@ -4,13 +4,13 @@ base, target, retain), unlearning, evaluation, report.  :func:`main` parses the 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from palu_ds.atomic import write_json, write_text
 from palu_ds.data.io import read_json_records
 from palu_ds.localrun import launcher_cmd, setdefaults
 
@@ -103,7 +103,7 @@ def stage_base_model(run: Run, data: dict) -> tuple[Path, int]:
         build_model_dir(str(base), texts, vocab_size=MODEL["vocab_size"], seed=run.args.seed, hidden=MODEL["hidden"],
                         layers=MODEL["layers"], heads=MODEL["heads"], intermediate=MODEL["intermediate"],
                         max_positions=MODEL["max_positions"])
-        stamp.write_text(json.dumps(base_key))
+        write_json(stamp, base_key)
     from transformers import AutoTokenizer
 
     return base, len(AutoTokenizer.from_pretrained(str(base)))
@@ -252,9 +252,9 @@ def stage_evaluate(run: Run, specs: dict, forget_name: str, max_new: int) -> tup
 def stage_report(run: Run, report: dict) -> None:
     """``OUT/mini_tofu{suffix}.json``, ``.md`` (tables + goal check) and ``.png``."""
     stem = str(run.out / f"mini_tofu{run.suffix}")
-    Path(stem + ".json").write_text(json.dumps(report, indent=1))
+    write_json(stem + ".json", report)
     md = render_markdown(report)
-    Path(stem + ".md").write_text(md)
+    write_text(stem + ".md", md)
     render_png(report, stem + ".png")
     print("\n" + md)
     print(f"[mini_tofu] wrote {stem}.md, .json, .png ({report['wall_seconds'] / 60:.1f} min)")
