@@ -3,7 +3,6 @@ and a flat summary; written as ``results.json`` and ``summary.json``."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field

@@ -417,7 +417,6 @@ class Trainer:
 
         ZeRO-3 weights are gathered (16-bit when trained in 16-bit, else fp32); LoRA adapters are merged into the
         base weights so the dir loads with plain ``from_pretrained``."""
-        import shutil
         from contextlib import nullcontext
 
         import deepspeed
