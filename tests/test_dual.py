@@ -178,7 +178,6 @@ def test_micro_batch_mode_reproduces_open_unlearning_lambda_trajectory():
         DualVariable.from_hparams({**hp, "dual_update": "epoch"})
 
 
-@pytest.mark.distributed
 def test_lambda_identical_across_two_gloo_ranks(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

@@ -222,14 +222,14 @@ def test_a_stopped_peer_ends_the_job_within_the_timeout(tiny, tmp_path):
 
     import psutil
 
-    from e2e import ROOT, cpu_env
-    from palu_ds.localrun import launcher_cmd
+    from e2e import ROOT, cpu_env, free_port
 
     out = str(tmp_path / "hang")
     timeout = 8
-    cmd = launcher_cmd("launch/train.py", _train_args(tiny, tiny["model"], out, "method.name=grad_diff",
-                                                      "method.params={}", "train.max_steps=1000", "train.batch_size=2",
-                                                      f"train.timeout={timeout}", "log.log_every=1"), 2)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "launch/train.py", *_train_args(tiny, tiny["model"], out, "method.name=grad_diff", "method.params={}",
+                                           "train.max_steps=1000", "train.batch_size=2", f"train.timeout={timeout}",
+                                           "log.log_every=1")]
     log_path = tmp_path / "log"
     with open(log_path, "w") as log:
         p = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(PALU_DS_FAULT="stop_rank=1,stop_at=3"), stdout=log,
