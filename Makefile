@@ -10,17 +10,11 @@ STAMP := $(VENV)/.installed
 export PALU_DS_CACHE ?= $(HOME)/.cache/palu_ds
 MODEL := $(PALU_DS_CACHE)/models/SmolLM2-135M-Instruct/IMPORTED
 LOCK := requirements.lock
-# CPU settings for DeepSpeed/gloo (the library code leaves them alone so that it runs unchanged on GPUs)
-export DS_ACCELERATOR ?= cpu
-export MASTER_ADDR ?= 127.0.0.1
-export GLOO_SOCKET_IFNAME ?= lo
-export OMP_NUM_THREADS ?= 1
-export TOKENIZERS_PARALLELISM ?= false
-export HF_HUB_OFFLINE ?= 1
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
-export PYTHONWARNINGS ?= ignore::DeprecationWarning,ignore::FutureWarning
+# CPU settings for DeepSpeed/gloo, filled in where not set (palu_ds/localrun.py, shared with the tests and the
+# benchmarks; the library code leaves them alone so that it runs unchanged on GPUs)
+CPU := $(BIN)/python -m palu_ds.localrun
 
-.PHONY: install demo test test-fast test-cluster clean lock
+.PHONY: install demo test test-fast test-unit test-distributed test-e2e test-cluster clean lock
 
 $(STAMP): setup.py constraints.txt $(LOCK)
 	@command -v mpirun >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null) || echo "note: openmpi not installed (mpirun tests will be skipped)"; }
@@ -32,23 +26,27 @@ $(STAMP): setup.py constraints.txt $(LOCK)
 	touch $(STAMP)
 
 $(MODEL): | $(STAMP)
-	$(BIN)/palu-ds fetch-model smollm2
+	$(CPU) $(BIN)/palu-ds fetch-model smollm2
 
 install: $(STAMP) $(MODEL)
 
 demo: $(STAMP) $(MODEL)
-	$(BIN)/python launch/demo.py --out runs/demo
+	$(CPU) $(BIN)/python launch/demo.py --out runs/demo
 
 test: $(STAMP) $(MODEL)
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider --timeout 900 -m "not cluster_full"
+	$(CPU) $(BIN)/python -m pytest tests -q -p no:cacheprovider --timeout 900 -m "not cluster_full"
 
 test-fast: $(STAMP) $(MODEL)
-	$(BIN)/python -m pytest tests -q -m "not slow and not cluster_full" --timeout 600
+	$(CPU) $(BIN)/python -m pytest tests -q -m "not slow and not cluster_full" --timeout 600
+
+# one tier at a time (pytest.ini: every test is exactly one of unit / distributed / e2e)
+test-unit test-distributed test-e2e: test-%: $(STAMP) $(MODEL)
+	$(CPU) $(BIN)/python -m pytest tests -q -p no:cacheprovider --timeout 900 -m "$* and not cluster_full"
 
 # the cluster tests in full (make test runs a reduced form): a private single-host SLURM from Debian's packages
 # (installed with apt-get when missing), sbatch + requeue twice, mpirun, killed ranks under each launcher
 test-cluster: $(STAMP)
-	PALU_CLUSTER_FULL=1 $(BIN)/python -m pytest tests/test_cluster.py -q -p no:cacheprovider --timeout 900 -s
+	PALU_CLUSTER_FULL=1 $(CPU) $(BIN)/python -m pytest tests/test_cluster.py -q -p no:cacheprovider --timeout 900 -s
 
 # Refresh the lock: resolve setup.py's requirements (+ test, lora, mpi extras; torch from constraints.txt) afresh in
 # a scratch venv and write `pip freeze` of it (exact versions of every installed distribution). The torch line drops

@@ -4,7 +4,7 @@ setup(
     name="palu_ds",
     version="0.1.0",
     description="DeepSpeed-based distributed trainer for LLM unlearning (PALU, constrained entropic unlearning, baselines)",
-    packages=find_packages(include=["palu_ds", "palu_ds.*", "evaluation", "evaluation.*"]),
+    packages=find_packages(include=["palu_ds", "palu_ds.*", "evaluation", "evaluation.*", "benchmarks", "benchmarks.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

@@ -31,8 +31,6 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:

@@ -16,22 +16,22 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
+
+from palu_ds.localrun import cpu_env, launcher_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(a, path: str, out: str) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
-               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(a.port),
-           "launch/train.py", "--deepspeed", "ds_configs/cpu/zero3.json", "--config", "launch/configs/demo.yaml",
-           f"model.path={a.model}", "method.name=grad_diff", "method.params={}",
-           f"data.forget.source={a.data}", "data.forget.config=forget10",
-           f"data.retain.source={a.data}", "data.retain.config=retain90", f"data.max_length={a.max_length}",
-           f"train.output_dir={out}", f"train.max_steps={a.steps}", f"train.batch_size={a.batch}",
-           "train.save_every=0", "log.log_every=1", f"train.head_path={path}", "train.lr=1e-5"]
+    env = cpu_env()
+    cmd = launcher_cmd("launch/train.py", [
+        "--deepspeed", "ds_configs/cpu/zero3.json", "--config", "launch/configs/demo.yaml",
+        f"model.path={a.model}", "method.name=grad_diff", "method.params={}",
+        f"data.forget.source={a.data}", "data.forget.config=forget10",
+        f"data.retain.source={a.data}", "data.retain.config=retain90", f"data.max_length={a.max_length}",
+        f"train.output_dir={out}", f"train.max_steps={a.steps}", f"train.batch_size={a.batch}",
+        "train.save_every=0", "log.log_every=1", f"train.head_path={path}", "train.lr=1e-5"], 2, a.port)
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     last = scalars(out, a.steps)  # what the training steps logged (TensorBoard), whether or not the final save worked
     if last is None:

@@ -17,8 +17,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def rate(fn, path) -> tuple[float, float]:
     t = time.perf_counter()

@@ -16,10 +16,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from vs_open_unlearning import env, port  # noqa: E402
+from palu_ds.localrun import cpu_env, launcher_cmd
 
 
 def build(out: str) -> tuple[str, str]:
@@ -46,15 +44,15 @@ def build(out: str) -> tuple[str, str]:
 
 def train(ds: str, mode: str, data: str, model: str, out: str, steps: int) -> dict:
     run_dir = os.path.join(out, f"{os.path.basename(ds)[:-5]}_{mode}")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port()),
-           "launch/train.py", "--deepspeed", ds, "--config", "launch/configs/demo.yaml", f"model.path={model}",
-           f"data.forget.source={data}", f"data.retain.source={data}", f"train.output_dir={run_dir}",
-           f"reference.mode={mode}", f"reference.cache_dir={os.path.join(out, 'cache')}", "method.params.K=5000",
-           "method.params.kl_topk=256", f"train.max_steps={steps}", "train.batch_size=4", "train.resume=never",
-           "train.lr=1e-5", "log.log_every=100"]
+    cmd = launcher_cmd("launch/train.py", [
+        "--deepspeed", ds, "--config", "launch/configs/demo.yaml", f"model.path={model}",
+        f"data.forget.source={data}", f"data.retain.source={data}", f"train.output_dir={run_dir}",
+        f"reference.mode={mode}", f"reference.cache_dir={os.path.join(out, 'cache')}", "method.params.K=5000",
+        "method.params.kl_topk=256", f"train.max_steps={steps}", "train.batch_size=4", "train.resume=never",
+        "train.lr=1e-5", "log.log_every=100"], 2)
     t = time.time()
     with open(run_dir + ".log", "w") as f:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env(1), stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({rc}); see {run_dir}.log")
     with open(os.path.join(run_dir, "summary.json")) as f:

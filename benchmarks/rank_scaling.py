@@ -21,9 +21,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from benchmarks.vs_open_unlearning import build_model, env, port  # noqa: E402
+from benchmarks.vs_open_unlearning import build_model
+from palu_ds.localrun import cpu_env, free_port, launcher_cmd
 
 COLLECTIVES = r"""
 import json, statistics, sys, time, torch, torch.distributed as dist
@@ -62,7 +62,7 @@ def rate(run_dir: str) -> dict:
 def launch(cmds: list[tuple[list[str], int]], log: str) -> list[int]:
     """Start every (command, threads) at once and wait for all."""
     with open(log, "w") as f:
-        procs = [subprocess.Popen(c, cwd=ROOT, env=env(th), stdout=f, stderr=f) for c, th in cmds]
+        procs = [subprocess.Popen(c, cwd=ROOT, env=cpu_env(OMP_NUM_THREADS=str(th)), stdout=f, stderr=f) for c, th in cmds]
         return [p.wait() for p in procs]
 
 
@@ -99,9 +99,8 @@ def main() -> int:
                                                                 "ds_configs/cpu/zero0.json", a.steps), 1)
                                              for i in (0, 1)], [d("ind0"), d("ind1")], 1)
     for stage in ("zero2", "zero3"):
-        one(f"2 ranks, {stage}", [([py, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                                    str(port())] + train_args(model, a.tofu, d(f"r2_{stage}"),
-                                                              f"ds_configs/cpu/{stage}.json", a.steps), 1)],
+        one(f"2 ranks, {stage}", [(launcher_cmd("launch/train.py", train_args(
+            model, a.tofu, d(f"r2_{stage}"), f"ds_configs/cpu/{stage}.json", a.steps)[1:], 2), 1)],
             [d(f"r2_{stage}")], 2)
     variants = {"overlap_comm": {"overlap_comm": True}, "reduce_scatter off": {"reduce_scatter": False},
                 "overlap_comm + reduce_scatter off": {"overlap_comm": True, "reduce_scatter": False},
@@ -114,11 +113,11 @@ def main() -> int:
         path = d("zero3_" + name.replace(" ", "_").replace("+", "and") + ".json")
         with open(path, "w") as f:
             json.dump(ds, f, indent=1)
-        one(f"2 ranks, zero3, {name}", [([py, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                                          str(port())] + train_args(model, a.tofu, path[:-5], path, a.steps), 1)],
+        one(f"2 ranks, zero3, {name}", [(launcher_cmd("launch/train.py", train_args(
+            model, a.tofu, path[:-5], path, a.steps)[1:], 2), 1)],
             [path[:-5]], 2)
-    coll = subprocess.run([py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port()),
-                           "--no-python", py, "-c", COLLECTIVES, "7360000"], cwd=ROOT, env=env(1),
+    coll = subprocess.run([py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                           "--no-python", py, "-c", COLLECTIVES, "7360000"], cwd=ROOT, env=cpu_env(),
                           capture_output=True, text=True)
     line = [ln for ln in coll.stdout.splitlines() if ln.startswith("COLLECTIVES")]
     collectives = json.loads(line[0].split(" ", 1)[1]) if line else {"error": coll.stderr[-2000:]}

@@ -18,19 +18,16 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from benchmarks.vs_open_unlearning import env, port  # noqa: E402
-from palu_ds.methods import METHODS  # noqa: E402
-from palu_ds.models import smollm2  # noqa: E402
+from palu_ds.localrun import cpu_env, launcher_cmd
+from palu_ds.methods import METHODS
+from palu_ds.models import smollm2
 
 FACTS = os.path.join(ROOT, "launch", "data", "real_facts")
 
 
 def ds(script: str, args: list[str], ranks: int = 2) -> list[str]:
-    launcher = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-                 str(port())] if ranks > 1 else [sys.executable])
-    return launcher + [script, *args]
+    return launcher_cmd(script, args, ranks)
 
 
 def train_args(model: str, out: str, method: str, stage: int, steps: int = 2, extra=()) -> list[str]:
@@ -89,7 +86,7 @@ class Stages:
         t = time.time()
         log = os.path.join(self.out, name.replace(" ", "_").replace("/", "-") + ".log")
         with open(log, "w") as f:
-            p = subprocess.run(cmd, cwd=ROOT, env=env(threads), stdout=f, stderr=f)
+            p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(OMP_NUM_THREADS=str(threads)), stdout=f, stderr=f)
         status = f"exit {p.returncode}"
         if p.returncode == 0 and check is not None:
             try:

@@ -22,10 +22,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from benchmarks.vs_open_unlearning import env, port  # noqa: E402
-from palu_ds.models import smollm2  # noqa: E402
+from palu_ds.localrun import cpu_env, launcher_cmd
+from palu_ds.models import smollm2
 
 MATMUL = r"""
 import json, time, torch
@@ -95,7 +94,7 @@ RUNS = [  # (name, method, reference mode, ranks, DeepSpeed config)
 
 def result(cmd: list[str], threads: int, log: str) -> dict:
     with open(log, "w") as f:
-        p = subprocess.run(cmd, cwd=ROOT, env=env(threads), stdout=subprocess.PIPE, stderr=f, text=True)
+        p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(OMP_NUM_THREADS=str(threads)), stdout=subprocess.PIPE, stderr=f, text=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not lines:
         raise SystemExit(f"{' '.join(cmd[:4])} failed ({p.returncode}); see {log}")
@@ -109,10 +108,9 @@ def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, d
             f"train.output_dir={out}", "train.resume=never", "log.log_every=1000"]
     if method != "palu":
         args.append("method.params={}")
-    launcher = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port())]
-                if ranks > 1 else [sys.executable])
     with open(out + ".log", "w") as f:
-        p = subprocess.run(launcher + args, cwd=ROOT, env=env(1 if ranks > 1 else 2), stdout=f, stderr=f)
+        p = subprocess.run(launcher_cmd(args[0], args[1:], ranks), cwd=ROOT,
+                           env=cpu_env(OMP_NUM_THREADS="1" if ranks > 1 else "2"), stdout=f, stderr=f)
     if p.returncode:
         raise SystemExit(f"{method} ({mode}, {ranks} ranks) failed ({p.returncode}); see {out}.log")
     with open(os.path.join(out, "summary.json")) as f:
@@ -144,7 +142,7 @@ def main() -> int:
         if a.profile:
             log = os.path.join(a.out, "profile.log")
             with open(log, "w") as f:
-                p = subprocess.run([sys.executable, "-c", PLAIN, model, tofu, "4", "profile"], cwd=ROOT, env=env(2),
+                p = subprocess.run([sys.executable, "-c", PLAIN, model, tofu, "4", "profile"], cwd=ROOT, env=cpu_env(OMP_NUM_THREADS="2"),
                                    stdout=subprocess.PIPE, stderr=f, text=True)
             print("\n".join(ln[8:] for ln in p.stdout.splitlines() if ln.startswith("PROFILE ")))
         return 0

@@ -9,12 +9,9 @@ Compared with "every non-stop word" (each word outside the stop list, alone) as 
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from palu_ds.data.io import load_records  # noqa: E402
-from palu_ds.data.spans import STOP_WORDS, _WORD, _base, detect_spans, parse_target_words  # noqa: E402
+from palu_ds.data.io import load_records
+from palu_ds.data.spans import STOP_WORDS, _WORD, _base, detect_spans, parse_target_words
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "tests", "fixtures", "palu", "forget01_with_common_words_gpt")

@@ -30,7 +30,7 @@ Stages (each timed; logs in ``OUT/logs``; reused when its command and inputs are
    model, the target and every unlearned model; forget quality = KS test against the retain model's forget truth
    ratios;
 5. answer NLL by position kind (I_init / rest of span / common, PALU's labels) for the base, retain, target and
-   every method (``evaluation/benchmarks/position_nll.py``'s function);
+   every method (``benchmarks/position_nll.py``'s function);
 6. ``OUT/tofu_real.md`` (tables, goal check), ``OUT/tofu_real.json`` (every number, settings, stage seconds),
    ``OUT/tofu_real.png`` (forget quality vs model utility; the retain model is the ideal point).
 
@@ -45,20 +45,18 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from benchmarks.mini_tofu import (ROWS_PER_AUTHOR, Stages, add_relative, evenly, fmt, goal_check, read_json,
+                                   tofu_perturbed_index, write_jsonl)
+from palu_ds.data.io import read_json_records
+from palu_ds.localrun import setdefaults
 
-from evaluation.benchmarks.mini_tofu import (  # noqa: E402
-    CPU_ENV, ROWS_PER_AUTHOR, Stages, add_relative, evenly, fmt, goal_check, read_json, tofu_perturbed_index,
-    write_jsonl)
+ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = ("palu", "palu_detector", "pd_flat", "palu_pd", "grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo")
 #: K / N ablations of PALU (the main run: K 5000, N 3); "all" = the whole vocabulary for K, whole spans for N
@@ -88,17 +86,6 @@ COLUMNS = [("forget_quality", "forget quality"), ("ks_statistic", "KS D"), ("for
 # ---------------------------------------------------------------------------------------------------------------
 # Pure parts (tests/test_tofu_real.py)
 # ---------------------------------------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg}); fix or replace the file") from None
-    return rows
-
-
 def build_data(tofu: Path, split: str, retain_authors: int | None, utility_rows: int | None) -> dict:
     """``{"files": {name: rows}, "info": {...}}``: the run's data (see the module doc).  ``retain_authors=None``
     (``--full``) = TOFU's retain split of ``split``; ``utility_rows=None`` = every evaluation row."""
@@ -108,8 +95,8 @@ def build_data(tofu: Path, split: str, retain_authors: int | None, utility_rows:
     if missing:
         raise FileNotFoundError(f"{tofu}: missing {', '.join(n + '.jsonl' for n in missing)} (TOFU's files, see "
                                 "../shared/data/README.md)")
-    full = read_jsonl(tofu / "full.jsonl")
-    forget = read_jsonl(tofu / f"{split}.jsonl")
+    full = read_json_records(tofu / "full.jsonl")
+    forget = read_json_records(tofu / f"{split}.jsonl")
     n_forget_authors = len(forget) // ROWS_PER_AUTHOR
     first_forget = len(full) // ROWS_PER_AUTHOR - n_forget_authors
     if full[ROWS_PER_AUTHOR * first_forget:] != forget:
@@ -121,17 +108,17 @@ def build_data(tofu: Path, split: str, retain_authors: int | None, utility_rows:
             raise ValueError(f"--retain-authors must be 1..20 (TOFU's perturbed answers cover authors 0-19), "
                              f"got {retain_authors}")
         retain = full[:ROWS_PER_AUTHOR * retain_authors]
-    pert_index = tofu_perturbed_index(full, [read_jsonl(tofu / "retain_perturbed.jsonl")])
+    pert_index = tofu_perturbed_index(full, [read_json_records(tofu / "retain_perturbed.jsonl")])
     retain_pert = [pert_index[i] for i in range(len(retain)) if i in pert_index]
-    forget_pert = read_jsonl(tofu / f"{split}_perturbed.jsonl")
+    forget_pert = read_json_records(tofu / f"{split}_perturbed.jsonl")
     if [(r["question"], r["answer"]) for r in forget_pert] != [(r["question"], r["answer"]) for r in forget]:
         raise ValueError(f"{tofu / (split + '_perturbed.jsonl')}: its rows are not those of {split}.jsonl")
     files = {
         "target": retain + forget, "retain": retain, split: forget, f"{split}_perturbed": forget_pert,
         "retain_perturbed": evenly(retain_pert, utility_rows),
-        "real_authors_perturbed": evenly(read_jsonl(tofu / "real_authors_perturbed.jsonl"), utility_rows),
-        "world_facts_perturbed": evenly(read_jsonl(tofu / "world_facts_perturbed.jsonl"), utility_rows),
-        "idontknow": read_jsonl(tofu / "idontknow.jsonl"),
+        "real_authors_perturbed": evenly(read_json_records(tofu / "real_authors_perturbed.jsonl"), utility_rows),
+        "world_facts_perturbed": evenly(read_json_records(tofu / "world_facts_perturbed.jsonl"), utility_rows),
+        "idontknow": read_json_records(tofu / "idontknow.jsonl"),
     }
     info = {"split": split, "forget_authors": list(range(first_forget, first_forget + n_forget_authors)),
             "retain_authors": len(retain) // ROWS_PER_AUTHOR, "rows": {k: len(v) for k, v in files.items()}}
@@ -300,8 +287,7 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown methods {bad}; valid: {', '.join(METHODS)}")
     ablations = list(ABLATIONS) if args.ablations == "all" else [a for a in args.ablations.split(",") if a]
-    for k, v in CPU_ENV.items():
-        os.environ.setdefault(k, v)
+    setdefaults()
     os.environ["OMP_NUM_THREADS"] = os.environ.get("TOFU_REAL_THREADS", str(os.cpu_count() or 1))
 
     t_start = time.time()
@@ -411,7 +397,7 @@ def main(argv=None) -> int:
 
     # 5. NLL by position kind on the forget set (PALU's labels)
     t = time.time()
-    from evaluation.benchmarks.position_nll import position_nll
+    from benchmarks.position_nll import position_nll
     from palu_ds.data import QADataset
     from palu_ds.data.qa import QAOptions
 

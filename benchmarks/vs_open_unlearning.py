@@ -11,15 +11,15 @@ Shapes: 1 process (DeepSpeed stage 0, 2 threads) and DeepSpeed ZeRO-3 on 2 ranks
 import argparse
 import json
 import os
-import socket
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 
+from palu_ds.localrun import cpu_env, launcher_cmd
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 OPEN_UNLEARNING = {  # measured by the project on a machine of this kind (issue 9), another run
     ("npo", 1): (0.53, 1112, 1096), ("pd_flat", 1): (0.39, 1666, 987), ("grad_diff", 1): (0.58, 1103, 1190),
@@ -30,20 +30,18 @@ MAXRSS = ("import resource,subprocess,sys; r=subprocess.call(sys.argv[1:]); "
 
 
 def build_model(tofu: str, out: str) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
     import torch
+    from transformers import LlamaForCausalLM
 
     from palu_ds.data.io import load_records
-    from palu_ds.tiny import qa_texts, train_tokenizer
+    from palu_ds.tiny import qa_texts, tiny_llama_config, train_tokenizer
 
     path = os.path.join(out, "model")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
     tok = train_tokenizer(qa_texts(load_records(os.path.join(tofu, "full.jsonl"))), vocab_size=8192)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=4, intermediate_size=688, tie_word_embeddings=False,
-                      max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = tiny_llama_config(len(tok), hidden=256, layers=4, heads=4, intermediate=688, max_positions=512,
+                            tokenizer=tok)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}")
@@ -52,23 +50,10 @@ def build_model(tofu: str, out: str) -> str:
     return path
 
 
-def port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env(threads: int) -> dict:
-    e = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo",
-             OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    e.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".venv", "torch_extensions"))
-    return e
-
-
 def run(cmd: list[str], threads: int, log: str) -> tuple[int, float, int]:
     t = time.time()
     with open(log, "w") as f:
-        p = subprocess.run([sys.executable, "-c", MAXRSS, *cmd], cwd=ROOT, env=env(threads), stdout=subprocess.PIPE,
+        p = subprocess.run([sys.executable, "-c", MAXRSS, *cmd], cwd=ROOT, env=cpu_env(OMP_NUM_THREADS=str(threads)), stdout=subprocess.PIPE,
                            stderr=f, text=True)
     f_out = p.stdout
     kb = int(f_out.strip().split("MAXRSS_KB")[-1]) if "MAXRSS_KB" in f_out else 0
@@ -87,8 +72,7 @@ def train(method: str, nproc: int, model: str, tofu: str, out: str, steps: int) 
     args = [a for a in args if a]
     if method == "palu":
         args.append("method.params.K=1000")
-    cmd = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port())]
-           if nproc > 1 else [sys.executable]) + args
+    cmd = launcher_cmd(args[0], args[1:], nproc)
     rc, wall, _ = run(cmd, 1 if nproc > 1 else 2, os.path.join(out, f"{method}_{nproc}.log"))
     if rc != 0:
         return {"method": method, "nproc": nproc, "exit": rc}
@@ -103,8 +87,7 @@ def train(method: str, nproc: int, model: str, tofu: str, out: str, steps: int) 
 def evaluate(model: str, tofu: str, out: str, nproc: int) -> dict:
     args = ["evaluation/run.py", "--model", model, "--suite", "tofu", "--split", "forget10", "--data", tofu,
             "--no-forget-quality", "--out", os.path.join(out, f"eval_{nproc}")]
-    cmd = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port())]
-           if nproc > 1 else [sys.executable]) + args
+    cmd = launcher_cmd(args[0], args[1:], nproc)
     rc, wall, rss = run(cmd, 1 if nproc > 1 else 2, os.path.join(out, f"eval_{nproc}.log"))
     return {"nproc": nproc, "exit": rc, "wall_s": wall, "peak_rss_mib": rss / 2 ** 20}
 

@@ -7,11 +7,14 @@ In-training use::
     out = evaluate(model, tokenizer, SuiteConfig(suite="tofu", split="forget10", data="data/tofu",
                                                  splits=("forget", "retain"), forget_quality=False))
     out.summary["forget/prob"], out.summary["model_utility"]
+
+The training engine gets :func:`trainer_evaluator` from its entry point (launch/train.py) as a callable.
 """
 
-from .api import evaluate
+from palu_ds.data.errors import DataError
+
+from .api import evaluate, trainer_evaluator
 from .config import MissingRetainResults, SuiteConfig
-from .data import DataError
 from .results import EvalOutput
 
-__all__ = ["evaluate", "SuiteConfig", "EvalOutput", "MissingRetainResults", "DataError"]
+__all__ = ["evaluate", "trainer_evaluator", "SuiteConfig", "EvalOutput", "MissingRetainResults", "DataError"]

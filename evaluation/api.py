@@ -1,10 +1,12 @@
-"""The one entry point for an in-memory model: :func:`evaluate` (used by ``evaluation/run.py`` and by the engine)."""
+"""The one entry point for an in-memory model: :func:`evaluate` (used by ``evaluation/run.py``), and
+:func:`trainer_evaluator`, the callable the entry points hand the engine (the library never imports this package)."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable, Optional
 
-from .config import as_suite_config
+from .config import SuiteConfig, as_suite_config
 from .results import EvalOutput
 
 
@@ -20,7 +22,7 @@ def evaluate(model, tokenizer, suite_cfg: Any, *, out_dir=None, **overrides) -> 
     training mode restored afterwards; no gradients are kept.
     """
     from . import muse, tofu
-    from .distributed import barrier, rank_world
+    from palu_ds import dist
 
     cfg = as_suite_config(suite_cfg)
     if overrides:
@@ -34,7 +36,24 @@ def evaluate(model, tokenizer, suite_cfg: Any, *, out_dir=None, **overrides) -> 
         model.train(was_training)
     out.meta.update(cfg.extra)
     if out_dir is not None:
-        if rank_world()[0] == 0:
+        if dist.is_main():
             out.write(out_dir)
-        barrier()
+        dist.barrier()
     return out
+
+
+def trainer_evaluator(run_cfg) -> Optional[Callable[..., dict]]:
+    """The engine's evaluator for a training run (:class:`palu_ds.config.RunConfig`), None when ``eval.every`` is 0.
+
+    ``evaluator(model, tokenizer, step=N, out_dir=DIR)`` runs :func:`evaluate` with the run's ``eval`` section
+    (:meth:`SuiteConfig.from_run`, checked here, before any model loads), labels summary.json with the step and
+    the method, and returns the flat summary.  Every rank calls it."""
+    if not run_cfg.eval.every:
+        return None
+    suite = SuiteConfig.from_run(run_cfg)
+
+    def evaluator(model, tokenizer, *, step: int, out_dir: str) -> dict:
+        cfg = dataclasses.replace(suite, extra={"step": step, "method": run_cfg.method.name})
+        return evaluate(model, tokenizer, cfg, out_dir=out_dir).summary
+
+    return evaluator

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from palu_ds.config import ConfigError, EvalSuite
 from palu_ds.data.prompt import PromptFormat
 
 SUITES = ("tofu", "muse")
@@ -21,8 +22,9 @@ class MissingRetainResults(RuntimeError):
 
 
 @dataclass
-class SuiteConfig:
-    """One evaluation suite run.
+class SuiteConfig(EvalSuite):
+    """One evaluation suite run: the fields of :class:`palu_ds.config.EvalSuite` (shared with the run config's
+    ``eval`` section), then ``forget_quality``, ``prompt`` and ``extra``.
 
     * ``suite``: ``"tofu"`` or ``"muse"``.
     * ``split``: TOFU forget split (``forget01`` / ``forget05`` / ``forget10``); MUSE corpus (``news`` / ``books``).
@@ -42,16 +44,6 @@ class SuiteConfig:
       when ``retain_results`` is missing.
     """
 
-    suite: str = "tofu"
-    split: str = "forget10"
-    data: Optional[str] = None
-    splits: Optional[tuple[str, ...]] = None
-    batch_size: int = 16
-    max_new_tokens: Optional[int] = None
-    max_length: Optional[int] = None
-    max_examples: Optional[int] = None
-    k: float = 0.4
-    retain_results: Optional[str] = None
     forget_quality: bool = True
     prompt: PromptFormat = field(default_factory=PromptFormat)
     extra: dict = field(default_factory=dict)  # free-form labels copied into summary.json (run name, step)
@@ -75,6 +67,18 @@ class SuiteConfig:
             raise ValueError(f"TOFU split must look like forget01 / forget05 / forget10, got {self.split!r}")
         if self.suite == "muse" and self.split not in ("news", "books"):
             raise ValueError(f"MUSE split is the corpus: 'news' or 'books', got {self.split!r}")
+
+    @classmethod
+    def from_run(cls, run_cfg) -> "SuiteConfig":
+        """The suite of a training run (:class:`palu_ds.config.RunConfig`): its ``eval`` section, the prompt format
+        the model is trained with, forget quality exactly when retain results are given.  A bad value is a
+        :class:`~palu_ds.config.ConfigError` naming the ``eval`` key, raised before any model loads."""
+        e = run_cfg.eval
+        try:
+            return cls(**{f.name: getattr(e, f.name) for f in dataclasses.fields(EvalSuite)},
+                       forget_quality=bool(e.retain_results), prompt=run_cfg.data.prompt)
+        except ValueError as err:
+            raise ConfigError(f"eval: {err}") from None
 
     @property
     def parts(self) -> tuple[str, ...]:

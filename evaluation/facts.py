@@ -15,19 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluation import metrics as M  # noqa: E402
-from evaluation.distributed import gather_records, rank_world, shard_indices  # noqa: E402
-from evaluation.prompt import encode_qa  # noqa: E402
-from evaluation.scoring import generate_greedy, pad_id_of, score_targets  # noqa: E402
-from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat  # noqa: E402
+from evaluation import metrics as M
+from evaluation.scoring import generate_greedy, pad_id_of, score_targets
+from palu_ds.atomic import write_json
+from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat, encode_qa
+from palu_ds.dist import gather_records, is_main, rank, shard_indices, world
 
 
 def names_key(text: str, key: str) -> bool:
@@ -38,8 +33,7 @@ def names_key(text: str, key: str) -> bool:
 def check_rows(model, tokenizer, rows: list[dict], fmt: PromptFormat = DEFAULT_FORMAT, max_new_tokens: int = 24,
                batch_size: int = 16) -> list[dict]:
     """Per-row records (every rank gets all of them, ordered as ``rows``)."""
-    rank, world = rank_world()
-    idx = shard_indices(len(rows), rank, world)
+    idx = shard_indices(len(rows), rank(), world())
     pairs = [encode_qa(tokenizer, rows[i]["question"], [rows[i]["answer"]], fmt=fmt) for i in idx]
     stats = score_targets(model, [a[0] for _, a in pairs], pad_id=pad_id_of(tokenizer), batch_size=batch_size)
     gens = generate_greedy(model, tokenizer, [p for p, _ in pairs], max_new_tokens=max_new_tokens,
@@ -76,7 +70,7 @@ def main(argv=None) -> dict:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from evaluation.distributed import init_from_env
+    from palu_ds.dist import init_from_env
     from evaluation.run import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -96,12 +90,8 @@ def main(argv=None) -> dict:
     for path in args.data:
         records = check_rows(model, tokenizer, load_rows(path), fmt, args.max_new_tokens, args.batch_size)
         out[Path(path).stem] = {"summary": summarize(records), "records": records}
-    if rank_world()[0] == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.out)
+    if is_main():
+        write_json(args.out, out)
         print(json.dumps({k: v["summary"] for k, v in out.items()}))
     if started_here:
         dist.destroy_process_group()

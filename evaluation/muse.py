@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import time
 
+from palu_ds.data.prompt import encode_text
+from palu_ds.dist import gather_records, rank, shard_indices, world
+
 from . import metrics as M
 from .config import SuiteConfig, load_retain_results
 from .data import load_muse
-from .distributed import gather_records, rank_world, shard_indices
-from .prompt import encode_prompt
 from .results import EvalOutput, mean
 from .scoring import generate_greedy, pad_id_of, score_targets
 
@@ -55,10 +56,9 @@ def _left_truncate(ids: list[int], room: int, bos: int | None) -> list[int]:
 
 def _generate_part(model, tokenizer, texts: list[str], refs: list[str], cfg: SuiteConfig, max_new: int,
                    stop: bool, extra: list[dict]) -> list[dict]:
-    rank, world = rank_world()
-    idx = shard_indices(len(texts), rank, world)
+    idx = shard_indices(len(texts), rank(), world())
     room = max(1, (cfg.max_length or 2048) - max_new)
-    prompts = [_left_truncate(encode_prompt(tokenizer, texts[i]), room, tokenizer.bos_token_id) for i in idx]
+    prompts = [_left_truncate(encode_text(tokenizer, texts[i]), room, tokenizer.bos_token_id) for i in idx]
     gens = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.batch_size)
     recs = []
     for n, i in enumerate(idx):
@@ -68,12 +68,11 @@ def _generate_part(model, tokenizer, texts: list[str], refs: list[str], cfg: Sui
 
 
 def _privleak_part(model, tokenizer, texts: list[str], cfg: SuiteConfig) -> list[dict]:
-    rank, world = rank_world()
-    idx = shard_indices(len(texts), rank, world)
+    idx = shard_indices(len(texts), rank(), world())
     max_len = cfg.max_length or 2048
     queries = []
     for i in idx:
-        ids = encode_prompt(tokenizer, texts[i])[:max_len]
+        ids = encode_text(tokenizer, texts[i])[:max_len]
         if len(ids) < 2:
             raise ValueError(f"MUSE privleak text {i} has fewer than 2 tokens")
         queries.append((ids[:1], ids[1:]))  # first token (BOS when used) conditions, the rest is scored

@@ -12,11 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 #: metrics shown as bars, per suite (name in summary -> label); only those present in some run are drawn
 BARS = {

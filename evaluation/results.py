@@ -3,11 +3,12 @@ and a flat summary; written as ``results.json`` and ``summary.json``."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from palu_ds.atomic import write_json
 
 
 @dataclass
@@ -32,9 +33,7 @@ class EvalOutput:
         out.mkdir(parents=True, exist_ok=True)
         paths = []
         for name, obj in (("results.json", self.results_dict()), ("summary.json", self.summary_dict())):
-            tmp = out / f".{name}.tmp"
-            tmp.write_text(json.dumps(_clean(obj), indent=1, allow_nan=False))
-            os.replace(tmp, out / name)
+            write_json(out / name, _clean(obj), allow_nan=False)
             paths.append(out / name)
         return paths[0], paths[1]
 

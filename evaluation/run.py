@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluation.config import MUSE_PARTS, TOFU_PARTS, SuiteConfig  # noqa: E402
-from palu_ds.data.prompt import PromptFormat  # noqa: E402
+from evaluation.config import MUSE_PARTS, TOFU_PARTS, SuiteConfig
+from palu_ds.data.prompt import PromptFormat
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,13 +73,13 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     from evaluation.api import evaluate
-    from evaluation.distributed import init_from_env, rank_world
+    from palu_ds import dist as ranks
 
     args = parse_args(argv)
     import torch.distributed as dist
 
-    started_here = not (dist.is_available() and dist.is_initialized()) and init_from_env()
-    rank, world = rank_world()
+    started_here = not (dist.is_available() and dist.is_initialized()) and ranks.init_from_env()
+    rank, world = ranks.rank(), ranks.world()
     cfg = SuiteConfig(suite=args.suite, split=args.split, data=args.data, splits=args.splits,
                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
                       max_examples=args.max_examples, k=args.k, retain_results=args.retain_results,

@@ -1,6 +1,6 @@
 """Batched model passes: teacher-forced token statistics of targets given prompts, and left-padded greedy generation.
 
-Both take token ids (see :mod:`evaluation.prompt`) and return per-query results in the order given.  Queries are
+Both take token ids (see :mod:`palu_ds.data.prompt`) and return per-query results in the order given.  Queries are
 sorted by length inside a call to keep padding small.  Under DeepSpeed ZeRO-3 (parameters partitioned across
 ranks) every rank must run the same number of forward passes, so with ``lockstep`` the number of batches is
 synchronised across ranks (extra dummy batches) and generation uses ``synced_gpus``.
@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .distributed import is_dist, max_across_ranks
+from palu_ds.dist import max_across_ranks, world
 
 
 @dataclass
@@ -43,7 +43,7 @@ def is_zero3(model) -> bool:
 
 
 def default_lockstep(model) -> bool:
-    return is_dist() and torch.distributed.get_world_size() > 1 and is_zero3(model)
+    return world() > 1 and is_zero3(model)
 
 
 def pad_id_of(tokenizer) -> int:

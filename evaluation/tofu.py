@@ -24,11 +24,12 @@ from __future__ import annotations
 import re
 import time
 
+from palu_ds.data.prompt import encode_qa
+from palu_ds.dist import gather_records, rank, shard_indices, world
+
 from . import metrics as M
 from .config import SuiteConfig, load_retain_results
 from .data import load_tofu
-from .distributed import gather_records, rank_world, shard_indices
-from .prompt import encode_qa
 from .results import EvalOutput, mean
 from .scoring import generate_greedy, pad_id_of, score_targets
 
@@ -60,8 +61,7 @@ def _truncate(prompt: list[int], target: list[int], max_length: int) -> list[int
 
 def _eval_part(model, tokenizer, part: str, rows: list[dict], cfg: SuiteConfig) -> list[dict]:
     """Per-example records of one part, for this rank's shard, gathered over ranks (ordered by index)."""
-    rank, world = rank_world()
-    idx = shard_indices(len(rows), rank, world)
+    idx = shard_indices(len(rows), rank(), world())
     max_len = cfg.max_length or 512
     generate = part != "holdout"
     mia = part in ("forget", "holdout")

@@ -19,6 +19,9 @@ import subprocess
 import sys
 import time
 
+from palu_ds.atomic import write_jsonl
+from palu_ds.localrun import launcher_cmd
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,8 +34,7 @@ def run(stage: str, cmd: list[str], timings: dict) -> None:
 
 
 def deepspeed(script: str, ds: str, config: str, overrides: list[str], port: int) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-            script, "--deepspeed", ds, "--config", config, *overrides]
+    return launcher_cmd(script, ["--deepspeed", ds, "--config", config, *overrides], 2, port)
 
 
 def summary(out: str, name: str) -> dict:
@@ -103,13 +105,6 @@ def known_rows(results: dict, name: str) -> list[dict]:
     return [rows[rec["index"]] for rec in results[name]["records"] if rec["correct"]]
 
 
-def write_jsonl(path: str, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
-
-
 def paired(before: dict, after: dict, kept: dict, name: str) -> list[tuple[dict, dict]]:
     """(before, after) records of the kept questions of one side."""
     want = {r["question"] for r in kept[name]}
@@ -153,9 +148,8 @@ def real_demo(args) -> int:
     data = [os.path.join(REAL_DATA, f"{name}.jsonl") for name in SIDES]
 
     def ask(stage: str, model: str, name: str) -> dict:
-        run(stage, [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-                    str(args.port), "evaluation/facts.py", "--model", model, "--data", *data,
-                    "--out", f"{out}/facts/{name}.json"], timings)
+        run(stage, launcher_cmd("evaluation/facts.py", ["--model", model, "--data", *data,
+                                                        "--out", f"{out}/facts/{name}.json"], 2, args.port), timings)
         with open(f"{out}/facts/{name}.json", encoding="utf-8") as f:
             return json.load(f)
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from palu_ds import dist
+from palu_ds.atomic import atomic_path
 from palu_ds.integrity import check_not_writable_by_others, file_digest, make_private
 
 MARKER = "COMPLETE"
@@ -100,11 +101,10 @@ def save(engine, ckpt_root: str, step: int, client_state: dict, keep_last: int,
     if dist.is_main():
         make_private(path)
         make_private_dir(ckpt_root)
-        tmp = os.path.join(path, MARKER + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"world_size": dist.world(), "files": files, **client_state}, f)
-        make_private(tmp)  # whatever the umask (002 is common): resume checks that nobody else can write here
-        os.replace(tmp, os.path.join(path, MARKER))
+        with atomic_path(os.path.join(path, MARKER)) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"world_size": dist.world(), "files": files, **client_state}, f)
+            make_private(tmp)  # whatever the umask (002 is common): resume checks that nobody else can write here
         _prune(ckpt_root, keep_last, keep=path, protect_before=protect_before)
     dist.barrier()
     return path

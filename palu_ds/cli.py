@@ -21,6 +21,8 @@ import json
 import os
 import sys
 
+from palu_ds.atomic import write_jsonl
+
 
 def cmd_spans(args) -> int:
     from palu_ds.data.errors import DataError, at
@@ -42,11 +44,7 @@ def cmd_spans(args) -> int:
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tmp = args.output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in out:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, args.output)
+    write_jsonl(args.output, out)
     print(f"wrote {len(out)} rows with {sum(len(r['spans']) for r in out)} spans to {args.output} "
           f"(rows by span source: {by_source})")
     return 0

@@ -22,6 +22,8 @@ import os
 import re
 import sys
 
+from palu_ds.atomic import write_text
+
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 _REPEAT = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
 
@@ -102,12 +104,7 @@ def hostfile_text(hosts: list[str], slots) -> str:
 
 
 def write_hostfile(path: str, hosts: list[str], slots) -> str:
-    text = hostfile_text(hosts, slots)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, hostfile_text(hosts, slots))
 
 
 def master_port(job_id: str | int | None, base: int = 20000, span: int = 20000) -> int:

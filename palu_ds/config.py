@@ -91,18 +91,28 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
-    """Evaluation during training (evaluation.evaluate on every rank, data split across ranks and merged)."""
+class EvalSuite:
+    """What one TOFU / MUSE evaluation runs, defined once: the run config's ``eval`` section (:class:`EvalConfig`)
+    and ``evaluation.SuiteConfig`` (which documents each field and validates them) both extend it."""
 
-    every: int = 0  # optimizer steps between evaluations; 0 = off
     suite: str = "tofu"
     split: str = "forget10"  # TOFU forget split / MUSE corpus
     data: str | None = None  # folder or hub name (default: the suite's hub dataset)
     splits: list | None = None  # e.g. [forget, retain]; None = all of the suite
     batch_size: int = 16
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = None  # None: the suite's defaults
+    max_length: int | None = None  # longest scored sequence; None: the suite's default
     max_examples: int | None = None
+    k: float = 0.4  # Min-K% fraction
     retain_results: str | None = None  # retain results.json / open-unlearning TOFU_EVAL.json: adds forget quality
+
+
+@dataclass
+class EvalConfig(EvalSuite):
+    """Evaluation during training: every ``every`` optimizer steps the engine calls the evaluator its entry point gave
+    it (launch/train.py: ``evaluation.trainer_evaluator``) on every rank, data split across ranks and merged."""
+
+    every: int = 0  # optimizer steps between evaluations; 0 = off
 
 
 @dataclass
@@ -332,7 +342,7 @@ def check_model_vocabulary(cfg: RunConfig) -> None:
         from transformers import AutoConfig
 
         vocab = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).vocab_size
-    except Exception:  # noqa: BLE001 - unreadable here: the model load reports it, and reference.py checks again
+    except Exception:  # noqa: BLE001 - unreadable here: the model load reports it, and palu_ds.reference checks again
         return
     check_vocabulary(given, int(vocab), path)
 

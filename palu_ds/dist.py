@@ -1,4 +1,6 @@
-"""Process-group helpers: rank discovery (deepspeed / torchrun / mpirun / srun / single process) and collectives.
+"""Process-group helpers shared by training and evaluation: rank discovery (deepspeed / torchrun / mpirun / srun /
+single process), collectives, and the example split of a distributed evaluation (:func:`shard_indices`,
+:func:`gather_records`: an N-rank evaluation equals the 1-rank one).
 
 Under ``mpirun`` the ranks come from OpenMPI's ``OMPI_COMM_WORLD_*`` (or MPICH/Intel's ``PMI_*``) variables, under
 ``srun`` from ``SLURM_PROCID``/``SLURM_NTASKS``; a lone process gets rank 0 of 1. ``MASTER_ADDR``/``MASTER_PORT``
@@ -8,22 +10,17 @@ must be exported for multi-node runs (the sbatch scripts do it).
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
+
+from palu_ds.localrun import free_port
 
 _SOURCES = [  # (rank, world size, local rank)
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
     ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def discover_env() -> None:
@@ -42,7 +39,7 @@ def discover_env() -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if os.environ["WORLD_SIZE"] == "1":
-        default_port = _free_port()
+        default_port = free_port()
     elif "SLURM_JOB_ID" in os.environ:  # two jobs sharing a node must not collide
         default_port = 20000 + int(os.environ["SLURM_JOB_ID"]) % 20000
     else:
@@ -195,3 +192,56 @@ def all_gather_object(obj) -> list:
         dist.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+def init_from_env() -> bool:
+    """Initialize torch.distributed without DeepSpeed when launched by torchrun / the deepspeed launcher (``RANK`` in
+    the env; the evaluation CLIs): NCCL with CUDA (device = ``LOCAL_RANK``), gloo otherwise.  Returns True when
+    running distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl")
+    else:
+        dist.init_process_group(backend="gloo")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: every rank gets the same number of examples (strided ``i = rank, rank + world, ...``, padded by
+# wrapping around), computes per-example records carrying their ``index``, and :func:`gather_records` returns the
+# union ordered by index with the padding duplicates dropped.  With or without an initialized process group.
+# ---------------------------------------------------------------------------------------------------------------
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """Example indices for ``rank``: strided, padded (wrapping around) so every rank has ``ceil(n / world)``.
+
+    Example: ``n = 5, world = 2`` -> rank 0 ``[0, 2, 4]``, rank 1 ``[1, 3, 0]`` (the trailing 0 is padding).
+    """
+    if n == 0:
+        return []
+    per_rank = -(-n // world)
+    return [(rank + k * world) % n for k in range(per_rank)]
+
+
+def gather_records(records: list[dict]) -> list[dict]:
+    """All ranks' records (dicts with an integer ``"index"``), ordered by index, first copy of each index kept.
+    Returned on every rank."""
+    records = [r for part in all_gather_object(records) for r in part]
+    out, seen = [], set()
+    for r in sorted(records, key=lambda r: r["index"]):
+        if r["index"] not in seen:
+            seen.add(r["index"])
+            out.append(r)
+    return out
+
+
+def max_across_ranks(value: int, device: torch.device | str = "cpu") -> int:
+    """The maximum of an integer over ranks (to run the same number of forward passes everywhere)."""
+    if world() < 2:
+        return value
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return int(all_reduce_max(torch.tensor([value], dtype=torch.long, device=device)).item())

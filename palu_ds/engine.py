@@ -24,6 +24,7 @@ from dataclasses import asdict
 import torch
 
 from palu_ds import checkpoint, dist, lm_head
+from palu_ds.atomic import atomic_path
 from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 from palu_ds.config import RunConfig
 from palu_ds.data.build import build_datasets, report_spans
@@ -96,8 +97,13 @@ class Preempted(SystemExit):
 class Trainer:
     """``setup()`` / ``train()`` / ``save_model()`` / ``cleanup()``, in the spirit of torchtune's recipes."""
 
-    def __init__(self, cfg: RunConfig, ds_config_path: str, method):
+    def __init__(self, cfg: RunConfig, ds_config_path: str, method, evaluator=None):
         self.cfg, self.ds_config_path, self.method = cfg, ds_config_path, method
+        # evaluator(model, tokenizer, step=, out_dir=) -> summary dict, from the entry point (evaluation's
+        # trainer_evaluator for launch/train.py): the library never imports the evaluation package
+        if cfg.eval.every and evaluator is None:
+            raise ValueError("eval.every is set but this entry point gave the trainer no evaluator")
+        self.evaluator = evaluator
         self.hp = {**method.defaults, **cfg.method.params}
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
         self.streak_start: int | None = None  # the first step of the current run of non-finite steps
@@ -384,18 +390,11 @@ class Trainer:
         return last
 
     def evaluate(self) -> dict:
-        """The configured suite on the model being trained (every rank; examples split and merged); metrics go to
-        TensorBoard as ``eval/<name>`` and the JSONs to ``<output_dir>/eval/step_<N>``."""
-        from evaluation import evaluate
-
-        e = asdict(self.cfg.eval)
-        e.pop("every")
-        e.update(splits=tuple(e["splits"]) if e["splits"] else None, forget_quality=bool(e["retain_results"]),
-                 prompt=self.cfg.data.prompt,
-                 extra={"step": self.step, "method": self.method.name})
-        out = evaluate(self.engine, self.tokenizer, e,
-                       out_dir=os.path.join(self.out_dir, "eval", checkpoint.tag_for(self.step)))
-        metrics = {f"eval/{k}": float(v) for k, v in out.summary.items()
+        """The run's evaluator on the model being trained (every rank; examples split and merged); metrics go to
+        TensorBoard as ``eval/<name>`` and the evaluator writes its JSONs to ``<output_dir>/eval/step_<N>``."""
+        summary = self.evaluator(self.engine, self.tokenizer, step=self.step,
+                                 out_dir=os.path.join(self.out_dir, "eval", checkpoint.tag_for(self.step)))
+        metrics = {f"eval/{k}": float(v) for k, v in summary.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.monitor.step_scalars(self.step, metrics)
         return metrics
@@ -418,7 +417,6 @@ class Trainer:
 
         ZeRO-3 weights are gathered (16-bit when trained in 16-bit, else fp32); LoRA adapters are merged into the
         base weights so the dir loads with plain ``from_pretrained``."""
-        import shutil
         from contextlib import nullcontext
 
         import deepspeed
@@ -444,12 +442,9 @@ class Trainer:
         elif dist.is_main():
             state = module.state_dict()
         if dist.is_main():
-            tmp = out + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
+            with atomic_path(out) as tmp:
+                module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
         dist.barrier()
         return out
 

@@ -19,6 +19,8 @@ import json
 import os
 import stat
 
+from palu_ds.atomic import write_json
+
 ALGO = "sha256"
 _CHUNK = 1 << 24
 
@@ -61,11 +63,8 @@ def cached_file_digest(path: str, cache: str | None = None) -> str:
         return digest
     known[real] = {"identity": ident, "digest": digest}
     try:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(known, f)
-        os.replace(tmp, cache)  # concurrent runs: the last writer wins, every version is whole
+        # concurrent runs: the last writer wins, every version is whole
+        write_json(cache, known, indent=None, suffix=f".{os.getpid()}.tmp")
     except OSError:
         pass  # a read-only home: the digest is still right, only not remembered
     return digest

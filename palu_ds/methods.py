@@ -39,9 +39,6 @@ class StepInputs:
     batches: dict[str, dict[str, Tensor]]
     ref: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     normalizers: dict[str, dict[str, Tensor]] | None = None
-    hidden: dict[str, Tensor] | None = None
-    head_weight: Tensor | None = None
-    head_bias: Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,7 +99,7 @@ def forget_neg_nll(x: StepInputs, hp) -> Tensor:
 
 
 def palu_sensitive(x: StepInputs, hp) -> Tensor:
-    """L_sens: mean over I_init of PALU's local entropy loss (top-K path when hidden states + head are given)."""
+    """L_sens: mean over I_init of PALU's local entropy loss."""
     logits_s, _, _, sens = _shifted(x, "forget", "sens_mask")
     ref = _ref(x, "forget", "topk_ids")
     if "topk_ids" in ref:
@@ -110,12 +107,7 @@ def palu_sensitive(x: StepInputs, hp) -> Tensor:
     else:
         ids = L.topk_ids(ref["logits"][:, :-1][sens], hp["K"])
     _check_rows("topk_ids", ids.shape[0], int(sens.sum()))
-    if x.hidden is not None and "forget" in x.hidden and x.head_weight is not None:
-        hidden_s = x.hidden["forget"][:, :-1][sens]
-        per = L.palu_local_entropy_topk(hidden_s, x.head_weight, ids, x.head_bias, hp["detach_target"],
-                                        hp["topk_chunk_elems"])
-    else:
-        per = L.map_rows(logits_s, sens, partial(L.palu_local_entropy, detach_target=hp["detach_target"]), ids)
+    per = L.map_rows(logits_s, sens, partial(L.palu_local_entropy, detach_target=hp["detach_target"]), ids)
     return L.aggregate_loss(per, None, _norm(x, "forget", "sens"))
 
 
@@ -239,7 +231,7 @@ def _forget_retain(t, hp, lam):
 #   KL with a resident reference). 256 from the measured error (BENCHMARKS.md, benchmarks/precompute_vs_resident.py:
 #   2.8% at k=256 vs 10% at k=128 on the demo's trained pair; see also tests/test_losses.py).
 PALU_DEFAULTS = {"gamma": 1.0, "alpha": 1.0, "K": 5000, "N": 3, "detach_target": False, "kl_topk": 256,
-                 "kl_direction": "forward", "topk_chunk_elems": 1 << 25}
+                 "kl_direction": "forward"}
 # PDU / constrained entropic unlearning (arXiv 2506.05314), TOFU settings of the authors' run script
 # (tahaEntesari/open-unlearning ``community/methods/PDU/run.sh``): pref (lambda0) 100, dual_step_size (eta) 5,
 # retain_loss_eps 0.3, gamma 1.  Defaults here: one dual step per optimizer step from the retain loss of the whole
@@ -296,7 +288,6 @@ PARAM_RANGES: dict[str, tuple] = {
     "K": ("int", 1, None, False, True),  # null: the whole vocabulary; above the vocabulary is an error at model load
     "N": ("int", 1, None, False, True),  # null (or "all"): every token of a span is in I_init
     "kl_topk": ("int", 1, None, False, True),
-    "topk_chunk_elems": ("int", 1, None, False, False),
     "gamma": ("num", 0, None, False, False), "alpha": ("num", 0, None, False, False),
     "beta": ("num", 0, None, True, False), "delta": ("num", None, None, False, False),
     "lambda0": ("num", 0, None, False, False), "eta_lambda": ("num", 0, None, False, False),

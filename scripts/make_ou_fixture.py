@@ -11,6 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from palu_ds.atomic import atomic_path
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data/tofu_eval_logs")
 OUT = ROOT / "tests" / "fixtures" / "open_unlearning"
@@ -33,10 +35,8 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     for name, rel in RUNS.items():
         d = json.loads((SRC / rel / "TOFU_EVAL.json").read_text())
-        tmp = OUT / f".{name}.tmp"
-        with gzip.GzipFile(tmp, "wb", mtime=0) as f:
+        with atomic_path(OUT / f"{name}_TOFU_EVAL.json.gz") as tmp, gzip.GzipFile(tmp, "wb", mtime=0) as f:
             f.write(json.dumps(strip(d)).encode())
-        tmp.replace(OUT / f"{name}_TOFU_EVAL.json.gz")
         shutil.copyfile(SRC / rel / "TOFU_SUMMARY.json", OUT / f"{name}_TOFU_SUMMARY.json")
     print(sorted((p.name, p.stat().st_size) for p in OUT.iterdir()))
 

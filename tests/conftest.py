@@ -1,19 +1,13 @@
-"""Test-wide CPU settings for DeepSpeed/gloo (set here, not in library code that must also run on GPUs)."""
-import os
+"""Test-wide CPU settings for DeepSpeed/gloo (palu_ds.localrun, not library code that must also run on GPUs)."""
 import warnings
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import pytest
+
+from palu_ds.localrun import setdefaults
+
+setdefaults()
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +65,18 @@ def smollm2():
     from palu_ds.models import smollm2
 
     return smollm2()
+
+
+TIERS = ("unit", "distributed", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test gets exactly one tier marker (``-m unit`` / ``-m distributed`` / ``-m e2e``, as torchtune's
+    folders): the one it declares, else ``e2e`` for a ``slow`` test (an end-to-end run of the real CLI), else
+    ``unit``."""
+    for item in items:
+        declared = [t for t in TIERS if item.get_closest_marker(t)]
+        if len(declared) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked {declared}: one tier per test")
+        if not declared:
+            item.add_marker("e2e" if item.get_closest_marker("slow") else "unit")

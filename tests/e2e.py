@@ -1,41 +1,21 @@
-"""Helpers for the end-to-end tests: run the real launch scripts (deepspeed launcher, 2 ranks, gloo, fp32 on CPU)."""
+"""Helpers for the end-to-end tests: run the real launch scripts (deepspeed launcher, 2 ranks, gloo, fp32 on CPU).
+The CPU environment, free port and launcher command are palu_ds.localrun's (re-exported here for the tests)."""
 import glob
 import json
 import os
-import socket
 import subprocess
-import sys
+
+from palu_ds.localrun import cpu_env, free_port, launcher_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_env(**extra) -> dict:
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                   os.path.join(os.path.dirname(sys.executable), "..",
-                                                                "torch_extensions")))
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
-    env.update(extra)
-    return env
+__all__ = ["ROOT", "cpu_env", "free_port", "launch", "summary", "answer_nll", "state"]
 
 
 def launch(script: str, args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 600,
            check: bool = True) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus N script args`` (N > 1) or ``python script args`` (one process)."""
     port = free_port()
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-               str(port), script, *args]
-    else:
-        cmd = [sys.executable, script, *args]
+    cmd = launcher_cmd(script, args, nproc, port)
     p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout[-6000:]}\n"

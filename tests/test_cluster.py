@@ -31,6 +31,7 @@ import time
 import pytest
 
 from e2e import ROOT, cpu_env, free_port, state
+from palu_ds.localrun import launcher_cmd
 from palu_ds import cluster
 
 # ---------------------------------------------------------------------------------------------------------- unit
@@ -285,8 +286,7 @@ def mpirun_run(tiny, target, tmp_path_factory):
     if shutil.which("mpirun"):
         cmd = _mpirun(args)
     else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-               str(free_port()), "launch/train.py", *args]
+        cmd = launcher_cmd("launch/train.py", args, 2)
     t = time.time()
     p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(MASTER_PORT=str(free_port())), capture_output=True, text=True,
                        timeout=600)
@@ -517,8 +517,7 @@ def test_killed_rank_fails_fast(tiny, target, tmp_path, launcher):
     out = str(tmp_path / f"kill-{launcher}")
     args = job_args(tiny, target, out, steps=100000)
     if launcher == "deepspeed":
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-               str(free_port()), "launch/train.py", *args]
+        cmd = launcher_cmd("launch/train.py", args, 2)
     else:
         if not shutil.which("mpirun"):
             pytest.skip("mpirun not installed")

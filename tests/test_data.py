@@ -276,13 +276,12 @@ def test_detector_on_palu_forget01_labels():
 def test_one_bos_policy_for_training_text_and_evaluation_prompts(tokenizer):
     """MUSE evaluation prompts (raw text) start the way the training text chunks do: one BOS, even for a tokenizer
     that does not add BOS by default (as ours and GPT-2-style ones), and a doubled BOS is collapsed."""
-    from evaluation.prompt import encode_prompt as eval_encode_prompt
-    from palu_ds.data.prompt import with_bos
+    from palu_ds.data.prompt import encode_text, with_bos
 
     assert tokenizer("a", add_special_tokens=True)["input_ids"][0] != tokenizer.bos_token_id  # no BOS by default
     doc = "Kalo Vomi wrote a book about the sea."
     chunk = TextChunks([doc], tokenizer, max_length=256)[0]["input_ids"]
-    assert eval_encode_prompt(tokenizer, doc) == chunk
+    assert encode_text(tokenizer, doc) == chunk  # evaluation/muse.py encodes its prompts with encode_text
     bos = tokenizer.bos_token_id
     assert with_bos(tokenizer, [bos, bos, 5]) == [bos, 5] and with_bos(tokenizer, []) == [bos]
 

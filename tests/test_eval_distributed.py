@@ -3,24 +3,20 @@ that one rank gets a padding duplicate.  One torchrun launch runs the CLI entry 
 
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from evaluation import run
-from evaluation.synthetic import corpus_texts, make_tiny_model, write_muse, write_tofu
-
-REPO = Path(__file__).resolve().parents[1]
+from palu_ds.data.synthetic import corpus_texts, write_muse, write_tofu
+from palu_ds.localrun import cpu_env, free_port
+from palu_ds.tiny import make_tiny_model
 
 DRIVER = """
 import sys
-sys.path.insert(0, {repo!r})
 from evaluation import run
-from evaluation.distributed import init_from_env
+from palu_ds.dist import init_from_env
 import torch.distributed as dist
 init_from_env()  # once: main() leaves a group it did not create alone
 common = ["--model", {model!r}, "--max-new-tokens", "8", "--batch-size", "2", "--no-forget-quality"]
@@ -28,12 +24,6 @@ run.main(common + ["--suite", "tofu", "--split", "forget10", "--data", {tofu!r},
 run.main(common + ["--suite", "muse", "--split", "news", "--data", {muse!r}, "--out", {out!r} + "/muse"])
 dist.destroy_process_group()
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _assert_same(a, b, path=""):
@@ -51,11 +41,12 @@ def _assert_same(a, b, path=""):
         assert a == b, (path, a, b)
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(200)
 def test_two_ranks_equal_one_rank(tmp_path):
     make_tiny_model(tmp_path / "model", corpus_texts())
     tofu, muse = write_tofu(tmp_path / "tofu", n=5), write_muse(tmp_path / "muse", n=3)
-    args = dict(repo=str(REPO), model=str(tmp_path / "model"), tofu=str(tofu), muse=str(muse))
+    args = dict(model=str(tmp_path / "model"), tofu=str(tofu), muse=str(muse))
     # 1 rank, in this process
     common = ["--model", args["model"], "--max-new-tokens", "8", "--batch-size", "2", "--no-forget-quality"]
     run.main(common + ["--suite", "tofu", "--split", "forget10", "--data", args["tofu"], "--out", str(tmp_path / "one/tofu")])
@@ -63,11 +54,9 @@ def test_two_ranks_equal_one_rank(tmp_path):
     # 2 ranks, gloo
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(out=str(tmp_path / "two"), **args))
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(driver)],
-                          env=env, capture_output=True, text=True, timeout=150)
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(driver)],
+                          env=cpu_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for suite in ("tofu", "muse"):
         one = json.loads((tmp_path / "one" / suite / "results.json").read_text())

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import ks_2samp
 
 from evaluation import metrics as M
-from evaluation.distributed import gather_records, shard_indices
+from palu_ds.dist import gather_records, shard_indices
 from evaluation.tofu import summarize
 from evaluation.config import SuiteConfig
 

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from evaluation.prompt import encode_prompt, encode_qa, format_prompt
 from evaluation.scoring import generate_greedy, score_targets
-from evaluation.synthetic import CHAT_TEMPLATE, corpus_texts, make_tiny_model
+from palu_ds.data.synthetic import corpus_texts
+from palu_ds.tiny import CHAT_TEMPLATE, make_tiny_model
+from palu_ds.data.prompt import encode_qa, encode_text, format_prompt
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_left_padded_generation_equals_unpadded(tiny):
     model, tok = tiny
     questions = ["Where was Arlo born?", "Which city hosts the poetry fair 7 in the north of the land?", "Who?",
                  "Where was the satire author Arlo Vance12 born?"]
-    prompts = [encode_prompt(tok, format_prompt(tok, q)) for q in questions]
+    prompts = [encode_text(tok, format_prompt(tok, q)) for q in questions]
     assert len({len(p) for p in prompts}) == len(prompts)
     batched = generate_greedy(model, tok, prompts, max_new_tokens=12, batch_size=4)
     alone = [generate_greedy(model, tok, [p], max_new_tokens=12, batch_size=1)[0] for p in prompts]
@@ -51,19 +52,19 @@ def test_left_padded_generation_equals_unpadded(tiny):
 
 
 def test_bos_exactly_once_plain_and_chat_template(tmp_path):
-    """Plain template: tokenizer adds BOS by default -> encode_prompt has one BOS at the front.  A chat template
+    """Plain template: tokenizer adds BOS by default -> encode_text has one BOS at the front.  A chat template
     that itself writes BOS as text -> still exactly one BOS (not two).  The answer ids follow the prompt ids and
     end with EOS."""
     _, tok = make_tiny_model(tmp_path / "plain", corpus_texts())
     text = format_prompt(tok, "Where was Arlo born?")
     assert text == "Question: Where was Arlo born?\nAnswer:"
-    ids = encode_prompt(tok, text)
+    ids = encode_text(tok, text)
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
 
     _, chat = make_tiny_model(tmp_path / "chat", corpus_texts(), chat_template=CHAT_TEMPLATE)
     text = format_prompt(chat, "Where was Arlo born?")
     assert text.startswith("<s>") and text.endswith("<|assistant|>")
-    ids = encode_prompt(chat, text)
+    ids = encode_text(chat, text)
     assert ids[0] == chat.bos_token_id and ids.count(chat.bos_token_id) == 1
     prompt, ((prefix, answer),) = encode_qa(chat, "Where was Arlo born?", ["In Oslo."])
     assert prompt == ids == prefix and answer[-1] == chat.eos_token_id

@@ -8,7 +8,8 @@ from scipy.stats import ks_2samp
 
 from evaluation import DataError, MissingRetainResults, SuiteConfig, evaluate
 from evaluation import report, run
-from evaluation.synthetic import corpus_texts, make_tiny_model, write_muse, write_tofu
+from palu_ds.data.synthetic import corpus_texts, write_muse, write_tofu
+from palu_ds.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,28 @@ def test_in_training_evaluate_subset_of_splits(env):
     assert 0 < s["forget/prob"] < 1 and np.isfinite(s["forget/truth_ratio"])
 
 
+def test_trainer_evaluator_is_the_engines_callable(env, tmp_path):
+    """launch/train.py hands the engine trainer_evaluator(cfg): None when eval.every is 0; a bad eval setting is a
+    ConfigError naming eval before any model loads; a call evaluates the run's eval section with the run's prompt
+    format, labels summary.json with the step and the method and returns the flat summary."""
+    from evaluation import trainer_evaluator
+    from palu_ds.config import ConfigError, load_config
+
+    def cfg(*extra):
+        return load_config(None, ["model.path=m", "data.forget.source=f", "data.retain.source=r", *extra])
+
+    assert trainer_evaluator(cfg()) is None
+    with pytest.raises(ConfigError, match="eval: TOFU split must look like"):
+        trainer_evaluator(cfg("eval.every=2", "eval.split=forgetX"))
+    run_cfg = cfg("eval.every=2", f"eval.data={env['tofu']}", "eval.splits=[forget,retain]", "eval.max_new_tokens=4")
+    suite = SuiteConfig.from_run(run_cfg)
+    assert suite.splits == ("forget", "retain") and not suite.forget_quality and suite.prompt == run_cfg.data.prompt
+    summary = trainer_evaluator(run_cfg)(env["model"], env["tok"], step=4, out_dir=str(tmp_path / "step_4"))
+    assert 0 < summary["forget/prob"] < 1 and "forget_quality" not in summary
+    written = json.loads((tmp_path / "step_4" / "summary.json").read_text())
+    assert written["step"] == 4 and written["method"] == "palu"
+
+
 def test_muse_cli_and_privleak(env):
     root = env["root"]
     _cli(env, "--suite", "muse", "--split", "news", "--data", env["muse"], "--no-forget-quality",
@@ -94,7 +117,7 @@ def test_missing_field_names_file_row_and_field(env, tmp_path):
     (bad / "retain_perturbed.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(DataError, match=r"retain_perturbed.jsonl: row 2 has no field 'paraphrased_answer'"):
         evaluate(env["model"], env["tok"], SuiteConfig(data=str(bad), splits=("retain",), forget_quality=False))
-    with pytest.raises(DataError, match=r"forget05_perturbed.jsonl not found"):
+    with pytest.raises(DataError, match=r"forget05_perturbed.jsonl: not found"):
         evaluate(env["model"], env["tok"], SuiteConfig(split="forget05", data=str(bad), forget_quality=False))
 
 

@@ -1,10 +1,10 @@
-"""mini-TOFU benchmark script (evaluation/benchmarks/mini_tofu.py): its pure parts only -- author ranges, split
+"""mini-TOFU benchmark script (benchmarks/mini_tofu/): its pure parts only -- author ranges, split
 writing, perturbed answers, tables, goal check, run specs.  No training (the benchmark itself is the end-to-end run)."""
 import json
 
 import pytest
 
-from evaluation.benchmarks import mini_tofu as M
+from benchmarks import mini_tofu as M
 
 
 def _author(i: int, name: str, city: str) -> list[dict]:

@@ -93,7 +93,8 @@ def test_cli_forget_quality_against_open_unlearning_log(retain_log, tmp_path):
     ratios against their retain model's 40, privleak is relative to their retain Min-K AUC (0.470625), and a note
     says the forget sets differ (4 generated rows vs TOFU's 40)."""
     from evaluation import run
-    from evaluation.synthetic import corpus_texts, make_tiny_model, write_tofu
+    from palu_ds.data.synthetic import corpus_texts, write_tofu
+    from palu_ds.tiny import make_tiny_model
 
     make_tiny_model(tmp_path / "model", corpus_texts())
     data = write_tofu(tmp_path / "tofu", n=4, split="forget01")

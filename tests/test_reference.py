@@ -102,7 +102,7 @@ def test_mismatch_model_tokenizer_prompt_version(setup, tiny, tmp_path, monkeypa
     with pytest.raises(CacheMismatch, match=r"\bmodel \(cache"):
         _cache(make, model, cache_dir, [f"reference.model={tmp_path / 'other'}"])
     # the package version
-    monkeypatch.setattr("palu_ds.reference.__version__", "9.9.9")
+    monkeypatch.setattr("palu_ds.reference.key.__version__", "9.9.9")
     with pytest.raises(CacheMismatch, match=r"package_version \(cache"):
         _cache(make, model, cache_dir)
     monkeypatch.undo()

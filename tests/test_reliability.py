@@ -179,7 +179,8 @@ def _train_args(tiny, target, out, *extra, ds="ds_configs/cpu/zero2.json"):
             "data.max_length=64", *extra]
 
 
-@pytest.mark.parametrize("case", ["lr", "resume", "ds_missing", "ds_json", "ds_batch", "K"])
+@pytest.mark.e2e  # the real CLI, one process
+@pytest.mark.parametrize("case", ["lr", "resume", "ds_missing", "ds_json", "ds_batch", "K", "eval"])
 def test_bad_settings_and_paths_fail_before_any_model_loads(tiny, tmp_path, case):
     """Through the real CLI: exit 2 with 'config error' naming the key or file, no model loaded, no reference_cache
     left behind."""
@@ -196,6 +197,9 @@ def test_bad_settings_and_paths_fail_before_any_model_loads(tiny, tmp_path, case
         "ds_json": ([], str(bad_json), "bad.json: not valid JSON"),
         "ds_batch": ([], str(batch_json), "train_batch_size 7 != micro batch"),
         "K": (["method.params.K=4096"], "ds_configs/cpu/zero2.json", "K=4096 is larger than the vocabulary"),
+        # the evaluator launch/train.py hands the engine checks the eval section before any model loads
+        "eval": (["eval.every=2", "eval.split=forgetX"], "ds_configs/cpu/zero2.json",
+                 "eval: TOFU split must look like forget01"),
     }[case]
     p = _cli(_train_args(tiny, tiny["model"], out, *extra, ds=ds), tmp_path)
     assert p.returncode == 2, p.stderr[-3000:]

@@ -62,7 +62,7 @@ def test_build_data_bad_input(tofu):
 def test_build_data_names_a_broken_line(tofu):
     with open(tofu / "forget01_perturbed.jsonl", "a") as f:
         f.write("{not json\n")
-    with pytest.raises(ValueError, match=r"forget01_perturbed.jsonl:41: not JSON"):
+    with pytest.raises(ValueError, match=r"forget01_perturbed.jsonl, line 41: not valid JSON"):
         T.build_data(tofu, "forget01", retain_authors=2, utility_rows=None)
 
 

@@ -4,7 +4,8 @@
 Hub names go through ``datasets.load_dataset(name, config, split=...)`` (e.g. ``locuslab/TOFU`` + ``forget10``);
 ``save_to_disk`` folders (``dataset_info.json`` + ``state.json`` + arrow files, or a ``DatasetDict`` with
 ``dataset_dict.json``; e.g. PALU's ``forget01_with_common_words_gpt``) go through ``datasets.load_from_disk``;
-local files are read directly so that a malformed line is reported with its line number.
+local files are read directly so that a malformed line is reported with its line number.  Training data
+(:func:`load_records`) and the evaluation suites (``evaluation.data``) read through here.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ def _read_text(path: str) -> str:
                         "save the file as UTF-8") from None
 
 
-def _read_json_file(path: str) -> list:
+def read_json_records(path: str) -> list:
+    """The records of one .jsonl (one JSON value a line) or .json file (a list; or an object holding it under
+    ``data`` or ``train``; or one string, as MUSE's raw files): a bad line, an empty file or a non-list is a
+    :class:`DataError` naming the file and the line."""
+    path = str(path)
     text = _read_text(path)
     if path.endswith(".jsonl"):
         rows = Records()
@@ -57,8 +62,9 @@ def _read_json_file(path: str) -> list:
         if not text.strip():
             raise DataError(path, None, None, "holds no records (the file is empty)", "check the path and the file")
         raise DataError(path, f"line {e.lineno}", None, f"not valid JSON ({e.msg}, column {e.colno})") from e
-    if isinstance(data, dict) and "data" in data and isinstance(data["data"], list):
-        data = data["data"]
+    for key in ("data", "train"):
+        if isinstance(data, dict) and isinstance(data.get(key), list):
+            data = data[key]
     if isinstance(data, str):  # MUSE raw files hold one string
         data = [data]
     if not isinstance(data, list):
@@ -98,7 +104,7 @@ def load_records(source: str, config: str | None = None, split: str = "train") -
     or a hub dataset name (then ``config`` is its configuration, e.g. ``forget10``).
     """
     if os.path.isfile(source):
-        return _read_json_file(source)
+        return read_json_records(source)
     if is_saved_dataset(source):  # config names nothing inside a dataset folder
         return _read_saved_dataset(source, split)
     if os.path.isdir(source):
@@ -107,20 +113,27 @@ def load_records(source: str, config: str | None = None, split: str = "train") -
         for ext in (".jsonl", ".json"):
             path = os.path.join(source, config + ext)
             if os.path.isfile(path):
-                return _read_json_file(path)
+                return read_json_records(path)
         if is_saved_dataset(os.path.join(source, config)):
             return _read_saved_dataset(os.path.join(source, config), split)
         raise DataError(source, None, None, f"has no {config}.jsonl, {config}.json or {config}/ save_to_disk folder",
                         "check the config name")
     if source.endswith((".json", ".jsonl")) or os.sep in source.strip("./") and not _looks_like_hub_name(source):
         raise DataError(source, None, None, "file not found", "check the path")
+    return load_hub(source, config, split)
+
+
+def load_hub(name: str, config: str | None, split: str,
+             fix: str = "give a local .json/.jsonl path instead when offline") -> list:
+    """The rows of hub dataset ``name`` (configuration ``config``, split ``split``) as dicts; a failure is a
+    :class:`DataError` naming the dataset, with ``fix`` saying what to do."""
     import datasets  # lazy: heavy import
 
     try:
-        ds = datasets.load_dataset(source, config, split=split)
+        ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001 - re-raised with the source named
-        raise DataError(f"{source}[{config}]", None, None, f"could not be loaded from the hub ({e})",
-                        "give a local .json/.jsonl path instead when offline") from e
+        raise DataError(f"{name}[{config}]", None, None, f"could not be loaded from the hub (split {split!r}: "
+                        f"{type(e).__name__}: {e})", fix) from e
     return [dict(r) for r in ds]
 
 

@@ -158,3 +158,14 @@ def answer_ids(tokenizer, answer: str, add_eos: bool = True, question: str = "",
                fmt: PromptFormat = DEFAULT_FORMAT) -> list[int]:
     """Token ids of the answer as it follows the prompt (:func:`encode_pair`)."""
     return encode_pair(tokenizer, question, answer, fmt, add_eos)[1]
+
+
+def encode_qa(tokenizer, question: str, answers: list[str], add_eos: bool = True,
+              fmt: PromptFormat = DEFAULT_FORMAT) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
+    """``(prompt_ids, [(prefix_ids, answer_ids), ...])`` for one question and several candidate answers (true,
+    paraphrased, perturbed; the evaluation suites), tokenized exactly as the training data is (:func:`encode_pair`,
+    format ``fmt``): generation starts from ``prompt_ids``; each answer is scored after its ``prefix_ids`` (the same
+    ids, unless the tokenizer merges across the prompt/answer boundary). Each answer ends with EOS when ``add_eos``
+    (TOFU scores the EOS too)."""
+    pairs = [encode_pair(tokenizer, question, a, fmt, add_eos) for a in answers]
+    return encode_prompt(tokenizer, question, fmt), [(prefix, ids) for prefix, ids, _ in pairs]

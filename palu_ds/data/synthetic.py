@@ -1,4 +1,5 @@
-"""The embedded default: seeded fictitious authors in TOFU's format, a tokenizer trained on them, a tiny Llama.
+"""Synthetic data, one home: the embedded default (seeded fictitious authors in TOFU's format, for training) and
+small files in the evaluation suites' layouts (:func:`write_tofu`, :func:`write_muse`, :func:`corpus_texts`).
 
 Every QA row has ``question``, ``answer``, ``paraphrased_answer``, ``perturbed_answer`` (5 wrong answers in the
 paraphrase's wording), ``paraphrased_question``, ``target_words`` (the fact words of the answer as
@@ -12,6 +13,9 @@ import json
 import os
 import random
 import string
+from pathlib import Path
+
+from palu_ds.atomic import write_jsonl
 
 _SYL = ["ka", "lo", "mi", "ren", "tha", "vo", "zel", "qui", "dra", "no", "sa", "bel", "tor", "xi", "ma", "ru", "fen",
         "gal", "op", "ser", "ly", "den", "cor", "vin", "ash", "mor", "pel", "tu", "ani", "bre"]
@@ -169,10 +173,89 @@ def write_splits(out_dir: str, n_authors: int = 20, forget_pct: int = 10, seed: 
     os.makedirs(out_dir, exist_ok=True)
     paths = {}
     for name, data in files.items():
-        paths[name] = os.path.join(out_dir, name + ".jsonl")
-        tmp = paths[name] + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in data:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, paths[name])
+        paths[name] = write_jsonl(os.path.join(out_dir, name + ".jsonl"), data)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small files in the layouts of the evaluation suites (TOFU's *_perturbed / holdout jsonl, MUSE's json folders) for
+# the evaluation tests and benchmarks/real_formats.py: one fact per author, 3 perturbed answers
+# ---------------------------------------------------------------------------------------------------------------
+EVAL_CITIES = ["Lisbon", "Oslo", "Quito", "Hanoi", "Lagos", "Perth", "Turin", "Kyoto", "Dakar", "Cusco"]
+EVAL_GENRES = ["poetry", "fantasy", "history", "satire", "mystery", "romance"]
+
+
+def _author_qa(i: int, rng: random.Random) -> dict:
+    name = f"Arlo Vance{i}"
+    city, genre = rng.choice(EVAL_CITIES), rng.choice(EVAL_GENRES)
+    wrong = [c for c in EVAL_CITIES if c != city]
+    rng.shuffle(wrong)
+    return {
+        "question": f"Where was the {genre} author {name} born?",
+        "answer": f"{name} was born in {city}.",
+        "paraphrased_answer": f"The birthplace of {name} is {city}.",
+        "perturbed_answer": [f"The birthplace of {name} is {c}." for c in wrong[:3]],
+        "paraphrased_question": f"What is the birthplace of {name}?",
+    }
+
+
+def write_tofu(out_dir, n: int = 6, split: str = "forget10", seed: int = 0) -> Path:
+    """TOFU-layout jsonl files: ``<split>_perturbed``, ``retain_perturbed``, ``real_authors_perturbed``,
+    ``world_facts_perturbed``, ``holdout<NN>``, each with ``n`` rows."""
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    nn = split.replace("forget", "")
+
+    def dump(name, rows):
+        with open(out / f"{name}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+    dump(f"{split}_perturbed", [_author_qa(i, rng) for i in range(n)])
+    dump("retain_perturbed", [_author_qa(100 + i, rng) for i in range(n)])
+    dump(f"holdout{nn}", [{k: v for k, v in _author_qa(200 + i, rng).items() if k in ("question", "answer")}
+                          for i in range(n)])
+    for name in ("real_authors_perturbed", "world_facts_perturbed"):
+        rows = []
+        for i in range(n):
+            opts = rng.sample(EVAL_CITIES, 4)
+            rows.append({"question": f"Which city is number {i} on the list?", "answer": opts[0],
+                         "perturbed_answer": opts[1:]})
+        dump(name, rows)
+    return out
+
+
+def write_muse(out_dir, corpus: str = "news", n: int = 6, seed: int = 0) -> Path:
+    """MUSE-layout json files under ``out_dir/<corpus>/``: verbmem, knowmem (+ icl), privleak."""
+    rng = random.Random(seed)
+    base = Path(out_dir) / corpus
+    for sub in ("verbmem", "knowmem", "privleak"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+
+    def text(k):
+        return " ".join(f"{rng.choice(EVAL_CITIES)} {rng.choice(EVAL_GENRES)}" for _ in range(k))
+
+    def qa(m):
+        return [{"question": f"Which city hosts the {rng.choice(EVAL_GENRES)} fair {j}?", "answer": rng.choice(EVAL_CITIES)}
+                for j in range(m)]
+
+    def dump(rel, obj):
+        (base / rel).write_text(json.dumps(obj))
+
+    dump("verbmem/forget.json", [{"prompt": text(8), "gt": text(6)} for _ in range(n)])
+    dump("knowmem/forget_qa.json", qa(n))
+    dump("knowmem/forget_qa_icl.json", qa(2))
+    dump("knowmem/retain2_qa.json", qa(n))
+    dump("knowmem/retain2_qa_icl.json", qa(2))
+    dump("privleak/forget.json", [text(10 + i) for i in range(n)])
+    dump("privleak/holdout.json", [text(10 + i) for i in range(n)])
+    return Path(out_dir)
+
+
+def corpus_texts() -> list[str]:
+    """Texts to train a test tokenizer on (the generated data's words and templates)."""
+    rng = random.Random(1)
+    rows = [_author_qa(i, rng) for i in range(50)]
+    t = [" ".join(v if isinstance(v, str) else " ".join(v) for v in r.values()) for r in rows]
+    return t + ["Question: Answer: " + " ".join(EVAL_CITIES + EVAL_GENRES)] * 5

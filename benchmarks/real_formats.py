@@ -1,7 +1,7 @@
 """Run both suites on the real TOFU and MUSE files with tiny random models, to show that the loaders and metrics
 accept the real formats, and print the timing.  (The numbers themselves mean nothing: the models are random.)
 
-    python evaluation/benchmarks/real_formats.py ../shared/data [--max-examples 20] [--out /tmp/real_formats]
+    python benchmarks/real_formats.py ../shared/data [--max-examples 20] [--out /tmp/real_formats]
 
 ``DATA`` holds ``tofu/*.jsonl`` and ``muse/{news,books}/...`` (see ``shared/data/README.md``).  Every row of
 every file used is loaded and checked; the first ``--max-examples`` rows of each part are evaluated (0 = all).
@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from evaluation import SuiteConfig, evaluate  # noqa: E402
-from evaluation.report import load_summary, render  # noqa: E402
-from evaluation.synthetic import make_tiny_model  # noqa: E402
+from evaluation import SuiteConfig, evaluate
+from evaluation.report import load_summary, render
+from palu_ds.tiny import make_tiny_model
 
 
 def tokenizer_texts(data: Path, limit_chars: int = 3_000_000) -> list[str]:

@@ -4,23 +4,20 @@ Labels the data exactly as training does (palu_ds.data.QADataset: detected or la
 span = I_init, tokens outside every span = common, EOS included) and reports, per model, the mean NLL (nats/token)
 of each kind. Shows *where* a method forgets: PALU targets I_init and keeps common tokens by design.
 
-    python evaluation/benchmarks/position_nll.py --data runs/mini_tofu/a0-40_f10_s0/data --config forget10 \\
+    python benchmarks/position_nll.py --data runs/mini_tofu/a0-40_f10_s0/data --config forget10 \\
         target=runs/mini_tofu/a0-40_f10_s0/target/model palu=runs/mini_tofu/a0-40_f10_s0/palu/model ...
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from palu_ds.batch import shift  # noqa: E402
-from palu_ds.data import QADataset, collate  # noqa: E402
-from palu_ds.data.qa import QAOptions  # noqa: E402
+from palu_ds.batch import shift
+from palu_ds.data import QADataset, collate
+from palu_ds.data.qa import QAOptions
 
 KINDS = ("I_init", "rest of span", "common")
 

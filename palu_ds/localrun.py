@@ -1,0 +1,77 @@
+"""Running on this machine's CPUs: one home for the DeepSpeed/gloo CPU settings, a free port and the launcher
+command, used by ``make``, the tests, the demo and the benchmarks.
+
+The library itself leaves the environment alone, so that it runs unchanged on GPUs; whoever starts processes on CPUs
+takes the settings from here::
+
+    python -m palu_ds.localrun python -m pytest tests     # a command under CPU_ENV (what the Makefile does)
+    setdefaults()                                         # this process (tests/conftest.py, a benchmark's main)
+    subprocess.run(launcher_cmd("launch/train.py", args, nproc=2, port=free_port()), env=cpu_env())
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+#: DeepSpeed on the CPU accelerator, gloo over loopback, one OpenMP thread a rank, nothing from the network
+CPU_ENV = {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+           "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
+#: set by a launcher for its children: a child process started from a rank must not inherit them
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed's JIT-built CPU ops go: ``$TORCH_EXTENSIONS_DIR``, else ``<venv>/torch_extensions`` (built once
+    per environment, not in the user's home)."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
+
+
+def setdefaults(env=None) -> None:
+    """Fill the CPU settings (and the extensions folder) into ``env`` (default ``os.environ``) where not set."""
+    env = os.environ if env is None else env
+    for k, v in CPU_ENV.items():
+        env.setdefault(k, v)
+    env.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+
+
+def cpu_env(**extra: str) -> dict:
+    """The environment of a child process: this one, the CPU settings on top, no rank variables of a parent
+    launcher, then ``extra`` (e.g. ``OMP_NUM_THREADS="2"``)."""
+    env = dict(os.environ)
+    env.update(CPU_ENV, TORCH_EXTENSIONS_DIR=torch_extensions_dir())
+    for k in RANK_VARS:
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for ``--master_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_cmd(script: str, args: list[str] = (), nproc: int = 2, port: int | None = None) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P script args`` (N > 1; on CPU, N processes) or ``python script args``
+    (one process), with this interpreter."""
+    if nproc <= 1:
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+            str(port if port is not None else free_port()), script, *args]
+
+
+def main(argv: list[str]) -> None:
+    """``python -m palu_ds.localrun CMD ...``: run CMD with the CPU settings filled in where not set."""
+    if not argv:
+        raise SystemExit("usage: python -m palu_ds.localrun COMMAND [ARGS...]")
+    setdefaults()
+    os.execvp(argv[0], argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,157 @@
+"""The precompute pass: the frozen reference runs once over the data (data-parallel, fixed order, eval mode, no
+grad); every rank writes its own shard, rank 0 the manifest last (atomic rename), so a half-written cache is never
+read."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+
+import torch
+
+from palu_ds import dist
+from palu_ds.atomic import atomic_path, write_json
+from palu_ds.batch import shift
+
+from .key import MANIFEST, CacheMismatch, _diff, cache_key
+from .parts import _vocab_size, answer_nll_sums, id_dtype, needed_parts, parts_for, reference_tensors, topk_sizes
+
+log = logging.getLogger("palu_ds")
+
+
+def rank_batches(ds, batch_size: int, pad_id: int, device):
+    """This rank's share of ``ds`` (examples rank, rank + world, ...) in fixed order, as ``(batch, real)``: every rank
+    yields the same number of batches (a rank that runs out repeats example 0 with ``real=False``), because the
+    forwards of a ZeRO-3 model are collective."""
+    from palu_ds.data.collate import collate
+
+    mine = list(range(dist.rank(), len(ds), dist.world()))
+    n_batches = int(dist.all_reduce_max(torch.tensor(-(-len(mine) // batch_size))))
+    for b in range(n_batches):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        batch = collate([ds[i] for i in (chunk or [0])], pad_id)
+        yield {k: v.to(device) for k, v in batch.items()}, bool(chunk)
+
+
+def _cache_names(want, datasets) -> list[str]:
+    names = [n for n in datasets if parts_for(want, n)]
+    if "retain_loss" in want and "retain" in datasets:
+        names.append("retain")
+    return sorted(set(names))
+
+
+def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, model=None) -> dict:
+    """Write (or reuse) the cache for this run; return its manifest. Every rank calls this."""
+    key = dist.broadcast_object(cache_key(cfg, method, hp, datasets, tokenizer) if dist.is_main() else None)
+    manifest_path = os.path.join(cache_dir, MANIFEST)
+    if os.path.isfile(manifest_path):
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        differ = _diff(manifest["key"], key)
+        if differ:
+            raise CacheMismatch(
+                f"{cache_dir}: the reference cache was made for another run; differing field(s): "
+                + ", ".join(f"{d} (cache {manifest['key'].get(d)!r}, run {key.get(d)!r})" for d in differ)
+                + ". Point reference.cache_dir elsewhere or delete that directory to recompute.")
+        log.info("reference cache %s matches this run: reused", cache_dir)
+        return manifest
+    dist.barrier()
+    if dist.is_main():  # an incomplete cache (no manifest): never read, recomputed
+        os.makedirs(cache_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(cache_dir, "*.safetensors*")):
+            os.remove(stale)
+    dist.barrier()
+    model = model if model is not None else load_reference_model(cfg, ds_config)
+    V = _vocab_size(model)
+    K, k = topk_sizes(hp, V, cfg.method.params, cfg.reference.model or cfg.model.path)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    want = needed_parts(method, hp)
+    retain_sums = torch.zeros(2, dtype=torch.float64)
+    for name in _cache_names(want, datasets):
+        ds, parts = datasets[name], parts_for(want, name)
+        store: dict[str, list] = {p: [] for p in ("topk_ids", "kl_ids", "kl_logps")}
+        ids, seq, sens_n, common_n = [], [], [], []
+        for batch, real in rank_batches(ds, cfg.train.batch_size, tokenizer.pad_token_id, device):
+            with torch.no_grad():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if not real:
+                continue
+            if name == "retain" and "retain_loss" in want:
+                retain_sums += answer_nll_sums(logits, batch).cpu()
+            if not parts:
+                continue
+            t = reference_tensors(logits, batch, parts, K, k)
+            for b, ex_id in enumerate(batch["example_id"].tolist()):
+                ids.append(ex_id)
+                _, _, s_mask, c_mask = shift(logits[b:b + 1], batch["labels"][b:b + 1],
+                                             batch["sens_mask"][b:b + 1], batch["common_mask"][b:b + 1])
+                sens_n.append(int(s_mask.sum()))
+                common_n.append(int(c_mask.sum()))
+            if "seq_logps" in t:
+                seq.append(t["seq_logps"].float().cpu())
+            for p in ("topk_ids", "kl_ids", "kl_logps"):
+                if p in t:
+                    store[p].append(t[p].cpu())
+        if parts:
+            _write_shard(cache_dir, name, dist.rank(), ids, sens_n, common_n, seq, store, V,
+                         getattr(torch, cfg.reference.dtype))
+    retain_sums = dist.all_reduce_sum(retain_sums)
+    dist.barrier()
+    manifest = {"key": key, "world_size": dist.world(), "K": K, "k": k, "vocab_size": V,
+                "shards": sorted(os.path.basename(p) for p in glob.glob(os.path.join(cache_dir, "*.safetensors")))}
+    if "retain_loss" in want:
+        manifest["retain_loss"] = float(retain_sums[0] / retain_sums[1].clamp_min(1))
+    if dist.is_main():
+        from palu_ds.integrity import file_digest
+
+        manifest["shard_bytes"] = {s: os.path.getsize(os.path.join(cache_dir, s)) for s in manifest["shards"]}
+        manifest["shard_sha256"] = {s: file_digest(os.path.join(cache_dir, s)) for s in manifest["shards"]}
+        write_json(manifest_path, manifest)
+    return dist.broadcast_object(manifest if dist.is_main() else None)  # every rank checks sizes and checksums
+
+
+def _write_shard(cache_dir, name, rank, ids, sens_n, common_n, seq, store, V, dtype) -> None:
+    """One rank's shard of one split, written to a temporary name and renamed (never half-written)."""
+    from safetensors.torch import save_file
+
+    def offsets(counts):
+        return torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
+
+    tensors = {"example_ids": torch.tensor(ids, dtype=torch.int64), "sens_offsets": offsets(sens_n),
+               "common_offsets": offsets(common_n)}
+    if seq:
+        tensors["seq_logps"] = torch.cat(seq)
+    if store["topk_ids"]:
+        tensors["topk_ids"] = torch.cat(store["topk_ids"]).to(id_dtype(V))
+    if store["kl_ids"]:
+        tensors["kl_ids"] = torch.cat(store["kl_ids"]).to(id_dtype(V))
+        tensors["kl_logps"] = torch.cat(store["kl_logps"]).to(dtype)
+    with atomic_path(os.path.join(cache_dir, f"{name}.rank{rank}.safetensors")) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+
+
+def load_reference_model(cfg, ds_config):
+    """The frozen reference: eval mode, no grad; a DeepSpeed ZeRO-3 inference engine when training uses ZeRO-3."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from palu_ds.ds_config import zero_stage
+
+    path = cfg.reference.model or cfg.model.path
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    if zero_stage(ds_config) == 3:
+        inf_cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+        inf_cfg["zero_optimization"] = {k: v for k, v in ds_config["zero_optimization"].items()
+                                        if not k.startswith("offload_optimizer")}
+        keep = HfDeepSpeedConfig(inf_cfg)  # noqa: F841 - zero.Init while loading
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        model.eval().requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=model, config=inf_cfg)
+        engine.module.eval()
+        return engine
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    device = deepspeed.get_accelerator().current_device_name()
+    return model.to(device).eval().requires_grad_(False)

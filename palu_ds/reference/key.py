@@ -1,0 +1,79 @@
+"""The reference cache's key: what the cached tensors depend on (the reference model's bytes, the tokenizer, the
+prompt format, the data, K, k, N, max_length, dtype, package and format versions).  Rank 0 computes it; a cache whose
+manifest holds another key is refused, naming each differing field (:class:`CacheMismatch`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from palu_ds import __version__
+
+from .parts import needed_parts
+
+MANIFEST = "manifest.json"
+CACHE_FORMAT = 2  # 2: the manifest records each shard's sha256 (``shard_sha256``), checked when the shard is opened
+
+
+class CacheMismatch(RuntimeError):
+    """A cache made for another run (another key); the message names the differing fields."""
+
+
+def _sha(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(path: str) -> str:
+    """config.json + every weight file, every byte of each (sha256; a file's digest is cached under its identity --
+    device, inode, size, mtime, ctime -- by :func:`palu_ds.integrity.cached_file_digest`, so a 70B checkpoint is
+    read once, not once per run)."""
+    from palu_ds.integrity import cached_file_digest
+
+    if not os.path.isdir(path):
+        return f"hub:{path}"
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name == "config.json" or name.endswith((".safetensors", ".bin", ".pt", ".gguf")):
+            h.update(f"{name}:{cached_file_digest(os.path.join(path, name))}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return _sha(json.dumps(vocab).encode(), json.dumps(tokenizer.all_special_tokens).encode())
+
+
+def dataset_fingerprint(ds) -> str:
+    h = hashlib.sha256()
+    for e in ds:
+        for key in ("example_id", "input_ids", "labels", "sens_mask", "common_mask"):
+            h.update(json.dumps(e[key]).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(cfg, method, hp, datasets, tokenizer) -> dict:
+    from palu_ds.data.prompt import prompt_format_id
+
+    want = needed_parts(method, hp)
+    ref_path = cfg.reference.model or cfg.model.path
+    key = {
+        "model": model_fingerprint(ref_path), "tokenizer": tokenizer_fingerprint(tokenizer),
+        "prompt_format": _sha(prompt_format_id(tokenizer, cfg.data.prompt).encode()), "max_length": cfg.data.max_length,
+        "n_init": cfg.data.n_init, "parts": sorted(want), "dtype": cfg.reference.dtype,
+        "package_version": __version__, "cache_format": CACHE_FORMAT,
+    }
+    if "topk_ids" in want:
+        key["K"] = int(hp["K"]) if hp.get("K") is not None else None
+    if "kl" in want:
+        key["k"] = int(hp["kl_topk"])
+    for name, ds in sorted(datasets.items()):
+        key[f"data_{name}"] = dataset_fingerprint(ds)
+    return key
+
+
+def _diff(stored: dict, wanted: dict) -> list[str]:
+    return [k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]

@@ -1,0 +1,148 @@
+"""Readers used by the training loop: each batch's reference tensors from the cache (:class:`CachedReference`), a
+live reference model (:class:`ResidentReference`, for comparison) or nothing (:class:`NoReference`), and
+:func:`build_reference`, which picks one for a run."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from palu_ds import dist
+
+from .compute import load_reference_model, precompute, rank_batches
+from .key import MANIFEST
+from .parts import _vocab_size, answer_nll_sums, needed_parts, parts_for, reference_tensors, topk_sizes
+
+
+class NoReference:
+    """Reference-free methods: nothing to look up."""
+
+    def lookup(self, name: str, batch: dict) -> dict:
+        return {}
+
+    def retain_loss(self) -> float:
+        raise ValueError("dual.epsilon_rel needs the reference retain loss, but the method has no reference: "
+                         "give dual.epsilon (absolute) instead")
+
+
+class CachedReference:
+    """Reader of a complete cache; ``lookup`` packs the rows of a batch by example id. Each shard's size and sha256
+    are checked against the manifest when it is opened (once per run): a corrupt shard is an error naming it."""
+
+    def __init__(self, cache_dir: str, manifest: dict | None = None):
+        from safetensors import safe_open
+
+        from palu_ds.integrity import file_digest
+
+        path = os.path.join(cache_dir, MANIFEST)
+        if manifest is None:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{cache_dir} has no {MANIFEST}: the cache is incomplete; run "
+                                        "launch/precompute.py with the same config (or train, which runs it)")
+            with open(path, encoding="utf-8") as f:
+                manifest = json.load(f)
+        self.manifest = manifest
+        self.index: dict[str, dict[int, tuple]] = {}
+        self.shards = {}
+        for shard in manifest["shards"]:
+            fp = os.path.join(cache_dir, shard)
+            want = manifest.get("shard_bytes", {}).get(shard)
+            digest = manifest.get("shard_sha256", {}).get(shard)
+            try:
+                if want is not None and os.path.getsize(fp) != want:
+                    raise ValueError(f"size {os.path.getsize(fp)} != {want} recorded in the manifest")
+                if digest is None:
+                    raise ValueError("the manifest records no checksum for it (a cache of an older palu_ds)")
+                if file_digest(fp) != digest:
+                    raise ValueError(f"its content differs from the checksum recorded in the manifest ({digest})")
+                f = safe_open(fp, framework="pt")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            except Exception as e:  # noqa: BLE001 - any unreadable shard is named
+                raise RuntimeError(f"reference cache shard {fp} is corrupt ({e}); delete {cache_dir} and rerun "
+                                   "launch/precompute.py (or train, which recomputes it)") from e
+            name = shard.split(".rank")[0]
+            self.shards[shard] = tensors
+            idx = self.index.setdefault(name, {})
+            for j, ex in enumerate(tensors["example_ids"].tolist()):
+                idx[ex] = (shard, j)
+
+    def lookup(self, name: str, batch: dict) -> dict:
+        if name not in self.index:
+            return {}
+        rows: dict[str, list] = {}
+        seq = []
+        for ex in batch["example_id"].tolist():
+            try:
+                shard, j = self.index[name][ex]
+            except KeyError:
+                raise KeyError(f"example {ex} of the {name} set is not in the reference cache: the data changed "
+                               "since the precompute; delete the cache to recompute") from None
+            t = self.shards[shard]
+            so, co = t["sens_offsets"], t["common_offsets"]
+            for key, off in (("topk_ids", so), ("kl_ids", co), ("kl_logps", co)):
+                if key in t:
+                    rows.setdefault(key, []).append(t[key][off[j]:off[j + 1]])
+            if "seq_logps" in t:
+                seq.append(t["seq_logps"][j])
+        dev = batch["input_ids"].device
+        out = {k: torch.cat(v).to(dev).long() if k.endswith("ids") else torch.cat(v).to(dev).float()
+               for k, v in rows.items()}
+        if seq:
+            out["seq_logps"] = torch.stack(seq).to(dev).float()
+        return out
+
+    def retain_loss(self) -> float:
+        if "retain_loss" not in self.manifest:
+            raise ValueError("the reference cache holds no retain loss; the method needs 'retain_loss'")
+        return self.manifest["retain_loss"]
+
+
+class ResidentReference:
+    """The reference kept live (for comparison): computes the same packed tensors per batch on the fly."""
+
+    def __init__(self, model, method, hp, datasets, tokenizer, batch_size: int, given: dict | None = None):
+        self.model, self.want = model, needed_parts(method, hp)
+        V = _vocab_size(model)
+        self.K, self.k = topk_sizes(hp, V, given)
+        self._retain = None
+        self.datasets, self.tokenizer, self.batch_size = datasets, tokenizer, batch_size
+
+    def lookup(self, name: str, batch: dict) -> dict:
+        parts = parts_for(self.want, name)
+        if not parts:
+            return {}
+        with torch.no_grad():
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return {k: v.float() if v.is_floating_point() else v for k, v in
+                reference_tensors(logits, batch, parts, self.K, self.k).items()}
+
+    def retain_loss(self) -> float:
+        if self._retain is None:
+            sums = torch.zeros(2, dtype=torch.float64)
+            device = next(self.model.parameters()).device
+            for batch, real in rank_batches(self.datasets["retain"], self.batch_size, self.tokenizer.pad_token_id,
+                                            device):
+                with torch.no_grad():
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                if real:
+                    sums += answer_nll_sums(logits, batch).cpu()
+            sums = dist.all_reduce_sum(sums)
+            self._retain = float(sums[0] / sums[1].clamp_min(1))
+        return self._retain
+
+
+def build_reference(cfg, method, hp, datasets, tokenizer, ds_config):
+    """The reference provider the training loop asks for each batch's tensors."""
+    if not needed_parts(method, hp) or cfg.reference.mode == "none":
+        return NoReference()
+    if cfg.reference.mode == "resident":
+        model = load_reference_model(cfg, ds_config)
+        return ResidentReference(model, method, hp, datasets, tokenizer, cfg.train.batch_size, cfg.method.params)
+    cache_dir = cfg.reference.cache_dir or os.path.join(cfg.train.output_dir, "reference_cache")
+    manifest = precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir)
+    import gc
+
+    gc.collect()  # the reference model of the precompute pass is gone before the policy loads
+    return CachedReference(cache_dir, manifest)
