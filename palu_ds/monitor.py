@@ -93,3 +93,13 @@ class Monitor:
             self.writer.close()
         if self.bar is not None:
             self.bar.close()
+
+
+def write_summary(path: str, data: dict) -> None:
+    """``data`` as JSON at ``path``, written to a temporary name and renamed (never half-written)."""
+    import json
+
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)

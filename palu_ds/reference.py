@@ -39,20 +39,7 @@ class CacheMismatch(RuntimeError):
 
 
 # ---------------------------------------------------------------------- what the reference contributes
-def needed_parts(method, hp) -> frozenset[str]:
-    """The method's reference parts, plus the reference retain loss when ε is relative (ε = (1 + a)·L_ref)."""
-    extra = {"retain_loss"} if hp.get("epsilon_rel") is not None else set()
-    return frozenset(method.reference_parts) | extra
-
-
-def parts_for(want: frozenset[str], name: str) -> tuple[str, ...]:
-    """Which of the parts ``want`` batch ``name`` needs: top-K and KL on the forget set, sequence log-probs on
-    forget/idk (the retain loss is a scalar of the manifest, not rows)."""
-    if name == "forget":
-        return tuple(p for p in ("topk_ids", "kl", "seq_logps") if p in want)
-    if name == "idk":
-        return ("seq_logps",) if "seq_logps" in want else ()
-    return ()
+# Which parts each batch needs is declared by the method (palu_ds.methods.Method.reference / needed_parts).
 
 
 def reference_tensors(logits: torch.Tensor, batch: dict, parts: tuple[str, ...], K: int, k: int) -> dict:
@@ -159,7 +146,7 @@ def dataset_fingerprint(ds) -> str:
 def cache_key(cfg, method, hp, datasets, tokenizer) -> dict:
     from palu_ds.data.prompt import prompt_format_id
 
-    want = needed_parts(method, hp)
+    want = method.needed_parts(hp)
     ref_path = cfg.reference.model or cfg.model.path
     key = {
         "model": model_fingerprint(ref_path), "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -181,10 +168,10 @@ def _diff(stored: dict, wanted: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------- the precompute pass
-def _cache_names(want, datasets) -> list[str]:
-    names = [n for n in datasets if parts_for(want, n)]
-    if "retain_loss" in want and "retain" in datasets:
-        names.append("retain")
+def _cache_names(method, want, datasets) -> list[str]:
+    names = [n for n in datasets if method.reference_parts_for(n)]
+    if "retain_loss" in want and method.constraint in datasets:
+        names.append(method.constraint)
     return sorted(set(names))
 
 
@@ -213,10 +200,10 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     V = _vocab_size(model)
     K, k = topk_sizes(hp, V, cfg.method.params, cfg.reference.model or cfg.model.path)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    want = needed_parts(method, hp)
+    want = method.needed_parts(hp)
     retain_sums = torch.zeros(2, dtype=torch.float64)
-    for name in _cache_names(want, datasets):
-        ds, parts = datasets[name], parts_for(want, name)
+    for name in _cache_names(method, want, datasets):
+        ds, parts = datasets[name], method.reference_parts_for(name)
         store: dict[str, list] = {p: [] for p in ("topk_ids", "kl_ids", "kl_logps")}
         ids, seq, sens_n, common_n = [], [], [], []
         for batch, real in rank_batches(ds, cfg.train.batch_size, tokenizer.pad_token_id, device):
@@ -224,7 +211,7 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             if not real:
                 continue
-            if name == "retain" and "retain_loss" in want:
+            if name == method.constraint and "retain_loss" in want:
                 retain_sums += answer_nll_sums(logits, batch).cpu()
             if not parts:
                 continue
@@ -395,14 +382,14 @@ class ResidentReference:
     """The reference kept live (for comparison): computes the same packed tensors per batch on the fly."""
 
     def __init__(self, model, method, hp, datasets, tokenizer, batch_size: int, given: dict | None = None):
-        self.model, self.want = model, needed_parts(method, hp)
+        self.model, self.method = model, method
         V = _vocab_size(model)
         self.K, self.k = topk_sizes(hp, V, given)
         self._retain = None
         self.datasets, self.tokenizer, self.batch_size = datasets, tokenizer, batch_size
 
     def lookup(self, name: str, batch: dict) -> dict:
-        parts = parts_for(self.want, name)
+        parts = self.method.reference_parts_for(name)
         if not parts:
             return {}
         with torch.no_grad():
@@ -414,7 +401,7 @@ class ResidentReference:
         if self._retain is None:
             sums = torch.zeros(2, dtype=torch.float64)
             device = next(self.model.parameters()).device
-            for batch, real in rank_batches(self.datasets["retain"], self.batch_size, self.tokenizer.pad_token_id,
+            for batch, real in rank_batches(self.datasets[self.method.constraint], self.batch_size, self.tokenizer.pad_token_id,
                                             device):
                 with torch.no_grad():
                     logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -427,12 +414,12 @@ class ResidentReference:
 
 def build_reference(cfg, method, hp, datasets, tokenizer, ds_config):
     """The reference provider the training loop asks for each batch's tensors."""
-    if not needed_parts(method, hp) or cfg.reference.mode == "none":
+    if not method.needed_parts(hp) or cfg.reference.mode == "none":
         return NoReference()
     if cfg.reference.mode == "resident":
         model = load_reference_model(cfg, ds_config)
         return ResidentReference(model, method, hp, datasets, tokenizer, cfg.train.batch_size, cfg.method.params)
-    cache_dir = cfg.reference.cache_dir or os.path.join(cfg.train.output_dir, "reference_cache")
+    cache_dir = cfg.reference.cache_dir  # resolved (palu_ds.config.resolve): <output_dir>/reference_cache by default
     manifest = precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir)
     import gc
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAULTY = "tests/faulty_train.py"  # launch/train.py with a fault injected through palu_ds.engine.Hooks: FAULT first
 
 
 def free_port() -> int:

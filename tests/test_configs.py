@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from palu_ds.config import ConfigError, load_config
+from palu_ds.config import ConfigError, load_config, resolve
 from palu_ds.ds_config import load_ds_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,7 +57,8 @@ def test_bad_combinations_are_rejected_at_parse_time(overrides, message):
 
 def test_method_N_sets_the_data_n_init():
     cfg = load_config(None, BASE + ["data.retain.source=r", "method.params.N=1"])
-    assert cfg.data.n_init == 1
+    assert resolve(cfg).cfg.data.n_init == 1
+    assert cfg.data.n_init == 3  # resolve works on a copy: the parsed config is not changed
 
 
 def test_exponent_without_dot_is_a_number():
