@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import yaml
 
 from palu_ds.data.prompt import PromptFormat
+from palu_ds.schedule import SCHEDULERS
 
 
 class ConfigError(ValueError):
@@ -74,7 +75,7 @@ class TrainConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    scheduler: str = "constant"  # constant | linear | cosine
+    scheduler: str = "constant"  # constant | linear | cosine (palu_ds.schedule)
     batch_size: int = 4  # per rank, per micro-batch
     grad_accum: int = 1
     epochs: float = 1.0
@@ -214,8 +215,8 @@ def validate_config(cfg: RunConfig) -> None:
             raise ConfigError(f"data.{name}.kind must be qa or text, got {src.kind!r}")
     if cfg.reference.mode not in ("precomputed", "resident", "none"):
         raise ConfigError(f"reference.mode must be precomputed, resident or none, got {cfg.reference.mode!r}")
-    if cfg.train.scheduler not in ("constant", "linear", "cosine"):
-        raise ConfigError(f"train.scheduler must be constant, linear or cosine, got {cfg.train.scheduler!r}")
+    if cfg.train.scheduler not in SCHEDULERS:
+        raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.train.scheduler!r}")
     _check_ranges(cfg)
     if cfg.eval.suite not in ("tofu", "muse"):
         raise ConfigError(f"eval.suite must be tofu or muse, got {cfg.eval.suite!r}")

@@ -256,7 +256,7 @@ def test_micro_batch_mode_reproduces_open_unlearning_lambda_trajectory():
     100 - 5 * (0.2 + 0.6 + 1.0 + 0.4) = 89 after the first post-warm-up optimizer step (4 dual steps; the default
     per-step mode would move 5 * 0.55 = 2.75), and 0 once the projection binds."""
     gas, spe = 4, 3
-    hp = {**get_method("pd_flat").defaults, "dual_update": "micro_batch", "dual_warmup_epochs": 5}
+    hp = get_method("pd_flat").hparams({"dual_update": "micro_batch", "dual_warmup_epochs": 5})
     assert (hp["lambda0"], hp["eta_lambda"], hp["epsilon"]) == (100.0, 5.0, 0.3)  # open-unlearning's TOFU run
     dual = DualVariable.from_hparams(hp)
     ours = []
