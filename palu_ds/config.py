@@ -1,6 +1,11 @@
 """Typed run configuration: YAML + dotted CLI overrides (``train.lr=1e-5``), validated at parse time.
 
 Unknown keys and incompatible settings raise :class:`ConfigError` naming the key, before any model is loaded.
+:func:`load_config` parses and validates (the parsed config is never changed); :func:`resolve` is the one resolution
+of a run -- the method and its hyper-parameters (paper defaults updated with ``method.params``, merged once, in
+``Method.hparams``), ``data.n_init`` from PALU's ``N``, the reference model, cache and TensorBoard folders, the
+tokenizer -- and every entry point (launch/train.py, launch/finetune.py, launch/precompute.py) trains or
+precomputes from its :class:`Run`.
 """
 
 from __future__ import annotations
