@@ -51,7 +51,7 @@ class DataConfig:
     answer_key: str = "answer"
     spans_key: str = "target_words"
     max_length: int = 256
-    n_init: int | None = 3  # I_init = the first n_init tokens of each sensitive span; null: the whole span (QA and text)
+    n_init: int | None = 3  # I_init = the first n_init tokens of each sensitive span; null: whole spans (QA, text)
     span_source: str = "auto"
     span_model: str | None = None
     # how QA becomes tokens for training, precompute and in-training evaluation (palu_ds.data.prompt): the

@@ -290,11 +290,12 @@ class Trainer:
         t0 = time.perf_counter()
         window = [self._next_micro() for _ in range(self.gas)]
         norms = self._global_counts(window)
-        stats = StepStats(preempted=self.preempt_local, lam=self._lam())
+        stats = StepStats(lam=self._lam())
         for k, micro in enumerate(window):
             self._micro_step(micro, norms, stats)
             if k < self.gas - 1:
                 self.engine.step()  # DeepSpeed accumulates: no update before the window's last micro-batch
+        stats.preempted = self.preempt_local  # a signal that came during the window stops after this step
         step = stats.reduce(self.device)
         self.preempted = step.preempted  # every rank saw the flag: they stop together
         lr = self._optimizer_step(step.bad)
@@ -564,6 +565,9 @@ class Trainer:
                 "step_tokens": [n for _, n in self.step_times]}
         if self.rank == 0:
             write_summary(os.path.join(self.out_dir, "summary.json"), data)
+            log.info("done: %d steps, final %s; model: %s; tensorboard: %s", self.step,
+                     " ".join(f"{k}={v:.4g}" for k, v in self.last_scalars.items() if k.startswith(("loss/", "dual/"))),
+                     data["model"], self.cfg.log.tensorboard_dir)
         return data
 
     def cleanup(self) -> None:

@@ -41,12 +41,7 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
     trainer = Trainer(run, args.deepspeed, hooks)
     trainer.setup()
     trainer.train()
-    out = trainer.save_model()
+    trainer.save_model()
     trainer.cleanup()
-    summary = trainer.summary()
-    if trainer.rank == 0:
-        logging.getLogger("palu_ds").info(
-            "done: %d steps, final %s; model: %s; tensorboard: %s", summary["steps"],
-            " ".join(f"{k}={v:.4g}" for k, v in summary["last"].items() if k.startswith(("loss/", "dual/"))), out,
-            run.cfg.log.tensorboard_dir)
+    trainer.summary()
     return 0

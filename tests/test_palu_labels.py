@@ -75,7 +75,7 @@ def test_dataset_dict_folder_split_and_folder_with_config(tmp_path):
 
 def test_span_source_reported_at_start_up(tokenizer, caplog):
     """PALU on detected spans warns and says how many; on labels it is an info line; a method that reads no spans
-    reports nothing. The dict goes into summary.json (palu_ds/run.py)."""
+    reports nothing. The dict goes into summary.json (palu_ds.engine.Trainer.summary)."""
     from palu_ds.data.build import report_spans
     from palu_ds.methods import METHODS
 
