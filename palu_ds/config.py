@@ -214,7 +214,7 @@ def validate_config(cfg: RunConfig) -> None:
                           "`palu-ds import-model FILE.gguf OUT_DIR` and set model.path=OUT_DIR")
     if not cfg.data.forget.source:
         raise ConfigError("data.forget.source is empty: give the forget (or fine-tuning) data")
-    for name in ("forget", "retain", "idk"):
+    for name in data_sources():
         src = getattr(cfg.data, name)
         if src is not None and src.kind not in ("qa", "text"):
             raise ConfigError(f"data.{name}.kind must be qa or text, got {src.kind!r}")
@@ -255,15 +255,18 @@ def _check_method(cfg: RunConfig, run: "Run") -> None:
     for name in method.batches:  # each batch reads data.<name> (a paired one its answers)
         if getattr(cfg.data, name) is None:
             raise ConfigError(f"method {method.name} needs {method.needs.get(name, name)}: set data.{name}.source")
-    for name in optional_sources():
+    for name in data_sources(optional=True):
         if getattr(cfg.data, name) is not None and name not in method.batches:
             raise ConfigError(f"data.{name} is set but method {method.name} uses no {name} set: remove it")
 
 
-def optional_sources() -> tuple[str, ...]:
-    """The data sources only some methods read (``DataConfig`` fields that default to null): retain, idk."""
+def data_sources(optional: bool = False) -> tuple[str, ...]:
+    """The ``DataConfig`` fields that are data sources (forget, retain, idk: one per batch a method may declare);
+    ``optional``: only those that default to null, which only some methods read (retain, idk)."""
+    hints = typing.get_type_hints(DataConfig)
     return tuple(f.name for f in dataclasses.fields(DataConfig)
-                 if f.default is None and DataSource in typing.get_args(typing.get_type_hints(DataConfig)[f.name]))
+                 if DataSource in (hints[f.name], *typing.get_args(hints[f.name]))
+                 and (f.default is None or not optional))
 
 
 @dataclass(frozen=True)

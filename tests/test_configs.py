@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from palu_ds.config import ConfigError, load_config, resolve
+from palu_ds.config import ConfigError, data_sources, load_config, resolve
 from palu_ds.ds_config import load_ds_config
 from palu_ds.methods import METHODS
 
@@ -102,6 +102,6 @@ def test_every_method_validates_with_the_data_its_batches_need(name):
     for b in m.batches[1:]:
         with pytest.raises(ConfigError, match=rf"needs {m.needs[b]}: set data.{b}.source"):
             load_config(None, BASE + sources + mode + [f"data.{b}=null"])
-    for extra in (b for b in ("retain", "idk") if b not in m.batches):
+    for extra in (b for b in data_sources(optional=True) if b not in m.batches):
         with pytest.raises(ConfigError, match=rf"data.{extra} is set but method {name} uses no {extra} set"):
             load_config(None, BASE + sources + mode + [f"data.{extra}.source=x"])
