@@ -159,6 +159,7 @@ class Trainer:
         self.last_scalars: dict = {}  # of the last step (restored on resume: a run resumed at its end reports it)
         self.step_times: list[tuple[float, float]] = []  # (seconds, global non-pad tokens) per optimizer step
         self.peak_memory: list[int] = []  # per rank, of the training steps (gathered at the end of train())
+        self.model_dir: str | None = None  # where save_model() wrote the final model
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -559,7 +560,7 @@ class Trainer:
         rank: steps, first/last scalars, the saved model, skipped steps, world size, peak memory per rank, the span
         report, and the seconds and tokens of each step."""
         data = {"steps": self.step, "first": self.first_scalars, "last": self.last_scalars,
-                "model": getattr(self, "model_dir", None), "skipped_steps": self.skipped, "world_size": self.world,
+                "model": self.model_dir, "skipped_steps": self.skipped, "world_size": self.world,
                 "peak_memory_bytes_per_rank": self.peak_memory, "spans": self.span_info,
                 "step_seconds": [round(t, 5) for t, _ in self.step_times],
                 "step_tokens": [n for _, n in self.step_times]}
