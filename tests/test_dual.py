@@ -203,6 +203,7 @@ def _expected(mode: str) -> list[float]:
     return out
 
 
+@pytest.mark.distributed  # the test tier (registered with the tiers of issue 15, part B)
 @pytest.mark.parametrize("mode", ["step", "micro_batch"])
 def test_engine_lambda_identical_across_two_gloo_ranks(tmp_path, mode):
     mp.spawn(_engine_worker, args=(2, str(tmp_path / "init"), str(tmp_path), mode), nprocs=2, join=True)
