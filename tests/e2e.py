@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAULTY = "tests/faulty_train.py"  # launch/train.py with a fault injected through palu_ds.engine.Hooks: FAULT first
 
 
 def free_port() -> int:
@@ -73,3 +72,7 @@ def state(model_dir: str) -> dict:
     from safetensors.torch import load_file
 
     return load_file(os.path.join(model_dir, "model.safetensors"))
+
+
+# launch/train.py with a fault injected through palu_ds.engine.Hooks (tests only): launch(FAULTY, [FAULT, *args])
+FAULTY = "tests/faulty_train.py"
