@@ -67,20 +67,19 @@ def precompute_throughput(data: str, model_dir: str, out: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from palu_ds.config import load_config
+    from palu_ds.config import load_config, resolve
     from palu_ds.data.build import build_datasets
     from palu_ds.data.collate import collate
-    from palu_ds.methods import get_method
     from palu_ds.reference import precompute
 
     cfg = load_config("launch/configs/demo.yaml", [f"model.path={model_dir}", f"data.forget.source={data}",
                                                    f"data.retain.source={data}", "method.params.K=5000",
                                                    "method.params.kl_topk=256", "train.batch_size=8"])
-    m = get_method("palu")
-    hp = {**m.defaults, **cfg.method.params}
+    run = resolve(cfg)
+    cfg, m, hp = run.cfg, run.method, run.hp
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ds = build_datasets(cfg.data, tok, m.batches)
+    ds = build_datasets(cfg.data, tok, m)
     forget = ds["forget"]
     tokens = sum(len(e["input_ids"]) for e in forget)
     t = time.perf_counter()

@@ -8,7 +8,7 @@ import sys
 
 def main() -> int:
     from palu_ds.cli_args import parser
-    from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_config
+    from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_config, resolve
     from palu_ds.run import setup_logging
 
     setup_logging()
@@ -31,23 +31,23 @@ def main() -> int:
     from palu_ds import dist
     from palu_ds.data.build import build_datasets
     from palu_ds.ds_config import load_ds_config
-    from palu_ds.methods import get_method
-    from palu_ds.reference import needed_parts, precompute
+    from palu_ds.reference import precompute
 
-    method = get_method(cfg.method.name)
-    if not needed_parts(method, {**method.defaults, **cfg.method.params}):
+    run = resolve(cfg)
+    cfg, method = run.cfg, run.method
+    if not run.reference_parts:
         print(f"method {method.name} is reference-free: nothing to precompute", file=sys.stderr)
         return 0
     dist.init(cfg.train.timeout)
     on_cpu = deepspeed.get_accelerator().device_name() == "cpu"
     ds = load_ds_config(args.deepspeed, cfg.train, dist.world(), on_cpu)
-    tok = AutoTokenizer.from_pretrained(cfg.reference.model or cfg.model.path)
+    tok = AutoTokenizer.from_pretrained(run.tokenizer_path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    datasets = build_datasets(cfg.data, tok, method.batches, cfg.train.seed)
-    cache_dir = cfg.reference.cache_dir or os.path.join(cfg.train.output_dir, "reference_cache")
+    datasets = build_datasets(cfg.data, tok, method, cfg.train.seed)
+    cache_dir = cfg.reference.cache_dir
     t = time.time()
-    manifest = precompute(cfg, method, {**method.defaults, **cfg.method.params}, datasets, tok, ds, cache_dir)
+    manifest = precompute(cfg, method, run.hp, datasets, tok, ds, cache_dir)
     if dist.is_main():
         print(json.dumps({"cache_dir": cache_dir, "seconds": round(time.time() - t, 2),
                           "shards": manifest["shards"], "retain_loss": manifest.get("retain_loss")}, indent=1))

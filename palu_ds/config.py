@@ -1,6 +1,11 @@
 """Typed run configuration: YAML + dotted CLI overrides (``train.lr=1e-5``), validated at parse time.
 
 Unknown keys and incompatible settings raise :class:`ConfigError` naming the key, before any model is loaded.
+:func:`load_config` parses and validates (the parsed config is never changed); :func:`resolve` is the one resolution
+of a run -- the method and its hyper-parameters (paper defaults updated with ``method.params``, merged once, in
+``Method.hparams``), ``data.n_init`` from PALU's ``N``, the reference model, cache and TensorBoard folders, the
+tokenizer -- and every entry point (launch/train.py, launch/finetune.py, launch/precompute.py) trains or
+precomputes from its :class:`Run`.
 """
 
 from __future__ import annotations
@@ -9,11 +14,12 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
 from palu_ds.data.prompt import PromptFormat
+from palu_ds.schedule import SCHEDULERS
 
 
 class ConfigError(ValueError):
@@ -45,7 +51,7 @@ class DataConfig:
     answer_key: str = "answer"
     spans_key: str = "target_words"
     max_length: int = 256
-    n_init: int | None = 3
+    n_init: int | None = 3  # I_init = the first n_init tokens of each sensitive span; null: whole spans (QA, text)
     span_source: str = "auto"  # the forget set's: auto | labels | detector | model | none (retain/idk: none)
     span_model: str | None = None
     # how QA becomes tokens for training, precompute and in-training evaluation (palu_ds.data.prompt): the
@@ -74,7 +80,7 @@ class TrainConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    scheduler: str = "constant"  # constant | linear | cosine
+    scheduler: str = "constant"  # constant | linear | cosine (palu_ds.schedule)
     batch_size: int = 4  # per rank, per micro-batch
     grad_accum: int = 1
     epochs: float = 1.0
@@ -209,8 +215,8 @@ def load_config(path: str | None, overrides: list[str] = (), validate: bool = Tr
     return cfg
 
 
-def validate_config(cfg: RunConfig, method=None) -> None:
-    """Incompatible combinations are errors here, before any model is loaded."""
+def validate_config(cfg: RunConfig) -> None:
+    """Incompatible combinations are errors here, before any model is loaded. ``cfg`` is not changed."""
     if not cfg.model.path:
         raise ConfigError("model.path is empty: give a local model dir or a hub name")
     if cfg.model.path.endswith(".gguf"):
@@ -218,14 +224,14 @@ def validate_config(cfg: RunConfig, method=None) -> None:
                           "`palu-ds import-model FILE.gguf OUT_DIR` and set model.path=OUT_DIR")
     if not cfg.data.forget.source:
         raise ConfigError("data.forget.source is empty: give the forget (or fine-tuning) data")
-    for name in ("forget", "retain", "idk"):
+    for name in data_sources():
         src = getattr(cfg.data, name)
         if src is not None and src.kind not in ("qa", "text"):
             raise ConfigError(f"data.{name}.kind must be qa or text, got {src.kind!r}")
     if cfg.reference.mode not in ("precomputed", "resident", "none"):
         raise ConfigError(f"reference.mode must be precomputed, resident or none, got {cfg.reference.mode!r}")
-    if cfg.train.scheduler not in ("constant", "linear", "cosine"):
-        raise ConfigError(f"train.scheduler must be constant, linear or cosine, got {cfg.train.scheduler!r}")
+    if cfg.train.scheduler not in SCHEDULERS:
+        raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.train.scheduler!r}")
     _check_ranges(cfg)
     if cfg.eval.suite not in ("tofu", "muse"):
         raise ConfigError(f"eval.suite must be tofu or muse, got {cfg.eval.suite!r}")
@@ -234,32 +240,21 @@ def validate_config(cfg: RunConfig, method=None) -> None:
     if cfg.train.head_path == "chunked" and not cfg.train.answer_only_logits:
         raise ConfigError("train.head_path=chunked computes the head from the answer positions' hidden states: "
                           "it needs train.answer_only_logits: true (or set train.head_path: dense)")
-    if method is None:
-        from palu_ds.methods import get_method
+    _check_method(cfg, resolve(cfg))
 
-        try:
-            method = get_method(cfg.method.name)
-        except (KeyError, ValueError) as e:
-            raise ConfigError(f"method.name: {e}") from None
-    unknown = sorted(set(cfg.method.params) - set(method.defaults))
-    if unknown:
-        raise ConfigError(f"method.params: unknown for {method.name}: {unknown}; valid: {sorted(method.defaults)}")
+
+def _check_method(cfg: RunConfig, run: "Run") -> None:
+    """The method's hyper-parameters, reference and data sources against the (unresolved) ``cfg``."""
     from palu_ds.methods import PARAM_RANGES
 
-    if cfg.method.params.get("N") == "all":
-        cfg.method.params["N"] = None
-    for k, v in cfg.method.params.items():
+    method, hp = run.method, run.hp
+    for k in cfg.method.params:
         if k in PARAM_RANGES:
-            _check(f"method.params.{k}", v, *PARAM_RANGES[k])
-    hp = {**method.defaults, **cfg.method.params}
-    if "N" in cfg.method.params:  # PALU's N is the data's I_init length
-        cfg.data.n_init = cfg.method.params["N"]
+            _check(f"method.params.{k}", hp[k], *PARAM_RANGES[k])
     if method.uses_dual and (hp.get("epsilon") is None) == (hp.get("epsilon_rel") is None):
         raise ConfigError(f"method.params: {method.name} needs exactly one of epsilon (absolute) and epsilon_rel "
                           "(eps = (1 + a) * L_retain(reference)); set the other to null")
-    from palu_ds.reference import needed_parts
-
-    parts = needed_parts(method, hp)
+    parts = run.reference_parts
     if not parts and cfg.reference.mode != "none" and (cfg.reference.cache_dir or cfg.reference.model):
         which = "cache_dir" if cfg.reference.cache_dir else "model"
         raise ConfigError(f"method {method.name} is reference-free but reference.{which} is set: "
@@ -267,12 +262,73 @@ def validate_config(cfg: RunConfig, method=None) -> None:
     if parts and cfg.reference.mode == "none":
         raise ConfigError(f"method {method.name} needs the reference ({sorted(parts)}): "
                           "set reference.mode to precomputed or resident")
-    if "retain" in method.batches and cfg.data.retain is None:
-        raise ConfigError(f"method {method.name} needs a retain set: set data.retain.source")
-    if "idk" in method.batches and cfg.data.idk is None:
-        raise ConfigError(f"method {method.name} needs refusal strings: set data.idk.source")
-    if cfg.data.retain is not None and "retain" not in method.batches:
-        raise ConfigError(f"data.retain is set but method {method.name} uses no retain set: remove it")
+    for name in method.batches:  # each batch reads data.<name> (a paired one its answers)
+        if getattr(cfg.data, name) is None:
+            raise ConfigError(f"method {method.name} needs {method.needs.get(name, name)}: set data.{name}.source")
+    for name in data_sources(optional=True):
+        if getattr(cfg.data, name) is not None and name not in method.batches:
+            raise ConfigError(f"data.{name} is set but method {method.name} uses no {name} set: remove it")
+
+
+def data_sources(optional: bool = False) -> tuple[str, ...]:
+    """The ``DataConfig`` fields that are data sources (forget, retain, idk: one per batch a method may declare);
+    ``optional``: only those that default to null, which only some methods read (retain, idk)."""
+    hints = typing.get_type_hints(DataConfig)
+    return tuple(f.name for f in dataclasses.fields(DataConfig)
+                 if DataSource in (hints[f.name], *typing.get_args(hints[f.name]))
+                 and (f.default is None or not optional))
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run after :func:`resolve`: the one place its derived settings are decided, read by every entry point.
+
+    ``cfg`` is a resolved copy: ``data.n_init`` is the method's ``N`` when the config sets it (PALU's I_init
+    length), ``reference.model`` defaults to ``model.path``, ``reference.cache_dir`` to
+    ``<output_dir>/reference_cache``, ``log.tensorboard_dir`` to ``<output_dir>/tensorboard``; ``hp`` is the
+    method's paper defaults updated with ``method.params`` (read-only)."""
+
+    cfg: RunConfig
+    method: Any  # palu_ds.methods.Method
+    hp: Mapping[str, Any]
+
+    @property
+    def reference_parts(self) -> frozenset[str]:
+        """What the reference provides for this run (empty: the run needs no reference)."""
+        return self.method.needed_parts(self.hp)
+
+    @property
+    def tokenizer_path(self) -> str:
+        """The one tokenizer of a run: the data are tokenized once, for training and the reference alike."""
+        return self.cfg.model.path
+
+
+def resolve(cfg: RunConfig) -> Run:
+    """The one resolution of a run's settings (hyper-parameters, n_init, reference model, cache and TensorBoard
+    folders, tokenizer) from a parsed config; ``cfg`` itself is not changed. Errors name the key."""
+    import copy
+    from types import MappingProxyType
+
+    from palu_ds.methods import get_method
+
+    try:
+        method = get_method(cfg.method.name)
+    except ValueError as e:
+        raise ConfigError(f"method.name: {e}") from None
+    cfg = copy.deepcopy(cfg)
+    params = cfg.method.params
+    if params.get("N") == "all":
+        params["N"] = None
+    unknown = sorted(set(params) - set(method.defaults))
+    if unknown:
+        raise ConfigError(f"method.params: unknown for {method.name}: {unknown}; valid: {sorted(method.defaults)}")
+    if "N" in params:  # PALU's N is the data's I_init length
+        cfg.data.n_init = params["N"]
+    out = cfg.train.output_dir
+    cfg.reference.model = cfg.reference.model or cfg.model.path
+    cfg.reference.cache_dir = cfg.reference.cache_dir or os.path.join(out, "reference_cache")
+    cfg.log.tensorboard_dir = cfg.log.tensorboard_dir or os.path.join(out, "tensorboard")
+    return Run(cfg, method, MappingProxyType(method.hparams(params)))
 
 
 # (key, kind, low, high, low excluded, null allowed) of every numeric setting; checked by validate_config
@@ -337,7 +393,7 @@ def check_model_vocabulary(cfg: RunConfig) -> None:
     given = {k: v for k, v in cfg.method.params.items() if k in ("K", "kl_topk") and v is not None}
     if not given:
         return
-    path = cfg.reference.model or cfg.model.path
+    path = resolve(cfg).cfg.reference.model
     try:
         from transformers import AutoConfig
 

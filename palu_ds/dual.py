@@ -9,8 +9,8 @@ lambda (unlike open-unlearning's ``pdu.py``, which updates per micro-batch from 
 eps is absolute, or ``(1 + a) * L_retain(reference)`` measured before training (:meth:`DualVariable.calibrate`).
 Controller in the style of OpenRLHF's ``kl_controller.py``.
 
-Two ways to feed it: :meth:`update` with a value the caller already reduced over window and ranks (the engine's
-way), or :meth:`accumulate` per micro-batch + :meth:`step` per optimizer step (this object all-reduces).
+It never communicates: the engine feeds :meth:`after_step` the constraint term it already all-reduced with the rest
+of the step (palu_ds.engine.StepStats), so every rank computes the same value from the same number.
 
 open-unlearning's trajectory (``dual_update="micro_batch"``, ``method.params.dual_update=micro_batch``): its
 ``PDU.final_loss_value`` runs once per micro-batch -- the micro-batch's loss uses the current lambda, THEN
@@ -26,10 +26,6 @@ and the optimizer steps completed before the current one; with ``dual_update="st
 from __future__ import annotations
 
 from typing import Any, Mapping
-
-import torch
-import torch.distributed as dist
-
 
 UPDATE_ON = ("step", "micro_batch")
 
@@ -95,28 +91,6 @@ class DualVariable:
         if self.update_on != "step":
             return self.value
         return self.update(retain_loss, epoch=steps_done / max(1, steps_per_epoch))
-
-    def accumulate(self, retain_loss, weight: float = 1.0) -> None:
-        """Record one micro-batch's (rank-local) retain loss; :meth:`step` uses ``sum(w L) / sum(w)`` over the window
-        and all ranks (weight 1: plain mean; a token count: exact token weighting)."""
-        self._sum += float(retain_loss) * float(weight)
-        self._weight += float(weight)
-
-    def step(self, epoch: float | None = None) -> float:
-        """Once per optimizer step on every rank (it all-reduces): reduce the window, :meth:`update`; returns the
-        reduced retain loss."""
-        if self.epsilon is None:
-            raise RuntimeError("epsilon_rel is set but calibrate() was not called before the first step")
-        t = torch.tensor([self._sum, self._weight], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(t)
-        if float(t[1]) == 0:
-            raise RuntimeError("DualVariable.step() with no accumulate() in the window")
-        self._sum = self._weight = 0.0
-        retain = float(t[0] / t[1])
-        self.update(retain, epoch=epoch)
-        return retain
 
     def state_dict(self) -> dict:
         return {"value": self.value, "epsilon": self.epsilon, "steps": self.steps}

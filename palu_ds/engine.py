@@ -1,14 +1,16 @@
 """The training loop: setup, train, checkpoint, resume, log -- for any method of the registry.
 
-One optimizer step = ``grad_accum`` micro-batches per rank. Each micro-batch holds the batches the method names
-("forget", and "retain" / "idk" when it needs them); they go through the model in ONE forward (concatenated), the
-method turns logits (+ reference tensors) into named loss terms, and the objective is back-propagated.
+One optimizer step = ``grad_accum`` micro-batches per rank. Each micro-batch holds the batches the method declares
+(``Method.batches``: the sampled ones, plus any ``paired`` batch built from its partner's prompts); they go through
+the model in ONE forward (concatenated), the method turns logits (+ reference tensors) into named loss terms, and its
+objective is back-propagated. The engine knows no method by name: it asks the :class:`palu_ds.methods.Method`.
 
 Normalisation is global: before a step the token/sequence counts of the whole window on every rank are all-reduced
 (one collective), each term is ``local_sum / global_count``, and the loss handed to DeepSpeed is multiplied by
 ``world × grad_accum`` to undo its gradient averaging -- so the update equals the one of a single process holding the
 whole global batch, for any world size and accumulation. After backward, the term values, token count and a
-non-finite flag are all-reduced once; rank-identical λ is updated from them (palu_ds.dual).
+non-finite flag are all-reduced once (:class:`StepStats`); rank-identical λ is updated from the all-reduced
+constraint term (palu_ds.dual). A step reads top to bottom in :meth:`Trainer.train_step`.
 """
 
 from __future__ import annotations
@@ -19,28 +21,24 @@ import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from palu_ds import checkpoint, dist, lm_head
-from palu_ds.atomic import atomic_path
+from palu_ds.atomic import atomic_path, write_json
 from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
-from palu_ds.config import RunConfig
+from palu_ds.config import Run
 from palu_ds.data.build import build_datasets, report_spans
 from palu_ds.data.collate import collate
 from palu_ds.ds_config import load_ds_config, zero_stage
 from palu_ds.monitor import Monitor, peak_memory_bytes, reset_peak_memory
 from palu_ds.sampling import BatchStream
+from palu_ds.schedule import lr_at
 
 log = logging.getLogger("palu_ds")
 
 COUNT_KEYS = ("answer", "sens", "common", "seqs")
-# Fault injection for the tests (never set in normal runs): "crash_after=K" ends every rank right after optimizer
-# step K (after any checkpoint of that step); "nan_from=K" makes the loss NaN from step K on; "stop_rank=R" SIGSTOPs
-# rank R before optimizer step ``stop_at`` + 1 (default 3), a peer that hangs without dying; "crash_in_save_model=1"
-# ends every rank when the final model is about to be written (after the final checkpoint).
-FAULT = dict(kv.split("=") for kv in os.environ.get("PALU_DS_FAULT", "").split(",") if "=" in kv)
 
 
 def batch_counts(batch: dict) -> torch.Tensor:
@@ -86,6 +84,13 @@ def skipped_update(engine):
             del inner.step
 
 
+def zero_loss(logits: dict) -> torch.Tensor:
+    """A finite 0 attached to every logits tensor of the micro-batch: what a non-finite micro-batch back-propagates,
+    so that every rank still runs the same backward (and collectives) but no gradient moves."""
+    return lm_head.within_head(logits, lambda lg: sum(
+        v.zero_loss() if isinstance(v, PackedLogits) else torch.nan_to_num(v).sum() * 0.0 for v in lg.values()))
+
+
 class Preempted(SystemExit):
     """Raised after the preemption checkpoint; exit status 143 tells a requeue wrapper to resubmit."""
 
@@ -94,29 +99,77 @@ class Preempted(SystemExit):
         super().__init__(143)
 
 
-class Trainer:
-    """``setup()`` / ``train()`` / ``save_model()`` / ``cleanup()``, in the spirit of torchtune's recipes."""
+class Hooks:
+    """The points of the loop where a test steps in (fault injection: tests/faulty_train.py); the library installs
+    none, and a run without hooks runs these no-ops. Each receives the :class:`Trainer`."""
 
-    def __init__(self, cfg: RunConfig, ds_config_path: str, method, evaluator=None):
-        self.cfg, self.ds_config_path, self.method = cfg, ds_config_path, method
+    def before_step(self, trainer) -> None:
+        """Before the window of optimizer step ``trainer.step + 1`` is drawn."""
+
+    def loss(self, trainer, loss: torch.Tensor) -> torch.Tensor:
+        """Each micro-batch's scaled loss, before the non-finite check and backward; returns the loss to use."""
+        return loss
+
+    def after_step(self, trainer) -> None:
+        """After optimizer step ``trainer.step`` and its checkpoint / evaluation, before a preemption stop."""
+
+    def before_save_model(self, trainer) -> None:
+        """When the final model is about to be written (after the final checkpoint)."""
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step's micro-batches leave behind on this rank, then (:meth:`reduce`) over all ranks.
+
+    ``terms``: each loss term summed over the window (each already ``local_sum / global_count``, so the sum over
+    ranks is the global term); ``tokens``: non-pad tokens of the sampled batches; ``bad``: a micro-batch had a
+    non-finite loss; ``preempted``: a rank got SIGTERM/SIGUSR1; ``lam``: the λ the last micro-batch used."""
+
+    terms: dict[str, float | torch.Tensor] = field(default_factory=dict)
+    tokens: float = 0
+    bad: bool = False
+    preempted: bool = False
+    lam: float = 0.0
+
+    def add(self, terms: dict[str, torch.Tensor], tokens: int) -> None:
+        for name, v in terms.items():
+            self.terms[name] = self.terms.get(name, 0.0) + v.detach().float()
+        self.tokens += tokens
+
+    def reduce(self, device) -> "StepStats":
+        """The step's global values: one all-reduce of the terms (non-finite ones as 0), tokens and both flags."""
+        keys = sorted(self.terms)
+        vec = torch.stack([torch.nan_to_num(torch.as_tensor(self.terms[k]), nan=0.0, posinf=0.0, neginf=0.0)
+                           .to(device).reshape(()) for k in keys]
+                          + [torch.tensor(float(x), device=device) for x in (self.preempted, self.tokens, self.bad)])
+        vec = dist.all_reduce_sum(vec.double()).tolist()
+        return StepStats(dict(zip(keys, vec[:-3])), vec[-2], vec[-1] > 0, vec[-3] > 0, self.lam)
+
+
+class Trainer:
+    """``setup()`` / ``train()`` / ``save_model()`` / ``summary()`` / ``cleanup()``, in the spirit of torchtune's
+    recipes, for a resolved run (palu_ds.config.resolve)."""
+
+    def __init__(self, run: Run, ds_config_path: str, hooks: Hooks | None = None, evaluator=None):
+        self.run, self.cfg, self.method, self.hp = run, run.cfg, run.method, run.hp
+        self.ds_config_path, self.hooks = ds_config_path, hooks or Hooks()
         # evaluator(model, tokenizer, step=, out_dir=) -> summary dict, from the entry point (evaluation's
         # trainer_evaluator for launch/train.py): the library never imports the evaluation package
-        if cfg.eval.every and evaluator is None:
+        if self.cfg.eval.every and evaluator is None:
             raise ValueError("eval.every is set but this entry point gave the trainer no evaluator")
         self.evaluator = evaluator
-        self.hp = {**method.defaults, **cfg.method.params}
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
         self.streak_start: int | None = None  # the first step of the current run of non-finite steps
         self.preempt_local, self.preempted = False, False
         self.first_scalars: dict | None = None
         self.last_scalars: dict = {}  # of the last step (restored on resume: a run resumed at its end reports it)
         self.step_times: list[tuple[float, float]] = []  # (seconds, global non-pad tokens) per optimizer step
+        self.peak_memory: list[int] = []  # per rank, of the training steps (gathered at the end of train())
+        self.model_dir: str | None = None  # where save_model() wrote the final model
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.integrations import HfDeepSpeedConfig
 
         cfg = self.cfg
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM preemption / time limit (sbatch --signal=USR1@300)
@@ -124,27 +177,42 @@ class Trainer:
         dist.init(cfg.train.timeout)
         self.rank, self.world = dist.rank(), dist.world()
         self.device = torch.device(deepspeed.get_accelerator().current_device_name())
-        on_cpu = self.device.type == "cpu"
         torch.manual_seed(cfg.train.seed)
-        self.ds_config = load_ds_config(self.ds_config_path, cfg.train, self.world, on_cpu)
+        self.ds_config = load_ds_config(self.ds_config_path, cfg.train, self.world, self.device.type == "cpu")
         self.gas = self.ds_config["gradient_accumulation_steps"]
         self.out_dir = cfg.train.output_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
-
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.datasets = build_datasets(cfg.data, self.tokenizer, self.method.batches, cfg.train.seed)
-        self.span_info = report_spans(self.datasets, self.method)  # logged; into summary.json
-        pad = self.tokenizer.pad_token_id
-        coll = lambda ex: collate(ex, pad)  # noqa: E731
-        self.streams = {name: BatchStream(ds, cfg.train.batch_size, self.rank, self.world,
-                                          cfg.train.seed + 1000 * k, coll)
-                        for k, (name, ds) in enumerate(self.datasets.items()) if name != "idk"}
-        self.collate = coll
+        self._setup_data()
         # before the policy is loaded: a precompute pass loads the reference, writes the cache and frees it
         self.reference = self._build_reference()
+        self._setup_model()
+        self.dual = self._build_dual()
+        self._resume()
+        self.monitor = Monitor(cfg.log.tensorboard_dir, self.total_steps, self.step, cfg.log.log_every)
 
+    def _setup_data(self) -> None:
+        """Tokenizer, one data set per batch of the method, one sampler per sampled batch."""
+        from transformers import AutoTokenizer
+
+        cfg = self.cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(self.run.tokenizer_path,
+                                                       trust_remote_code=cfg.model.trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.datasets = build_datasets(cfg.data, self.tokenizer, self.method, cfg.train.seed)
+        self.span_info = report_spans(self.datasets, self.method)  # logged; into summary.json
+        pad = self.tokenizer.pad_token_id
+        self.collate = lambda ex: collate(ex, pad)  # noqa: E731
+        self.streams = {name: BatchStream(ds, cfg.train.batch_size, self.rank, self.world,
+                                          cfg.train.seed + 1000 * k, self.collate)
+                        for k, (name, ds) in enumerate(self.datasets.items()) if name in self.method.sampled}
+
+    def _load_model(self):
+        """The policy as transformers builds it (under deepspeed.zero.Init for ZeRO-3), with LoRA if configured."""
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        cfg = self.cfg
         # transformers loads under deepspeed.zero.Init while this object lives (ZeRO-3); no device_map here.
         self._hf_ds = HfDeepSpeedConfig(self.ds_config) if zero_stage(self.ds_config) == 3 else None
         dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
@@ -157,8 +225,14 @@ class Trainer:
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **cfg.model.lora))
+        return model
 
-        self.steps_per_epoch = max(1, self.streams["forget"].batches_per_epoch // self.gas)
+    def _setup_model(self) -> None:
+        """The DeepSpeed engine around the policy, the run's length and the LM-head path."""
+        import deepspeed
+
+        cfg, model = self.cfg, self._load_model()
+        self.steps_per_epoch = max(1, self.streams[self.method.epoch_batch].batches_per_epoch // self.gas)
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
         self.answer_only = cfg.train.answer_only_logits and _accepts_logits_to_keep(model)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -169,21 +243,6 @@ class Trainer:
         if self.answer_only:  # the head path must give the model's own logits: refuse by name where it cannot
             self.head_spec = lm_head.head_spec(model)
             lm_head.verify(self.engine.module, self.head_spec)
-        self.dual = self._build_dual()
-
-        resume = self._resume_path()
-        if resume:
-            state = checkpoint.load(self.engine, resume)
-            self.step, self.skipped = state["step"], state["skipped"]
-            self.consecutive_bad, self.streak_start = state.get("consecutive_bad", 0), state.get("streak_start")
-            self.first_scalars, self.last_scalars = state.get("first_scalars"), state.get("last_scalars") or {}
-            for name, s in state["streams"].items():
-                self.streams[name].load_state_dict(s)
-            if self.dual is not None:
-                self.dual.load_state_dict(state["dual"])
-            log.info("resumed from %s at step %d", resume, self.step)
-        tb = cfg.log.tensorboard_dir or os.path.join(self.out_dir, "tensorboard")
-        self.monitor = Monitor(tb, self.total_steps, self.step, cfg.log.log_every)
 
     def _build_reference(self):
         from palu_ds.reference import build_reference
@@ -191,14 +250,15 @@ class Trainer:
         return build_reference(self.cfg, self.method, self.hp, self.datasets, self.tokenizer, self.ds_config)
 
     def _build_dual(self):
+        """The dual variable of the method's constraint (None without one); a relative eps is calibrated here."""
         if not self.method.uses_dual:
             return None
         from palu_ds.dual import DualVariable
 
         dual = DualVariable.from_hparams(self.hp)
         if dual.needs_calibration:
-            log.info("dual: eps = %.4f from the reference retain loss", dual.calibrate(self.reference.retain_loss()))
-        self.hp["epsilon"] = dual.epsilon  # the objective's constant shift, so loss/total is the Lagrangian
+            log.info("dual: eps = %.4f from the reference's %s loss", dual.calibrate(self.reference.retain_loss()),
+                     self.method.constraint)
         return dual
 
     def _on_signal(self, signum, frame) -> None:
@@ -215,21 +275,114 @@ class Trainer:
             raise FileNotFoundError(f"train.resume={r} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
         return checkpoint.resume_point(self.ckpt_root, explicit=r)
 
-    def _lr_factor(self, step: int) -> float:
-        t = self.cfg.train
-        if t.warmup_steps and step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        frac = (step - t.warmup_steps) / max(1, self.total_steps - t.warmup_steps)
-        return {"constant": 1.0, "linear": max(0.0, 1 - frac),
-                "cosine": 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))}[t.scheduler]
+    def _resume(self) -> None:
+        """Weights, optimizer, samplers, λ and the step counters from the checkpoint to resume (if any)."""
+        resume = self._resume_path()
+        if not resume:
+            return
+        state = checkpoint.load(self.engine, resume)
+        self.step, self.skipped = state["step"], state["skipped"]
+        self.consecutive_bad, self.streak_start = state.get("consecutive_bad", 0), state.get("streak_start")
+        self.first_scalars, self.last_scalars = state.get("first_scalars"), state.get("last_scalars") or {}
+        for name, s in state["streams"].items():
+            self.streams[name].load_state_dict(s)
+        if self.dual is not None:
+            self.dual.load_state_dict(state["dual"])
+        log.info("resumed from %s at step %d", resume, self.step)
 
-    # ------------------------------------------------------------------ one step
+    # ------------------------------------------------------------------ one step, top to bottom
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step: draw the window, count its targets over all ranks, run each micro-batch forward and
+        backward, reduce what they left (one all-reduce), update (or skip a non-finite step), move λ, report."""
+        t0 = time.perf_counter()
+        window = [self._next_micro() for _ in range(self.gas)]
+        norms = self._global_counts(window)
+        stats = StepStats(lam=self._lam())
+        for k, micro in enumerate(window):
+            self._micro_step(micro, norms, stats)
+            if k < self.gas - 1:
+                self.engine.step()  # DeepSpeed accumulates: no update before the window's last micro-batch
+        stats.preempted = self.preempt_local  # a signal that came during the window stops after this step
+        step = stats.reduce(self.device)
+        self.preempted = step.preempted  # every rank saw the flag: they stop together
+        lr = self._optimizer_step(step.bad)
+        self._count_step(step)
+        return self._scalars(step, lr, time.perf_counter() - t0)
+
     def _next_micro(self) -> dict[str, dict]:
+        """One micro-batch: a batch from each sampler, and each paired batch for its partner's very rows."""
         micro = {name: s.next() for name, s in self.streams.items()}
-        if "idk" in self.datasets:  # the refusal answers of the very same forget prompts
-            micro["idk"] = self.collate([self.datasets["idk"][int(i)] for i in micro["forget"]["example_id"]])
+        for name, partner in self.method.paired.items():
+            micro[name] = self.collate([self.datasets[name][int(i)] for i in micro[partner]["example_id"]])
         return micro
 
+    def _global_counts(self, window: list[dict]) -> dict[str, dict[str, torch.Tensor]]:
+        """Per batch, the window's target counts summed over all ranks (:data:`COUNT_KEYS`): the normalisers."""
+        names = list(window[0])
+        counts = torch.stack([torch.stack([batch_counts(m[n]) for n in names]) for m in window]).sum(0)
+        counts = dist.all_reduce_sum(counts).clamp_min(1)
+        return {n: {k: counts[i, j].to(self.device, torch.float32) for j, k in enumerate(COUNT_KEYS)}
+                for i, n in enumerate(names)}
+
+    def _micro_step(self, micro: dict[str, dict], norms: dict, stats: StepStats) -> None:
+        """Forward, the method's terms and objective, backward of one micro-batch (a non-finite loss: a zero)."""
+        from palu_ds.methods import StepInputs
+
+        micro = {n: {key: v.to(self.device) for key, v in b.items()} for n, b in micro.items()}
+        ref = {n: self.reference.lookup(n, b) for n, b in micro.items()}
+        logits = self._forward(micro)
+        terms = lm_head.within_head(logits, lambda lg: self.method.terms(  # chunked: inside one head call
+            StepInputs(logits=lg, batches=micro, ref=ref, normalizers=norms), self.hp))
+        stats.lam = self._lam()  # dual_update=micro_batch moves λ between micro-batches (open-unlearning)
+        loss = self.method.objective(terms, self.hp, stats.lam, self._epsilon()) * (self.world * self.gas)
+        loss = self.hooks.loss(self, loss)
+        if not torch.isfinite(loss):  # local decision; all ranks still run backward, so collectives match
+            stats.bad = True
+            loss = zero_loss(logits)
+        stats.add(terms, sum(int(micro[n]["attention_mask"].sum()) for n in self.method.sampled))
+        self.engine.backward(loss)
+        self._micro_dual_step(terms, micro, norms)
+
+    def _optimizer_step(self, bad: bool) -> float:
+        """The update with this step's scheduled lr; a non-finite step changes nothing the optimizer owns."""
+        lr = 0.0 if bad else lr_at(self.step, self.cfg.train, self.total_steps)
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+        with skipped_update(self.engine) if bad else nullcontext():  # skip: Adam's state does not move either
+            self.engine.step()
+        self.step += 1
+        return lr
+
+    def _count_step(self, step: StepStats) -> None:
+        """Skipped-step bookkeeping; a finite step moves λ from the all-reduced constraint (no second collective)."""
+        if step.bad:
+            self.skipped += 1
+            self.consecutive_bad += 1
+            if self.consecutive_bad == 1:
+                self.streak_start = self.step
+            return
+        self.consecutive_bad, self.streak_start = 0, None
+        if self.dual is not None:
+            self.dual.after_step(step.terms[self.method.constraint], self.step, self.steps_per_epoch)
+
+    def _scalars(self, step: StepStats, lr: float, seconds: float) -> dict[str, float]:
+        """The step's logged values: global terms, the objective, λ and slack, lr, throughput, memory, grad norm."""
+        self.step_times.append((seconds, step.tokens))
+        scalars = {f"loss/{k}": v for k, v in step.terms.items()}
+        scalars["loss/total"] = float(self.method.objective({k: torch.tensor(v) for k, v in step.terms.items()},
+                                                            self.hp, step.lam, self._epsilon())
+                                      ) if not step.bad else float("nan")
+        if self.dual is not None:
+            scalars["dual/lambda"] = self.dual.value
+            scalars["dual/slack"] = step.terms.get(self.method.constraint, float("nan")) - self.dual.epsilon
+        scalars.update({"lr": lr, "throughput/tokens_per_s": step.tokens / seconds,
+                        "memory/peak_bytes": float(peak_memory_bytes()), "skipped_steps": float(self.skipped)})
+        gn = self.engine.get_global_grad_norm()
+        if gn is not None:
+            scalars["grad/norm"] = float(gn)
+        return scalars
+
+    # ------------------------------------------------------------------ the forward of one micro-batch
     def _forward(self, micro: dict[str, dict]) -> dict:
         """All batches of a micro-batch in one forward (one ZeRO-3 gather of the weights instead of several).
 
@@ -244,150 +397,95 @@ class Trainer:
 
         ids = torch.cat([widen(micro[n]["input_ids"], pad) for n in names]).to(self.device)
         mask = torch.cat([widen(micro[n]["attention_mask"], 0) for n in names]).to(self.device)
-        if not self.answer_only:
-            logits = self.engine(input_ids=ids, attention_mask=mask).logits
-            out, row = {}, 0
-            for n in names:
-                b, t = micro[n]["input_ids"].shape
-                out[n] = logits[row:row + b, :t]
-                row += b
-            return out
+        return self._packed_logits(micro, ids, mask) if self.answer_only else self._dense_logits(micro, ids, mask)
+
+    def _dense_logits(self, micro: dict[str, dict], ids, mask) -> dict:
+        """[B, T, V] logits of each batch (its rows of the concatenated forward, cut to its own width)."""
+        logits = self.engine(input_ids=ids, attention_mask=mask).logits
+        out, row = {}, 0
+        for n, b in micro.items():
+            rows, width = b["input_ids"].shape
+            out[n] = logits[row:row + rows, :width]
+            row += rows
+        return out
+
+    def _packed_logits(self, micro: dict[str, dict], ids, mask) -> dict:
+        """Each batch's logits at its answer positions only (dense head) or their hidden rows (chunked head)."""
         hidden = self.engine(input_ids=ids, attention_mask=mask, output_hidden_states=True,
                              logits_to_keep=1).hidden_states[-1]
         answers, rows, row = {}, [], 0
-        for n in names:
-            b, t = micro[n]["input_ids"].shape
-            answers[n] = micro[n]["labels"][:, 1:] != IGNORE_INDEX
-            rows.append(hidden[row:row + b, :t - 1][answers[n]])
-            row += b
+        for n, b in micro.items():
+            size, width = b["input_ids"].shape
+            answers[n] = b["labels"][:, 1:] != IGNORE_INDEX
+            rows.append(hidden[row:row + size, :width - 1][answers[n]])
+            row += size
         if self.cfg.train.head_path == "chunked":  # hidden rows only: logits formed chunk by chunk in the terms
             return lm_head.chunked_logits(lm_head.output_head(self.engine.module), self.head_spec, torch.cat(rows),
                                           answers, self.cfg.train.head_chunk_elems)
         logits = lm_head.lm_logits(self.engine.module, torch.cat(rows), self.head_spec)
-        out = {}
-        for n, part in zip(names, logits.split([int(a.sum()) for a in answers.values()])):
-            out[n] = PackedLogits(part, answers[n])
-        return out
+        parts = logits.split([int(a.sum()) for a in answers.values()])
+        return {n: PackedLogits(part, answers[n]) for n, part in zip(micro, parts)}
 
-    def train_step(self) -> dict[str, float]:
-        from palu_ds.methods import StepInputs
+    # ------------------------------------------------------------------ the dual variable
+    def _lam(self) -> float:
+        return self.dual.value if self.dual is not None else 0.0
 
-        t0 = time.perf_counter()
-        window = [self._next_micro() for _ in range(self.gas)]
-        names = list(window[0])
-        counts = torch.stack([torch.stack([batch_counts(m[n]) for n in names]) for m in window]).sum(0)
-        counts = dist.all_reduce_sum(counts).clamp_min(1)
-        norms = {n: {k: counts[i, j].to(self.device, torch.float32) for j, k in enumerate(COUNT_KEYS)}
-                 for i, n in enumerate(names)}
-        lam = self.dual.value if self.dual is not None else 0.0
-        term_sums: dict[str, torch.Tensor] = {}
-        tokens, bad = 0, False
-        for k, micro in enumerate(window):
-            micro = {n: {key: v.to(self.device) for key, v in b.items()} for n, b in micro.items()}
-            ref = {n: self.reference.lookup(n, b) for n, b in micro.items()}
-            logits = self._forward(micro)
-            terms = lm_head.within_head(logits, lambda lg: self.method.terms(  # chunked: inside one head call
-                StepInputs(logits=lg, batches=micro, ref=ref, normalizers=norms), self.hp))
-            if self.dual is not None:  # dual_update=micro_batch moves it between micro-batches (open-unlearning)
-                lam = self.dual.value
-            loss = self.method.objective(terms, self.hp, lam) * (self.world * self.gas)
-            if "nan_from" in FAULT and self.step + 1 >= int(FAULT["nan_from"]):
-                loss = loss * float("nan")
-            if not torch.isfinite(loss):  # local decision; all ranks still run backward, so collectives match
-                bad = True
-                loss = lm_head.within_head(logits, lambda lg: sum(
-                    v.zero_loss() if isinstance(v, PackedLogits) else torch.nan_to_num(v).sum() * 0.0
-                    for v in lg.values()))
-            for name, v in terms.items():
-                term_sums[name] = term_sums.get(name, 0.0) + v.detach().float()
-            tokens += sum(int(b["attention_mask"].sum()) for n, b in micro.items() if n != "idk")
-            self.engine.backward(loss)
-            if self.dual is not None and self.dual.update_on == "micro_batch":
-                self._micro_dual_step(terms["retain"], micro["retain"], norms["retain"]["answer"])
-            if k < self.gas - 1:
-                self.engine.step()
-        # one all-reduce per step: every term (already divided by the global counts), tokens, the non-finite flag
-        keys = sorted(term_sums)
-        vec = torch.stack([torch.nan_to_num(torch.as_tensor(term_sums[k]), nan=0.0, posinf=0.0, neginf=0.0)
-                           .to(self.device).reshape(()) for k in keys]
-                          + [torch.tensor(float(x), device=self.device) for x in (self.preempt_local, tokens, bad)])
-        vec = dist.all_reduce_sum(vec.double()).tolist()
-        terms_g = dict(zip(keys, vec[:-3]))
-        self.preempted, any_bad = vec[-3] > 0, vec[-1] > 0
-        lr = 0.0 if any_bad else self.cfg.train.lr * self._lr_factor(self.step)
-        for g in self.engine.optimizer.param_groups:
-            g["lr"] = lr
-        with skipped_update(self.engine) if any_bad else nullcontext():  # skip: Adam's state does not move either
-            self.engine.step()
-        self.step += 1
-        if any_bad:
-            self.skipped += 1
-            self.consecutive_bad += 1
-            if self.consecutive_bad == 1:
-                self.streak_start = self.step
-        else:
-            self.consecutive_bad, self.streak_start = 0, None
-            if self.dual is not None:  # from the value all-reduced above: no second collective
-                self.dual.after_step(terms_g["retain"], self.step, self.steps_per_epoch)
-        dt = time.perf_counter() - t0
-        self.step_times.append((dt, vec[-2]))
-        scalars = {f"loss/{k}": v for k, v in terms_g.items()}
-        scalars["loss/total"] = float(self.method.objective({k: torch.tensor(v) for k, v in terms_g.items()},
-                                                            self.hp, lam)) if not any_bad else float("nan")
-        if self.dual is not None:
-            scalars["dual/lambda"] = self.dual.value
-            scalars["dual/slack"] = terms_g.get("retain", float("nan")) - self.dual.epsilon
-        scalars.update({"lr": lr, "throughput/tokens_per_s": vec[-2] / dt,
-                        "memory/peak_bytes": float(peak_memory_bytes()), "skipped_steps": float(self.skipped)})
-        gn = self.engine.get_global_grad_norm()
-        if gn is not None:
-            scalars["grad/norm"] = float(gn)
-        return scalars
+    def _epsilon(self) -> float | None:
+        """The constraint's eps (calibrated when relative); None: the method has no constraint."""
+        return self.dual.epsilon if self.dual is not None else None
 
-    # ------------------------------------------------------------------ loop
-    def _micro_dual_step(self, retain_term, retain_batch, window_count) -> None:
-        """``dual_update=micro_batch``: one dual step from this micro-batch's mean retain NLL over all ranks (the
+    def _micro_dual_step(self, terms: dict, micro: dict, norms: dict) -> None:
+        """``dual_update=micro_batch``: one dual step from this micro-batch's mean constraint NLL over all ranks (the
         term is ``local_sum / window_count``; one scalar all-reduce per micro-batch, in this mode only)."""
-        local = torch.stack([retain_term.detach().double().reshape(()) * window_count.double(),
-                             batch_counts(retain_batch)[0].to(retain_term.device).double()])
+        if self.dual is None or self.dual.update_on != "micro_batch":
+            return
+        c = self.method.constraint
+        local = torch.stack([terms[c].detach().double().reshape(()) * norms[c]["answer"].double(),
+                             batch_counts(micro[c])[0].to(terms[c].device).double()])
         total, count = dist.all_reduce_sum(local).tolist()
         if count > 0 and math.isfinite(total):
             self.dual.after_micro_batch(total / count, self.step, self.steps_per_epoch)
 
+    # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
+        """Optimizer steps until ``total_steps`` (each bounded by the watchdog), then a final checkpoint."""
         last = self.last_scalars
         reset_peak_memory()  # memory/peak_bytes: the training steps, not the loading transients
         watchdog = dist.StepWatchdog(self.cfg.train.timeout)
         while self.step < self.total_steps:
             watchdog.arm(f"optimizer step {self.step + 1}")
-            if FAULT.get("stop_rank") == str(self.rank) and self.step == int(FAULT.get("stop_at", 3)):
-                os.kill(os.getpid(), signal.SIGSTOP)  # fault injection: this rank hangs (a stopped peer)
+            self.hooks.before_step(self)
             last = self.last_scalars = self.train_step()
             watchdog.disarm()
-            if self.first_scalars is None:
-                self.first_scalars = last
-            self.monitor.step(self.step, last)
-            if self.consecutive_bad >= self.cfg.train.max_nonfinite:
-                path = self.save_checkpoint()
-                raise FloatingPointError(
-                    f"{self.consecutive_bad} optimizer steps in a row had a non-finite loss term (step {self.step}); "
-                    f"stopped with a checkpoint at {path}. Lower train.lr, check the data, or raise "
-                    "train.max_nonfinite.")
-            if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
-                self.save_checkpoint()
-            if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
-                self.evaluate()
-            if FAULT.get("crash_after") == str(self.step):
-                os._exit(17)
-            if self.preempted:  # every rank saw the flag in the step's all-reduce: stop together
-                path = self.save_checkpoint()
-                raise Preempted(f"preempted at step {self.step}; checkpoint {path}; rerun the same command "
-                                "(or let SLURM requeue it) to resume")
+            self._after_step(last)
         watchdog.close()
-        if not checkpoint.latest(self.ckpt_root) or not checkpoint.latest(self.ckpt_root).endswith(
-                checkpoint.tag_for(self.step)):
+        latest = checkpoint.latest(self.ckpt_root)
+        if not latest or not latest.endswith(checkpoint.tag_for(self.step)):
             self.save_checkpoint()
+        self.peak_memory = dist.all_gather_object(peak_memory_bytes())  # per rank, before the final save
         return last
+
+    def _after_step(self, scalars: dict[str, float]) -> None:
+        """Log; stop on a non-finite streak; checkpoint and evaluate on schedule; stop with a checkpoint when
+        preempted."""
+        if self.first_scalars is None:
+            self.first_scalars = scalars
+        self.monitor.step(self.step, scalars)
+        if self.consecutive_bad >= self.cfg.train.max_nonfinite:
+            path = self.save_checkpoint()
+            raise FloatingPointError(
+                f"{self.consecutive_bad} optimizer steps in a row had a non-finite loss term (step {self.step}); "
+                f"stopped with a checkpoint at {path}. Lower train.lr, check the data, or raise "
+                "train.max_nonfinite.")
+        if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
+            self.save_checkpoint()
+        if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
+            self.evaluate()
+        self.hooks.after_step(self)
+        if self.preempted:  # every rank saw the flag in the step's all-reduce: stop together
+            path = self.save_checkpoint()
+            raise Preempted(f"preempted at step {self.step}; checkpoint {path}; rerun the same command "
+                            "(or let SLURM requeue it) to resume")
 
     def evaluate(self) -> dict:
         """The run's evaluator on the model being trained (every rank; examples split and merged); metrics go to
@@ -405,7 +503,7 @@ class Trainer:
                 "last_scalars": self.last_scalars,
                 "streams": {n: s.state_dict() for n, s in self.streams.items()},
                 "dual": self.dual.state_dict() if self.dual is not None else None,
-                "method": self.method.name, "hp": self.hp,
+                "method": self.method.name, "hp": dict(self.hp),
                 "config": asdict(self.cfg)}
 
     def save_checkpoint(self) -> str:
@@ -417,13 +515,22 @@ class Trainer:
 
         ZeRO-3 weights are gathered (16-bit when trained in 16-bit, else fp32); LoRA adapters are merged into the
         base weights so the dir loads with plain ``from_pretrained``."""
-        from contextlib import nullcontext
-
-        import deepspeed
 
         out = out or os.path.join(self.out_dir, "model")
-        if "crash_in_save_model" in FAULT:
-            os._exit(17)  # fault injection: the final save fails after the final checkpoint
+        self.hooks.before_save_model(self)
+        module, state = self._final_state()
+        if dist.is_main():
+            with atomic_path(out) as tmp:
+                module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+        dist.barrier()
+        self.model_dir = out
+        return out
+
+    def _final_state(self):
+        """``(module, state_dict)`` to save: every rank takes part in the gathers; rank 0 gets the full state."""
+        import deepspeed
+
         stage3 = zero_stage(self.ds_config) == 3
         module, state = self.engine.module, None
         if self.cfg.model.lora:
@@ -441,12 +548,23 @@ class Trainer:
             state = self.engine._zero3_consolidated_16bit_state_dict()  # every rank takes part; rank 0 gets it
         elif dist.is_main():
             state = module.state_dict()
-        if dist.is_main():
-            with atomic_path(out) as tmp:
-                module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
-        dist.barrier()
-        return out
+        return module, state
+
+    def summary(self) -> dict:
+        """The run's record, written by rank 0 to ``<output_dir>/summary.json`` (atomically) and returned on every
+        rank: steps, first/last scalars, the saved model, skipped steps, world size, peak memory per rank, the span
+        report, and the seconds and tokens of each step."""
+        data = {"steps": self.step, "first": self.first_scalars, "last": self.last_scalars,
+                "model": self.model_dir, "skipped_steps": self.skipped, "world_size": self.world,
+                "peak_memory_bytes_per_rank": self.peak_memory, "spans": self.span_info,
+                "step_seconds": [round(t, 5) for t, _ in self.step_times],
+                "step_tokens": [n for _, n in self.step_times]}
+        if self.rank == 0:
+            write_json(os.path.join(self.out_dir, "summary.json"), data)
+            log.info("done: %d steps, final %s; model: %s; tensorboard: %s", self.step,
+                     " ".join(f"{k}={v:.4g}" for k, v in self.last_scalars.items() if k.startswith(("loss/", "dual/"))),
+                     data["model"], self.cfg.log.tensorboard_dir)
+        return data
 
     def cleanup(self) -> None:
         self.monitor.close()

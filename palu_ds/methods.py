@@ -1,8 +1,9 @@
 """Method registry: what each unlearning method computes from one step's logits, and what it needs.
 
-The engine asks a :class:`Method` which batches to run (``batches``), which reference parts to load
-(``reference_parts``), whether to keep a dual variable (``uses_dual``), then calls ``terms`` and ``objective``.
-No method-specific branch lives in the engine.
+The registry is the only place that knows a method: a :class:`Method` declares its batches and how each is sourced,
+the reference parts each batch needs, its terms, its objective and the term a dual variable constrains. The engine,
+the reference cache, data building, config validation and generation, and the tests derive from it (``for m in
+METHODS``); no method-specific branch lives anywhere else.
 
 Positions (after :func:`palu_ds.batch.shift`): answer tokens = ``labels != -100``; sensitive = ``sens_mask``
 (I_init); common = ``common_mask``.  Reference tensors are packed in the row-major order of ``logits_s[mask_s]``.
@@ -23,7 +24,6 @@ from torch import Tensor
 from palu_ds import losses as L
 from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 
-REFERENCE_PARTS = frozenset({"topk_ids", "kl", "seq_logps", "retain_loss"})
 
 
 @dataclass
@@ -159,23 +159,78 @@ def idk_dpo_forget(x: StepInputs, hp) -> Tensor:
 # Registry
 # ----------------------------------------------------------------------------------------------------------------
 Terms = dict[str, Tensor]
+TermFn = Callable[[StepInputs, Mapping[str, Any]], Tensor]
+
+#: per-example reference parts, in the order the cache stores them (``retain_loss`` is a scalar of the manifest)
+ROW_PARTS = ("topk_ids", "kl", "seq_logps")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Method:
+    """One unlearning method, declared once; the engine, the reference cache, data building, config validation,
+    config generation and the tests all derive what they do from these fields.
+
+    ``batches``      the batches of one micro-batch, e.g. ``("forget", "retain")``, the first one the batch an
+                     epoch counts; each is read from the data source ``data.<name>`` (palu_ds.config.DataConfig) ...
+    ``paired``       ... except a batch named here: ``{"idk": "forget"}`` = the idk batch is not sampled; it holds
+                     the same prompts as the forget batch, row for row, with its answers taken from ``data.idk``
+    ``needs``        what each batch's data source is, for the error when it is missing ("a retain set")
+    ``reference``    the reference parts each batch needs (``ROW_PARTS``), e.g. ``{"forget": ("seq_logps",)}``
+    ``term_fns``     the named scalar terms of one micro-batch (``terms``)
+    ``combine``      ``(terms, hp) -> scalar``: the primal objective
+    ``constraint``   the term a dual variable keeps below epsilon (None: no dual variable): a mean NLL over the
+                     answer tokens of the batch of the same name; :meth:`objective` adds ``lam * (term - eps)``
+    ``defaults``     the paper hyper-parameters (read-only); ``unlearning=False`` marks plain fine-tuning (sft)
+
+    Adding a method = one entry in :data:`METHODS` + its term function(s) + one test.
+    """
+
     name: str
     batches: tuple[str, ...]
-    reference_parts: frozenset[str]
-    uses_dual: bool
-    defaults: Mapping[str, Any]
-    term_fns: Mapping[str, Callable[[StepInputs, Mapping[str, Any]], Tensor]]
-    combine: Callable[[Terms, Mapping[str, Any], float], Tensor]
+    term_fns: Mapping[str, TermFn]
+    combine: Callable[[Terms, Mapping[str, Any]], Tensor]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    paired: Mapping[str, str] = field(default_factory=dict)
+    needs: Mapping[str, str] = field(default_factory=dict)
+    reference: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    constraint: str | None = None
+    unlearning: bool = True
     doc: str = ""
 
     def __post_init__(self):
-        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
-        if not self.reference_parts <= REFERENCE_PARTS:
-            raise ValueError(f"{self.name}: unknown reference parts {sorted(self.reference_parts - REFERENCE_PARTS)}")
+        for key in ("defaults", "paired", "needs", "reference"):
+            object.__setattr__(self, key, MappingProxyType(dict(getattr(self, key))))
+        unknown = {p for parts in self.reference.values() for p in parts} - set(ROW_PARTS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown reference parts {sorted(unknown)}; valid: {list(ROW_PARTS)}")
+        strays = (set(self.paired) | set(self.paired.values()) | set(self.reference)) - set(self.batches)
+        if strays:
+            raise ValueError(f"{self.name}: batches {sorted(strays)} are not among its batches {self.batches}")
+        if self.constraint is not None and not (self.constraint in self.term_fns and self.constraint in self.batches):
+            raise ValueError(f"{self.name}: the constraint {self.constraint!r} must name a term and its batch")
+
+    # ------------------------------------------------------------------ what it needs (derived)
+    @property
+    def epoch_batch(self) -> str:
+        """The batch an epoch is counted over: the first one (the forget set, or sft's training data)."""
+        return self.batches[0]
+
+    @property
+    def sampled(self) -> tuple[str, ...]:
+        """The batches drawn from their own data set (each with its own sampler); the others are ``paired``."""
+        return tuple(b for b in self.batches if b not in self.paired)
+
+    @property
+    def reference_parts(self) -> frozenset[str]:
+        return frozenset(p for parts in self.reference.values() for p in parts)
+
+    @property
+    def is_reference_free(self) -> bool:
+        return not self.reference_parts
+
+    @property
+    def uses_dual(self) -> bool:
+        return self.constraint is not None
 
     @property
     def uses_spans(self) -> bool:
@@ -183,44 +238,62 @@ class Method:
         return any(fn in SPAN_TERMS for fn in self.term_fns.values())
 
     @property
-    def needs_retain(self) -> bool:
+    def needs_retain(self) -> bool:  # for scripts that assemble command lines
         return "retain" in self.batches
 
     @property
     def needs_idk(self) -> bool:
         return "idk" in self.batches
 
-    @property
-    def is_reference_free(self) -> bool:
-        return not self.reference_parts
+    def relative_epsilon(self, hp: Mapping[str, Any]) -> bool:
+        """Whether eps = (1 + a) * (the reference's loss on the constraint batch) must be measured first."""
+        return self.uses_dual and hp.get("epsilon_rel") is not None
+
+    def needed_parts(self, hp: Mapping[str, Any]) -> frozenset[str]:
+        """What the reference provides for a run with ``hp``: the declared parts, plus ``retain_loss`` (the
+        reference's mean answer NLL on the constraint batch) when epsilon is relative. Empty: no reference at all."""
+        return self.reference_parts | ({"retain_loss"} if self.relative_epsilon(hp) else set())
+
+    def reference_parts_for(self, batch: str) -> tuple[str, ...]:
+        """The per-example reference parts of ``batch``, in :data:`ROW_PARTS` order (empty: nothing to look up)."""
+        return tuple(p for p in ROW_PARTS if p in self.reference.get(batch, ()))
+
+    # ------------------------------------------------------------------ hyper-parameters and the objective
+    def _merged(self, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The one merge of paper defaults and overrides (palu_ds.config.resolve and everything below use it)."""
+        return {**self.defaults, **(overrides or {})}
 
     def hparams(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Paper defaults updated with ``overrides``; unknown keys are errors."""
         unknown = sorted(set(overrides or {}) - set(self.defaults))
         if unknown:
             raise ValueError(f"unknown hyperparameters for {self.name}: {unknown}; valid: {sorted(self.defaults)}")
-        return {**self.defaults, **(overrides or {})}
+        return self._merged(overrides)
 
     def terms(self, x: StepInputs, hp: Mapping[str, Any] | None = None) -> Terms:
-        """Named scalar losses of one micro-batch (``retain`` is the NLL the dual constraint uses)."""
-        hp = {**self.defaults, **(hp or {})}
+        """Named scalar losses of one micro-batch (the ``constraint`` term is the one the dual variable watches)."""
+        hp = self._merged(hp)
         return {k: fn(x, hp) for k, fn in self.term_fns.items()}
 
-    def objective(self, terms: Terms, hp: Mapping[str, Any] | None = None, lam: float = 0.0) -> Tensor:
-        """The scalar to backpropagate; ``lam`` is the dual variable's current value (ignored without one)."""
-        return self.combine(terms, {**self.defaults, **(hp or {})}, float(lam))
+    def objective(self, terms: Terms, hp: Mapping[str, Any] | None = None, lam: float = 0.0,
+                  epsilon: float | None = None) -> Tensor:
+        """The scalar to backpropagate: ``combine(terms) + lam * (terms[constraint] - eps)`` (the Lagrangian, lam
+        a coefficient, not a trained parameter), the second part only with a constraint. ``eps`` is ``epsilon``
+        when given (the dual variable's, calibrated when relative), else ``hp["epsilon"]`` (0 when null): a
+        constant shift that changes no gradient."""
+        hp = self._merged(hp)
+        out = self.combine(terms, hp)
+        if self.constraint is None:
+            return out
+        eps = epsilon if epsilon is not None else (hp["epsilon"] if hp.get("epsilon") is not None else 0.0)
+        return out + float(lam) * (terms[self.constraint] - eps)
 
 
 #: terms that read sens_mask / common_mask (the data's spans)
 SPAN_TERMS = frozenset({palu_sensitive, palu_common_kl})
 
 
-def _eps(hp) -> float:
-    # a constant shift of the Lagrangian (no effect on gradients); 0 until a relative epsilon is calibrated
-    return hp["epsilon"] if hp.get("epsilon") is not None else 0.0
-
-
-def _forget_retain(t, hp, lam):
+def _forget_retain(t, hp):
     return hp["gamma"] * t["forget"] + hp["alpha"] * t["retain"]
 
 
@@ -241,32 +314,42 @@ PALU_DEFAULTS = {"gamma": 1.0, "alpha": 1.0, "K": 5000, "N": 3, "detach_target":
 DUAL_DEFAULTS = {"lambda0": 100.0, "eta_lambda": 5.0, "epsilon": 0.3, "epsilon_rel": None,
                  "dual_warmup_steps": 0, "dual_warmup_epochs": 0.0, "dual_update": "step"}
 
+FORGET_RETAIN = ("forget", "retain")
+RETAIN_SET = {"retain": "a retain set"}
+PALU_TERMS = {"forget": palu_sensitive, "kl": palu_common_kl, "retain": retain_nll}
+PALU_REFERENCE = {"forget": ("topk_ids", "kl")}
+
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("palu", ("forget", "retain"), frozenset({"topk_ids", "kl"}), False, PALU_DEFAULTS,
-           {"forget": palu_sensitive, "kl": palu_common_kl, "retain": retain_nll},
-           lambda t, hp, lam: hp["gamma"] * t["forget"] + hp["alpha"] * (t["retain"] + t["kl"]),
-           "PALU: local top-K flattening at I_init + KL on common tokens + retain NLL"),
-    Method("pd_flat", ("forget", "retain"), frozenset(), True, {"gamma": 1.0, **DUAL_DEFAULTS},
-           {"forget": flat_forget, "retain": retain_nll},
-           lambda t, hp, lam: hp["gamma"] * t["forget"] + lam * (t["retain"] - _eps(hp)),
-           "logit-margin flattening under the primal-dual retain constraint (arXiv 2506.05314)"),
-    Method("palu_pd", ("forget", "retain"), frozenset({"topk_ids", "kl"}), True,
-           {**PALU_DEFAULTS, **DUAL_DEFAULTS},
-           {"forget": palu_sensitive, "kl": palu_common_kl, "retain": retain_nll},
-           lambda t, hp, lam: hp["gamma"] * t["forget"] + hp["alpha"] * t["kl"] + lam * (t["retain"] - _eps(hp)),
-           "PALU's local loss + KL on common tokens, retain NLL as a primal-dual constraint"),
-    Method("grad_ascent", ("forget",), frozenset(), False, {"gamma": 1.0}, {"forget": forget_neg_nll},
-           lambda t, hp, lam: hp["gamma"] * t["forget"], "gradient ascent on the forget answers"),
-    Method("grad_diff", ("forget", "retain"), frozenset(), False, {"gamma": 1.0, "alpha": 1.0},
-           {"forget": forget_neg_nll, "retain": retain_nll}, _forget_retain, "gradient difference"),
-    Method("npo", ("forget", "retain"), frozenset({"seq_logps"}), False, {"beta": 0.1, "gamma": 1.0, "alpha": 1.0},
-           {"forget": npo_forget, "retain": retain_nll}, _forget_retain, "NPO + retain NLL (arXiv 2404.05868)"),
-    Method("simnpo", ("forget", "retain"), frozenset(), False,
-           {"beta": 4.5, "delta": 0.0, "gamma": 0.125, "alpha": 1.0},
-           {"forget": simnpo_forget, "retain": retain_nll}, _forget_retain, "SimNPO + retain NLL (arXiv 2410.07163)"),
-    Method("idk_dpo", ("forget", "retain", "idk"), frozenset({"seq_logps"}), False,
-           {"beta": 0.1, "gamma": 1.0, "alpha": 1.0},
-           {"forget": idk_dpo_forget, "retain": retain_nll}, _forget_retain, "DPO toward refusal answers + retain NLL"),
+    Method(name="palu", batches=FORGET_RETAIN, needs=RETAIN_SET, reference=PALU_REFERENCE, defaults=PALU_DEFAULTS,
+           term_fns=PALU_TERMS,
+           combine=lambda t, hp: hp["gamma"] * t["forget"] + hp["alpha"] * (t["retain"] + t["kl"]),
+           doc="PALU: local top-K flattening at I_init + KL on common tokens + retain NLL"),
+    Method(name="pd_flat", batches=FORGET_RETAIN, needs=RETAIN_SET, constraint="retain",
+           defaults={"gamma": 1.0, **DUAL_DEFAULTS}, term_fns={"forget": flat_forget, "retain": retain_nll},
+           combine=lambda t, hp: hp["gamma"] * t["forget"],
+           doc="logit-margin flattening under the primal-dual retain constraint (arXiv 2506.05314)"),
+    Method(name="palu_pd", batches=FORGET_RETAIN, needs=RETAIN_SET, reference=PALU_REFERENCE, constraint="retain",
+           defaults={**PALU_DEFAULTS, **DUAL_DEFAULTS}, term_fns=PALU_TERMS,
+           combine=lambda t, hp: hp["gamma"] * t["forget"] + hp["alpha"] * t["kl"],
+           doc="PALU's local loss + KL on common tokens, retain NLL as a primal-dual constraint"),
+    Method(name="grad_ascent", batches=("forget",), defaults={"gamma": 1.0}, term_fns={"forget": forget_neg_nll},
+           combine=lambda t, hp: hp["gamma"] * t["forget"], doc="gradient ascent on the forget answers"),
+    Method(name="grad_diff", batches=FORGET_RETAIN, needs=RETAIN_SET, defaults={"gamma": 1.0, "alpha": 1.0},
+           term_fns={"forget": forget_neg_nll, "retain": retain_nll}, combine=_forget_retain,
+           doc="gradient difference"),
+    Method(name="npo", batches=FORGET_RETAIN, needs=RETAIN_SET, reference={"forget": ("seq_logps",)},
+           defaults={"beta": 0.1, "gamma": 1.0, "alpha": 1.0}, term_fns={"forget": npo_forget, "retain": retain_nll},
+           combine=_forget_retain, doc="NPO + retain NLL (arXiv 2404.05868)"),
+    Method(name="simnpo", batches=FORGET_RETAIN, needs=RETAIN_SET,
+           defaults={"beta": 4.5, "delta": 0.0, "gamma": 0.125, "alpha": 1.0},
+           term_fns={"forget": simnpo_forget, "retain": retain_nll}, combine=_forget_retain,
+           doc="SimNPO + retain NLL (arXiv 2410.07163)"),
+    Method(name="idk_dpo", batches=("forget", "retain", "idk"), paired={"idk": "forget"},
+           needs={**RETAIN_SET, "idk": "refusal strings"},
+           reference={"forget": ("seq_logps",), "idk": ("seq_logps",)},
+           defaults={"beta": 0.1, "gamma": 1.0, "alpha": 1.0},
+           term_fns={"forget": idk_dpo_forget, "retain": retain_nll}, combine=_forget_retain,
+           doc="DPO toward refusal answers + retain NLL"),
 ]}
 
 
@@ -277,8 +360,9 @@ def sft_nll(x: StepInputs, hp) -> Tensor:
 
 
 # Not an unlearning method: launch/finetune.py uses it to make the target and retain models with the same engine.
-METHODS["sft"] = Method("sft", ("forget",), frozenset(), False, {}, {"forget": sft_nll},
-                        lambda t, hp, lam: t["forget"], "supervised fine-tuning (answer-token NLL)")
+METHODS["sft"] = Method(name="sft", batches=("forget",), term_fns={"forget": sft_nll},
+                        combine=lambda t, hp: t["forget"], unlearning=False,
+                        doc="supervised fine-tuning (answer-token NLL)")
 
 
 # The valid range of every method hyper-parameter (checked at parse time by palu_ds.config): (kind, low, high,

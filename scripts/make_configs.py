@@ -7,31 +7,32 @@ import os
 
 import yaml
 
+from palu_ds.methods import METHODS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ["palu", "pd_flat", "palu_pd", "grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo"]
-REF_FREE = {"pd_flat", "grad_ascent", "grad_diff", "simnpo"}
+UNLEARNING = [m for m in METHODS.values() if m.unlearning]  # every method of the registry but plain fine-tuning
+# the data of each batch a method may declare besides the forget set; idk: TOFU's refusal strings (idontknow.jsonl
+# of locuslab/TOFU), paired with the forget prompts
+TOFU_IDK = {"source": "data/tofu/idontknow.jsonl"}
 
 
-def run_cfg(method: str, forget: dict, retain: dict | None, model: str, out: str, max_length: int) -> dict:
+def run_cfg(m, forget: dict, sources: dict, model: str, out: str, max_length: int) -> dict:
     cfg = {
         "model": {"path": model},
         "data": {"forget": forget, "max_length": max_length},
-        "method": {"name": method},
-        "reference": {"mode": "none" if method in REF_FREE else "precomputed"},
+        "method": {"name": m.name},
+        "reference": {"mode": "none" if m.is_reference_free else "precomputed"},
         "train": {"output_dir": out, "lr": 1.0e-5, "batch_size": 4, "grad_accum": 4, "epochs": 10,
                   "warmup_steps": 5, "scheduler": "linear", "save_every": 50},
     }
-    if method != "grad_ascent":
-        cfg["data"]["retain"] = retain
-    if method == "idk_dpo":  # TOFU's refusal strings (idontknow.jsonl of locuslab/TOFU)
-        cfg["data"]["idk"] = {"source": "data/tofu/idontknow.jsonl"}
+    for name in m.batches[1:]:
+        cfg["data"][name] = sources[name]
     return cfg
 
 
 # PALU's GPT-labelled TOFU forget sets (github nxZhai/PALU, MIT): datasets save_to_disk folders with target_words
 # (the sensitive spans); locuslab/TOFU has none, so the span-using methods read these with span_source: labels.
 PALU_LABELLED = "data/palu/{split}_with_common_words_gpt"
-SPAN_METHODS = {"palu", "palu_pd"}
 
 
 def palu_note(split: str) -> str:
@@ -43,27 +44,28 @@ def palu_note(split: str) -> str:
 
 def main() -> None:
     for split, keep in (("forget01", "retain99"), ("forget05", "retain95"), ("forget10", "retain90")):
-        for m in METHODS:
-            forget = ({"source": PALU_LABELLED.format(split=split)} if m in SPAN_METHODS
+        for m in UNLEARNING:
+            forget = ({"source": PALU_LABELLED.format(split=split)} if m.uses_spans
                       else {"source": "locuslab/TOFU", "config": split})
-            cfg = run_cfg(m, forget, {"source": "locuslab/TOFU", "config": keep},
-                          "open-unlearning/tofu_Llama-3.2-1B-Instruct_full", f"runs/tofu/{split}/{m}", 512)
-            if m in SPAN_METHODS:
+            cfg = run_cfg(m, forget, {"retain": {"source": "locuslab/TOFU", "config": keep}, "idk": TOFU_IDK},
+                          "open-unlearning/tofu_Llama-3.2-1B-Instruct_full", f"runs/tofu/{split}/{m.name}", 512)
+            if m.uses_spans:
                 cfg["data"]["span_source"] = "labels"
-            write(f"tofu/{m}_{split}.yaml", cfg, f"TOFU {split}, {m}", palu_note(split) if m in SPAN_METHODS else "")
-            if (m, split) == ("palu", "forget10"):  # the README's main example
+            write(f"tofu/{m.name}_{split}.yaml", cfg, f"TOFU {split}, {m.name}",
+                  palu_note(split) if m.uses_spans else "")
+            if (m.name, split) == ("palu", "forget10"):  # the README's main example
                 write("tofu_palu.yaml", cfg, "TOFU forget10 with PALU: the README's main example (same as "
                       "tofu/palu_forget10.yaml)", palu_note(split))
     for corpus in ("news", "books"):
         name = "News" if corpus == "news" else "Books"
-        for m in METHODS:
-            if m == "idk_dpo":
-                continue  # raw-text forget sets have no questions to answer with a refusal
+        for m in UNLEARNING:
+            if m.paired:
+                continue  # raw-text forget sets have no prompts for a paired batch (IdkDPO's refusals) to answer
             src = {"source": f"muse-bench/MUSE-{name}", "config": "raw", "kind": "text"}
-            cfg = run_cfg(m, {**src, "split": "forget"}, {**src, "split": "retain1"},
-                          f"muse-bench/MUSE-{corpus}_target", f"runs/muse/{corpus}/{m}", 2048)
+            cfg = run_cfg(m, {**src, "split": "forget"}, {"retain": {**src, "split": "retain1"}},
+                          f"muse-bench/MUSE-{corpus}_target", f"runs/muse/{corpus}/{m.name}", 2048)
             cfg["train"].update(lr=1.0e-5, batch_size=2, grad_accum=16)
-            write(f"muse/{m}_{corpus}.yaml", cfg, f"MUSE-{name}, {m}")
+            write(f"muse/{m.name}_{corpus}.yaml", cfg, f"MUSE-{name}, {m.name}")
 
 
 def write(rel: str, cfg: dict, title: str, note: str = "") -> None:

@@ -120,7 +120,7 @@ palu_command() {
                       -x MASTER_ADDR -x MASTER_PORT -x PATH -x PYTHONUNBUFFERED)
             local v
             for v in DS_ACCELERATOR OMP_NUM_THREADS PYTHONPATH LD_LIBRARY_PATH HF_HOME HF_HUB_OFFLINE \
-                     TORCH_EXTENSIONS_DIR GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME PALU_DS_FAULT; do
+                     TORCH_EXTENSIONS_DIR GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; do
                 [ -n "${!v:-}" ] && PALU_CMD+=(-x "$v")
             done
             [ "$(id -u)" = 0 ] && PALU_CMD+=(--allow-run-as-root)

@@ -52,3 +52,7 @@ def state(model_dir: str) -> dict:
     from safetensors.torch import load_file
 
     return load_file(os.path.join(model_dir, "model.safetensors"))
+
+
+# launch/train.py with a fault injected through palu_ds.engine.Hooks (tests only): launch(FAULTY, [FAULT, *args])
+FAULTY = "tests/faulty_train.py"

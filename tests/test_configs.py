@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from palu_ds.config import ConfigError, load_config
+from palu_ds.config import ConfigError, data_sources, load_config, resolve
 from palu_ds.ds_config import load_ds_config
+from palu_ds.methods import METHODS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAMLS = sorted(glob.glob(os.path.join(ROOT, "launch", "configs", "**", "*.yaml"), recursive=True))
@@ -57,9 +58,50 @@ def test_bad_combinations_are_rejected_at_parse_time(overrides, message):
 
 def test_method_N_sets_the_data_n_init():
     cfg = load_config(None, BASE + ["data.retain.source=r", "method.params.N=1"])
-    assert cfg.data.n_init == 1
+    assert resolve(cfg).cfg.data.n_init == 1
+    assert cfg.data.n_init == 3  # resolve works on a copy: the parsed config is not changed
 
 
 def test_exponent_without_dot_is_a_number():
     cfg = load_config(None, BASE + ["data.retain=null", "method.name=sft", "reference.mode=none", "train.lr=1e-5"])
     assert cfg.train.lr == 1e-5
+
+
+def test_resolve_decides_each_derived_setting_once():
+    """resolve(cfg): the method's hyper-parameters (paper defaults + params), PALU's N as data.n_init ("all" = whole
+    spans), the reference model, cache and TensorBoard folders under train.output_dir, one tokenizer (model.path)."""
+    cfg = load_config(None, BASE + ["data.retain.source=r", "method.params.N=all", "method.params.K=7",
+                                    "train.output_dir=out"])
+    run = resolve(cfg)
+    assert run.method.name == "palu" and run.hp["K"] == 7 and run.hp["kl_topk"] == 256 and run.hp["N"] is None
+    assert run.cfg.data.n_init is None and cfg.data.n_init == 3 and cfg.method.params["N"] == "all"  # a copy
+    assert (run.cfg.reference.model, run.cfg.reference.cache_dir, run.cfg.log.tensorboard_dir, run.tokenizer_path) \
+        == ("m", os.path.join("out", "reference_cache"), os.path.join("out", "tensorboard"), "m")
+    assert run.reference_parts == {"topk_ids", "kl"}
+    with pytest.raises(TypeError):
+        run.hp["K"] = 8                                      # read-only
+    run = resolve(load_config(None, BASE + ["data.retain.source=r", "reference.model=ref", "reference.cache_dir=c",
+                                            "method.name=pd_flat", "reference.mode=precomputed",
+                                            "method.params.epsilon=null", "method.params.epsilon_rel=0.1"]))
+    assert (run.cfg.reference.model, run.cfg.reference.cache_dir, run.tokenizer_path) == ("ref", "c", "m")
+    assert run.reference_parts == {"retain_loss"} and run.hp["lambda0"] == 100.0
+    for overrides, message in ((["method.name=x"], "method.name: unknown method 'x'"),
+                               (["method.params.K2=1"], r"method.params: unknown for palu: \['K2'\]")):
+        with pytest.raises(ConfigError, match=message):
+            resolve(load_config(None, BASE + overrides, validate=False))
+
+
+@pytest.mark.parametrize("name", sorted(m for m in METHODS))
+def test_every_method_validates_with_the_data_its_batches_need(name):
+    """The data sources a config needs follow the method's batches: each one set validates, a missing one is an
+    error naming data.<batch>.source and what it is, an extra optional one is an error naming it."""
+    m = METHODS[name]
+    sources = [f"data.{b}.source=x" for b in m.batches] + ["data.retain=null"] * ("retain" not in m.batches)
+    mode = [f"method.name={name}", f"reference.mode={'none' if m.is_reference_free else 'precomputed'}"]
+    load_config(None, BASE + sources + mode)
+    for b in m.batches[1:]:
+        with pytest.raises(ConfigError, match=rf"needs {m.needs[b]}: set data.{b}.source"):
+            load_config(None, BASE + sources + mode + [f"data.{b}=null"])
+    for extra in (b for b in data_sources(optional=True) if b not in m.batches):
+        with pytest.raises(ConfigError, match=rf"data.{extra} is set but method {name} uses no {extra} set"):
+            load_config(None, BASE + sources + mode + [f"data.{extra}.source=x"])

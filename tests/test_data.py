@@ -216,8 +216,10 @@ def test_text_chunks_mark_names_places_dates_as_spans(tokenizer):
     n_spans = 4
     assert sum(ex["sens_mask"]) == n_spans  # first token of each span
     assert not any(s and c for s, c in zip(ex["sens_mask"], ex["common_mask"]))
-    plain = TextChunks([text], tokenizer, max_length=64, n_init=None)[0]
+    plain = TextChunks([text], tokenizer, max_length=64, spans=False)[0]
     assert sum(plain["sens_mask"]) == 0 and all(plain["common_mask"][1:])
+    whole = TextChunks([text], tokenizer, max_length=64, n_init=None)[0]  # None = whole spans, as for QA data
+    assert sum(whole["sens_mask"]) > n_spans and sum(whole["common_mask"]) == sum(ex["common_mask"])
 
 
 @pytest.mark.parametrize("question,answer,expected", [

@@ -1,9 +1,12 @@
-"""The dual variable: projected ascent by hand, warm-up, relative epsilon, checkpoints, and a 2-process gloo run in
-which the ranks see different retain losses yet hold the same lambda after every optimizer step."""
+"""The dual variable: projected ascent by hand, warm-up, relative epsilon, checkpoints, open-unlearning's
+per-micro-batch trajectory, and the ENGINE's own lambda path (palu_ds.engine.StepStats + Trainer.train_step) on 2
+gloo ranks that see different retain losses and token counts yet hold the same lambda after every optimizer step."""
 
 import json
+import math
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -12,11 +15,10 @@ from palu_ds.methods import get_method
 
 
 def _run(dual, windows, **kw):
+    """One dual step per window, from the window's mean (what the engine all-reduces for it)."""
     out = []
     for window in windows:
-        for loss in window:
-            dual.accumulate(loss)
-        dual.step(**kw)
+        dual.update(sum(window) / len(window), **kw)
         out.append(dual.value)
     return out
 
@@ -29,17 +31,15 @@ def test_projected_dual_ascent_by_hand():
 
 
 def test_update_once_per_optimizer_step_not_per_micro_batch():
+    """dual_update=step (default): micro-batches never move lambda; the end of the step moves it once, from the
+    window's value. dual_update=micro_batch: the reverse."""
     dual = DualVariable(lambda0=0.0, eta=1.0, epsilon=0.0)
     for loss in (1.0, 2.0, 3.0, 6.0):                     # four micro-batches, one window
-        dual.accumulate(loss)
-        assert dual.value == 0.0                          # nothing moves before the optimizer step
-    assert dual.step() == pytest.approx(3.0)
-    assert dual.value == pytest.approx(3.0)
-    dual.accumulate(1.0, weight=3)                         # weighted: (3*1 + 1*5) / 4 = 2
-    dual.accumulate(5.0, weight=1)
-    assert dual.step() == pytest.approx(2.0) and dual.value == pytest.approx(5.0)
-    with pytest.raises(RuntimeError):
-        dual.step()                                        # empty window
+        assert dual.after_micro_batch(loss, 0, 10) == 0.0  # nothing moves before the optimizer step
+    assert dual.after_step(3.0, 1, 10) == pytest.approx(3.0) and dual.steps == 1
+    micro = DualVariable(lambda0=0.0, eta=1.0, epsilon=0.0, update_on="micro_batch")
+    assert [micro.after_micro_batch(loss, 0, 10) for loss in (1.0, 2.0)] == [1.0, 3.0]
+    assert micro.after_step(5.0, 1, 10) == 3.0 and micro.steps == 2
 
 
 def test_warmup_steps_and_epochs():
@@ -50,21 +50,18 @@ def test_warmup_steps_and_epochs():
         _run(dual, [[1.0]])                                # epoch warm-up needs the epoch
     dual = DualVariable(lambda0=1.0, eta=1.0, epsilon=0.0, warmup_epochs=1.0)
     for epoch, expect in ((0.0, 1.0), (0.5, 1.0), (1.0, 2.0), (1.5, 3.0)):
-        dual.accumulate(1.0)
-        dual.step(epoch=epoch)
+        dual.update(1.0, epoch=epoch)
         assert dual.value == expect
 
 
 def test_relative_epsilon_needs_calibration():
     dual = DualVariable(lambda0=1.0, eta=1.0, epsilon_rel=0.1)
     assert dual.needs_calibration
-    dual.accumulate(1.0)
-    with pytest.raises(RuntimeError):
-        dual.step()
+    with pytest.raises(RuntimeError, match="calibrate"):
+        dual.update(1.0)
     assert dual.calibrate(2.0) == pytest.approx(2.2)       # (1 + a) L_retain(reference)
-    dual.accumulate(5.4)                                   # the window still holds 1.0: mean 3.2
-    dual.step()
-    assert dual.value == pytest.approx(2.0)
+    dual.update(3.2)
+    assert dual.value == pytest.approx(2.0) and not dual.needs_calibration
     with pytest.raises(ValueError):
         DualVariable(lambda0=1.0, eta=1.0, epsilon=0.3, epsilon_rel=0.1)
     with pytest.raises(ValueError):
@@ -103,26 +100,130 @@ def test_from_method_hparams_and_relative_epsilon():
 
 
 # ---------------------------------------------------------------------------------------------- 2 ranks, gloo
-# retain losses seen by each rank: [step][micro-batch]
-LOSSES = {0: [[1.0, 2.0], [0.5, 0.5], [3.0, 1.0], [0.1, 0.2], [2.0, 2.0]],
-          1: [[4.0, 3.0], [0.1, 0.3], [0.0, 0.2], [0.1, 0.1], [5.0, 1.0]]}
-LAM0, ETA, EPS = 1.0, 1.0, 1.0
+# (per-token retain NLL, answer tokens) of each micro-batch a rank sees: [optimizer step][micro-batch]. The ranks differ
+# in losses AND token counts; rank 1's 4th step holds a NaN logit (a non-finite step on one rank only).
+NAN = float("nan")
+LOSSES = {0: [[(1.0, 2), (2.0, 3)], [(0.5, 4), (0.5, 1)], [(0.3, 3), (0.1, 3)], [(0.1, 2), (0.2, 2)],
+              [(2.0, 2), (2.0, 2)]],
+          1: [[(4.0, 4), (3.0, 1)], [(0.1, 3), (0.3, 1)], [(0.2, 1), (0.2, 2)], [(NAN, 2), (0.1, 1)],
+              [(5.0, 2), (1.0, 1)]]}
+LAM0, ETA, EPS, V, T = 1.0, 1.0, 1.0, 8, 6
 
 
-def _worker(rank, world, init_file, out_dir):
+def _batch(nll: float, n: int) -> dict:
+    """One row whose n answer tokens (id 1) each have NLL ``nll`` under the logits :func:`_logits` makes."""
+    labels = torch.full((1, T), -100)
+    labels[0, 1:1 + n] = 1
+    return {"example_id": torch.tensor([0]), "input_ids": torch.ones(1, T, dtype=torch.long),
+            "attention_mask": torch.ones(1, T, dtype=torch.long), "labels": labels,
+            "sens_mask": torch.zeros(1, T, dtype=torch.bool), "common_mask": torch.zeros(1, T, dtype=torch.bool),
+            "nll": torch.tensor([nll])}
+
+
+def _logits(batch: dict, w: torch.Tensor) -> torch.Tensor:
+    """Logits 0 but a = -log((e^nll - 1)/(V - 1)) on token 1: NLL(1) = log(1 + (V - 1) e^-a) = nll (NaN stays NaN)."""
+    nll = float(batch["nll"])
+    a = -math.log(math.expm1(nll) / (V - 1)) if nll == nll else NAN
+    logits = torch.zeros(1, T, V)
+    logits[..., 1] = a
+    return logits + w  # attached to the fake engine's one weight, so backward runs
+
+
+class _Stream:
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def next(self):
+        return next(self.batches)
+
+
+class _Engine:
+    """What Trainer.train_step asks of DeepSpeed: backward, step, the optimizer's param groups, the grad norm."""
+
+    def __init__(self):
+        self.w = torch.zeros((), requires_grad=True)
+        self.optimizer = torch.optim.SGD([self.w], lr=0.0)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+
+    def get_global_grad_norm(self):
+        return None
+
+
+def _engine_worker(rank, world, init_file, out_dir, mode):
+    """The engine's real Trainer.train_step (window counts, terms, StepStats all-reduce, skip, dual step) on pd_flat,
+    with the model forward replaced by :func:`_logits` and DeepSpeed by :class:`_Engine`."""
+    from palu_ds.config import load_config, resolve
+    from palu_ds.engine import Trainer
+    from palu_ds.reference import NoReference
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        dual = DualVariable(lambda0=LAM0, eta=ETA, epsilon=EPS, warmup_steps=1)
-        lams, reduced = [], []
-        for window in LOSSES[rank]:
-            for loss in window:
-                dual.accumulate(loss)
-            reduced.append(dual.step())
-            lams.append(dual.value)
+        run = resolve(load_config(None, [
+            "model.path=m", "data.forget.source=f", "data.retain.source=r", "method.name=pd_flat",
+            "reference.mode=none", f"method.params.lambda0={LAM0}", f"method.params.eta_lambda={ETA}",
+            f"method.params.epsilon={EPS}", "method.params.dual_warmup_steps=1", f"method.params.dual_update={mode}",
+            "train.max_nonfinite=10"]))
+        t = Trainer(run, "unused.json")
+        t.rank, t.world, t.device, t.gas, t.total_steps, t.steps_per_epoch = rank, world, torch.device("cpu"), 2, 5, 5
+        t.engine, t.reference, t.dual = _Engine(), NoReference(), t._build_dual()
+        t.streams = {"forget": _Stream([_batch(1.0, 1)] * 10),
+                     "retain": _Stream([_batch(*m) for window in LOSSES[rank] for m in window])}
+        t._forward = lambda micro: {n: _logits(b, t.engine.w) for n, b in micro.items()}
+        steps = []
+        for _ in LOSSES[rank]:
+            s = t.train_step()
+            steps.append({"lam": t.dual.value, "retain": s["loss/retain"], "skipped": t.skipped,
+                          "scalar_lam": s["dual/lambda"]})
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump({"lams": lams, "reduced": reduced}, f)
+            json.dump(steps, f)
     finally:
         dist.destroy_process_group()
+
+
+def _expected(mode: str) -> list[float]:
+    """Lambda after each optimizer step, by hand: one dual step per finite optimizer step from the token-weighted
+    retain NLL of the whole window on both ranks (step mode), or one per finite micro-batch from that micro-batch's
+    token-weighted NLL on both ranks (micro_batch mode); the first dual step is the warm-up (no move)."""
+    lam, updates, out = LAM0, 0, []
+    for step in range(len(LOSSES[0])):
+        groups = [LOSSES[0][step] + LOSSES[1][step]] if mode == "step" else \
+            [[LOSSES[0][step][k], LOSSES[1][step][k]] for k in range(2)]
+        for group in groups:
+            mean = sum(nll * n for nll, n in group) / sum(n for _, n in group)
+            if mean == mean:  # a non-finite window / micro-batch moves nothing
+                updates += 1
+                if updates > 1:
+                    lam = max(0.0, lam + ETA * (mean - EPS))
+        out.append(lam)
+    return out
+
+
+@pytest.mark.distributed  # the test tier (registered with the tiers of issue 15, part B)
+@pytest.mark.parametrize("mode", ["step", "micro_batch"])
+def test_engine_lambda_identical_across_two_gloo_ranks(tmp_path, mode):
+    mp.spawn(_engine_worker, args=(2, str(tmp_path / "init"), str(tmp_path), mode), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1                                         # bit-identical lambda, losses and counts on both ranks
+    expect = _expected(mode)
+    assert [s["lam"] for s in r0] == pytest.approx(expect, rel=1e-5)
+    assert [s["scalar_lam"] for s in r0] == [s["lam"] for s in r0]
+    assert [s["skipped"] for s in r0] == [0, 0, 0, 1, 1]     # rank 1's NaN skips the step on both ranks
+    for step in (0, 1, 2, 4):                               # loss/retain: the token-weighted mean over window + ranks
+        window = LOSSES[0][step] + LOSSES[1][step]
+        want = sum(nll * n for nll, n in window) / sum(n for _, n in window)
+        assert r0[step]["retain"] == pytest.approx(want, rel=1e-5)
+    assert 0.0 in expect and len(set(expect)) > 2           # the projection and real moves were exercised
+    if mode == "step":
+        assert expect[3] == expect[2]                       # the skipped step leaves lambda where it was
+    # a rank-local update (open-unlearning's PDU) would have drifted apart on these losses
+    local = {r: _run(DualVariable(lambda0=LAM0, eta=ETA, epsilon=EPS, warmup_steps=1),
+                     [[sum(nll * n for nll, n in w) / sum(n for _, n in w)] for w in LOSSES[r][:3]]) for r in (0, 1)}
+    assert local[0] != local[1]
 
 
 def _open_unlearning_lambdas(retain_losses, gas, steps_per_epoch, lambda0, eta, eps, warmup_epochs):
@@ -156,7 +257,7 @@ def test_micro_batch_mode_reproduces_open_unlearning_lambda_trajectory():
     100 - 5 * (0.2 + 0.6 + 1.0 + 0.4) = 89 after the first post-warm-up optimizer step (4 dual steps; the default
     per-step mode would move 5 * 0.55 = 2.75), and 0 once the projection binds."""
     gas, spe = 4, 3
-    hp = {**get_method("pd_flat").defaults, "dual_update": "micro_batch", "dual_warmup_epochs": 5}
+    hp = get_method("pd_flat").hparams({"dual_update": "micro_batch", "dual_warmup_epochs": 5})
     assert (hp["lambda0"], hp["eta_lambda"], hp["epsilon"]) == (100.0, 5.0, 0.3)  # open-unlearning's TOFU run
     dual = DualVariable.from_hparams(hp)
     ours = []
@@ -176,21 +277,3 @@ def test_micro_batch_mode_reproduces_open_unlearning_lambda_trajectory():
     assert step_mode.value == pytest.approx(100 - 5 * 0.55)
     with pytest.raises(ValueError, match="dual_update must be one of"):
         DualVariable.from_hparams({**hp, "dual_update": "epoch"})
-
-
-def test_lambda_identical_across_two_gloo_ranks(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0 == r1                                         # bit-identical lambda (and reduced loss) on both ranks
-    lam, expect = LAM0, []
-    for step in range(len(LOSSES[0])):
-        mean = sum(LOSSES[0][step] + LOSSES[1][step]) / 4   # window AND ranks
-        assert r0["reduced"][step] == pytest.approx(mean)
-        if step >= 1:                                       # warmup_steps=1
-            lam = max(0.0, lam + ETA * (mean - EPS))
-        expect.append(lam)
-    assert r0["lams"] == pytest.approx(expect)
-    assert 0.0 in expect and len(set(expect)) > 2           # the projection and real moves were exercised
-    # a rank-local update (open-unlearning's PDU) would have drifted apart on these losses
-    local = {r: _run(DualVariable(lambda0=LAM0, eta=ETA, epsilon=EPS, warmup_steps=1), LOSSES[r]) for r in (0, 1)}
-    assert local[0] != local[1]

@@ -5,9 +5,12 @@ import os
 import pytest
 import torch
 
-from e2e import answer_nll, launch, state, summary
+from e2e import FAULTY, answer_nll, launch, state, summary
+
+from palu_ds.methods import METHODS
 
 pytestmark = pytest.mark.slow
+UNLEARNING = sorted(name for name, m in METHODS.items() if m.unlearning)
 
 BASE_TAGS = {"loss/total", "loss/forget", "lr", "throughput/tokens_per_s", "memory/peak_bytes", "grad/norm",
              "skipped_steps"}
@@ -18,17 +21,18 @@ def unlearn_args(tiny, target, out, method, stage=3, extra=()):
             f"model.path={target}", f"data.forget.source={tiny['data']}", f"data.retain.source={tiny['data']}",
             f"train.output_dir={out}", f"method.name={method}", "train.max_steps=4", "train.batch_size=4",
             "train.save_every=0", "data.max_length=64", "log.log_every=1"]
-    if method not in ("palu", "palu_pd"):
+    m = METHODS[method]
+    if not m.uses_spans:  # demo.yaml's params are PALU's (K, kl_topk)
         args.append("method.params={}")
     if method == "simnpo":
         # the test target is weakly trained (answer NLL ~1.7): at the paper's beta=4.5 SimNPO's gradient scale
         # sigmoid(-beta * NLL) is ~5e-4 and 4 steps move nothing measurable; beta=0.5 keeps the test meaningful
         args.append("method.params.beta=0.5")
-    if method == "grad_ascent":
+    if "retain" not in m.batches:
         args.append("data.retain=null")
-    if method == "idk_dpo":
+    if "idk" in m.batches:
         args += [f"data.idk.source={tiny['data']}", "data.idk.config=idontknow"]
-    if method in ("pd_flat", "palu_pd"):
+    if m.uses_dual:
         args.append("method.params.lambda0=1.0")
     return args + list(extra)
 
@@ -44,14 +48,14 @@ def tb_tags(out):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("method", ["palu", "pd_flat", "palu_pd", "grad_ascent", "grad_diff", "npo", "simnpo",
-                                    "idk_dpo"])
+@pytest.mark.parametrize("method", UNLEARNING)
 def test_method_end_to_end(tiny, target, tmp_path, method, stage):
     out = str(tmp_path / method)
     launch("launch/train.py", unlearn_args(tiny, target, out, method, stage))
     s = summary(out)
     assert s["steps"] == 4 and s["skipped_steps"] == 0
-    if method in ("palu", "palu_pd"):  # the span source and counts of the forget set (generated data is labelled)
+    m = METHODS[method]
+    if m.uses_spans:  # the span source and counts of the forget set (generated data is labelled)
         assert s["spans"]["source"] == "labels" and s["spans"]["spans"] > 0 and s["spans"]["init_tokens"] > 0
     else:
         assert s["spans"] is None
@@ -60,7 +64,7 @@ def test_method_end_to_end(tiny, target, tmp_path, method, stage):
     r0, r1 = answer_nll(target, tiny["data"], "retain90"), answer_nll(s["model"], tiny["data"], "retain90")
     print(f"\n{method} zero{stage}: forget NLL {f0:.3f} -> {f1:.3f}, retain NLL {r0:.3f} -> {r1:.3f}")
     assert f1 > f0
-    if method != "grad_ascent":
+    if "retain" in m.batches:
         assert (r1 - r0) < (f1 - f0)
     before, after = state(target), state(s["model"])
     assert set(before) == set(after)
@@ -73,12 +77,8 @@ def test_method_end_to_end(tiny, target, tmp_path, method, stage):
     gen = model.generate(**tok("Question: Who?\nAnswer:", return_tensors="pt"), max_new_tokens=5, do_sample=False)
     assert gen.shape[1] > 1
     tags = tb_tags(out)
-    want = set(BASE_TAGS)
-    if method != "grad_ascent":
-        want.add("loss/retain")
-    if method in ("palu", "palu_pd"):
-        want.add("loss/kl")
-    if method in ("pd_flat", "palu_pd"):
+    want = BASE_TAGS | {f"loss/{term}" for term in m.term_fns}
+    if m.uses_dual:
         want |= {"dual/lambda", "dual/slack"}
     assert want <= tags, f"missing TensorBoard tags: {want - tags}"
 
@@ -97,6 +97,33 @@ def test_micro_batch_dual_steps_on_two_ranks(tiny, target, tmp_path):
     assert 1.6 < ratio < 2.4, ratio
 
 
+@pytest.mark.parametrize("method", ["pd_flat", "palu"])
+def test_micro_batch_times_accumulation_is_one_update(tiny, target, tmp_path, method):
+    """The same 4 examples per optimizer step as ONE micro-batch of 4 or as TWO accumulated micro-batches of 2 (one
+    process, ZeRO-2, fp32) give the same update: loss terms, λ and gradient norm (rel 1e-5) and final weights (atol
+    1e-6) after 3 steps. Each term is ``local_sum / window_count`` and the loss is scaled by ``world × grad_accum``
+    to undo DeepSpeed's averaging, so the window, not the micro-batch, is the unit; only the padding width and the
+    order of the sums differ. The 40 forget rows make 10 micro-batches of 4 or 20 of 2: the windows stay inside
+    one epoch, holding the same rows in both runs (BatchStream slices one permutation in order)."""
+    runs = {}
+    for bs, gas in ((4, 1), (2, 2)):
+        out = str(tmp_path / f"bs{bs}_gas{gas}")
+        launch("launch/train.py", unlearn_args(tiny, target, out, method, 2, [
+            f"train.batch_size={bs}", f"train.grad_accum={gas}", "train.max_steps=3"]), nproc=1)
+        runs[gas] = summary(out)
+    a, b = runs[1], runs[2]
+    assert a["step_tokens"] == b["step_tokens"] and a["skipped_steps"] == b["skipped_steps"] == 0
+    for when in ("first", "last"):
+        keys = [k for k in a[when] if k.startswith(("loss/", "dual/", "grad/"))]
+        assert "grad/norm" in keys and "loss/retain" in keys
+        for k in keys:
+            assert b[when][k] == pytest.approx(a[when][k], rel=1e-5, abs=1e-7), (when, k)
+    wa, wb, before = state(a["model"]), state(b["model"]), state(target)
+    assert any(not torch.equal(wa[k], before[k]) for k in wa)  # the runs did train
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=0, msg=k)
+
+
 def test_resume_is_exact_on_two_ranks(tiny, target, tmp_path):
     """A run killed after step 4 (last checkpoint at step 3) and resumed ends with the same weights and λ as an
     uninterrupted run: atol 1e-6 on every weight (fp32 on CPU is deterministic for a fixed world size)."""
@@ -105,7 +132,7 @@ def test_resume_is_exact_on_two_ranks(tiny, target, tmp_path):
     launch("launch/train.py", unlearn_args(tiny, target, full, "pd_flat", 3, common))
     cut = str(tmp_path / "cut")
     args = unlearn_args(tiny, target, cut, "pd_flat", 3, common + ["train.save_every=3"])
-    p = launch("launch/train.py", args, env={"PALU_DS_FAULT": "crash_after=4"}, check=False)
+    p = launch(FAULTY, ["crash_after=4", *args], check=False)
     assert p.returncode != 0
     assert not os.path.exists(os.path.join(cut, "model"))
     launch("launch/train.py", args)  # auto-resume from step_000003
@@ -121,8 +148,7 @@ def test_nan_steps_are_skipped_and_counted(tiny, target, tmp_path):
     """Steps 3 and 4 have a NaN loss: they are skipped (no weight moves) and counted, so the final weights equal
     those of a run that stops after step 2."""
     out = str(tmp_path / "nan")
-    launch("launch/train.py", unlearn_args(tiny, target, out, "grad_diff", 2, ["train.max_nonfinite=10"]),
-           env={"PALU_DS_FAULT": "nan_from=3"})
+    launch(FAULTY, ["nan_from=3", *unlearn_args(tiny, target, out, "grad_diff", 2, ["train.max_nonfinite=10"])])
     assert summary(out)["skipped_steps"] == 2
     two = str(tmp_path / "two")
     launch("launch/train.py", unlearn_args(tiny, target, two, "grad_diff", 2, ["train.max_steps=2"]))
@@ -133,8 +159,8 @@ def test_nan_steps_are_skipped_and_counted(tiny, target, tmp_path):
 
 def test_nan_steps_in_a_row_stop_the_run_with_a_checkpoint(tiny, target, tmp_path):
     out = str(tmp_path / "nan")
-    p = launch("launch/train.py", unlearn_args(tiny, target, out, "grad_diff", 2, ["train.max_nonfinite=2"]),
-               env={"PALU_DS_FAULT": "nan_from=3"}, check=False)
+    p = launch(FAULTY, ["nan_from=3", *unlearn_args(tiny, target, out, "grad_diff", 2, ["train.max_nonfinite=2"])],
+               check=False)
     assert p.returncode != 0
     assert "2 optimizer steps in a row had a non-finite loss term" in p.stderr + p.stdout
     assert os.path.isfile(os.path.join(out, "checkpoints", "step_000004", "COMPLETE"))
@@ -212,7 +238,6 @@ def test_chunked_head_equals_dense_under_zero3_on_two_ranks(tiny, target, tmp_pa
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0, msg=k)
     out = str(tmp_path / "chunked_nan")
-    launch("launch/train.py", unlearn_args(tiny, target, out, method, 3, ["train.head_path=chunked",
-                                                                         "train.max_nonfinite=10"]),
-           env={"PALU_DS_FAULT": "nan_from=3"})
+    launch(FAULTY, ["nan_from=3", *unlearn_args(tiny, target, out, method, 3, ["train.head_path=chunked",
+                                                                                "train.max_nonfinite=10"])])
     assert summary(out)["skipped_steps"] == 2

@@ -96,7 +96,7 @@ def test_zero_width_offsets_are_refused_with_the_reason(tokenizer, zero_width_to
         QADataset([rec], zero_width_tokenizer, QAOptions(n_init=None))
     with pytest.raises(ZeroWidthOffsets, match="tokenizers=="):
         TextChunks(["Kalo Vomi was born in Veloria."], zero_width_tokenizer, 16, source="doc", n_init=2)
-    TextChunks(["Kalo Vomi was born in Veloria."], zero_width_tokenizer, 16, n_init=None)  # no spans, no offsets
+    TextChunks(["Kalo Vomi was born in Veloria."], zero_width_tokenizer, 16, spans=False)  # no spans, no offsets
 
 
 def test_whitespace_and_special_tokens_may_be_zero_width(tokenizer):

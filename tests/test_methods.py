@@ -9,7 +9,7 @@ import torch
 
 from palu_ds import losses as L
 from palu_ds.batch import shift
-from palu_ds.methods import METHODS, StepInputs, get_method
+from palu_ds.methods import METHODS, Method, StepInputs, get_method
 
 V, D, T = 11, 4, 9
 
@@ -85,6 +85,9 @@ DECLARED = {  # name: (batches, reference parts, uses_dual)
 }
 
 
+WITH_REFERENCE = sorted(name for name, m in METHODS.items() if not m.is_reference_free)
+
+
 def test_registry_and_declarations():
     assert set(METHODS) == set(DECLARED)
     for name, (batches, parts, dual) in DECLARED.items():
@@ -98,6 +101,43 @@ def test_registry_and_declarations():
         get_method("palu").hparams({"K2": 3})
     with pytest.raises(TypeError):
         get_method("palu").defaults["K"] = 3                 # defaults are read-only
+
+
+def test_what_each_method_declares_and_what_derives_from_it():
+    """The sourcing of each batch, the constraint term, the reference parts per batch, and the parts a run needs
+    (plus the reference's retain loss when epsilon is relative) all come from the one registry entry."""
+    idk = get_method("idk_dpo")
+    assert dict(idk.paired) == {"idk": "forget"} and idk.sampled == ("forget", "retain")
+    assert idk.reference_parts_for("forget") == idk.reference_parts_for("idk") == ("seq_logps",)
+    assert idk.reference_parts_for("retain") == () and idk.needs["idk"] == "refusal strings"
+    palu = get_method("palu")
+    assert palu.reference_parts_for("forget") == ("topk_ids", "kl") and palu.epoch_batch == "forget"
+    for name, m in METHODS.items():
+        assert m.constraint == ("retain" if m.uses_dual else None), name
+        assert m.needed_parts(m.hparams()) == m.reference_parts
+        assert m.unlearning == (name != "sft")
+    pd = get_method("pd_flat")
+    assert pd.needed_parts(pd.hparams({"epsilon": None, "epsilon_rel": 0.1})) == {"retain_loss"}
+    assert get_method("palu").needed_parts({"epsilon_rel": 0.1}) == {"topk_ids", "kl"}  # no constraint: no loss
+    ok = dict(name="x", batches=("forget", "retain"), term_fns={"retain": lambda x, hp: 0}, combine=lambda t, hp: 0)
+    with pytest.raises(ValueError, match="unknown reference parts"):
+        Method(**ok, reference={"forget": ("logits",)})
+    with pytest.raises(ValueError, match="not among its batches"):
+        Method(**ok, paired={"idk": "forget"})
+    with pytest.raises(ValueError, match="constraint"):
+        Method(**ok, constraint="kl")
+    with pytest.raises(TypeError):
+        Method("x", ("forget",), {}, lambda t, hp: 0)                # keyword arguments only
+
+
+def test_objective_adds_the_constraint_with_the_given_epsilon():
+    """lam * (terms[constraint] - eps): eps from the dual variable when given (the engine's calibrated one), else
+    hp["epsilon"] (0 when null); no constraint: lam is ignored."""
+    t = {"forget": torch.tensor(2.0), "retain": torch.tensor(3.0)}
+    pd = get_method("pd_flat")
+    assert pd.objective(t, {}, lam=4.0, epsilon=1.0).item() == pytest.approx(2 + 4 * (3 - 1))
+    assert pd.objective(t, {"epsilon": None, "epsilon_rel": 0.5}, lam=4.0).item() == pytest.approx(2 + 4 * 3)
+    assert get_method("grad_diff").objective(t, {}, lam=4.0, epsilon=1.0).item() == pytest.approx(2 + 3)
 
 
 def test_paper_defaults():
@@ -155,7 +195,7 @@ def test_objectives_combine_terms_with_weights_and_lambda():
 def test_precomputed_reference_equals_resident_reference():
     """Packed parts (kl_topk = V: sparse KL is then exact) give the same terms as the resident reference logits."""
     w = World()
-    for name in ("palu", "palu_pd", "npo", "idk_dpo"):
+    for name in WITH_REFERENCE:
         m = get_method(name)
         packed = m.terms(w.inputs(K=5, k=V), {"K": 5})
         resident = m.terms(w.inputs(ref="resident"), {"K": 5})
@@ -172,7 +212,7 @@ def test_precomputed_reference_equals_resident_reference():
     assert not torch.allclose(m.terms(w.inputs(K=5, k=V), {"K": 5, "kl_topk": 2})["kl"], exact["kl"])
 
 
-@pytest.mark.parametrize("name", ["palu", "palu_pd", "pd_flat", "npo", "simnpo", "idk_dpo", "grad_diff"])
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_terms_split_across_two_ranks_add_up_with_global_counts(name):
     m, w = get_method(name), World(B=5)
     full = m.terms(w.inputs(K=5), {"K": 5})

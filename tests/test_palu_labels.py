@@ -75,7 +75,7 @@ def test_dataset_dict_folder_split_and_folder_with_config(tmp_path):
 
 def test_span_source_reported_at_start_up(tokenizer, caplog):
     """PALU on detected spans warns and says how many; on labels it is an info line; a method that reads no spans
-    reports nothing. The dict goes into summary.json (palu_ds/run.py)."""
+    reports nothing. The dict goes into summary.json (palu_ds.engine.Trainer.summary)."""
     from palu_ds.data.build import report_spans
     from palu_ds.methods import METHODS
 
@@ -135,7 +135,7 @@ def test_labels_setting_applies_to_the_forget_set_only(name, tokenizer, tmp_path
                       [f"data.forget.source={FIX}", "data.forget.config=null", f"data.retain.source={retain}",
                        "data.retain.config=null", "data.span_source=labels"]
                       + ([f"data.idk.source={idk}"] if name == "idk_dpo" else []))
-    ds = build_datasets(cfg.data, tokenizer, METHODS[name].batches)
+    ds = build_datasets(cfg.data, tokenizer, METHODS[name])
     assert ds["forget"].span_info()["source"] == "labels" and ds["forget"].n_spans > 0
     for other in set(ds) - {"forget"}:
         info = ds[other].span_info()
@@ -144,7 +144,7 @@ def test_labels_setting_applies_to_the_forget_set_only(name, tokenizer, tmp_path
     # the forget set itself still demands its labels
     cfg.data.forget.source = str(retain)
     with pytest.raises(DataError, match="span_source is 'labels'"):
-        build_datasets(cfg.data, tokenizer, METHODS[name].batches)
+        build_datasets(cfg.data, tokenizer, METHODS[name])
 
 
 def test_spans_cli_labels_the_way_training_does(tmp_path, capsys):

@@ -6,10 +6,9 @@ import os
 import pytest
 import torch
 
-from palu_ds.config import load_config
+from palu_ds.config import load_config, resolve
 from palu_ds.data.build import build_datasets
 from palu_ds.data.collate import collate
-from palu_ds.methods import get_method
 from palu_ds.reference import (MANIFEST, CachedReference, CacheMismatch, ResidentReference, precompute,
                                reference_tensors)
 
@@ -23,10 +22,10 @@ def setup(tiny, tmp_path):
                                  "data.forget.config=forget10", f"data.retain.source={tiny['data']}",
                                  "data.retain.config=retain90", f"method.name={method}", "data.max_length=64",
                                  f"train.output_dir={tmp_path}/run", "train.batch_size=4", *overrides])
-        m = get_method(method)
-        hp = {**m.defaults, **cfg.method.params}
+        run = resolve(cfg)
+        cfg, m, hp = run.cfg, run.method, run.hp
         tok = AutoTokenizer.from_pretrained(tiny["model"])
-        ds = build_datasets(cfg.data, tok, m.batches)
+        ds = build_datasets(cfg.data, tok, m)
         ds["retain"].examples = ds["retain"].examples[:12]  # keep the retain pass short
         return cfg, m, hp, ds, tok
 

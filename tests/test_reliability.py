@@ -62,9 +62,8 @@ def small_cache(tiny, tmp_path):
     """A PALU reference cache of the tiny model over the forget set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from palu_ds.config import load_config
+    from palu_ds.config import load_config, resolve
     from palu_ds.data.build import build_datasets
-    from palu_ds.methods import get_method
     from palu_ds.reference import precompute
 
     cfg = load_config(None, [f"model.path={tiny['model']}", f"data.forget.source={tiny['data']}",
@@ -72,12 +71,13 @@ def small_cache(tiny, tmp_path):
                              "data.retain.config=retain90", "method.name=palu", "data.max_length=64",
                              f"train.output_dir={tmp_path}/run", "train.batch_size=4", "method.params.K=50",
                              "method.params.kl_topk=8"])
-    m = get_method("palu")
+    run = resolve(cfg)
+    m = run.method
     tok = AutoTokenizer.from_pretrained(tiny["model"])
-    ds = build_datasets(cfg.data, tok, m.batches)
+    ds = build_datasets(run.cfg.data, tok, m)
     model = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
     cache = str(tmp_path / "cache")
-    precompute(cfg, m, {**m.defaults, **cfg.method.params}, ds, tok, {}, cache, model=model)
+    precompute(run.cfg, m, run.hp, ds, tok, {}, cache, model=model)
     return cache
 
 
@@ -148,10 +148,10 @@ def test_out_of_range_settings_are_config_errors(override, message):
 
 
 def test_N_all_means_whole_spans():
-    from palu_ds.config import load_config
+    from palu_ds.config import load_config, resolve
 
-    assert load_config(None, BASE + ["method.params.N=all"]).data.n_init is None
-    assert load_config(None, BASE + ["method.params.N=2"]).data.n_init == 2
+    assert resolve(load_config(None, BASE + ["method.params.N=all"])).cfg.data.n_init is None
+    assert resolve(load_config(None, BASE + ["method.params.N=2"])).cfg.data.n_init == 2
 
 
 def test_K_above_the_vocabulary_is_an_error_not_a_clamp(tiny):
@@ -222,17 +222,17 @@ def test_a_stopped_peer_ends_the_job_within_the_timeout(tiny, tmp_path):
 
     import psutil
 
-    from e2e import ROOT, cpu_env, free_port
+    from e2e import FAULTY, ROOT, cpu_env, free_port
 
     out = str(tmp_path / "hang")
     timeout = 8
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           "launch/train.py", *_train_args(tiny, tiny["model"], out, "method.name=grad_diff", "method.params={}",
-                                           "train.max_steps=1000", "train.batch_size=2", f"train.timeout={timeout}",
-                                           "log.log_every=1")]
+           FAULTY, "stop_rank=1,stop_at=3",
+           *_train_args(tiny, tiny["model"], out, "method.name=grad_diff", "method.params={}", "train.max_steps=1000",
+                        "train.batch_size=2", f"train.timeout={timeout}", "log.log_every=1")]
     log_path = tmp_path / "log"
     with open(log_path, "w") as log:
-        p = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(PALU_DS_FAULT="stop_rank=1,stop_at=3"), stdout=log,
+        p = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)
 
     def rank(r):
@@ -431,13 +431,12 @@ def test_skipped_steps_leave_adam_state_unchanged_and_the_pre_nan_checkpoint_sur
     """Steps 3 and 4 are non-finite on 2 ranks (ZeRO-2), a checkpoint every step, keep_last=1: the checkpoint of
     step 2 (the last before the streak) is kept, and the optimizer state of step 4 equals that of step 2 -- Adam's
     moments and step count did not move during the skipped steps (with lr=0 they decayed and counted)."""
-    from e2e import launch, summary
+    from e2e import FAULTY, launch, summary
 
     out = str(tmp_path / "nan")
-    launch("launch/train.py", _train_args(tiny, target, out, "method.name=grad_diff", "method.params={}",
-                                          "train.batch_size=4", "train.max_steps=4", "train.save_every=1",
-                                          "train.keep_last=1", "train.max_nonfinite=10"),
-           env={"PALU_DS_FAULT": "nan_from=3"})
+    launch(FAULTY, ["nan_from=3", *_train_args(tiny, target, out, "method.name=grad_diff", "method.params={}",
+                                               "train.batch_size=4", "train.max_steps=4", "train.save_every=1",
+                                               "train.keep_last=1", "train.max_nonfinite=10")])
     assert summary(out)["skipped_steps"] == 2
     ckpts = sorted(os.listdir(os.path.join(out, "checkpoints")))
     assert [c for c in ckpts if c.startswith("step_")] == ["step_000002", "step_000004"]
@@ -506,12 +505,12 @@ def test_line_numbers_count_blank_lines_as_an_editor_does(tmp_path, tokenizer):
 
 
 def test_a_run_resumed_after_a_failed_final_save_writes_a_full_summary(tiny, target, tmp_path):
-    from e2e import launch, summary
+    from e2e import FAULTY, launch, summary
 
     out = str(tmp_path / "run")
     args = _train_args(tiny, target, out, "method.name=grad_diff", "method.params={}", "train.batch_size=4",
                        "train.max_steps=2")
-    p = launch("launch/train.py", args, nproc=1, check=False, env={"PALU_DS_FAULT": "crash_in_save_model=1"})
+    p = launch(FAULTY, ["crash_in_save_model=1", *args], nproc=1, check=False)
     assert p.returncode != 0 and not os.path.exists(os.path.join(out, "summary.json"))
     assert os.path.isfile(os.path.join(out, "checkpoints", "step_000002", "COMPLETE"))
     launch("launch/train.py", args, nproc=1)  # resumes at step 2 = the end: only the final save is left

@@ -1,4 +1,4 @@
-"""Build the datasets a run needs (forget, retain, idk) from the data config."""
+"""Build the data sets a run needs -- one per batch of its method (palu_ds.methods) -- from the data config."""
 
 from __future__ import annotations
 
@@ -56,23 +56,32 @@ def report_spans(datasets: dict, method) -> dict | None:
     return info
 
 
-def build_datasets(data_cfg, tokenizer, names: tuple[str, ...], seed: int = 0) -> dict:
-    """``names`` is the method's batches, e.g. ("forget", "retain", "idk")."""
+def build_paired(src, partner, data_cfg, tokenizer, seed: int = 0, what: str = "answers"):
+    """A paired batch's data set: the ``partner`` source's rows (same prompts, same order, so example ids match
+    row for row) with each answer replaced by one of the answers of ``src``, drawn with ``seed`` (IdkDPO: the
+    forget prompts with refusal strings)."""
+    partner_records = load_records(partner.source, partner.config, partner.split)
+    rows = load_records(src.source, src.config, src.split)
+    answers = []
+    for i, r in enumerate(rows):
+        text = r if isinstance(r, str) else r.get(data_cfg.answer_key) if isinstance(r, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(_name(src), at(rows, i), data_cfg.answer_key, "is missing or empty",
+                            f"each row of {what} needs a non-empty answer")
+        answers.append(text)
+    recs = with_refusals(partner_records, answers, data_cfg.answer_key, seed)
+    return QADataset(recs, tokenizer, qa_options(data_cfg, spans=False), source=_name(src))
+
+
+def build_datasets(data_cfg, tokenizer, method, seed: int = 0) -> dict:
+    """One data set per batch of ``method`` (palu_ds.methods.Method): ``data.<batch>``, or for a paired batch
+    its partner's prompts with its own answers (:func:`build_paired`)."""
     out = {}
-    for name in names:
-        if name == "idk":
-            forget_records = load_records(data_cfg.forget.source, data_cfg.forget.config, data_cfg.forget.split)
-            refusal_rows = load_records(data_cfg.idk.source, data_cfg.idk.config, data_cfg.idk.split)
-            refusals = []
-            for i, r in enumerate(refusal_rows):
-                text = r if isinstance(r, str) else r.get(data_cfg.answer_key) if isinstance(r, dict) else None
-                if not isinstance(text, str) or not text.strip():
-                    raise DataError(_name(data_cfg.idk), at(refusal_rows, i), data_cfg.answer_key,
-                                    "is missing or empty",
-                                    "each refusal row needs a non-empty answer")
-                refusals.append(text)
-            recs = with_refusals(forget_records, refusals, data_cfg.answer_key, seed)
-            out[name] = QADataset(recs, tokenizer, qa_options(data_cfg, spans=False), source=_name(data_cfg.idk))
+    for name in method.batches:
+        src = getattr(data_cfg, name)
+        if name in method.paired:
+            partner = getattr(data_cfg, method.paired[name])
+            out[name] = build_paired(src, partner, data_cfg, tokenizer, seed, method.needs.get(name, name))
         else:
-            out[name] = build_one(getattr(data_cfg, name), data_cfg, tokenizer, spans=name == "forget")
+            out[name] = build_one(src, data_cfg, tokenizer, spans=name == "forget")
     return out

@@ -1,7 +1,8 @@
 """MUSE-style raw text: documents joined with "\\n\\n" and cut into ``max_length``-token chunks (BOS on each).
 
-Every token is a label. Sensitive spans come from :func:`detect_text_spans` (names, places, titles, dates) when
-``n_init`` is given: I_init = the first ``n_init`` tokens of each span, common = the tokens outside spans.
+Every token is a label. Sensitive spans come from :func:`detect_text_spans` (names, places, titles, dates): I_init =
+the first ``n_init`` tokens of each span (every token of it when ``n_init`` is None, as for QA data), common = the
+tokens outside spans. ``spans=False``: no span at all (every token common).
 """
 
 from __future__ import annotations
@@ -11,14 +12,12 @@ import torch
 from palu_ds.data.errors import DataError
 from palu_ds.data.spans import check_offsets, detect_text_spans, split_init_common, token_mask_from_spans
 
-_ALL = object()
-
-
 class TextChunks(torch.utils.data.Dataset):
-    """Next-token examples over raw text; ``n_init=None`` marks no span (every token common)."""
+    """Next-token examples over raw text; ``n_init`` as ``data.n_init`` (None: whole spans); ``spans=False`` marks
+    no span (every token common, no offsets needed)."""
 
     def __init__(self, documents: list, tokenizer, max_length: int, source: str = "<documents>",
-                 n_init=_ALL):
+                 n_init: int | None = None, spans: bool = True):
         for i, d in enumerate(documents):
             if not isinstance(d, str) or not d.strip():
                 raise DataError(source, i, None, "is not a non-empty string", "raw-text files hold a list of texts")
@@ -26,18 +25,18 @@ class TextChunks(torch.utils.data.Dataset):
             raise ValueError("max_length must be at least 2")
         self.source = source
         text = "\n\n".join(documents)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=n_init is not None)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=spans)
         ids = enc["input_ids"]
-        if n_init is None:
+        if not spans:
             init, common = [False] * len(ids), [True] * len(ids)
         else:
             check_offsets(tokenizer, ids, enc["offset_mapping"], source)
             sens = token_mask_from_spans(enc["offset_mapping"], detect_text_spans(text))
-            init, common = split_init_common(sens, None if n_init is _ALL else n_init)
+            init, common = split_init_common(sens, n_init)
         self.source = source
-        self.n_spans = 0 if n_init is None else len(detect_text_spans(text))
-        self.n_init = None if n_init is _ALL else n_init
-        self.span_source = "none" if n_init is None else "text_detector"
+        self.n_spans = len(detect_text_spans(text)) if spans else 0
+        self.n_init = n_init
+        self.span_source = "text_detector" if spans else "none"
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         step = max_length - len(bos)
         self.examples = []

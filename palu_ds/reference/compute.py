@@ -16,7 +16,7 @@ from palu_ds.atomic import atomic_path, write_json
 from palu_ds.batch import shift
 
 from .key import MANIFEST, CacheMismatch, _diff, cache_key
-from .parts import _vocab_size, answer_nll_sums, id_dtype, needed_parts, parts_for, reference_tensors, topk_sizes
+from .parts import _vocab_size, answer_nll_sums, id_dtype, reference_tensors, topk_sizes
 
 log = logging.getLogger("palu_ds")
 
@@ -35,10 +35,10 @@ def rank_batches(ds, batch_size: int, pad_id: int, device):
         yield {k: v.to(device) for k, v in batch.items()}, bool(chunk)
 
 
-def _cache_names(want, datasets) -> list[str]:
-    names = [n for n in datasets if parts_for(want, n)]
-    if "retain_loss" in want and "retain" in datasets:
-        names.append("retain")
+def _cache_names(method, want, datasets) -> list[str]:
+    names = [n for n in datasets if method.reference_parts_for(n)]
+    if "retain_loss" in want and method.constraint in datasets:
+        names.append(method.constraint)
     return sorted(set(names))
 
 
@@ -67,10 +67,10 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     V = _vocab_size(model)
     K, k = topk_sizes(hp, V, cfg.method.params, cfg.reference.model or cfg.model.path)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    want = needed_parts(method, hp)
+    want = method.needed_parts(hp)
     retain_sums = torch.zeros(2, dtype=torch.float64)
-    for name in _cache_names(want, datasets):
-        ds, parts = datasets[name], parts_for(want, name)
+    for name in _cache_names(method, want, datasets):
+        ds, parts = datasets[name], method.reference_parts_for(name)
         store: dict[str, list] = {p: [] for p in ("topk_ids", "kl_ids", "kl_logps")}
         ids, seq, sens_n, common_n = [], [], [], []
         for batch, real in rank_batches(ds, cfg.train.batch_size, tokenizer.pad_token_id, device):
@@ -78,7 +78,7 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             if not real:
                 continue
-            if name == "retain" and "retain_loss" in want:
+            if name == method.constraint and "retain_loss" in want:
                 retain_sums += answer_nll_sums(logits, batch).cpu()
             if not parts:
                 continue

@@ -10,7 +10,6 @@ import os
 
 from palu_ds import __version__
 
-from .parts import needed_parts
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 2  # 2: the manifest records each shard's sha256 (``shard_sha256``), checked when the shard is opened
@@ -58,7 +57,7 @@ def dataset_fingerprint(ds) -> str:
 def cache_key(cfg, method, hp, datasets, tokenizer) -> dict:
     from palu_ds.data.prompt import prompt_format_id
 
-    want = needed_parts(method, hp)
+    want = method.needed_parts(hp)
     ref_path = cfg.reference.model or cfg.model.path
     key = {
         "model": model_fingerprint(ref_path), "tokenizer": tokenizer_fingerprint(tokenizer),

@@ -16,20 +16,7 @@ ROW_PARTS = {"topk_ids": ("topk_ids",), "kl": ("kl_ids", "kl_logps")}
 
 
 # ---------------------------------------------------------------------- what the reference contributes
-def needed_parts(method, hp) -> frozenset[str]:
-    """The method's reference parts, plus the reference retain loss when ε is relative (ε = (1 + a)·L_ref)."""
-    extra = {"retain_loss"} if hp.get("epsilon_rel") is not None else set()
-    return frozenset(method.reference_parts) | extra
-
-
-def parts_for(want: frozenset[str], name: str) -> tuple[str, ...]:
-    """Which of the parts ``want`` batch ``name`` needs: top-K and KL on the forget set, sequence log-probs on
-    forget/idk (the retain loss is a scalar of the manifest, not rows)."""
-    if name == "forget":
-        return tuple(p for p in ("topk_ids", "kl", "seq_logps") if p in want)
-    if name == "idk":
-        return ("seq_logps",) if "seq_logps" in want else ()
-    return ()
+# Which parts each batch needs is declared by the method (palu_ds.methods.Method.reference / needed_parts).
 
 
 def reference_tensors(logits: torch.Tensor, batch: dict, parts: tuple[str, ...], K: int, k: int) -> dict:

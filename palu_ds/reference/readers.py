@@ -13,7 +13,7 @@ from palu_ds import dist
 
 from .compute import load_reference_model, precompute, rank_batches
 from .key import MANIFEST
-from .parts import _vocab_size, answer_nll_sums, needed_parts, parts_for, reference_tensors, topk_sizes
+from .parts import _vocab_size, answer_nll_sums, reference_tensors, topk_sizes
 
 
 class NoReference:
@@ -103,14 +103,14 @@ class ResidentReference:
     """The reference kept live (for comparison): computes the same packed tensors per batch on the fly."""
 
     def __init__(self, model, method, hp, datasets, tokenizer, batch_size: int, given: dict | None = None):
-        self.model, self.want = model, needed_parts(method, hp)
+        self.model, self.method = model, method
         V = _vocab_size(model)
         self.K, self.k = topk_sizes(hp, V, given)
         self._retain = None
         self.datasets, self.tokenizer, self.batch_size = datasets, tokenizer, batch_size
 
     def lookup(self, name: str, batch: dict) -> dict:
-        parts = parts_for(self.want, name)
+        parts = self.method.reference_parts_for(name)
         if not parts:
             return {}
         with torch.no_grad():
@@ -122,8 +122,8 @@ class ResidentReference:
         if self._retain is None:
             sums = torch.zeros(2, dtype=torch.float64)
             device = next(self.model.parameters()).device
-            for batch, real in rank_batches(self.datasets["retain"], self.batch_size, self.tokenizer.pad_token_id,
-                                            device):
+            retain = self.datasets[self.method.constraint]
+            for batch, real in rank_batches(retain, self.batch_size, self.tokenizer.pad_token_id, device):
                 with torch.no_grad():
                     logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 if real:
@@ -135,12 +135,12 @@ class ResidentReference:
 
 def build_reference(cfg, method, hp, datasets, tokenizer, ds_config):
     """The reference provider the training loop asks for each batch's tensors."""
-    if not needed_parts(method, hp) or cfg.reference.mode == "none":
+    if not method.needed_parts(hp) or cfg.reference.mode == "none":
         return NoReference()
     if cfg.reference.mode == "resident":
         model = load_reference_model(cfg, ds_config)
         return ResidentReference(model, method, hp, datasets, tokenizer, cfg.train.batch_size, cfg.method.params)
-    cache_dir = cfg.reference.cache_dir or os.path.join(cfg.train.output_dir, "reference_cache")
+    cache_dir = cfg.reference.cache_dir  # resolved (palu_ds.config.resolve): <output_dir>/reference_cache by default
     manifest = precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir)
     import gc
 
