@@ -55,10 +55,13 @@ from benchmarks.mini_tofu import (ROWS_PER_AUTHOR, Stages, add_relative, evenly,
                                    tofu_perturbed_index, write_jsonl)
 from palu_ds.data.io import read_json_records
 from palu_ds.localrun import setdefaults
+from palu_ds.methods import METHODS as REGISTRY
 
 ROOT = Path(__file__).resolve().parents[1]
 
-METHODS = ("palu", "palu_detector", "pd_flat", "palu_pd", "grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo")
+#: every unlearning method of the registry, and palu once more on the project's span detector instead of PALU's labels
+METHODS = tuple(n for m in REGISTRY.values() if m.unlearning for n in ((m.name, "palu_detector") if m.name == "palu"
+                                                                        else (m.name,)))
 #: K / N ablations of PALU (the main run: K 5000, N 3); "all" = the whole vocabulary for K, whole spans for N
 ABLATIONS = ("K1", "K100", "K1000", "Kall", "N1", "Nall")
 DEFAULT_ABLATIONS = ("K1", "Kall", "N1")
@@ -293,7 +296,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     out = Path(args.out)
     out = out if out.is_absolute() else ROOT / out
-    stages = Stages(out, args.fresh)
+    stages = Stages(out, args.fresh, tag="tofu_real")
     if args.model:
         base = Path(args.model)
     else:

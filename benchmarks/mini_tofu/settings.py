@@ -1,9 +1,11 @@
 """mini-TOFU's settings: the same for every author range and seed (chosen on a development range, not on the
 reported one; see BENCHMARKS.md "## mini-TOFU")."""
 
+from palu_ds.methods import METHODS as REGISTRY
+
 ROWS_PER_AUTHOR = 20
 N_PERTURBED = 5
-METHODS = ("palu", "pd_flat", "palu_pd", "grad_ascent", "grad_diff", "npo", "simnpo", "idk_dpo")
+METHODS = tuple(m.name for m in REGISTRY.values() if m.unlearning)  # every unlearning method of the registry
 BASELINES_FOR_GOAL = ("grad_diff", "npo")
 
 MODEL = {"vocab_size": 2048, "hidden": 128, "layers": 4, "heads": 4, "intermediate": 344, "max_positions": 512}

@@ -10,16 +10,19 @@ import subprocess
 import time
 from pathlib import Path
 
+from palu_ds.atomic import write_json
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class Stages:
     """Runs commands with their output in ``OUT/logs/<name>.log``, times them, and skips a stage whose command,
     input files (size + mtime of e.g. the model it starts from) and outputs are unchanged since a previous run
-    (``--fresh`` redoes everything)."""
+    (``--fresh`` redoes everything).  A reused stage reports the seconds it took when it ran; ``tag`` prefixes the
+    printed lines."""
 
-    def __init__(self, out: Path, fresh: bool):
-        self.out, self.fresh = out, fresh
+    def __init__(self, out: Path, fresh: bool, tag: str = "mini_tofu"):
+        self.out, self.fresh, self.tag = out, fresh, tag
         self.seconds: dict[str, float] = {}
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -37,9 +40,12 @@ class Stages:
             retries: int = 0) -> bool:
         stamp = self.logs / f"{name}.cmd.json"
         key = {"cmd": cmd, "inputs": self._fingerprint(inputs)}
-        if not self.fresh and done is not None and done.exists() and stamp.exists() \
-                and json.loads(stamp.read_text()) == key:
-            print(f"[mini_tofu] {name}: reused ({done})", flush=True)
+        stored = json.loads(stamp.read_text()) if stamp.exists() else {}
+        if not self.fresh and done is not None and done.exists() and \
+                {k: stored.get(k) for k in key} == key:
+            if stored.get("seconds") is not None:
+                self.seconds[name] = stored["seconds"]
+            print(f"[{self.tag}] {name}: reused ({done})", flush=True)
             return True
         if before is not None:
             before()
@@ -53,14 +59,16 @@ class Stages:
         if rc != 0:
             stamp.unlink(missing_ok=True)
             tail = log.read_text().splitlines()[-15:]
-            print(f"[mini_tofu] {name}: FAILED (exit {rc}) in {self.seconds[name]} s; log {log}:\n  "
+            print(f"[{self.tag}] {name}: FAILED (exit {rc}) in {self.seconds[name]} s; log {log}:\n  "
                   + "\n  ".join(tail), flush=True)
             if retries > 0:
                 shutil.copy(log, log.with_suffix(f".failed{retries}.log"))
-                print(f"[mini_tofu] {name}: retrying ({retries} left)", flush=True)
+                print(f"[{self.tag}] {name}: retrying ({retries} left)", flush=True)
                 return self.run(name, cmd, done, inputs, before, retries - 1)
             return False
-        stamp.write_text(json.dumps(key))
+        write_json(stamp, {**key, "seconds": self.seconds[name]})
+        print(f"[{self.tag}] {name}: {self.seconds[name]} s", flush=True)
+        return True
 
 
 def read_json(path: Path) -> dict:
