@@ -51,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.mini_tofu import (ROWS_PER_AUTHOR, Stages, add_relative, evenly, fmt, goal_check, read_json,
+from benchmarks.mini_tofu import (ROWS_PER_AUTHOR, Stages, add_relative, evenly, goal_check, metrics_table, read_json,
                                    tofu_perturbed_index, write_jsonl)
 from palu_ds.data.io import read_json_records
 from palu_ds.localrun import setdefaults
@@ -173,11 +173,7 @@ def goal(results: dict[str, dict]) -> dict:
 
 
 def markdown_table(rows: list[tuple[str, dict]]) -> str:
-    head = "| run | " + " | ".join(c[1] for c in COLUMNS) + " |"
-    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
-    for label, m in rows:
-        lines.append(f"| {label} | " + " | ".join(fmt(m.get(k), k) for k, _ in COLUMNS) + " |")
-    return "\n".join(lines)
+    return metrics_table(rows, COLUMNS)
 
 
 def render_markdown(report: dict) -> str:

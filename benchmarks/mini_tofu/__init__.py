@@ -47,8 +47,8 @@ perturbed answers), :mod:`.specs` (stage 3's runs), :mod:`.stages` (the runner t
 """
 
 from .pipeline import main
-from .report import (COLUMNS, FOOTNOTE, NOT_MEASURED, add_relative, fmt, goal_check, markdown_table, render_markdown,
-                     render_png)
+from .report import (COLUMNS, FOOTNOTE, NOT_MEASURED, add_relative, fmt, goal_check, markdown_table, metrics_table,
+                     render_markdown, render_png)
 from .settings import (ABLATION_K, ABLATION_N, BASELINES_FOR_GOAL, FAMILY, FAMILY_LR, MAX_LENGTH, MEMORIZED_NLL, METHODS,
                        MODEL, N_PERTURBED, PAPER_K, PAPER_VOCAB, PRETRAIN_EPOCHS, QUICK, RETAIN_EVAL_ROWS,
                        ROWS_PER_AUTHOR, SFT, UNLEARN)
@@ -62,7 +62,8 @@ __all__ = ["ABLATION_K", "ABLATION_N", "BASELINES_FOR_GOAL", "COLUMNS", "FAMILY"
            "MAX_LENGTH", "MEMORIZED_NLL", "METHODS", "MODEL", "NOT_MEASURED", "N_PERTURBED", "PAPER_K", "PAPER_VOCAB",
            "PRETRAIN_EPOCHS", "QUICK", "RETAIN_EVAL_ROWS", "ROOT", "ROWS_PER_AUTHOR", "SFT", "Stages", "UNLEARN",
            "add_relative", "author_name", "author_rows", "borrowed_perturbations", "build_splits", "drop_checkpoints",
-           "drop_shm_buffers", "evenly", "fmt", "goal_check", "main", "markdown_table", "parse_authors",
+           "drop_shm_buffers", "evenly", "fmt", "goal_check", "main", "markdown_table", "metrics_table",
+           "parse_authors",
            "parse_forget", "question_words", "read_json", "reference_dir", "rename", "render_markdown", "render_png",
            "run_specs", "scaled_k", "split_authors", "split_names", "tofu_perturbed_index", "tokenizer_texts",
            "write_jsonl"]

@@ -36,14 +36,21 @@ def add_relative(results: dict[str, dict]) -> None:
         m["mu_rel"] = mu / mu_t if mu is not None and mu_t else None
 
 
-def markdown_table(rows: list[tuple[str, dict]], extra: tuple[str, str] | None = None) -> str:
-    """One markdown table: ``rows`` = ``[(label, metrics)]``; columns :data:`COLUMNS` + real authors/world facts."""
-    cols = COLUMNS + ([extra] if extra else [])
-    head = "| run | " + " | ".join(c[1] for c in cols) + " | real authors / world facts |"
-    lines = [head, "|---" * (len(cols) + 2) + "|"]
+def metrics_table(rows: list[tuple[str, dict]], columns: list[tuple[str, str]],
+                  constant: tuple[str, str] | None = None) -> str:
+    """One markdown table: ``rows`` = ``[(label, metrics)]``, ``columns`` = ``[(metric key, header)]`` (values by
+    :func:`fmt`); ``constant`` = ``(header, cell)`` of a last column with the same cell on every row."""
+    heads = [c[1] for c in columns] + ([constant[0]] if constant else [])
+    lines = ["| run | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for label, m in rows:
-        lines.append(f"| {label} | " + " | ".join(fmt(m.get(k), k) for k, _ in cols) + f" | {NOT_MEASURED} |")
+        cells = [fmt(m.get(k), k) for k, _ in columns] + ([constant[1]] if constant else [])
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def markdown_table(rows: list[tuple[str, dict]], extra: tuple[str, str] | None = None) -> str:
+    """mini-TOFU's table: columns :data:`COLUMNS` (+ ``extra``) + real authors/world facts, not measured."""
+    return metrics_table(rows, COLUMNS + ([extra] if extra else []), ("real authors / world facts", NOT_MEASURED))
 
 
 def goal_check(results: dict[str, dict], method: str = "palu") -> dict:
