@@ -20,8 +20,8 @@ Stages (each timed; logs in ``OUT/logs``; reused when its command and inputs are
 1. data in ``OUT/data``;
 2. target = SFT of the base on retain + forget, retain model = the same recipe on retain alone
    (``launch/finetune.py``, 1 process); both cached in ``OUT/models/<name>-<key>`` where key is a sha256 of the base
-   model's weights, the training rows and the recipe, so a rerun (or another ``--out``) with the same three skips
-   them;
+   model's config and weight files (``palu_ds.reference.model_fingerprint``), the training rows and the recipe, so
+   a rerun (or another ``--out``) with the same three skips them;
 3. every method (``launch/train.py``, 1 process, ``ds_configs/cpu/zero2.json``; each run builds its reference in its
    own folder): palu with PALU's GPT-labelled spans (``--palu-labels``, PALU's ``save_to_disk`` folder), palu with
    the project's span detector, pd_flat, palu_pd, grad_ascent, grad_diff, npo, simnpo, idk_dpo; then the PALU
@@ -314,9 +314,9 @@ def main(argv=None) -> int:
     specs = run_specs(methods, ablations, vocab)
 
     # 2. target and retain models, cached by content
-    from palu_ds.integrity import cached_file_digest
+    from palu_ds.reference import model_fingerprint
 
-    base_digest = cached_file_digest(str(base / "model.safetensors"))
+    base_digest = model_fingerprint(str(base))  # config.json + every weight file (sharded or not), as the reference key
     sft_overrides = [f"data.max_length={MAX_LENGTH}", f"train.lr={SFT['lr']}", f"train.epochs={SFT['epochs']}",
                      f"train.batch_size={SFT['batch_size']}", f"train.warmup_steps={SFT['warmup_steps']}",
                      f"train.scheduler={SFT['scheduler']}", f"train.weight_decay={SFT['weight_decay']}",
@@ -409,7 +409,7 @@ def main(argv=None) -> int:
     # 6. report
     report = {
         "command": " ".join(["python", "benchmarks/tofu_real.py", *(argv if argv is not None else sys.argv[1:])]),
-        "base_model": str(base), "base_sha256": base_digest, "data": info, "vocab_size": vocab,
+        "base_model": str(base), "base_fingerprint": base_digest, "data": info, "vocab_size": vocab,
         "settings": {"sft": SFT, "unlearn": UNLEARN, "unlearn_lr": unlearn_lr, "max_length": MAX_LENGTH,
                      "max_new_tokens": max_new, "utility_rows": None if args.full else args.utility_rows,
                      "ds_config": DS, "threads": os.environ["OMP_NUM_THREADS"], "sft_models": {
