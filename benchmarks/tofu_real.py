@@ -22,22 +22,28 @@ Stages (each timed; logs in ``OUT/logs``; reused when its command and inputs are
    (``launch/finetune.py``, 1 process); both cached in ``OUT/models/<name>-<key>`` where key is a sha256 of the base
    model's config and weight files (``palu_ds.reference.model_fingerprint``), the training rows and the recipe, so
    a rerun (or another ``--out``) with the same three skips them;
-3. every method (``launch/train.py``, 1 process, ``ds_configs/cpu/zero2.json``; each run builds its reference in its
+3. the learning-rate sweep on development authors (see "Hyper-parameters" below): the development target (the same
+   SFT recipe on retain + authors 196-197), its and the retain model's evaluation on those authors, and one method of
+   each family at each lr of the grid (``OUT/dev``, ``OUT/dev/sweep.json``);
+4. every method (``launch/train.py``, 1 process, ``ds_configs/cpu/zero2.json``; each run builds its reference in its
    own folder): palu with PALU's GPT-labelled spans (``--palu-labels``, PALU's ``save_to_disk`` folder), palu with
    the project's span detector, pd_flat, palu_pd, grad_ascent, grad_diff, npo, simnpo, idk_dpo; then the PALU
    ablations of ``--ablations`` (K = top-K of the reference flattened, N = first N tokens of each span);
-4. ``evaluation/run.py`` (TOFU suite, forget + retain + real_authors + world_facts) for the retain model, the base
+5. ``evaluation/run.py`` (TOFU suite, forget + retain + real_authors + world_facts) for the retain model, the base
    model, the target and every unlearned model; forget quality = KS test against the retain model's forget truth
    ratios;
-5. answer NLL by position kind (I_init / rest of span / common, PALU's labels) for the base, retain, target and
+6. answer NLL by position kind (I_init / rest of span / common, PALU's labels) for the base, retain, target and
    every method (``benchmarks/position_nll.py``'s function);
-6. ``OUT/tofu_real.md`` (tables, goal check), ``OUT/tofu_real.json`` (every number, settings, stage seconds),
+7. ``OUT/tofu_real.md`` (tables, goal check), ``OUT/tofu_real.json`` (every number, settings, stage seconds),
    ``OUT/tofu_real.png`` (forget quality vs model utility; the retain model is the ideal point).
 
-Hyper-parameters, fixed before any unlearning run (no sweep, so nothing is tuned on the reported authors):
-every method keeps the registry's defaults (the papers': PALU gamma 1, alpha 1, K 5000, N 3; NPO beta 0.1; PDU's
-lambda0 / eta / epsilon from its authors' TOFU script) and runs at the target's SFT learning rate, the rule
-open-unlearning follows on TOFU (its Llama fine-tuning and unlearning both use lr 1e-5).
+Hyper-parameters: every method keeps the registry's defaults (the papers': PALU gamma 1, alpha 1, K 5000, N 3; NPO
+beta 0.1; PDU's lambda0 / eta / epsilon from its authors' TOFU script).  The unlearning learning rate is one per method
+family, chosen by the development sweep (``--lr-choice sweep``, the default; stage 3 above runs it before the
+reported runs): TOFU authors 196-197, never the reported ones, a grid of 0.1x / 0.3x / 1x the target's SFT lr, and
+mini-TOFU's selection rule -- all written down in ``benchmarks/tofu_real_dev.py`` before any sweep ran.
+``--lr-choice rule`` runs every method at the target's SFT lr instead, the rule open-unlearning follows on TOFU (its
+Llama fine-tuning and unlearning both use lr 1e-5); ``--full`` needs it (no author is left outside forget and retain).
 """
 
 from __future__ import annotations
@@ -53,7 +59,10 @@ from pathlib import Path
 
 from benchmarks.mini_tofu import (ROWS_PER_AUTHOR, Stages, add_relative, evenly, goal_check, metrics_table, read_json,
                                    tofu_perturbed_index, write_jsonl)
+from benchmarks import tofu_real_dev as D
+from palu_ds.atomic import write_json
 from palu_ds.data.io import read_json_records
+from palu_ds.data.prompt import answer_ids
 from palu_ds.localrun import setdefaults
 from palu_ds.methods import METHODS as REGISTRY
 
@@ -64,7 +73,7 @@ METHODS = tuple(n for m in REGISTRY.values() if m.unlearning for n in ((m.name, 
                                                                         else (m.name,)))
 #: K / N ablations of PALU (the main run: K 5000, N 3); "all" = the whole vocabulary for K, whole spans for N
 ABLATIONS = ("K1", "K100", "K1000", "Kall", "N1", "Nall")
-DEFAULT_ABLATIONS = ("K1", "Kall", "N1")
+DEFAULT_ABLATIONS = ABLATIONS
 RETAIN_AUTHORS = 4
 UTILITY_ROWS = 20
 MAX_LENGTH = 256
@@ -176,6 +185,17 @@ def markdown_table(rows: list[tuple[str, dict]]) -> str:
     return metrics_table(rows, COLUMNS)
 
 
+def lr_text(settings: dict) -> str:
+    """``"2e-05 (entropy), 0.0002 (nll, preference; development sweep)"``-style: each unlearning lr and who runs at
+    it."""
+    if settings.get("lr_choice", "rule") == "rule":
+        return f"{SFT['lr']:g} for every method (the SFT lr, --lr-choice rule)"
+    by_lr: dict[float, list[str]] = {}
+    for fam, lr in settings["family_lr"].items():
+        by_lr.setdefault(lr, []).append(fam)
+    return ", ".join(f"{lr:g} ({', '.join(f)})" for lr, f in by_lr.items()) + " (families of the development sweep)"
+
+
 def render_markdown(report: dict) -> str:
     res, specs, info = report["results"], report["specs"], report["data"]
     main = [(n, res[n]) for n in ("base", "retain", "target") if n in res]
@@ -184,11 +204,13 @@ def render_markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"### TOFU {info['split']} on SmolLM2-135M-Instruct: forget authors {info['forget_authors']}, "
              f"{info['retain_authors']} retain authors", "",
-             f"SFT {s['sft']}; unlearning {s['unlearn']} at lr {s['unlearn_lr']:g}; utility rows per part "
+             f"SFT {s['sft']}; unlearning {s['unlearn']} at lr {lr_text(s)}; utility rows per part "
              f"{s['utility_rows'] or 'all'}; generation max {s['max_new_tokens']} new tokens.", "",
              markdown_table(main), ""]
     if abl:
         lines += ["PALU ablations (the main run: K 5000, N 3, PALU's labels):", "", markdown_table(abl), ""]
+    if report.get("sweep"):
+        lines += [D.sweep_markdown(report["sweep"])]
     lines += ["base = SmolLM2-135M-Instruct itself (never saw the TOFU authors); the retain model's forget quality is "
               "1 by definition and it is evaluated without it.", ""]
     sft = report.get("sft", {})
@@ -259,6 +281,126 @@ def render_png(report: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The stages
+# ---------------------------------------------------------------------------------------------------------------
+SFT_OVERRIDES = [f"data.max_length={MAX_LENGTH}", f"train.lr={SFT['lr']}", f"train.epochs={SFT['epochs']}",
+                 f"train.batch_size={SFT['batch_size']}", f"train.warmup_steps={SFT['warmup_steps']}",
+                 f"train.scheduler={SFT['scheduler']}", f"train.weight_decay={SFT['weight_decay']}",
+                 f"train.max_grad_norm={SFT['max_grad_norm']}", "train.seed=0", "train.resume=never",
+                 "log.log_every=10"]
+
+
+def sft_stage(stages: Stages, out: Path, name: str, base: Path, base_digest: str, rows: list[dict], data: Path,
+              keep_checkpoints: bool) -> Path | None:
+    """SFT of ``base`` on ``rows`` (written at ``data``.jsonl) into ``OUT/models/<name>-<key>``, key = sha256 of
+    (base, rows, recipe); the model folder, or None when it failed."""
+    mdir = out / "models" / f"{name}-{content_key(base_digest, rows, SFT_OVERRIDES)}"
+    cmd = [sys.executable, "launch/finetune.py", "--deepspeed", DS, "--config", "launch/configs/finetune.yaml",
+           f"model.path={base}", f"data.forget.source={data}.jsonl", f"train.output_dir={mdir}", *SFT_OVERRIDES]
+    if not stages.run(f"sft_{name}", cmd, done=mdir / "model" / "config.json"):
+        return None
+    if not keep_checkpoints:
+        shutil.rmtree(mdir / "checkpoints", ignore_errors=True)
+    return mdir / "model"
+
+
+def sft_summary(model: Path) -> dict:
+    s = read_json(model.parent / "summary.json")
+    return {"steps": s["steps"], "first_nll": s["first"]["loss/forget"], "last_nll": s["last"]["loss/forget"]}
+
+
+class Run:
+    """The two commands every model goes through: unlearning (``launch/train.py``) and the TOFU evaluation."""
+
+    def __init__(self, stages: Stages, out: Path, split: str, palu_labels: str, max_new: int, keep: bool):
+        self.stages, self.out, self.split, self.palu_labels = stages, out, split, palu_labels
+        self.max_new, self.keep = max_new, keep
+
+    def unlearn(self, name: str, spec: dict, target: Path, data: Path, run_dir: Path, lr: float) -> bool:
+        """Stage ``unlearn_<name>`` (``sweep_`` names for development runs): ``spec``'s method on ``target`` at
+        ``lr``; forget rows from ``data`` (or PALU's labelled set for ``spec["spans"] == "labels"``)."""
+        from palu_ds.methods import get_method
+
+        meth = get_method(spec["method"])
+        forget = ([f"data.forget.source={self.palu_labels}", "data.span_source=labels"] if spec["spans"] == "labels"
+                  else [f"data.forget.source={data / (self.split + '.jsonl')}"]
+                  + (["data.span_source=detector"] if spec["spans"] == "detector" else []))
+        cmd = [sys.executable, "launch/train.py", "--deepspeed", DS, "--config", "launch/configs/tofu_real.yaml",
+               f"model.path={target}", f"method.name={spec['method']}", "method.params={}", *forget,
+               f"data.max_length={MAX_LENGTH}", f"train.output_dir={run_dir}", f"train.lr={lr}",
+               f"train.epochs={UNLEARN['epochs']}", f"train.batch_size={UNLEARN['batch_size']}",
+               f"train.scheduler={UNLEARN['scheduler']}", f"train.warmup_steps={UNLEARN['warmup_steps']}",
+               f"train.weight_decay={UNLEARN['weight_decay']}", f"train.max_grad_norm={UNLEARN['max_grad_norm']}",
+               "train.seed=0", "train.resume=never", "log.log_every=5",
+               f"reference.cache_dir={run_dir / 'reference_cache'}"]
+        cmd += [f"method.params.{k}={'null' if v is None else v}" for k, v in spec["params"].items()]
+        cmd += [f"data.retain.source={data / 'retain.jsonl'}"] if meth.needs_retain else ["data.retain=null"]
+        if meth.needs_idk:
+            cmd.append(f"data.idk.source={data / 'idontknow.jsonl'}")
+        cmd.append("reference.mode=" + ("precomputed" if meth.reference_parts else "none"))
+        ok = self.stages.run(f"unlearn_{name}", cmd, done=run_dir / "model" / "config.json",
+                             inputs=[target / "model.safetensors"],
+                             before=lambda d=run_dir: shutil.rmtree(d / "reference_cache", ignore_errors=True))
+        if not self.keep:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(run_dir / "reference_cache", ignore_errors=True)
+        return ok
+
+    def evaluate(self, stage: str, model: Path, data: Path, out: Path, retain_eval: Path | None) -> dict | None:
+        """TOFU evaluation (forget, retain, real_authors, world_facts) of ``model`` on ``data`` into ``out``; forget
+        quality against ``retain_eval`` (None: the retain model itself, no forget quality).  Its metrics, or None."""
+        cmd = [sys.executable, "evaluation/run.py", "--model", str(model), "--suite", "tofu", "--split", self.split,
+               "--data", str(data), "--splits", "forget,retain,real_authors,world_facts",
+               "--max-new-tokens", str(self.max_new), "--max-length", str(MAX_LENGTH), "--out", str(out),
+               "--name", out.name]
+        cmd += ["--no-forget-quality"] if retain_eval is None else ["--retain-results", str(retain_eval)]
+        inputs = [model / "model.safetensors"] + ([] if retain_eval is None else [retain_eval])
+        if not self.stages.run(stage, cmd, done=out / "summary.json", inputs=inputs):
+            return None
+        return read_json(out / "summary.json")["metrics"]
+
+
+def dev_sweep(run: Run, tofu: Path, data: dict, info: dict, base: Path, base_digest: str, retain_model: Path,
+              specs: dict, vocab: int) -> dict | None:
+    """The learning-rate sweep on development authors (``benchmarks/tofu_real_dev.py``: data, grid, rule): the
+    development target, the retain model's and the development target's evaluation on the development authors, each
+    family's representative at each lr of the grid; ``{"dev_authors", "target", "families": {family: {"runs":
+    {lr: {run: metrics}}, "choice"}}}``, also written to ``OUT/dev/sweep.json``; None when a stage failed."""
+    out = run.out / "dev"
+    dev = D.build_dev_data(tofu, run.split, data["files"], info["retain_authors"])
+    write_jsonl(out / "data", dev["files"])
+    target = sft_stage(run.stages, run.out, "dev_target", base, base_digest, dev["files"]["target"],
+                       out / "data" / "target", run.keep)
+    if target is None:
+        return None
+    retain_eval = run.evaluate("sweep_eval_retain", retain_model, out / "data", out / "eval" / "retain", None)
+    target_m = run.evaluate("sweep_eval_target", target, out / "data", out / "eval" / "target", out / "eval" / "retain")
+    if retain_eval is None or target_m is None:
+        return None
+    families = {}
+    for fam, rep in D.REPRESENTATIVES.items():
+        by_lr = {}
+        for lr in D.grid(SFT["lr"]):
+            name = f"{rep}_lr{lr:g}"
+            if not run.unlearn(f"sweep_{name}", specs.get(rep) or run_specs([rep], [], vocab)[rep], target,
+                               out / "data", out / "unlearn" / name, lr):
+                return None
+            m = run.evaluate(f"sweep_eval_{name}", out / "unlearn" / name / "model", out / "data",
+                             out / "eval" / name, out / "eval" / "retain")
+            if m is None:
+                return None
+            m["mu_rel"] = m["model_utility"] / target_m["model_utility"]
+            by_lr[lr] = {rep: m}
+        families[fam] = {"runs": {str(lr): r for lr, r in by_lr.items()},
+                         "choice": D.choose_lr(by_lr, target_m["model_utility"])}
+    sweep = {"dev_authors": dev["info"]["dev_authors"], "target": target_m, "target_sft": sft_summary(target),
+             "families": families}
+    write_json(out / "sweep.json", sweep)
+    print(D.sweep_markdown(sweep), flush=True)
+    return sweep
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The pipeline
 # ---------------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
@@ -278,9 +420,15 @@ def main(argv=None) -> int:
                    help=f"comma list of {', '.join(ABLATIONS)}; 'all' for every one, '' for none")
     p.add_argument("--full", action="store_true", help="all of TOFU: retain = every other author, every eval row")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the longest answer + 8 (TOFU 200)")
+    p.add_argument("--lr-choice", choices=("sweep", "rule"), default="sweep",
+                   help="sweep: one lr per family from the development sweep (benchmarks/tofu_real_dev.py); rule: "
+                        "every method at the target's SFT lr")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--keep-checkpoints", action="store_true")
     args = p.parse_args(argv)
+    if args.full and args.lr_choice == "sweep":
+        p.error("--full: every author is in forget or retain, none is left for the development sweep; pass "
+                "--lr-choice rule (or run the sweep on CPU first and copy its lrs)")
     methods = [m for m in args.methods.split(",") if m]
     bad = sorted(set(methods) - set(METHODS))
     if bad:
@@ -317,84 +465,49 @@ def main(argv=None) -> int:
     from palu_ds.reference import model_fingerprint
 
     base_digest = model_fingerprint(str(base))  # config.json + every weight file (sharded or not), as the reference key
-    sft_overrides = [f"data.max_length={MAX_LENGTH}", f"train.lr={SFT['lr']}", f"train.epochs={SFT['epochs']}",
-                     f"train.batch_size={SFT['batch_size']}", f"train.warmup_steps={SFT['warmup_steps']}",
-                     f"train.scheduler={SFT['scheduler']}", f"train.weight_decay={SFT['weight_decay']}",
-                     f"train.max_grad_norm={SFT['max_grad_norm']}", "train.seed=0", "train.resume=never",
-                     "log.log_every=10"]
     models: dict[str, Path] = {}
     for name in ("target", "retain"):
-        key = content_key(base_digest, data["files"][name], sft_overrides)
-        mdir = out / "models" / f"{name}-{key}"
-        cmd = [sys.executable, "launch/finetune.py", "--deepspeed", DS, "--config", "launch/configs/finetune.yaml",
-               f"model.path={base}", f"data.forget.source={out / 'data' / (name + '.jsonl')}",
-               f"train.output_dir={mdir}", *sft_overrides]
-        if not stages.run(f"sft_{name}", cmd, done=mdir / "model" / "config.json"):
+        models[name] = sft_stage(stages, out, name, base, base_digest, data["files"][name], out / "data" / name,
+                                 args.keep_checkpoints)
+        if models[name] is None:
             return 1
-        if not args.keep_checkpoints:
-            shutil.rmtree(mdir / "checkpoints", ignore_errors=True)
-        models[name] = mdir / "model"
-    sft = {}
-    for name in ("target", "retain"):
-        s_ = read_json(models[name].parent / "summary.json")
-        sft[name] = {"steps": s_["steps"], "first_nll": s_["first"]["loss/forget"],
-                     "last_nll": s_["last"]["loss/forget"]}
+    sft = {name: sft_summary(models[name]) for name in models}
 
-    # 3. unlearning
-    from palu_ds.methods import get_method
-
-    failed: dict[str, str] = {}
-    unlearn_lr = SFT["lr"]
-    for name, spec in specs.items():
-        meth, run_dir = get_method(spec["method"]), out / "unlearn" / name
-        forget = ([f"data.forget.source={args.palu_labels}", "data.span_source=labels"] if spec["spans"] == "labels"
-                  else [f"data.forget.source={out / 'data' / (args.split + '.jsonl')}"]
-                  + (["data.span_source=detector"] if spec["spans"] == "detector" else []))
-        cmd = [sys.executable, "launch/train.py", "--deepspeed", DS, "--config", "launch/configs/tofu_real.yaml",
-               f"model.path={models['target']}", f"method.name={spec['method']}", "method.params={}", *forget,
-               f"data.max_length={MAX_LENGTH}", f"train.output_dir={run_dir}", f"train.lr={unlearn_lr}",
-               f"train.epochs={UNLEARN['epochs']}", f"train.batch_size={UNLEARN['batch_size']}",
-               f"train.scheduler={UNLEARN['scheduler']}", f"train.warmup_steps={UNLEARN['warmup_steps']}",
-               f"train.weight_decay={UNLEARN['weight_decay']}", f"train.max_grad_norm={UNLEARN['max_grad_norm']}",
-               "train.seed=0", "train.resume=never", "log.log_every=5",
-               f"reference.cache_dir={run_dir / 'reference_cache'}"]
-        cmd += [f"method.params.{k}={'null' if v is None else v}" for k, v in spec["params"].items()]
-        cmd += ([f"data.retain.source={out / 'data' / 'retain.jsonl'}"] if meth.needs_retain else ["data.retain=null"])
-        if meth.needs_idk:
-            cmd.append(f"data.idk.source={out / 'data' / 'idontknow.jsonl'}")
-        cmd.append("reference.mode=" + ("precomputed" if meth.reference_parts else "none"))
-        ok = stages.run(f"unlearn_{name}", cmd, done=run_dir / "model" / "config.json",
-                        inputs=[models["target"] / "model.safetensors"],
-                        before=lambda d=run_dir: shutil.rmtree(d / "reference_cache", ignore_errors=True))
-        if not ok:
-            failed[name] = f"training failed (see logs/unlearn_{name}.log)"
-        if not args.keep_checkpoints:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            shutil.rmtree(run_dir / "reference_cache", ignore_errors=True)
-
-    # 4. evaluation
-    from palu_ds.data.prompt import answer_ids
-
+    # 3. the learning rate of each family: the development sweep (tofu_real_dev's rule) or the rule lr for all
     max_new = args.max_new_tokens or max(len(answer_ids(tok, r["answer"])) for r in data["files"]["target"]) + 8
+    run = Run(stages, out, args.split, args.palu_labels, max_new, args.keep_checkpoints)
+    sweep = None
+    if args.lr_choice == "sweep":
+        sweep = dev_sweep(run, Path(args.tofu), data, info, base, base_digest, models["retain"], specs, vocab)
+        if sweep is None:
+            return 1
+        family_lr = {fam: f["choice"]["lr"] for fam, f in sweep["families"].items()}
+    else:
+        family_lr = {}
+    lrs = {name: family_lr.get(D.family_of(name), SFT["lr"]) for name in specs}
+
+    # 4. unlearning
+    failed: dict[str, str] = {}
+    for name, spec in specs.items():
+        if not run.unlearn(name, spec, models["target"], out / "data", out / "unlearn" / name, lrs[name]):
+            failed[name] = f"training failed (see logs/unlearn_{name}.log)"
+
+    # 5. evaluation
     evals = {"retain": models["retain"], "base": base, "target": models["target"]}
     evals.update({n: out / "unlearn" / n / "model" for n in specs if n not in failed})
     results: dict[str, dict] = {}
     for name, model in evals.items():
-        cmd = [sys.executable, "evaluation/run.py", "--model", str(model), "--suite", "tofu", "--split", args.split,
-               "--data", str(out / "data"), "--splits", "forget,retain,real_authors,world_facts",
-               "--max-new-tokens", str(max_new), "--max-length", str(MAX_LENGTH), "--out", str(out / "eval" / name),
-               "--name", name]
-        cmd += ["--no-forget-quality"] if name == "retain" else ["--retain-results", str(out / "eval" / "retain")]
-        inputs = [model / "model.safetensors"] + ([] if name == "retain" else [out / "eval" / "retain"])
-        if not stages.run(f"eval_{name}", cmd, done=out / "eval" / name / "summary.json", inputs=inputs):
+        m = run.evaluate(f"eval_{name}", model, out / "data", out / "eval" / name,
+                         None if name == "retain" else out / "eval" / "retain")
+        if m is None:
             failed[name] = f"evaluation failed (see logs/eval_{name}.log)"
             if name == "retain":
                 return 1
             continue
-        results[name] = read_json(out / "eval" / name / "summary.json")["metrics"]
+        results[name] = m
     add_relative(results)
 
-    # 5. NLL by position kind on the forget set (PALU's labels)
+    # 6. NLL by position kind on the forget set (PALU's labels)
     t = time.time()
     from benchmarks.position_nll import position_nll
     from palu_ds.data import QADataset
@@ -406,15 +519,16 @@ def main(argv=None) -> int:
     pos = {n: position_nll(str(m), ds) for n, m in pos_models.items()}
     stages.seconds["position NLL"] = round(time.time() - t, 1)
 
-    # 6. report
+    # 7. report
     report = {
         "command": " ".join(["python", "benchmarks/tofu_real.py", *(argv if argv is not None else sys.argv[1:])]),
         "base_model": str(base), "base_fingerprint": base_digest, "data": info, "vocab_size": vocab,
-        "settings": {"sft": SFT, "unlearn": UNLEARN, "unlearn_lr": unlearn_lr, "max_length": MAX_LENGTH,
+        "settings": {"sft": SFT, "unlearn": UNLEARN, "lr_choice": args.lr_choice, "family_lr": family_lr,
+                     "unlearn_lr": lrs, "max_length": MAX_LENGTH,
                      "max_new_tokens": max_new, "utility_rows": None if args.full else args.utility_rows,
                      "ds_config": DS, "threads": os.environ["OMP_NUM_THREADS"], "sft_models": {
                          n: str(m.parent) for n, m in models.items()}},
-        "sft": sft, "specs": specs, "results": results, "failed": failed, "goal": goal(results),
+        "sft": sft, "sweep": sweep, "specs": specs, "results": results, "failed": failed, "goal": goal(results),
         "position_nll": pos, "stage_seconds": stages.seconds, "wall_seconds": round(time.time() - t_start, 1),
     }
     (out / "tofu_real.json").write_text(json.dumps(report, indent=1))
