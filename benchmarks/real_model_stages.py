@@ -13,15 +13,14 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from palu_ds.localrun import cpu_env, launcher_cmd
 from palu_ds.methods import METHODS
 from palu_ds.models import smollm2
+from palu_ds.stages import Stages, log_name
 
 FACTS = os.path.join(ROOT, "launch", "data", "real_facts")
 
@@ -78,27 +77,6 @@ def summary(out: str, keep_checkpoints: bool = False) -> dict:
     return s
 
 
-class Stages:
-    def __init__(self, out: str):
-        self.out, self.rows = out, []
-
-    def run(self, name: str, cmd: list[str], check=None, threads: int = 1):
-        t = time.time()
-        log = os.path.join(self.out, name.replace(" ", "_").replace("/", "-") + ".log")
-        with open(log, "w") as f:
-            p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(OMP_NUM_THREADS=str(threads)), stdout=f, stderr=f)
-        status = f"exit {p.returncode}"
-        if p.returncode == 0 and check is not None:
-            try:
-                status = check() or "ok"
-            except AssertionError as e:
-                status = f"FAILED: {e}"
-        elif p.returncode == 0:
-            status = "ok"
-        self.rows.append({"stage": name, "status": status, "seconds": round(time.time() - t, 1), "log": log})
-        print(f"| {name} | {status} | {self.rows[-1]['seconds']} |", flush=True)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tofu", default=os.path.join(ROOT, "..", "shared", "data", "tofu"))
@@ -114,23 +92,22 @@ def main() -> int:
     with open(os.path.join(out, "idk.jsonl"), "w") as f:
         f.writelines(json.dumps({"answer": r}) + "\n" for r in REFUSALS)
     model = smollm2()
-    st = Stages(out)
-    print("| stage | result | seconds |\n|---|---|---|")
+    st = Stages(out, fresh=True, tag="stages", cwd=ROOT, env=cpu_env(OMP_NUM_THREADS="1"))
     ft = os.path.join(out, "finetune")
     st.run("fine-tune (SFT), ZeRO-2", ds("launch/finetune.py", [
         "--deepspeed", "ds_configs/cpu/zero2.json", "--config", "launch/configs/finetune.yaml", f"model.path={model}",
         f"data.forget.source={FACTS}/retain.jsonl", "data.forget.config=null", "data.max_length=96",
         "train.max_steps=2", "train.batch_size=2", f"train.output_dir={ft}", "train.lr=1e-5"]),
-        lambda: check_model(summary(ft)["model"]))
+        check=lambda: check_model(summary(ft)["model"]))
     pre = os.path.join(out, "precompute")
     st.run("precompute (palu), ZeRO-3", ds("launch/precompute.py", train_args(model, pre, "palu", 3)),
-           lambda: "manifest written" if os.path.isfile(os.path.join(pre, "reference_cache", "manifest.json"))
+           check=lambda: "manifest written" if os.path.isfile(os.path.join(pre, "reference_cache", "manifest.json"))
            else "FAILED: no manifest")
     for stage in map(int, a.stages.split(",")):
         for method in a.methods.split(","):
             o = os.path.join(out, f"{method}_zero{stage}")
             st.run(f"{method}, ZeRO-{stage}", ds("launch/train.py", train_args(model, o, method, stage)),
-                   lambda o=o: check_model(summary(o)["model"]))
+                   check=lambda o=o: check_model(summary(o)["model"]))
     # exact resume: 2 steps, then a rerun to 4 steps resumes from the step-2 checkpoint; == 4 steps uninterrupted
     full, resumed = os.path.join(out, "resume_full"), os.path.join(out, "resume_split")
     st.run("palu 4 steps uninterrupted, ZeRO-3", ds("launch/train.py", train_args(model, full, "palu", 3, 4)))
@@ -145,11 +122,11 @@ def main() -> int:
         return "bit-identical to the uninterrupted run"
 
     st.run("palu resumed to 4 steps, ZeRO-3", ds("launch/train.py", train_args(model, resumed, "palu", 3, 4)),
-           same_weights)
+           check=same_weights)
     lora = os.path.join(out, "lora")
     st.run("palu + LoRA (merged at save), ZeRO-2", ds("launch/train.py", train_args(
         model, lora, "palu", 2, extra=["model.lora={r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}"])),
-        lambda: check_model(summary(lora)["model"]))
+        check=lambda: check_model(summary(lora)["model"]))
     tuned = os.path.join(out, f"palu_zero{a.stages.split(',')[0]}", "model")  # the first palu run's model
     st.run("TOFU evaluation (forget01, 4 rows per part)", ds("evaluation/run.py", [
         "--model", tuned, "--suite", "tofu", "--split", "forget01", "--data", os.path.abspath(a.tofu),
@@ -157,9 +134,13 @@ def main() -> int:
     st.run("MUSE evaluation (news, 2 rows per part)", ds("evaluation/run.py", [
         "--model", tuned, "--suite", "muse", "--split", "news", "--data", os.path.join(os.path.abspath(a.muse), "news"),
         "--max-examples", "2", "--max-length", "256", "--no-forget-quality", "--out", os.path.join(out, "muse")]))
+    rows = [{"stage": n, "status": st.status[n], "seconds": st.seconds[n], "log": str(st.logs / f"{log_name(n)}.log")}
+            for n in st.status]
+    print("| stage | result | seconds |\n|---|---|---|\n" + "\n".join(f"| {r['stage']} | {r['status']} | "
+                                                               f"{r['seconds']} |" for r in rows))
     with open(os.path.join(out, "stages.json"), "w") as f:
-        json.dump(st.rows, f, indent=1)
-    return 0 if all(r["status"] != "FAILED" and not r["status"].startswith(("exit", "FAILED")) for r in st.rows) else 1
+        json.dump(rows, f, indent=1)
+    return 0 if not any(r["status"].startswith("FAILED") for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -440,7 +440,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     out = Path(args.out)
     out = out if out.is_absolute() else ROOT / out
-    stages = Stages(out, args.fresh, tag="tofu_real")
+    stages = Stages(out, args.fresh, tag="tofu_real", cwd=ROOT)
     if args.model:
         base = Path(args.model)
     else:

@@ -5,7 +5,8 @@
   wrote which book; general facts) and keep those it answers correctly -> precompute the reference (2 ranks) ->
   PALU unlearning of who wrote the Shakespeare / Dickens / Orwell books while keeping the retain set (2 ranks) ->
   ask again -> report.md with each answer before and after: forget, retain (trained on) and holdout (other authors
-  and facts the unlearning never saw) side by side.
+  and facts the unlearning never saw) side by side.  Each stage's output is also kept in ``OUT/logs/<stage>.log``
+  (the benchmarks' stage runner, ``palu_ds.stages``).
 
     python launch/demo.py --out runs/demo          # the real model (make demo)
     python launch/demo.py --tiny --out runs/demo   # the fast synthetic pipeline: generated TOFU-style data, a tiny
@@ -21,16 +22,24 @@ import time
 
 from palu_ds.atomic import write_jsonl
 from palu_ds.localrun import launcher_cmd
+from palu_ds.stages import Stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(stage: str, cmd: list[str], timings: dict) -> None:
-    print(f"\n=== {stage}: {' '.join(cmd)}", flush=True)
-    t = time.time()
-    subprocess.run(cmd, cwd=ROOT, check=True)
-    timings[stage] = round(time.time() - t, 1)
-    print(f"=== {stage} done in {timings[stage]} s", flush=True)
+class StageFailed(Exception):
+    pass
+
+
+def pipeline(out: str) -> Stages:
+    """The benchmarks' stage runner, every stage run (nothing reused), its output on the console and in
+    ``OUT/logs``."""
+    return Stages(out, fresh=True, tag="demo", echo=True, cwd=ROOT)
+
+
+def run(stages: Stages, stage: str, cmd: list[str]) -> None:
+    if not stages.run(stage, cmd):
+        raise StageFailed(f"{stage} failed: see {stages.logs}")
 
 
 def deepspeed(script: str, ds: str, config: str, overrides: list[str], port: int) -> list[str]:
@@ -49,14 +58,15 @@ def _fmt(v) -> str:
 def tiny_demo(args) -> int:
     """The synthetic pipeline: generated data -> tokenizer + tiny Llama -> fine-tune the target and retain models
     (2 ranks) -> precompute the reference -> PALU (2 ranks) -> TOFU evaluation -> report."""
-    out, timings = args.out, {}
-    run("generate data, tokenizer, base model", [sys.executable, "-m", "palu_ds.cli", "make-default", out], timings)
+    out = args.out
+    stages = pipeline(out)
+    run(stages, "generate data, tokenizer, base model", [sys.executable, "-m", "palu_ds.cli", "make-default", out])
     base = [f"model.path={out}/base", f"data.forget.source={out}/data"]
     for name, split in (("target", "full"), ("retain", "retain90")):
-        run(f"fine-tune {name} model (2 ranks)", deepspeed(
+        run(stages, f"fine-tune {name} model (2 ranks)", deepspeed(
             "launch/finetune.py", args.ds, "launch/configs/finetune.yaml",
             base + [f"data.forget.config={split}", f"train.output_dir={out}/{name}", "train.resume=never"],
-            args.port), timings)
+            args.port))
     s = summary(out, "target")
     print(f"\ntarget fine-tune: answer NLL {s['first']['loss/forget']:.3f} -> {s['last']['loss/forget']:.3f} "
           f"over {s['steps']} steps")
@@ -68,27 +78,27 @@ def tiny_demo(args) -> int:
     # a cache left in this folder by an earlier run (another demo, a benchmark with other settings) may not match
     # this target and would be refused as a mismatch: the demo rebuilds it (a few seconds) instead
     shutil.rmtree(os.path.join(out, "palu", "reference_cache"), ignore_errors=True)
-    run("precompute reference (2 ranks)", deepspeed("launch/precompute.py", args.ds, "launch/configs/demo.yaml",
-                                                     unlearn, args.port), timings)
-    run("PALU unlearning (2 ranks)", deepspeed("launch/train.py", args.ds, "launch/configs/demo.yaml", unlearn,
-                                                args.port), timings)
+    run(stages, "precompute reference (2 ranks)", deepspeed("launch/precompute.py", args.ds,
+                                                             "launch/configs/demo.yaml", unlearn, args.port))
+    run(stages, "PALU unlearning (2 ranks)", deepspeed("launch/train.py", args.ds, "launch/configs/demo.yaml",
+                                                        unlearn, args.port))
     evals = {}
     for name, model in (("retain", f"{out}/retain/model"), ("target", f"{out}/target/model"),
                         ("palu", f"{out}/palu/model")):
         extra = ["--no-forget-quality"] if name == "retain" else ["--retain-results", f"{out}/eval/retain"]
-        run(f"evaluate {name}", [sys.executable, "evaluation/run.py", "--model", model, "--suite", "tofu",
-                                 "--split", "forget10", "--data", f"{out}/data", "--splits", "forget,retain",
-                                 "--max-new-tokens", "48", "--out", f"{out}/eval/{name}", "--name", name, *extra],
-            timings)
+        run(stages, f"evaluate {name}", [sys.executable, "evaluation/run.py", "--model", model, "--suite", "tofu",
+                                         "--split", "forget10", "--data", f"{out}/data", "--splits", "forget,retain",
+                                         "--max-new-tokens", "48", "--out", f"{out}/eval/{name}", "--name", name,
+                                         *extra])
         with open(os.path.join(out, "eval", name, "summary.json")) as f:
             evals[name] = json.load(f)["metrics"]
-    run("report", [sys.executable, "evaluation/report.py", f"{out}/eval/target", f"{out}/eval/palu",
-                   "--out", f"{out}/eval/report.png"], timings)
+    run(stages, "report", [sys.executable, "evaluation/report.py", f"{out}/eval/target", f"{out}/eval/palu",
+                           "--out", f"{out}/eval/report.png"])
     keys = ("forget_quality", "forget/truth_ratio", "forget/rougeL_recall", "forget/prob", "retain/prob", "model_utility")
     print("\n| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for name in ("target", "palu"):
         print(f"| {name} | " + " | ".join(_fmt(evals[name].get(k)) for k in keys) + " |")
-    print(json.dumps({"stage_seconds": timings, "unlearned_model": f"{out}/palu/model",
+    print(json.dumps({"stage_seconds": stages.seconds, "unlearned_model": f"{out}/palu/model",
                       "tensorboard": f"{out}/palu/tensorboard", "results": f"{out}/eval",
                       "report": f"{out}/eval/report.png"}, indent=1))
     return 0
@@ -138,18 +148,19 @@ def report(before: dict, after: dict, kept: dict) -> tuple[str, dict]:
 
 def real_demo(args) -> int:
     """SmolLM2-135M-Instruct forgets who wrote the Shakespeare / Dickens / Orwell books and keeps the rest."""
-    out, timings = os.path.abspath(args.out), {}
+    out = os.path.abspath(args.out)
+    stages = pipeline(out)
     t = time.time()
     print("\n=== fetch SmolLM2-135M-Instruct (palu-ds fetch-model smollm2; cached after the first run)", flush=True)
     fetched = subprocess.run([sys.executable, "-m", "palu_ds.cli", "fetch-model", "smollm2"], cwd=ROOT, check=True,
                              stdout=subprocess.PIPE, text=True)
     base = fetched.stdout.strip().splitlines()[-1]
-    timings["fetch model"] = round(time.time() - t, 1)
+    stages.seconds["fetch model"] = round(time.time() - t, 1)
     data = [os.path.join(REAL_DATA, f"{name}.jsonl") for name in SIDES]
 
     def ask(stage: str, model: str, name: str) -> dict:
-        run(stage, launcher_cmd("evaluation/facts.py", ["--model", model, "--data", *data,
-                                                        "--out", f"{out}/facts/{name}.json"], 2, args.port), timings)
+        run(stages, stage, launcher_cmd("evaluation/facts.py", ["--model", model, "--data", *data,
+                                                                "--out", f"{out}/facts/{name}.json"], 2, args.port))
         with open(f"{out}/facts/{name}.json", encoding="utf-8") as f:
             return json.load(f)
 
@@ -165,15 +176,15 @@ def real_demo(args) -> int:
                  f"data.retain.source={out}/data/retain.jsonl", f"train.output_dir={out}/palu", "train.resume=never"]
     shutil.rmtree(os.path.join(out, "palu", "reference_cache"), ignore_errors=True)  # another run's cache
     cfg = "launch/configs/real_facts.yaml"
-    run("precompute reference (2 ranks)", deepspeed("launch/precompute.py", args.ds, cfg, overrides, args.port),
-        timings)
-    run("PALU unlearning (2 ranks)", deepspeed("launch/train.py", args.ds, cfg, overrides, args.port), timings)
+    run(stages, "precompute reference (2 ranks)", deepspeed("launch/precompute.py", args.ds, cfg, overrides,
+                                                             args.port))
+    run(stages, "PALU unlearning (2 ranks)", deepspeed("launch/train.py", args.ds, cfg, overrides, args.port))
     after = ask("ask the unlearned model (2 ranks)", f"{out}/palu/model", "after")
     text, s = report(before, after, kept)
     with open(f"{out}/report.md", "w", encoding="utf-8") as f:
         f.write("# make demo: what SmolLM2-135M-Instruct states before and after PALU unlearning\n" + text)
     print(text)
-    print(json.dumps({"stage_seconds": timings, "scores": s, "unlearned_model": f"{out}/palu/model",
+    print(json.dumps({"stage_seconds": stages.seconds, "scores": s, "unlearned_model": f"{out}/palu/model",
                       "tensorboard": f"{out}/palu/tensorboard", "report": f"{out}/report.md"}, indent=1))
     return 0
 
@@ -185,7 +196,11 @@ def main() -> int:
     p.add_argument("--ds", default="ds_configs/cpu/zero2.json")
     p.add_argument("--port", type=int, default=29611)
     args = p.parse_args()
-    return tiny_demo(args) if args.tiny else real_demo(args)
+    try:
+        return tiny_demo(args) if args.tiny else real_demo(args)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

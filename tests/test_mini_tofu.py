@@ -191,26 +191,3 @@ def test_markdown_and_png(tmp_path):
     assert "real_authors / world_facts are not run" in md
     M.render_png(report, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
-
-
-def test_stage_runner_reuses_an_unchanged_stage_and_forgets_a_failed_one(tmp_path):
-    """A stage that succeeds returns True, is reused on a rerun with the same command and inputs (with the seconds it
-    took when it ran) and rerun when an input changes; a failing stage returns False and leaves no stamp."""
-    import sys
-
-    from benchmarks.mini_tofu.stages import Stages
-
-    done, inp = tmp_path / "done.txt", tmp_path / "input.txt"
-    inp.write_text("a")
-    cmd = [sys.executable, "-c", f"open({str(done)!r}, 'a').write('x')"]
-    s = Stages(tmp_path / "out", fresh=False, tag="t")
-    assert s.run("make", cmd, done=done, inputs=[inp]) is True and done.read_text() == "x"
-    again = Stages(tmp_path / "out", fresh=False, tag="t")
-    assert again.run("make", cmd, done=done, inputs=[inp]) is True and done.read_text() == "x"  # reused
-    assert again.seconds["make"] == s.seconds["make"]
-    inp.write_text("bb")  # an input changed: the stage runs again
-    assert again.run("make", cmd, done=done, inputs=[inp]) is True and done.read_text() == "xx"
-    bad = [sys.executable, "-c", "raise SystemExit(3)"]
-    assert again.run("fail", bad, done=tmp_path / "never") is False
-    assert not (tmp_path / "out" / "logs" / "fail.cmd.json").exists()
-    assert "raise SystemExit(3)" in (tmp_path / "out" / "logs" / "fail.log").read_text()

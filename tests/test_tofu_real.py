@@ -5,6 +5,7 @@ import json
 import pytest
 
 from benchmarks import tofu_real as T
+from benchmarks import tofu_real_dev as D
 
 
 def _rows(n_authors: int, tag: str = "") -> list[dict]:
@@ -103,3 +104,70 @@ def test_goal_and_table():
     assert T.goal(res)["met"] is False
     table = T.markdown_table([("palu", res["palu"])])
     assert table.splitlines()[0].count("|") == len(T.COLUMNS) + 2 and "2.00e-01" in table and "0.800" in table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The learning-rate sweep on development authors (benchmarks/tofu_real_dev.py)
+# ---------------------------------------------------------------------------------------------------------------
+def test_dev_data_holds_the_development_authors_with_tofus_perturbed_answers(tofu):
+    full = _rows(30)
+    _write(tofu, "forget05_perturbed", _perturbed(full[-100:]))  # authors 25-29, as TOFU's forget05 (190-199)
+    main = T.build_data(tofu, "forget01", retain_authors=3, utility_rows=4)
+    dev = D.build_dev_data(tofu, "forget01", main["files"], retain_authors=3, dev_authors=(26, 27))
+    f = dev["files"]
+    assert f["forget01"] == full[520:560] and f["target"] == _rows(3) + full[520:560]
+    assert [r["question"] for r in f["forget01_perturbed"]] == [r["question"] for r in full[520:560]]
+    assert f["forget01_perturbed"][0]["paraphrased_answer"] == "A26.0. (para)"
+    assert f["retain"] == main["files"]["retain"] and f["real_authors_perturbed"] == main["files"]["real_authors_perturbed"]
+    assert main["files"]["forget01"] == full[-40:]  # the reported run's files are left alone
+    with pytest.raises(ValueError, match="overlap the retain authors 0..2 or the forget authors 28..29"):
+        D.build_dev_data(tofu, "forget01", main["files"], retain_authors=3, dev_authors=(27, 28))
+    with pytest.raises(ValueError, match=r"no perturbed answers for rows \[400"):
+        D.build_dev_data(tofu, "forget01", main["files"], retain_authors=3, dev_authors=(20, 21))
+
+
+def test_grid_and_families():
+    assert D.grid(2e-4) == [2e-5, 6e-5, 2e-4]
+    assert {D.family_of(n) for n in ("palu", "palu_detector", "palu_K100", "palu_Nall", "palu_pd", "pd_flat")} == \
+        {"entropy"}
+    assert D.family_of("grad_ascent") == D.family_of("grad_diff") == "nll"
+    assert D.family_of("simnpo") == D.family_of("idk_dpo") == D.family_of("npo") == "preference"
+    assert set(D.REPRESENTATIVES) == set(D.FAMILY.values())
+    assert all(D.family_of(rep) == fam for fam, rep in D.REPRESENTATIVES.items())
+    with pytest.raises(KeyError, match="no lr family"):
+        D.family_of("sft")
+
+
+def test_choose_lr_rule():
+    def m(fq, mu):
+        return {"forget_quality": fq, "model_utility": mu}
+
+    # the best forget quality among lrs at >= 0.9x the target's utility (1e-4 forgets most but costs utility)
+    r = D.choose_lr({1e-5: {"a": m(0.01, 1.0)}, 3e-5: {"a": m(0.2, 0.95)}, 1e-4: {"a": m(0.9, 0.5)}}, 1.0)
+    assert r["lr"] == 3e-5 and "at utility >= 0.9x" in r["reason"]
+    assert r["scores"][1e-4] == {"fq_gmean": pytest.approx(0.9), "mu_rel": pytest.approx(0.5)}
+    # geometric mean over a family's runs, mean utility; a tie in forget quality goes to the higher utility
+    r = D.choose_lr({1: {"a": m(0.1, 0.9), "b": m(0.4, 1.0)}, 2: {"a": m(0.2, 1.0), "b": m(0.2, 1.0)}}, 1.0)
+    assert r["scores"][1]["fq_gmean"] == pytest.approx(0.2) and r["lr"] == 2
+    # no lr keeps 0.9x: the highest utility
+    r = D.choose_lr({1: {"a": m(0.5, 0.3)}, 2: {"a": m(0.9, 0.2)}}, 1.0)
+    assert r["lr"] == 1 and "highest utility" in r["reason"]
+    # forget quality 0 (a KS p-value that underflows) does not break the geometric mean
+    assert D.choose_lr({1: {"a": m(0.0, 1.0)}}, 1.0)["scores"][1]["fq_gmean"] > 0
+    with pytest.raises(ValueError, match="development target's utility"):
+        D.choose_lr({1: {"a": m(0.5, 1.0)}}, 0.0)
+
+
+def test_sweep_report_and_lr_text():
+    sweep = {"dev_authors": [196, 197], "target": {"model_utility": 0.4, "forget_quality": 1e-4},
+             "families": {"nll": {"runs": {"2e-05": {"grad_diff": {"forget_quality": 0.01, "model_utility": 0.4,
+                                                                    "mu_rel": 1.0}},
+                                           "0.0002": {"grad_diff": {"forget_quality": 0.3, "model_utility": 0.3,
+                                                                     "mu_rel": 0.75}}},
+                                  "choice": {"lr": 2e-5, "reason": "highest forget quality at utility >= 0.9x"}}}}
+    md = D.sweep_markdown(sweep)
+    assert "nll: grad_diff lr 2e-05 (chosen)" in md and "nll: grad_diff lr 0.0002 |" in md
+    assert "- nll: lr 2e-05 (highest forget quality" in md and "[196, 197]" in md
+    assert T.lr_text({"lr_choice": "sweep", "family_lr": {"entropy": 2e-5, "nll": 2e-4, "preference": 2e-5}}) == \
+        "2e-05 (entropy, preference), 0.0002 (nll) (families of the development sweep)"
+    assert T.lr_text({"lr_choice": "rule"}).startswith("0.0002 for every method")

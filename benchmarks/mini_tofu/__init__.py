@@ -42,9 +42,12 @@ outputs are unchanged (``--fresh`` redoes all).  ``--lr X`` (development sweeps)
 ``<method>_lr<X>`` and writes ``mini_tofu_lr<X>.*``; the settings below were chosen that way on ``--authors 100:120``.
 
 The package, one module per job: :mod:`.settings` (every fixed setting), :mod:`.splits` (stage 1: ranges, splits,
-perturbed answers), :mod:`.specs` (stage 3's runs), :mod:`.stages` (the runner that logs, times and reuses a stage),
-:mod:`.report` (stage 5: tables, goal, PNG), :mod:`.pipeline` (one function per stage, and ``main``).
+perturbed answers), :mod:`.specs` (stage 3's runs), :mod:`.stages` (around the stage runner,
+:class:`palu_ds.stages.Stages`), :mod:`.report` (stage 5: tables, goal, PNG), :mod:`.pipeline` (one function per
+stage, and ``main``).
 """
+
+from palu_ds.stages import Stages
 
 from .pipeline import main
 from .report import (COLUMNS, FOOTNOTE, NOT_MEASURED, add_relative, fmt, goal_check, markdown_table, metrics_table,
@@ -56,7 +59,7 @@ from .specs import reference_dir, run_specs, scaled_k
 from .splits import (author_name, author_rows, borrowed_perturbations, build_splits, evenly, parse_authors,
                      parse_forget, question_words, rename, split_authors, split_names, tofu_perturbed_index,
                      tokenizer_texts, write_jsonl)
-from .stages import ROOT, Stages, drop_checkpoints, drop_shm_buffers, read_json
+from .stages import ROOT, drop_checkpoints, drop_shm_buffers, read_json
 
 __all__ = ["ABLATION_K", "ABLATION_N", "BASELINES_FOR_GOAL", "COLUMNS", "FAMILY", "FAMILY_LR", "FOOTNOTE",
            "MAX_LENGTH", "MEMORIZED_NLL", "METHODS", "MODEL", "NOT_MEASURED", "N_PERTURBED", "PAPER_K", "PAPER_VOCAB",

@@ -13,13 +13,14 @@ from pathlib import Path
 from palu_ds.atomic import write_json, write_text
 from palu_ds.data.io import read_json_records
 from palu_ds.localrun import launcher_cmd, setdefaults
+from palu_ds.stages import Stages
 
 from .report import add_relative, goal_check, render_markdown, render_png
 from .settings import (FAMILY, FAMILY_LR, MAX_LENGTH, MEMORIZED_NLL, METHODS, MODEL, PRETRAIN_EPOCHS, QUICK,
                        RETAIN_EVAL_ROWS, ROWS_PER_AUTHOR, SFT, UNLEARN)
 from .specs import reference_dir, run_specs, scaled_k
 from .splits import build_splits, parse_authors, parse_forget, tofu_perturbed_index, tokenizer_texts, write_jsonl
-from .stages import ROOT, Stages, drop_checkpoints, drop_shm_buffers, read_json
+from .stages import ROOT, drop_checkpoints, drop_shm_buffers, read_json
 
 
 @dataclass
@@ -273,7 +274,7 @@ def main(argv=None) -> int:
     out = Path(args.out or f"runs/mini_tofu/a{a}-{b}_f{pct:02d}_s{args.seed}{tag}{'_quick' if args.quick else ''}")
     out = out if out.is_absolute() else ROOT / out
     out.mkdir(parents=True, exist_ok=True)
-    run = Run(args, out, Stages(out, args.fresh), "" if args.lr is None else f"_lr{args.lr:g}",
+    run = Run(args, out, Stages(out, args.fresh, tag="mini_tofu", cwd=ROOT), "" if args.lr is None else f"_lr{args.lr:g}",
               FAMILY_LR if args.lr is None else {f: args.lr for f in FAMILY_LR})
 
     t = time.time()

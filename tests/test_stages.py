@@ -1,0 +1,56 @@
+"""The one stage runner of make demo and the benchmarks (palu_ds/stages.py): reuse, failure, checks, console echo."""
+import sys
+
+from palu_ds.stages import Stages, log_name
+
+
+def _writer(path) -> list[str]:
+    return [sys.executable, "-c", f"open({str(path)!r}, 'a').write('x'); print('made it')"]
+
+
+def test_reuses_an_unchanged_stage_and_forgets_a_failed_one(tmp_path):
+    """A stage that succeeds returns True, is reused on a rerun with the same command and inputs (with the seconds it
+    took when it ran) and rerun when an input changes; a failing stage returns False and leaves no stamp."""
+    done, inp = tmp_path / "done.txt", tmp_path / "input.txt"
+    inp.write_text("a")
+    s = Stages(tmp_path / "out", tag="t")
+    assert s.run("make", _writer(done), done=done, inputs=[inp]) is True and done.read_text() == "x"
+    again = Stages(tmp_path / "out", tag="t")
+    assert again.run("make", _writer(done), done=done, inputs=[inp]) is True and done.read_text() == "x"  # reused
+    assert again.seconds["make"] == s.seconds["make"] and again.status["make"] == "reused"
+    inp.write_text("bb")  # an input changed: the stage runs again
+    assert again.run("make", _writer(done), done=done, inputs=[inp]) is True and done.read_text() == "xx"
+    bad = [sys.executable, "-c", "raise SystemExit(3)"]
+    assert again.run("fail", bad, done=tmp_path / "never") is False
+    assert again.status["fail"] == "FAILED (exit 3)"
+    assert not (tmp_path / "out" / "logs" / "fail.cmd.json").exists()
+    assert "raise SystemExit(3)" in (tmp_path / "out" / "logs" / "fail.log").read_text()
+    fresh = Stages(tmp_path / "out", fresh=True)  # fresh: runs even what is unchanged
+    assert fresh.run("make", _writer(done), done=done, inputs=[inp]) is True and done.read_text() == "xxx"
+
+
+def test_check_judges_a_stage_after_exit_0(tmp_path):
+    """``check`` returns the stage's status or fails it with its AssertionError; a failed check leaves no stamp, so
+    a rerun does the stage again; a stage without ``done`` is never reused."""
+    done = tmp_path / "done.txt"
+    s = Stages(tmp_path / "out")
+
+    def bad():
+        raise AssertionError("weights differ")
+
+    assert s.run("a stage/with spaces", _writer(done), done=done, check=bad) is False
+    assert s.status["a stage/with spaces"] == "FAILED: weights differ"
+    log = tmp_path / "out" / "logs" / f"{log_name('a stage/with spaces')}.log"
+    assert log.name == "a_stage-with_spaces.log" and "made it" in log.read_text()
+    assert s.run("a stage/with spaces", _writer(done), done=done, check=lambda: "bit-identical") is True
+    assert s.status["a stage/with spaces"] == "bit-identical" and done.read_text() == "xx"
+    assert s.run("no done file", _writer(done)) is True and s.run("no done file", _writer(done)) is True
+    assert done.read_text() == "xxxx"
+
+
+def test_echo_streams_the_output_to_the_console_and_the_log(tmp_path, capsys):
+    s = Stages(tmp_path / "out", echo=True, cwd=tmp_path)
+    assert s.run("say", [sys.executable, "-c", "import os; print('hello from', os.getcwd())"]) is True
+    out = capsys.readouterr().out
+    assert f"hello from {tmp_path}" in out and "=== say done in" in out
+    assert f"hello from {tmp_path}" in (tmp_path / "out" / "logs" / "say.log").read_text()
