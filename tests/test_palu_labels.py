@@ -168,3 +168,26 @@ def test_spans_cli_labels_the_way_training_does(tmp_path, capsys):
     import palu_ds.cli as cli
 
     assert "--n-init" not in cli.__doc__ and "init}" not in cli.__doc__
+
+
+def test_raw_text_retain_set_labels_no_spans(tokenizer, tmp_path):
+    """MUSE-style raw text: the forget set's spans come from the text detector, the retain set (read by no span
+    loss) labels none -- as QA retain sets -- and ``span_source: none`` turns the forget set's off too."""
+    from palu_ds.config import load_config
+    from palu_ds.data.build import build_datasets
+    from palu_ds.methods import METHODS
+
+    text = ("Harry Potter went to London with Hermione Granger in 1997. " * 3).strip()
+    for name in ("forget", "retain"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    overrides = [f"data.{n}.source={tmp_path / (n + '.jsonl')}" for n in ("forget", "retain")]
+    overrides += [f"data.{n}.{k}" for n in ("forget", "retain") for k in ("config=null", "split=train")]
+    cfg = load_config(os.path.join(ROOT, "launch", "configs", "muse", "palu_news.yaml"), overrides)
+    assert cfg.data.forget.kind == cfg.data.retain.kind == "text"
+    ds = build_datasets(cfg.data, tokenizer, METHODS["palu"])
+    assert ds["forget"].span_info()["source"] == "text_detector" and ds["forget"].n_spans > 0
+    assert sum(sum(e["sens_mask"]) for e in ds["forget"].examples) > 0
+    info = ds["retain"].span_info()
+    assert info["source"] == "none" and info["spans"] == 0 and info["init_tokens"] == 0
+    cfg.data.span_source = "none"
+    assert build_datasets(cfg.data, tokenizer, METHODS["palu"])["forget"].span_info()["spans"] == 0

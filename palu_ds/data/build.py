@@ -24,10 +24,13 @@ def _name(src) -> str:
 
 
 def build_one(src, data_cfg, tokenizer, spans: bool = True):
+    """One data source as a dataset (QA rows or raw-text chunks); ``spans=False`` (the retain and idk sets) labels no
+    sensitive spans, for raw text as for QA."""
     records = load_records(src.source, src.config, src.split)
     if src.kind == "text":
         docs = [r if isinstance(r, str) else r.get("text") for r in records]
-        return TextChunks(docs, tokenizer, data_cfg.max_length, source=_name(src), n_init=data_cfg.n_init)
+        return TextChunks(docs, tokenizer, data_cfg.max_length, source=_name(src), n_init=data_cfg.n_init,
+                          spans=spans and data_cfg.span_source != "none")
     return QADataset(records, tokenizer, qa_options(data_cfg, spans), source=_name(src))
 
 
