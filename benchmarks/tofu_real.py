@@ -25,12 +25,12 @@ Stages (each timed; logs in ``OUT/logs``; reused when its command and inputs are
 3. the learning-rate sweep on development authors (see "Hyper-parameters" below): the development target (the same
    SFT recipe on retain + authors 196-197), its and the retain model's evaluation on those authors, and one method of
    each family at each lr of the grid (``OUT/dev``, ``OUT/dev/sweep.json``);
-4. every method (``launch/train.py``, 1 process, ``ds_configs/cpu/zero2.json``; each run builds its reference in its
-   own folder): palu with PALU's GPT-labelled spans (``--palu-labels``, PALU's ``save_to_disk`` folder), palu with
+4. every method, each evaluated (stage 5) as soon as it is trained (``launch/train.py``, 1 process,
+   ``ds_configs/cpu/zero2.json``; each run builds its reference in its own folder): palu with PALU's GPT-labelled spans (``--palu-labels``, PALU's ``save_to_disk`` folder), palu with
    the project's span detector, pd_flat, palu_pd, grad_ascent, grad_diff, npo, simnpo, idk_dpo; then the PALU
    ablations of ``--ablations`` (K = top-K of the reference flattened, N = first N tokens of each span);
 5. ``evaluation/run.py`` (TOFU suite, forget + retain + real_authors + world_facts) for the retain model, the base
-   model, the target and every unlearned model; forget quality = KS test against the retain model's forget truth
+   model and the target first, then every unlearned model; forget quality = KS test against the retain model's forget truth
    ratios;
 6. answer NLL by position kind (I_init / rest of span / common, PALU's labels) for the base, retain, target and
    every method (``benchmarks/position_nll.py``'s function);
@@ -486,25 +486,30 @@ def main(argv=None) -> int:
         family_lr = {}
     lrs = {name: family_lr.get(D.family_of(name), SFT["lr"]) for name in specs}
 
-    # 4. unlearning
+    # 4-5. evaluation of the retain model (first: the others' forget quality needs it), the base and the target; then
+    # each run's unlearning and evaluation in turn (an interrupted run leaves its finished rows evaluated)
     failed: dict[str, str] = {}
-    for name, spec in specs.items():
-        if not run.unlearn(name, spec, models["target"], out / "data", out / "unlearn" / name, lrs[name]):
-            failed[name] = f"training failed (see logs/unlearn_{name}.log)"
-
-    # 5. evaluation
-    evals = {"retain": models["retain"], "base": base, "target": models["target"]}
-    evals.update({n: out / "unlearn" / n / "model" for n in specs if n not in failed})
     results: dict[str, dict] = {}
-    for name, model in evals.items():
-        m = run.evaluate(f"eval_{name}", model, out / "data", out / "eval" / name,
+    evals = {"retain": models["retain"], "base": base, "target": models["target"]}
+
+    def evaluate(name: str) -> None:
+        m = run.evaluate(f"eval_{name}", evals[name], out / "data", out / "eval" / name,
                          None if name == "retain" else out / "eval" / "retain")
         if m is None:
             failed[name] = f"evaluation failed (see logs/eval_{name}.log)"
-            if name == "retain":
-                return 1
+        else:
+            results[name] = m
+
+    for name in list(evals):
+        evaluate(name)
+        if "retain" in failed:
+            return 1
+    for name, spec in specs.items():
+        if not run.unlearn(name, spec, models["target"], out / "data", out / "unlearn" / name, lrs[name]):
+            failed[name] = f"training failed (see logs/unlearn_{name}.log)"
             continue
-        results[name] = m
+        evals[name] = out / "unlearn" / name / "model"
+        evaluate(name)
     add_relative(results)
 
     # 6. NLL by position kind on the forget set (PALU's labels)
