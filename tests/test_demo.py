@@ -29,3 +29,18 @@ def test_demo_runs_end_to_end_and_again(tmp_path):
                for name in ("target", "palu")}
     assert metrics["palu"]["forget/prob"] < metrics["target"]["forget/prob"]  # it forgot something
     assert 0.0 <= metrics["palu"]["forget_quality"] <= 1.0
+
+
+@pytest.mark.slow
+def test_demo_stops_at_a_failed_stage_naming_its_log(tmp_path):
+    """A stage that fails (here: a DeepSpeed config that does not exist) ends the demo with exit 1 and an error that
+    names the stage and the folder of its log -- no traceback, no later stage run."""
+    out = tmp_path / "demo"
+    p = subprocess.run([sys.executable, "launch/demo.py", "--tiny", "--out", str(out), "--port", str(free_port()),
+                        "--ds", str(tmp_path / "missing_ds.json")], cwd=ROOT, env=cpu_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"error: fine-tune target model (2 ranks) failed: see {out / 'logs'}" in p.stderr
+    assert "Traceback" not in p.stderr.split("error:")[-1]
+    assert (out / "logs" / "fine-tune_target_model_(2_ranks).log").exists()
+    assert not (out / "logs" / "fine-tune_retain_model_(2_ranks).log").exists()  # nothing ran after it
