@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from palu_ds.localrun import cpu_env, launcher_cmd
 from palu_ds.methods import METHODS
 from palu_ds.models import smollm2
-from palu_ds.stages import Stages, log_name
+from palu_ds.stages import Stages
 
 FACTS = os.path.join(ROOT, "launch", "data", "real_facts")
 
@@ -134,8 +134,7 @@ def main() -> int:
     st.run("MUSE evaluation (news, 2 rows per part)", ds("evaluation/run.py", [
         "--model", tuned, "--suite", "muse", "--split", "news", "--data", os.path.join(os.path.abspath(a.muse), "news"),
         "--max-examples", "2", "--max-length", "256", "--no-forget-quality", "--out", os.path.join(out, "muse")]))
-    rows = [{"stage": n, "status": st.status[n], "seconds": st.seconds[n], "log": str(st.logs / f"{log_name(n)}.log")}
-            for n in st.status]
+    rows = [{"stage": n, "status": st.status[n], "seconds": st.seconds[n], "log": str(st.log(n))} for n in st.status]
     print("| stage | result | seconds |\n|---|---|---|\n" + "\n".join(f"| {r['stage']} | {r['status']} | "
                                                                f"{r['seconds']} |" for r in rows))
     with open(os.path.join(out, "stages.json"), "w") as f:

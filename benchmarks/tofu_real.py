@@ -26,12 +26,13 @@ Stages (each timed; logs in ``OUT/logs``; reused when its command and inputs are
    SFT recipe on retain + authors 196-197), its and the retain model's evaluation on those authors, and one method of
    each family at each lr of the grid (``OUT/dev``, ``OUT/dev/sweep.json``);
 4. every method, each evaluated (stage 5) as soon as it is trained (``launch/train.py``, 1 process,
-   ``ds_configs/cpu/zero2.json``; each run builds its reference in its own folder): palu with PALU's GPT-labelled spans (``--palu-labels``, PALU's ``save_to_disk`` folder), palu with
-   the project's span detector, pd_flat, palu_pd, grad_ascent, grad_diff, npo, simnpo, idk_dpo; then the PALU
-   ablations of ``--ablations`` (K = top-K of the reference flattened, N = first N tokens of each span);
+   ``ds_configs/cpu/zero2.json``; each run builds its reference in its own folder): palu with PALU's GPT-labelled
+   spans (``--palu-labels``, PALU's ``save_to_disk`` folder), palu with the project's span detector, pd_flat,
+   palu_pd, grad_ascent, grad_diff, npo, simnpo, idk_dpo; then the PALU ablations of ``--ablations`` (K = top-K of
+   the reference flattened, N = first N tokens of each span);
 5. ``evaluation/run.py`` (TOFU suite, forget + retain + real_authors + world_facts) for the retain model, the base
-   model and the target first, then every unlearned model; forget quality = KS test against the retain model's forget truth
-   ratios;
+   model and the target first, then every unlearned model; forget quality = KS test against the retain model's
+   forget truth ratios;
 6. answer NLL by position kind (I_init / rest of span / common, PALU's labels) for the base, retain, target and
    every method (``benchmarks/position_nll.py``'s function);
 7. ``OUT/tofu_real.md`` (tables, goal check), ``OUT/tofu_real.json`` (every number, settings, stage seconds),

@@ -61,16 +61,16 @@ def build_dev_data(tofu: Path, split: str, main_files: dict[str, list[dict]], re
         raise ValueError(f"development authors {list(dev_authors)} overlap the retain authors 0..{retain_authors - 1} "
                          f"or the forget authors {forget_first}..{len(full) // ROWS_PER_AUTHOR - 1} ({clash}): the "
                          "sweep needs authors that neither the retain model nor the reported target saw")
-    rows = [r for a in dev_authors for r in full[ROWS_PER_AUTHOR * a:ROWS_PER_AUTHOR * (a + 1)]]
+    ids = [ROWS_PER_AUTHOR * a + k for a in dev_authors for k in range(ROWS_PER_AUTHOR)]
+    rows = [full[i] for i in ids]
     sources = sorted(tofu.glob("forget*_perturbed.jsonl"))
     index = tofu_perturbed_index(full, [read_json_records(p) for p in sources])
-    first = [ROWS_PER_AUTHOR * a + k for a in dev_authors for k in range(ROWS_PER_AUTHOR)]
-    missing = [i for i in first if i not in index]
+    missing = [i for i in ids if i not in index]
     if missing:
         raise ValueError(f"{tofu}: no perturbed answers for rows {missing[:5]}... of the development authors "
                          f"{list(dev_authors)} in {', '.join(p.name for p in sources)}")
     files = {**main_files, "target": main_files["retain"] + rows, split: rows,
-             f"{split}_perturbed": [index[i] for i in first]}
+             f"{split}_perturbed": [index[i] for i in ids]}
     return {"files": files, "info": {"dev_authors": list(dev_authors), "rows": len(rows)}}
 
 

@@ -45,6 +45,10 @@ class Stages:
         self.logs = self.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
+    def log(self, name: str) -> Path:
+        """Stage ``name``'s log file (its stamp is the same path with ``.cmd.json``)."""
+        return self.logs / f"{log_name(name)}.log"
+
     @staticmethod
     def _fingerprint(inputs) -> dict:
         out = {}
@@ -86,7 +90,8 @@ class Stages:
         ``before``: called right before the command runs (not when reused); ``retries``: reruns after a failure (the
         failed log kept as ``<name>.failed<N>.log``); ``check``: called after exit 0, returns a status string (or
         None for "ok") or raises AssertionError, which fails the stage with its message."""
-        stamp = self.logs / f"{log_name(name)}.cmd.json"
+        log = self.log(name)
+        stamp = log.with_suffix(".cmd.json")
         key = {"cmd": cmd, "inputs": self._fingerprint(inputs)}
         if self._reusable(name, stamp, key, done):
             self.status[name] = "reused"
@@ -94,7 +99,6 @@ class Stages:
             return True
         if before is not None:
             before()
-        log = self.logs / f"{log_name(name)}.log"
         if self.echo:
             print(f"\n=== {name}: {' '.join(cmd)}", flush=True)
         t = time.time()

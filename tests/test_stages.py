@@ -40,8 +40,9 @@ def test_check_judges_a_stage_after_exit_0(tmp_path):
 
     assert s.run("a stage/with spaces", _writer(done), done=done, check=bad) is False
     assert s.status["a stage/with spaces"] == "FAILED: weights differ"
-    log = tmp_path / "out" / "logs" / f"{log_name('a stage/with spaces')}.log"
-    assert log.name == "a_stage-with_spaces.log" and "made it" in log.read_text()
+    log = s.log("a stage/with spaces")
+    assert log == tmp_path / "out" / "logs" / "a_stage-with_spaces.log" and log_name("a stage/with spaces") in log.name
+    assert "made it" in log.read_text()
     assert s.run("a stage/with spaces", _writer(done), done=done, check=lambda: "bit-identical") is True
     assert s.status["a stage/with spaces"] == "bit-identical" and done.read_text() == "xx"
     assert s.run("no done file", _writer(done)) is True and s.run("no done file", _writer(done)) is True

@@ -118,7 +118,8 @@ def test_dev_data_holds_the_development_authors_with_tofus_perturbed_answers(tof
     assert f["forget01"] == full[520:560] and f["target"] == _rows(3) + full[520:560]
     assert [r["question"] for r in f["forget01_perturbed"]] == [r["question"] for r in full[520:560]]
     assert f["forget01_perturbed"][0]["paraphrased_answer"] == "A26.0. (para)"
-    assert f["retain"] == main["files"]["retain"] and f["real_authors_perturbed"] == main["files"]["real_authors_perturbed"]
+    assert f["retain"] == main["files"]["retain"]
+    assert f["real_authors_perturbed"] == main["files"]["real_authors_perturbed"]
     assert main["files"]["forget01"] == full[-40:]  # the reported run's files are left alone
     with pytest.raises(ValueError, match="overlap the retain authors 0..2 or the forget authors 28..29"):
         D.build_dev_data(tofu, "forget01", main["files"], retain_authors=3, dev_authors=(27, 28))

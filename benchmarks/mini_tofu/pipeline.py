@@ -274,8 +274,8 @@ def main(argv=None) -> int:
     out = Path(args.out or f"runs/mini_tofu/a{a}-{b}_f{pct:02d}_s{args.seed}{tag}{'_quick' if args.quick else ''}")
     out = out if out.is_absolute() else ROOT / out
     out.mkdir(parents=True, exist_ok=True)
-    run = Run(args, out, Stages(out, args.fresh, tag="mini_tofu", cwd=ROOT), "" if args.lr is None else f"_lr{args.lr:g}",
-              FAMILY_LR if args.lr is None else {f: args.lr for f in FAMILY_LR})
+    run = Run(args, out, Stages(out, args.fresh, tag="mini_tofu", cwd=ROOT),
+              "" if args.lr is None else f"_lr{args.lr:g}", FAMILY_LR if args.lr is None else {f: args.lr for f in FAMILY_LR})
 
     t = time.time()
     data = stage_data(run, tofu, full, a, b, pct, pretrain)
