@@ -4,6 +4,7 @@ gloo ranks that see different retain losses and token counts yet hold the same l
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from palu_ds.dual import DualVariable
+from palu_ds.localrun import free_port
 from palu_ds.methods import get_method
 
 
@@ -154,14 +156,22 @@ class _Engine:
         return None
 
 
-def _engine_worker(rank, world, init_file, out_dir, mode):
+def _threads() -> list[str]:
+    """The names of this process's native threads."""
+    return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+
+def _engine_worker(rank, world, port, out_dir, mode):
     """The engine's real Trainer.train_step (window counts, terms, StepStats all-reduce, skip, dual step) on pd_flat,
-    with the model forward replaced by :func:`_logits` and DeepSpeed by :class:`_Engine`."""
+    with the model forward replaced by :func:`_logits` and DeepSpeed by :class:`_Engine`. The group comes from
+    ``init_from_env`` as under torchrun; the threads left after destroying it go to ``threads<rank>.json``."""
     from palu_ds.config import load_config, resolve
+    from palu_ds.dist import init_from_env
     from palu_ds.engine import Trainer
     from palu_ds.reference import NoReference
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    assert init_from_env()
     try:
         run = resolve(load_config(None, [
             "model.path=m", "data.forget.source=f", "data.retain.source=r", "method.name=pd_flat",
@@ -183,6 +193,8 @@ def _engine_worker(rank, world, init_file, out_dir, mode):
             json.dump(steps, f)
     finally:
         dist.destroy_process_group()
+    with open(f"{out_dir}/threads{rank}.json", "w") as f:
+        json.dump(_threads(), f)
 
 
 def _expected(mode: str) -> list[float]:
@@ -206,8 +218,10 @@ def _expected(mode: str) -> list[float]:
 @pytest.mark.distributed  # the test tier (registered with the tiers of issue 15, part B)
 @pytest.mark.parametrize("mode", ["step", "micro_batch"])
 def test_engine_lambda_identical_across_two_gloo_ranks(tmp_path, mode):
-    mp.spawn(_engine_worker, args=(2, str(tmp_path / "init"), str(tmp_path), mode), nprocs=2, join=True)
+    mp.spawn(_engine_worker, args=(2, free_port(), str(tmp_path), mode), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for r in (0, 1):  # the group's threads end with it (else ~1 exit in 5 aborted: palu_ds.dist.import_dynamo_first)
+        assert not [t for t in json.loads((tmp_path / f"threads{r}.json").read_text()) if "gloo" in t]
     assert r0 == r1                                         # bit-identical lambda, losses and counts on both ranks
     expect = _expected(mode)
     assert [s["lam"] for s in r0] == pytest.approx(expect, rel=1e-5)

@@ -23,6 +23,9 @@ common = ["--model", {model!r}, "--max-new-tokens", "8", "--batch-size", "2", "-
 run.main(common + ["--suite", "tofu", "--split", "forget10", "--data", {tofu!r}, "--out", {out!r} + "/tofu"])
 run.main(common + ["--suite", "muse", "--split", "news", "--data", {muse!r}, "--out", {out!r} + "/muse"])
 dist.destroy_process_group()
+import os
+left = [t for t in os.listdir("/proc/self/task") if "gloo" in open(f"/proc/self/task/{{t}}/comm").read()]
+assert not left, "gloo threads outlived the process group"  # palu_ds.dist.import_dynamo_first
 """
 
 
