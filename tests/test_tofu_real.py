@@ -106,6 +106,18 @@ def test_goal_and_table():
     assert table.splitlines()[0].count("|") == len(T.COLUMNS) + 2 and "2.00e-01" in table and "0.800" in table
 
 
+def test_cost_by_part_counts_every_stage_once():
+    specs = T.run_specs(["palu", "npo"], ["K1"], vocab=100)
+    secs = {"sft_target": 300, "sft_retain": 240, "sft_dev_target": 360, "sweep_eval_retain": 120,
+            "unlearn_sweep_npo_lr2e-05": 180, "sweep_eval_npo_lr2e-05": 150, "eval_retain": 150, "eval_base": 150,
+            "unlearn_palu": 200, "eval_palu": 130, "unlearn_npo": 190, "eval_npo": 140, "unlearn_palu_K1": 210,
+            "eval_palu_K1": 120, "position NLL": 240}
+    cost = T.cost_by_part(secs, specs)
+    assert cost == {"SFT": 9.0, "development sweep": 13.5, "base, retain, target evaluation": 5.0,
+                    "methods": 11.0, "ablations": 5.5, "position NLL": 4.0, "total": 48.0}
+    assert sum(v for k, v in cost.items() if k != "total") == pytest.approx(cost["total"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The learning-rate sweep on development authors (benchmarks/tofu_real_dev.py)
 # ---------------------------------------------------------------------------------------------------------------
