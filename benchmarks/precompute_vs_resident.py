@@ -17,6 +17,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from benchmarks.output import write_results
 from palu_ds.localrun import cpu_env, launcher_cmd
 
 
@@ -169,8 +170,7 @@ def main() -> int:
         lines += [f"| {r['k']} | {r['exact_kl']:.4g} | {r['sparse_kl']:.4g} | {r['rel_error']:.2%} |"
                   for r in res["sparse_kl"]]
     print("\n".join(lines))
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_results(a.out, res)
     return 0
 
 

@@ -22,6 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from benchmarks.output import write_results
 from benchmarks.vs_open_unlearning import build_model
 from palu_ds.localrun import cpu_env, free_port, launcher_cmd
 
@@ -132,12 +133,7 @@ def main() -> int:
         lines.append(f"| {r['config']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {ratio} |")
     lines += ["", "| gloo collective, 7.36M fp32, 2 ranks | ms |", "|---|---|"]
     lines += [f"| {k} | {v * 1000:.1f} |" for k, v in collectives.items() if isinstance(v, float)]
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"train": rows, "collectives": collectives}, f, indent=1)
-    with open(os.path.join(a.out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    write_results(a.out, {"train": rows, "collectives": collectives}, "\n".join(lines))
     return 0 if all(not r["exit"] for r in rows) and "error" not in collectives else 1
 
 

@@ -23,6 +23,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from benchmarks.output import write_results
 from palu_ds.localrun import cpu_env, launcher_cmd
 from palu_ds.models import smollm2
 
@@ -160,8 +161,7 @@ def main() -> int:
         report["runs"].append({"name": name, "ranks": ranks, **r, "vs_plain": r["tokens_per_s"] / plain, "mfu": mfu})
         print(f"| {name} | {ranks} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / plain:.2f}x | {mfu:.0%} | "
               f"{r['peak_rss'] / 2**30:.2f} GiB |")
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write_results(a.out, report)
     return 0
 
 

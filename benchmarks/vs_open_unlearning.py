@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+from benchmarks.output import write_results
 from palu_ds.localrun import cpu_env, launcher_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,12 +125,7 @@ def main() -> int:
         lines.append(f"| TOFU evaluation (forget10 suite), {e['nproc']} process(es) | {e['wall_s']:.0f} s wall | | "
                      f"{e['peak_rss_mib']:.0f} MiB | 413 s wall | | 1607 MiB | {413 / e['wall_s']:.1f}× faster | "
                      f"{e['exit']} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump({"train": rows, "eval": evals}, f, indent=1)
-    with open(os.path.join(a.out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    write_results(a.out, {"train": rows, "eval": evals}, "\n".join(lines))
     return 0 if all(r["exit"] == 0 for r in rows + evals) else 1
 
 

@@ -1,4 +1,5 @@
 """The one stage runner of make demo and the benchmarks (palu_ds/stages.py): reuse, failure, checks, console echo."""
+import json
 import sys
 
 from palu_ds.stages import Stages, log_name
@@ -55,3 +56,14 @@ def test_echo_streams_the_output_to_the_console_and_the_log(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"hello from {tmp_path}" in out and "=== say done in" in out
     assert f"hello from {tmp_path}" in (tmp_path / "out" / "logs" / "say.log").read_text()
+
+
+def test_write_results_writes_json_and_table_and_prints(tmp_path, capsys):
+    from benchmarks.output import write_results
+
+    write_results(tmp_path, {"tokens_per_s": 12.5}, "| a |\n|---|")
+    assert json.loads((tmp_path / "results.json").read_text()) == {"tokens_per_s": 12.5}
+    assert (tmp_path / "table.md").read_text() == "| a |\n|---|\n" and "| a |" in capsys.readouterr().out
+    (tmp_path / "only").mkdir()
+    write_results(tmp_path / "only", {"x": 1})  # no table: results.json alone
+    assert not (tmp_path / "only" / "table.md").exists() and (tmp_path / "only" / "results.json").exists()

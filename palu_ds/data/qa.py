@@ -10,10 +10,9 @@ import logging
 import random
 from dataclasses import dataclass
 
-import torch
-
 from palu_ds.batch import IGNORE_INDEX
 from palu_ds.data.errors import DataError, at
+from palu_ds.data.examples import ExampleDataset
 from palu_ds.data.io import load_records
 from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat, encode_pair, uses_chat
 from palu_ds.data.spans import (check_offsets, detect_spans, model_spans, parse_target_words, split_init_common,
@@ -43,7 +42,7 @@ class QAOptions:
             raise ValueError(f"data.span_source must be one of {SPAN_SOURCES}, got {self.span_source!r}")
 
 
-class QADataset(torch.utils.data.Dataset):
+class QADataset(ExampleDataset):
     """Tokenized QA examples. ``source`` names the file (for error messages)."""
 
     def __init__(self, records: list, tokenizer, options: QAOptions = QAOptions(), source: str = "<records>"):
@@ -74,14 +73,7 @@ class QADataset(torch.utils.data.Dataset):
         return {"dataset": self.source, "source": used[0] if len(used) == 1 else "mixed" if used else "none",
                 "span_source_setting": self.options.span_source, "rows": len(self.examples),
                 "rows_by_source": dict(self.span_rows), "spans": self.n_spans, "n_init": self.options.n_init,
-                "init_tokens": sum(sum(e["sens_mask"]) for e in self.examples),
-                "common_tokens": sum(sum(e["common_mask"]) for e in self.examples)}
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.examples[i]
+                **self.token_counts()}
 
     def _at(self, i: int):
         return at(self._records, i)

@@ -7,12 +7,11 @@ tokens outside spans. ``spans=False``: no span at all (every token common).
 
 from __future__ import annotations
 
-import torch
-
 from palu_ds.data.errors import DataError
+from palu_ds.data.examples import ExampleDataset
 from palu_ds.data.spans import check_offsets, detect_text_spans, split_init_common, token_mask_from_spans
 
-class TextChunks(torch.utils.data.Dataset):
+class TextChunks(ExampleDataset):
     """Next-token examples over raw text; ``n_init`` as ``data.n_init`` (None: whole spans); ``spans=False`` marks
     no span (every token common, no offsets needed)."""
 
@@ -31,10 +30,10 @@ class TextChunks(torch.utils.data.Dataset):
             init, common = [False] * len(ids), [True] * len(ids)
         else:
             check_offsets(tokenizer, ids, enc["offset_mapping"], source)
-            sens = token_mask_from_spans(enc["offset_mapping"], detect_text_spans(text))
+            found = detect_text_spans(text)
+            sens = token_mask_from_spans(enc["offset_mapping"], found)
             init, common = split_init_common(sens, n_init)
-        self.source = source
-        self.n_spans = len(detect_text_spans(text)) if spans else 0
+        self.n_spans = len(found) if spans else 0
         self.n_init = n_init
         self.span_source = "text_detector" if spans else "none"
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -53,12 +52,4 @@ class TextChunks(torch.utils.data.Dataset):
     def span_info(self) -> dict:
         """As :meth:`palu_ds.data.qa.QADataset.span_info`: raw text is always labelled by the detector."""
         return {"dataset": self.source, "source": self.span_source, "rows": len(self.examples),
-                "spans": self.n_spans, "n_init": self.n_init,
-                "init_tokens": sum(sum(e["sens_mask"]) for e in self.examples),
-                "common_tokens": sum(sum(e["common_mask"]) for e in self.examples)}
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.examples[i]
+                "spans": self.n_spans, "n_init": self.n_init, **self.token_counts()}
