@@ -2,7 +2,7 @@
 
     python benchmarks/tofu_real.py --tofu ../shared/data/tofu \\
         --palu-labels ../shared/data/palu/forget01_with_common_words_gpt --out runs/tofu_real
-    # -> runs/tofu_real/{tofu_real.md,tofu_real.json,tofu_real.png}; ~100 min on 2 quiet CPU cores
+    # -> runs/tofu_real/{tofu_real.md,tofu_real.json,tofu_real.png}; ~165 min from scratch on 2 CPU cores
     python benchmarks/tofu_real.py --full --split forget05 ...   # all of TOFU, for a GPU machine
 
 Base model: SmolLM2-135M-Instruct (``palu-ds fetch-model smollm2``), prompts through its chat template exactly as
