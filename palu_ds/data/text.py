@@ -11,6 +11,7 @@ from palu_ds.data.errors import DataError
 from palu_ds.data.examples import ExampleDataset
 from palu_ds.data.spans import check_offsets, detect_text_spans, split_init_common, token_mask_from_spans
 
+
 class TextChunks(ExampleDataset):
     """Next-token examples over raw text; ``n_init`` as ``data.n_init`` (None: whole spans); ``spans=False`` marks
     no span (every token common, no offsets needed)."""
