@@ -48,14 +48,6 @@ def batch_counts(batch: dict) -> torch.Tensor:
     return torch.tensor([answer.sum(), sens.sum(), common.sum(), (answer.sum(1) > 0).sum()], dtype=torch.float64)
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    """Whether the (base) model's forward takes ``logits_to_keep`` (most transformers causal LMs do)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
 def _innermost_optimizer(engine):
     """The torch optimizer that holds Adam's state, under DeepSpeed's ZeRO / precision wrappers."""
     opt = engine.optimizer
@@ -234,7 +226,7 @@ class Trainer:
         cfg, model = self.cfg, self._load_model()
         self.steps_per_epoch = max(1, self.streams[self.method.epoch_batch].batches_per_epoch // self.gas)
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
-        self.answer_only = cfg.train.answer_only_logits and _accepts_logits_to_keep(model)
+        self.answer_only = cfg.train.answer_only_logits and lm_head.accepts_logits_to_keep(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
         if cfg.train.head_path == "chunked" and not self.answer_only:

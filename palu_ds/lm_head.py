@@ -61,6 +61,15 @@ class UnsupportedHead(ValueError):
     """The answer-only head cannot reproduce this architecture's logits."""
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the (base) model's forward takes ``logits_to_keep`` (most transformers causal LMs do): the model then
+    forms logits for the last ``k`` positions only."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def _what_to_do() -> str:
     return "set train.answer_only_logits: false (the model then forms its own full logits)"
 

@@ -1,8 +1,11 @@
 """Batched log-prob passes and left-padded generation on a tiny random Llama; prompt formatting (BOS once)."""
 
+import functools
+
 import pytest
 import torch
 
+from evaluation import scoring
 from evaluation.scoring import generate_greedy, score_targets
 from palu_ds.data.synthetic import corpus_texts
 from palu_ds.tiny import CHAT_TEMPLATE, make_tiny_model
@@ -35,6 +38,30 @@ def test_score_targets_equals_unbatched_forward(tiny):
         mu = (lsm[pos].exp() * lsm[pos]).sum(-1)
         assert torch.allclose(torch.tensor(st.mu, dtype=torch.float32), mu, atol=1e-4)
         assert t[-1] == tok.eos_token_id
+
+
+def test_score_targets_skips_the_head_before_the_first_scored_position(tiny, monkeypatch):
+    """The model is asked for logits from the batch's first scored position on (``logits_to_keep``), not over the
+    whole padded width, and the statistics still equal the full-logit ones."""
+    model, tok = tiny
+    queries = [ts[0] for _, ts in (encode_qa(tok, q, [a]) for q, a in [
+        ("Where was the fantasy author Arlo Vance born, and when?", "In Oslo."), ("Who?", "Arlo Vance.")])]
+    with monkeypatch.context() as m:  # a model without logits_to_keep: full logits
+        m.setattr(scoring, "accepts_logits_to_keep", lambda model: False)
+        full = score_targets(model, queries, pad_id=tok.pad_token_id, batch_size=2)
+    seen, forward = [], model.forward
+
+    @functools.wraps(forward)  # keeps forward's signature, which says it takes logits_to_keep
+    def spy(*args, **kwargs):
+        seen.append((kwargs["input_ids"].shape[1], kwargs.get("logits_to_keep")))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    kept = score_targets(model, queries, pad_id=tok.pad_token_id, batch_size=2)
+    width, first = max(len(p) + len(t) for p, t in queries), min(len(p) for p, _ in queries) - 1
+    assert seen == [(width, width - first)] and first > 3
+    for a, b in zip(full, kept):
+        assert (a.logps == b.logps).all() and (a.greedy_match == b.greedy_match).all()
 
 
 def test_left_padded_generation_equals_unpadded(tiny):
