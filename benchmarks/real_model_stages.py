@@ -17,6 +17,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from palu_ds.atomic import write_json
 from palu_ds.localrun import cpu_env, launcher_cmd
 from palu_ds.methods import METHODS
 from palu_ds.models import smollm2
@@ -137,8 +138,7 @@ def main() -> int:
     rows = [{"stage": n, "status": st.status[n], "seconds": st.seconds[n], "log": str(st.log(n))} for n in st.status]
     print("| stage | result | seconds |\n|---|---|---|\n" + "\n".join(f"| {r['stage']} | {r['status']} | "
                                                                f"{r['seconds']} |" for r in rows))
-    with open(os.path.join(out, "stages.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+    write_json(os.path.join(out, "stages.json"), rows)
     return 0 if not any(r["status"].startswith("FAILED") for r in rows) else 1
 
 

@@ -61,7 +61,7 @@ from pathlib import Path
 from benchmarks.mini_tofu import (ROWS_PER_AUTHOR, Stages, add_relative, evenly, goal_check, metrics_table, read_json,
                                    tofu_perturbed_index, write_jsonl)
 from benchmarks import tofu_real_dev as D
-from palu_ds.atomic import write_json
+from palu_ds.atomic import write_json, write_text
 from palu_ds.data.io import read_json_records
 from palu_ds.data.prompt import answer_ids
 from palu_ds.localrun import setdefaults
@@ -569,9 +569,9 @@ def main(argv=None) -> int:
         "position_nll": pos, "stage_seconds": stages.seconds,
         "stage_status": stages.status, "wall_seconds": round(time.time() - t_start, 1),
     }
-    (out / "tofu_real.json").write_text(json.dumps(report, indent=1))
+    write_json(out / "tofu_real.json", report)
     md = render_markdown(report)
-    (out / "tofu_real.md").write_text(md)
+    write_text(out / "tofu_real.md", md)
     render_png(report, out / "tofu_real.png")
     print("\n" + md)
     print(f"[tofu_real] wrote {out}/tofu_real.md, .json, .png ({report['wall_seconds'] / 60:.1f} min)")
