@@ -2,7 +2,9 @@
 
     python benchmarks/tofu_real.py --tofu ../shared/data/tofu \\
         --palu-labels ../shared/data/palu/forget01_with_common_words_gpt --out runs/tofu_real
-    # -> runs/tofu_real/{tofu_real.md,tofu_real.json,tofu_real.png}; ~165 min from scratch on 2 CPU cores
+    # -> runs/tofu_real/{tofu_real.md,tofu_real.json,tofu_real.png}; 88 min from scratch on 2 CPU cores (measured,
+    #    BENCHMARKS.md "Cost"; tofu_real.md ends with its own accounting)
+    python benchmarks/tofu_real.py ... --ablations ''      # without PALU's K / N ablations (~3.3 min each)
     python benchmarks/tofu_real.py --full --split forget05 ...   # all of TOFU, for a GPU machine
 
 Base model: SmolLM2-135M-Instruct (``palu-ds fetch-model smollm2``), prompts through its chat template exactly as
@@ -10,7 +12,8 @@ open-unlearning formats them (``palu_ds.data.prompt``: system prompt, answer + e
 
 Data (TOFU's own files, nothing made up): forget = TOFU ``forget01`` (authors 198-199, 40 rows) with TOFU's
 paraphrased / perturbed answers (``forget01_perturbed``); retain = the first ``--retain-authors`` R authors of TOFU
-(rows 0 .. 20R-1 of ``full``; TOFU ships perturbed answers for authors 0-19 only, ``retain_perturbed``); utility =
+(rows 0 .. 20R-1 of ``full``; TOFU ships perturbed answers for authors 0-19 only, ``retain_perturbed``); development
+authors 196-197 (the learning-rate sweep's forget set, never reported; see "Hyper-parameters"); utility =
 TOFU's 9 values on ``--utility-rows`` rows (spread evenly) of retain_perturbed (the R authors), real_authors and
 world_facts.  ``--full``: forget = ``--split`` (forget01/05/10), retain = TOFU's matching retain split (all the other
 authors), every evaluation row.
@@ -18,21 +21,22 @@ authors), every evaluation row.
 Stages (each timed; logs in ``OUT/logs``; reused when its command and inputs are unchanged, ``--fresh`` redoes all):
 
 1. data in ``OUT/data``;
-2. target = SFT of the base on retain + forget, retain model = the same recipe on retain alone
-   (``launch/finetune.py``, 1 process); both cached in ``OUT/models/<name>-<key>`` where key is a sha256 of the base
-   model's config and weight files (``palu_ds.reference.model_fingerprint``), the training rows and the recipe, so
-   a rerun (or another ``--out``) with the same three skips them;
-3. the learning-rate sweep on development authors (see "Hyper-parameters" below): the development target (the same
-   SFT recipe on retain + authors 196-197), its and the retain model's evaluation on those authors, and one method of
-   each family at each lr of the grid (``OUT/dev``, ``OUT/dev/sweep.json``);
-4. every method, each evaluated (stage 5) as soon as it is trained (``launch/train.py``, 1 process,
+2. target = SFT of the base on retain + development + forget authors (with ``--lr-choice sweep``; retain + forget
+   otherwise: as TOFU's target, it knows more authors than it is asked to forget), retain model = the same recipe on
+   retain alone (``launch/finetune.py``, 1 process); both cached in ``OUT/models/<name>-<key>`` where key is a
+   sha256 of the base model's config and weight files (``palu_ds.reference.model_fingerprint``), the training rows
+   and the recipe, so a rerun (or another ``--out``) with the same three skips them;
+3. ``evaluation/run.py`` (TOFU suite, forget + retain + real_authors + world_facts; bf16 unless ``--eval-dtype
+   float32``) of the retain model, the base model and the target; forget quality = KS test against the retain
+   model's forget truth ratios;
+4. the learning-rate sweep on development authors (see "Hyper-parameters" below) from the same target: the retain
+   model's and the target's forget part on those authors, and one method of each family at each lr of the grid,
+   each evaluated (``OUT/dev``, ``OUT/dev/sweep.json``);
+5. every method, each evaluated as soon as it is trained (``launch/train.py``, 1 process,
    ``ds_configs/cpu/zero2.json``; each run builds its reference in its own folder): palu with PALU's GPT-labelled
    spans (``--palu-labels``, PALU's ``save_to_disk`` folder), palu with the project's span detector, pd_flat,
-   palu_pd, grad_ascent, grad_diff, npo, simnpo, idk_dpo; then the PALU ablations of ``--ablations`` (K = top-K of
-   the reference flattened, N = first N tokens of each span);
-5. ``evaluation/run.py`` (TOFU suite, forget + retain + real_authors + world_facts) for the retain model, the base
-   model and the target first, then every unlearned model; forget quality = KS test against the retain model's
-   forget truth ratios;
+   palu_pd, grad_ascent, grad_diff, npo, simnpo, idk_dpo; then the PALU ablations of ``--ablations`` (K = top-K
+   of the reference flattened, N = first N tokens of each span);
 6. answer NLL by position kind (I_init / rest of span / common, PALU's labels) for the base, retain, target and
    every method (``benchmarks/position_nll.py``'s function);
 7. ``OUT/tofu_real.md`` (tables, goal check), ``OUT/tofu_real.json`` (every number, settings, stage seconds),
@@ -40,9 +44,10 @@ Stages (each timed; logs in ``OUT/logs``; reused when its command and inputs are
 
 Hyper-parameters: every method keeps the registry's defaults (the papers': PALU gamma 1, alpha 1, K 5000, N 3; NPO
 beta 0.1; PDU's lambda0 / eta / epsilon from its authors' TOFU script).  The unlearning learning rate is one per method
-family, chosen by the development sweep (``--lr-choice sweep``, the default; stage 3 above runs it before the
+family, chosen by the development sweep (``--lr-choice sweep``, the default; stage 4 above runs it before the
 reported runs): TOFU authors 196-197, never the reported ones, a grid of 0.1x / 0.3x / 1x the target's SFT lr, and
-mini-TOFU's selection rule -- all written down in ``benchmarks/tofu_real_dev.py`` before any sweep ran.
+mini-TOFU's selection rule -- all written down in ``benchmarks/tofu_real_dev.py`` before any sweep ran (the
+development target became the reported one on 2026-12-02, to fit the budget, before any run with it).
 ``--lr-choice rule`` runs every method at the target's SFT lr instead, the rule open-unlearning follows on TOFU (its
 Llama fine-tuning and unlearning both use lr 1e-5); ``--full`` needs it (no author is left outside forget and retain).
 """
@@ -74,6 +79,8 @@ METHODS = tuple(n for m in REGISTRY.values() if m.unlearning for n in ((m.name, 
                                                                         else (m.name,)))
 #: K / N ablations of PALU (the main run: K 5000, N 3); "all" = the whole vocabulary for K, whole spans for N
 ABLATIONS = ("K1", "K100", "K1000", "Kall", "N1", "Nall")
+#: all six by default: with bf16 evaluation and one target for the sweep and the report, the whole script from scratch
+#: measured 88 min on the 2-core box (~3.3 min an ablation), inside the issue's 100 (BENCHMARKS.md, "Cost")
 DEFAULT_ABLATIONS = ABLATIONS
 RETAIN_AUTHORS = 4
 UTILITY_ROWS = 20
@@ -99,9 +106,11 @@ COLUMNS = [("forget_quality", "forget quality"), ("ks_statistic", "KS D"), ("for
 # ---------------------------------------------------------------------------------------------------------------
 # Pure parts (tests/test_tofu_real.py)
 # ---------------------------------------------------------------------------------------------------------------
-def build_data(tofu: Path, split: str, retain_authors: int | None, utility_rows: int | None) -> dict:
+def build_data(tofu: Path, split: str, retain_authors: int | None, utility_rows: int | None,
+               dev_authors=()) -> dict:
     """``{"files": {name: rows}, "info": {...}}``: the run's data (see the module doc).  ``retain_authors=None``
-    (``--full``) = TOFU's retain split of ``split``; ``utility_rows=None`` = every evaluation row."""
+    (``--full``) = TOFU's retain split of ``split``; ``utility_rows=None`` = every evaluation row; ``dev_authors``:
+    TOFU authors the target also learns (between retain and forget), for the development sweep."""
     need = ["full", split, f"{split}_perturbed", "retain_perturbed", "real_authors_perturbed",
             "world_facts_perturbed", "idontknow"]
     missing = [n for n in need if not (tofu / f"{n}.jsonl").exists()]
@@ -121,20 +130,24 @@ def build_data(tofu: Path, split: str, retain_authors: int | None, utility_rows:
             raise ValueError(f"--retain-authors must be 1..20 (TOFU's perturbed answers cover authors 0-19), "
                              f"got {retain_authors}")
         retain = full[:ROWS_PER_AUTHOR * retain_authors]
+    if dev_authors and retain_authors is None:
+        raise ValueError("development authors need --retain-authors: with --full every author is in forget or retain")
+    dev = [full[i] for i in D.dev_row_ids(len(full), len(forget), retain_authors, dev_authors)] if dev_authors else []
     pert_index = tofu_perturbed_index(full, [read_json_records(tofu / "retain_perturbed.jsonl")])
     retain_pert = [pert_index[i] for i in range(len(retain)) if i in pert_index]
     forget_pert = read_json_records(tofu / f"{split}_perturbed.jsonl")
     if [(r["question"], r["answer"]) for r in forget_pert] != [(r["question"], r["answer"]) for r in forget]:
         raise ValueError(f"{tofu / (split + '_perturbed.jsonl')}: its rows are not those of {split}.jsonl")
     files = {
-        "target": retain + forget, "retain": retain, split: forget, f"{split}_perturbed": forget_pert,
+        "target": retain + dev + forget, "retain": retain, split: forget, f"{split}_perturbed": forget_pert,
         "retain_perturbed": evenly(retain_pert, utility_rows),
         "real_authors_perturbed": evenly(read_json_records(tofu / "real_authors_perturbed.jsonl"), utility_rows),
         "world_facts_perturbed": evenly(read_json_records(tofu / "world_facts_perturbed.jsonl"), utility_rows),
         "idontknow": read_json_records(tofu / "idontknow.jsonl"),
     }
     info = {"split": split, "forget_authors": list(range(first_forget, first_forget + n_forget_authors)),
-            "retain_authors": len(retain) // ROWS_PER_AUTHOR, "rows": {k: len(v) for k, v in files.items()}}
+            "retain_authors": len(retain) // ROWS_PER_AUTHOR, "dev_authors": list(dev_authors),
+            "rows": {k: len(v) for k, v in files.items()}}
     return {"files": files, "info": info}
 
 
@@ -191,7 +204,7 @@ def cost_by_part(stage_seconds: dict[str, float], specs: dict[str, dict]) -> dic
     parts: dict[str, float] = {}
     for stage, sec in stage_seconds.items():
         run = stage.split("_", 1)[1] if stage.startswith(("unlearn_", "eval_")) else None
-        if "sweep" in stage or stage == "sft_dev_target":
+        if "sweep" in stage or stage == "sft_dev_target":  # sft_dev_target: the sweep's own SFT before 2026-12-02
             part = "development sweep"
         elif stage.startswith("sft_"):
             part = "SFT"
@@ -344,16 +357,21 @@ def sft_summary(model: Path) -> dict:
 class Run:
     """The two commands every model goes through: unlearning (``launch/train.py``) and the TOFU evaluation."""
 
-    def __init__(self, stages: Stages, out: Path, split: str, palu_labels: str, max_new: int, keep: bool):
+    def __init__(self, stages: Stages, out: Path, split: str, palu_labels: str, max_new: int, keep: bool,
+                 eval_dtype: str):
         self.stages, self.out, self.split, self.palu_labels = stages, out, split, palu_labels
-        self.max_new, self.keep = max_new, keep
+        self.max_new, self.keep, self.eval_dtype = max_new, keep, eval_dtype
 
-    def unlearn(self, name: str, spec: dict, target: Path, data: Path, run_dir: Path, lr: float) -> bool:
+    def unlearn(self, name: str, spec: dict, target: Path, data: Path, run_dir: Path, lr: float,
+                reference: Path | None = None) -> bool:
         """Stage ``unlearn_<name>`` (``sweep_`` names for development runs): ``spec``'s method on ``target`` at
-        ``lr``; forget rows from ``data`` (or PALU's labelled set for ``spec["spans"] == "labels"``)."""
+        ``lr``; forget rows from ``data`` (or PALU's labelled set for ``spec["spans"] == "labels"``).  ``reference``:
+        a reference cache folder shared with other runs of the same method, target and data (the cache refuses a
+        run whose key differs), kept; default: the run's own, removed after it."""
         from palu_ds.methods import get_method
 
         meth = get_method(spec["method"])
+        own_cache = run_dir / "reference_cache"
         forget = ([f"data.forget.source={self.palu_labels}", "data.span_source=labels"] if spec["spans"] == "labels"
                   else [f"data.forget.source={data / (self.split + '.jsonl')}"]
                   + (["data.span_source=detector"] if spec["spans"] == "detector" else []))
@@ -364,7 +382,7 @@ class Run:
                f"train.scheduler={UNLEARN['scheduler']}", f"train.warmup_steps={UNLEARN['warmup_steps']}",
                f"train.weight_decay={UNLEARN['weight_decay']}", f"train.max_grad_norm={UNLEARN['max_grad_norm']}",
                "train.seed=0", "train.resume=never", "log.log_every=5",
-               f"reference.cache_dir={run_dir / 'reference_cache'}"]
+               f"reference.cache_dir={reference or own_cache}"]
         cmd += [f"method.params.{k}={'null' if v is None else v}" for k, v in spec["params"].items()]
         cmd += [f"data.retain.source={data / 'retain.jsonl'}"] if meth.needs_retain else ["data.retain=null"]
         if meth.needs_idk:
@@ -372,17 +390,18 @@ class Run:
         cmd.append("reference.mode=" + ("precomputed" if meth.reference_parts else "none"))
         ok = self.stages.run(f"unlearn_{name}", cmd, done=run_dir / "model" / "config.json",
                              inputs=[target / "model.safetensors"],
-                             before=lambda d=run_dir: shutil.rmtree(d / "reference_cache", ignore_errors=True))
+                             before=None if reference else lambda: shutil.rmtree(own_cache, ignore_errors=True))
         if not self.keep:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-            shutil.rmtree(run_dir / "reference_cache", ignore_errors=True)
+            shutil.rmtree(own_cache, ignore_errors=True)
         return ok
 
-    def evaluate(self, stage: str, model: Path, data: Path, out: Path, retain_eval: Path | None) -> dict | None:
-        """TOFU evaluation (forget, retain, real_authors, world_facts) of ``model`` on ``data`` into ``out``; forget
-        quality against ``retain_eval`` (None: the retain model itself, no forget quality).  Its metrics, or None."""
+    def evaluate(self, stage: str, model: Path, data: Path, out: Path, retain_eval: Path | None,
+                 parts: str = "forget,retain,real_authors,world_facts") -> dict | None:
+        """TOFU evaluation (``parts``) of ``model`` on ``data`` into ``out``, in ``eval_dtype``; forget quality
+        against ``retain_eval`` (None: the retain model itself, no forget quality).  Its metrics, or None."""
         cmd = [sys.executable, "evaluation/run.py", "--model", str(model), "--suite", "tofu", "--split", self.split,
-               "--data", str(data), "--splits", "forget,retain,real_authors,world_facts",
+               "--data", str(data), "--splits", parts, "--dtype", self.eval_dtype,
                "--max-new-tokens", str(self.max_new), "--max-length", str(MAX_LENGTH), "--out", str(out),
                "--name", out.name]
         cmd += ["--no-forget-quality"] if retain_eval is None else ["--retain-results", str(retain_eval)]
@@ -392,30 +411,35 @@ class Run:
         return read_json(out / "summary.json")["metrics"]
 
 
-def dev_sweep(run: Run, tofu: Path, data: dict, info: dict, base: Path, base_digest: str, retain_model: Path,
+def dev_sweep(run: Run, tofu: Path, data: dict, info: dict, target: Path, target_m: dict, retain_model: Path,
               specs: dict, vocab: int) -> dict | None:
-    """The learning-rate sweep on development authors (``benchmarks/tofu_real_dev.py``: data, grid, rule): the
-    development target, the retain model's and the development target's evaluation on the development authors, each
-    family's representative at each lr of the grid; ``{"dev_authors", "target", "families": {family: {"runs":
-    {lr: {run: metrics}}, "choice"}}}``, also written to ``OUT/dev/sweep.json``; None when a stage failed."""
+    """The learning-rate sweep on development authors (``benchmarks/tofu_real_dev.py``: data, grid, rule) from the
+    reported ``target`` (its evaluation ``target_m`` gives the utility the rule compares with): the retain model's
+    and the target's forget part on the development authors, then each family's representative at each lr of the
+    grid (the lrs of one representative share its reference cache); ``{"dev_authors", "target", "families":
+    {family: {"runs": {lr: {run: metrics}}, "choice"}}}``, also written to ``OUT/dev/sweep.json``; None when a
+    stage failed."""
     out = run.out / "dev"
-    dev = D.build_dev_data(tofu, run.split, data["files"], info["retain_authors"])
+    if not info["dev_authors"]:
+        raise ValueError("the development sweep needs a target that learned the development authors: build_data(..., "
+                         "dev_authors=tofu_real_dev.DEV_AUTHORS)")
+    dev = D.build_dev_data(tofu, run.split, data["files"], info["retain_authors"], info["dev_authors"])
     write_jsonl(out / "data", dev["files"])
-    target = sft_stage(run.stages, run.out, "dev_target", base, base_digest, dev["files"]["target"],
-                       out / "data" / "target", run.keep)
-    if target is None:
+    retain_eval = run.evaluate("sweep_eval_retain", retain_model, out / "data", out / "eval" / "retain", None,
+                               parts="forget")
+    dev_target = run.evaluate("sweep_eval_target", target, out / "data", out / "eval" / "target",
+                              out / "eval" / "retain", parts="forget")
+    if retain_eval is None or dev_target is None:
         return None
-    retain_eval = run.evaluate("sweep_eval_retain", retain_model, out / "data", out / "eval" / "retain", None)
-    target_m = run.evaluate("sweep_eval_target", target, out / "data", out / "eval" / "target", out / "eval" / "retain")
-    if retain_eval is None or target_m is None:
-        return None
+    target_m = {**dev_target, "model_utility": target_m["model_utility"]}
     families = {}
     for fam, rep in D.REPRESENTATIVES.items():
+        spec = specs.get(rep) or run_specs([rep], [], vocab)[rep]
         by_lr = {}
         for lr in D.grid(SFT["lr"]):
             name = f"{rep}_lr{lr:g}"
-            if not run.unlearn(f"sweep_{name}", specs.get(rep) or run_specs([rep], [], vocab)[rep], target,
-                               out / "data", out / "unlearn" / name, lr):
+            if not run.unlearn(f"sweep_{name}", spec, target, out / "data", out / "unlearn" / name, lr,
+                               reference=out / "reference" / f"{rep}-{target.parent.name}"):
                 return None
             m = run.evaluate(f"sweep_eval_{name}", out / "unlearn" / name / "model", out / "data",
                              out / "eval" / name, out / "eval" / "retain")
@@ -425,8 +449,9 @@ def dev_sweep(run: Run, tofu: Path, data: dict, info: dict, base: Path, base_dig
             by_lr[lr] = {rep: m}
         families[fam] = {"runs": {str(lr): r for lr, r in by_lr.items()},
                          "choice": D.choose_lr(by_lr, target_m["model_utility"])}
-    sweep = {"dev_authors": dev["info"]["dev_authors"], "target": target_m, "target_sft": sft_summary(target),
-             "families": families}
+    if not run.keep:
+        shutil.rmtree(out / "reference", ignore_errors=True)
+    sweep = {"dev_authors": dev["info"]["dev_authors"], "target": target_m, "families": families}
     write_json(out / "sweep.json", sweep)
     print(D.sweep_markdown(sweep), flush=True)
     return sweep
@@ -455,6 +480,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr-choice", choices=("sweep", "rule"), default="sweep",
                    help="sweep: one lr per family from the development sweep (benchmarks/tofu_real_dev.py); rule: "
                         "every method at the target's SFT lr")
+    p.add_argument("--eval-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="evaluation precision (open-unlearning evaluates in bf16; on the 2-core CPU box bf16 takes "
+                        "0.49-0.54x the time of fp32, BENCHMARKS.md)")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--keep-checkpoints", action="store_true")
     args = p.parse_args(argv)
@@ -482,7 +510,8 @@ def main(argv=None) -> int:
 
     # 1. data
     data = build_data(Path(args.tofu), args.split, None if args.full else args.retain_authors,
-                      None if args.full or not args.utility_rows else args.utility_rows)
+                      None if args.full or not args.utility_rows else args.utility_rows,
+                      dev_authors=D.DEV_AUTHORS if args.lr_choice == "sweep" else ())
     write_jsonl(out / "data", data["files"])
     info = data["info"]
     print(f"[tofu_real] forget {args.split} (authors {info['forget_authors']}), {info['retain_authors']} retain "
@@ -505,21 +534,9 @@ def main(argv=None) -> int:
             return 1
     sft = {name: sft_summary(models[name]) for name in models}
 
-    # 3. the learning rate of each family: the development sweep (tofu_real_dev's rule) or the rule lr for all
+    # 3. evaluation of the retain model (first: the others' forget quality needs it), the base and the target
     max_new = args.max_new_tokens or max(len(answer_ids(tok, r["answer"])) for r in data["files"]["target"]) + 8
-    run = Run(stages, out, args.split, args.palu_labels, max_new, args.keep_checkpoints)
-    sweep = None
-    if args.lr_choice == "sweep":
-        sweep = dev_sweep(run, Path(args.tofu), data, info, base, base_digest, models["retain"], specs, vocab)
-        if sweep is None:
-            return 1
-        family_lr = {fam: f["choice"]["lr"] for fam, f in sweep["families"].items()}
-    else:
-        family_lr = {}
-    lrs = {name: family_lr.get(D.family_of(name), SFT["lr"]) for name in specs}
-
-    # 4-5. evaluation of the retain model (first: the others' forget quality needs it), the base and the target; then
-    # each run's unlearning and evaluation in turn (an interrupted run leaves its finished rows evaluated)
+    run = Run(stages, out, args.split, args.palu_labels, max_new, args.keep_checkpoints, args.eval_dtype)
     failed: dict[str, str] = {}
     results: dict[str, dict] = {}
     evals = {"retain": models["retain"], "base": base, "target": models["target"]}
@@ -534,8 +551,22 @@ def main(argv=None) -> int:
 
     for name in list(evals):
         evaluate(name)
-        if "retain" in failed:
+        if name in failed and (name == "retain" or (name == "target" and args.lr_choice == "sweep")):
+            return 1  # every forget quality needs the retain model's; the sweep needs the target's utility
+
+    # 4. the learning rate of each family: the development sweep (tofu_real_dev's rule) or the rule lr for all
+    sweep = None
+    if args.lr_choice == "sweep":
+        sweep = dev_sweep(run, Path(args.tofu), data, info, models["target"], results["target"], models["retain"],
+                          specs, vocab)
+        if sweep is None:
             return 1
+        family_lr = {fam: f["choice"]["lr"] for fam, f in sweep["families"].items()}
+    else:
+        family_lr = {}
+    lrs = {name: family_lr.get(D.family_of(name), SFT["lr"]) for name in specs}
+
+    # 5. each run's unlearning and evaluation in turn (an interrupted run leaves its finished rows evaluated)
     for name, spec in specs.items():
         if not run.unlearn(name, spec, models["target"], out / "data", out / "unlearn" / name, lrs[name]):
             failed[name] = f"training failed (see logs/unlearn_{name}.log)"
@@ -561,7 +592,7 @@ def main(argv=None) -> int:
         "command": " ".join(["python", "benchmarks/tofu_real.py", *(argv if argv is not None else sys.argv[1:])]),
         "base_model": str(base), "base_fingerprint": base_digest, "data": info, "vocab_size": vocab,
         "settings": {"sft": SFT, "unlearn": UNLEARN, "lr_choice": args.lr_choice, "family_lr": family_lr,
-                     "unlearn_lr": lrs, "max_length": MAX_LENGTH,
+                     "unlearn_lr": lrs, "max_length": MAX_LENGTH, "eval_dtype": args.eval_dtype,
                      "max_new_tokens": max_new, "utility_rows": None if args.full else args.utility_rows,
                      "ds_config": DS, "threads": os.environ["OMP_NUM_THREADS"], "sft_models": {
                          n: str(m.parent) for n, m in models.items()}},

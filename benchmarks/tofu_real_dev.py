@@ -5,9 +5,12 @@ The rule was written down before any sweep run, and is mini-TOFU's rule (``bench
 
 - **development authors**: TOFU authors 196 and 197 (rows 3920-3959 of ``full.jsonl``; their paraphrased / perturbed
   answers are in ``forget05_perturbed``) -- outside forget01 (198-199) and outside the retain authors (0..R-1);
-- **development target**: the reported target's SFT recipe on retain + the development authors; the retain model is
-  the reported one (it never saw authors 196-199), so development forget quality is the KS test of the development
-  authors' truth ratios against the retain model's on the same rows;
+- **development target**: the reported target itself, whose SFT rows are retain + the development authors + forget
+  (TOFU's own setting: its target saw every author); the retain model is the reported one (it never saw authors
+  196-199), so development forget quality is the KS test of the development authors' truth ratios against the
+  retain model's on the same rows, and the development utility is compared with the target's on the same utility
+  rows.  (Until 2026-12-02 the development target was a second SFT on retain + the development authors alone; one
+  target saves that SFT, ~6 of the script's minutes, and was chosen for the budget before any run with it);
 - **grid**: the target's SFT learning rate times ``GRID`` = (0.1, 0.3, 1): mini-TOFU's grid {3e-4, 1e-3, 3e-3} at
   its SFT lr 3e-3, i.e. 2e-5, 6e-5, 2e-4 here;
 - **one lr per family** of ``mini_tofu.FAMILY`` (entropy: palu, palu_pd, pd_flat; nll: grad_ascent, grad_diff;
@@ -48,20 +51,26 @@ def family_of(run: str) -> str:
     return FAMILY[method]
 
 
-def build_dev_data(tofu: Path, split: str, main_files: dict[str, list[dict]], retain_authors: int,
-                   dev_authors=DEV_AUTHORS) -> dict:
-    """The development run's files, laid out as the reported run's (the forget rows under ``split``'s names, so the
-    TOFU evaluation reads them unchanged): ``target`` = retain + development rows, ``split`` / ``split_perturbed`` =
-    the development authors' rows with TOFU's perturbed answers, ``retain``, every utility file and ``idontknow`` as
-    in ``main_files``."""
-    full = read_json_records(tofu / "full.jsonl")
-    forget_first = len(full) // ROWS_PER_AUTHOR - len(main_files[split]) // ROWS_PER_AUTHOR
+def dev_row_ids(n_full: int, n_forget: int, retain_authors: int, dev_authors=DEV_AUTHORS) -> list[int]:
+    """Row numbers in ``full.jsonl`` of the development authors; refuses authors the retain model or the forget set
+    holds (``n_full`` / ``n_forget``: rows of full and of the forget split)."""
+    forget_first = (n_full - n_forget) // ROWS_PER_AUTHOR
     clash = [a for a in dev_authors if a < retain_authors or a >= forget_first]
     if clash:
         raise ValueError(f"development authors {list(dev_authors)} overlap the retain authors 0..{retain_authors - 1} "
-                         f"or the forget authors {forget_first}..{len(full) // ROWS_PER_AUTHOR - 1} ({clash}): the "
-                         "sweep needs authors that neither the retain model nor the reported target saw")
-    ids = [ROWS_PER_AUTHOR * a + k for a in dev_authors for k in range(ROWS_PER_AUTHOR)]
+                         f"or the forget authors {forget_first}..{n_full // ROWS_PER_AUTHOR - 1} ({clash}): the "
+                         "sweep needs authors that neither the retain model nor the reported forget set holds")
+    return [ROWS_PER_AUTHOR * a + k for a in dev_authors for k in range(ROWS_PER_AUTHOR)]
+
+
+def build_dev_data(tofu: Path, split: str, main_files: dict[str, list[dict]], retain_authors: int,
+                   dev_authors=DEV_AUTHORS) -> dict:
+    """The development run's files, laid out as the reported run's (the forget rows under ``split``'s names, so the
+    TOFU evaluation reads them unchanged): ``split`` / ``split_perturbed`` = the development authors' rows with TOFU's
+    perturbed answers; ``retain``, every utility file and ``idontknow`` as in ``main_files`` (the target's SFT rows
+    are not a development file: the target is shared)."""
+    full = read_json_records(tofu / "full.jsonl")
+    ids = dev_row_ids(len(full), len(main_files[split]), retain_authors, dev_authors)
     rows = [full[i] for i in ids]
     sources = sorted(tofu.glob("forget*_perturbed.jsonl"))
     index = tofu_perturbed_index(full, [read_json_records(p) for p in sources])
@@ -69,7 +78,7 @@ def build_dev_data(tofu: Path, split: str, main_files: dict[str, list[dict]], re
     if missing:
         raise ValueError(f"{tofu}: no perturbed answers for rows {missing[:5]}... of the development authors "
                          f"{list(dev_authors)} in {', '.join(p.name for p in sources)}")
-    files = {**main_files, "target": main_files["retain"] + rows, split: rows,
+    files = {**{k: v for k, v in main_files.items() if k != "target"}, split: rows,
              f"{split}_perturbed": [index[i] for i in ids]}
     return {"files": files, "info": {"dev_authors": list(dev_authors), "rows": len(rows)}}
 

@@ -52,6 +52,21 @@ def test_build_data_splits(tofu):
     assert len(full["files"]["real_authors_perturbed"]) == 10
 
 
+def test_target_learns_the_development_authors_between_retain_and_forget(tofu):
+    """With the sweep, the one target (reported and development) is SFT on retain + development + forget authors;
+    the retain model never sees the development authors; --full (no author left over) refuses them."""
+    full = _rows(30)
+    d = T.build_data(tofu, "forget01", retain_authors=3, utility_rows=4, dev_authors=(26, 27))
+    assert d["files"]["target"] == _rows(3) + full[520:560] + full[-40:]
+    assert d["files"]["retain"] == _rows(3) and d["info"]["dev_authors"] == [26, 27]
+    plain = T.build_data(tofu, "forget01", retain_authors=3, utility_rows=4)  # --lr-choice rule: no sweep
+    assert plain["files"]["target"] == _rows(3) + full[-40:]
+    with pytest.raises(ValueError, match="overlap the retain authors 0..2 or the forget authors 28..29"):
+        T.build_data(tofu, "forget01", retain_authors=3, utility_rows=4, dev_authors=(28,))
+    with pytest.raises(ValueError, match="need --retain-authors"):
+        T.build_data(tofu, "forget01", retain_authors=None, utility_rows=None, dev_authors=(26, 27))
+
+
 def test_build_data_bad_input(tofu):
     with pytest.raises(ValueError, match="1..20"):
         T.build_data(tofu, "forget01", retain_authors=21, utility_rows=None)
@@ -127,7 +142,7 @@ def test_dev_data_holds_the_development_authors_with_tofus_perturbed_answers(tof
     main = T.build_data(tofu, "forget01", retain_authors=3, utility_rows=4)
     dev = D.build_dev_data(tofu, "forget01", main["files"], retain_authors=3, dev_authors=(26, 27))
     f = dev["files"]
-    assert f["forget01"] == full[520:560] and f["target"] == _rows(3) + full[520:560]
+    assert f["forget01"] == full[520:560] and "target" not in f  # the sweep unlearns from the reported target
     assert [r["question"] for r in f["forget01_perturbed"]] == [r["question"] for r in full[520:560]]
     assert f["forget01_perturbed"][0]["paraphrased_answer"] == "A26.0. (para)"
     assert f["retain"] == main["files"]["retain"]
@@ -184,3 +199,48 @@ def test_sweep_report_and_lr_text():
     assert T.lr_text({"lr_choice": "sweep", "family_lr": {"entropy": 2e-5, "nll": 2e-4, "preference": 2e-5}}) == \
         "2e-05 (entropy, preference), 0.0002 (nll) (families of the development sweep)"
     assert T.lr_text({"lr_choice": "rule"}).startswith("0.0002 for every method")
+
+
+def test_dev_sweep_unlearns_the_reported_target_and_compares_with_its_utility(tofu, tmp_path):
+    """The sweep's wiring, with a recording stand-in for the stages: the retain model and the target are scored on
+    the development forget part only, every representative at every lr of the grid starts from the reported target
+    and shares one reference cache per representative, and utility is relative to the reported target's."""
+    full = _rows(30)
+    _write(tofu, "forget05_perturbed", _perturbed(full[-100:]))
+    data = T.build_data(tofu, "forget01", retain_authors=3, utility_rows=4, dev_authors=(26, 27))
+    target = tmp_path / "models" / "target-abc" / "model"
+    lr_fq = {2e-5: 0.01, 6e-5: 0.2, 2e-4: 0.9}
+    lr_mu = {2e-5: 0.5, 6e-5: 0.46, 2e-4: 0.2}
+
+    class FakeRun:
+        out, split, keep = tmp_path / "out", "forget01", False
+        calls: list = []
+
+        def evaluate(self, stage, model, data_dir, out, retain_eval, parts="forget,retain,real_authors,world_facts"):
+            self.calls.append(("eval", stage, model, parts))
+            assert (data_dir / "forget01.jsonl").read_text().count("\n") == 40
+            if stage in ("sweep_eval_retain", "sweep_eval_target"):
+                return {"forget_quality": 1e-4}
+            lr = float(stage.rsplit("_lr", 1)[1])
+            return {"forget_quality": lr_fq[lr], "model_utility": lr_mu[lr]}
+
+        def unlearn(self, name, spec, model, data_dir, run_dir, lr, reference=None):
+            self.calls.append(("unlearn", name, model, reference))
+            return True
+
+    run = FakeRun()
+    sweep = T.dev_sweep(run, tofu, data, data["info"], target, {"model_utility": 0.5}, tmp_path / "retain",
+                        T.run_specs(T.METHODS, [], vocab=100), vocab=100)
+    evals = {c[1]: c for c in run.calls if c[0] == "eval"}
+    assert evals["sweep_eval_retain"][3] == evals["sweep_eval_target"][3] == "forget"
+    assert evals["sweep_eval_target"][2] == target
+    unlearns = [c for c in run.calls if c[0] == "unlearn"]
+    assert len(unlearns) == 3 * len(D.REPRESENTATIVES) and all(c[2] == target for c in unlearns)
+    refs = {c[1]: c[3] for c in unlearns}
+    assert refs["sweep_npo_lr2e-05"] == refs["sweep_npo_lr0.0002"] != refs["sweep_grad_diff_lr2e-05"]
+    assert refs["sweep_npo_lr2e-05"].name == "npo-target-abc"
+    assert sweep["target"] == {"forget_quality": 1e-4, "model_utility": 0.5}
+    nll = sweep["families"]["nll"]
+    assert nll["runs"]["6e-05"]["grad_diff"]["mu_rel"] == pytest.approx(0.92)
+    assert nll["choice"]["lr"] == 6e-5  # 2e-4 forgets most but keeps 0.4x; 6e-5 is the best at >= 0.9x
+    assert json.loads((run.out / "dev" / "sweep.json").read_text())["families"]["nll"]["choice"]["lr"] == 6e-5
