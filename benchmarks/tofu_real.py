@@ -198,13 +198,13 @@ def goal(results: dict[str, dict]) -> dict:
 def cost_by_part(stage_seconds: dict[str, float], specs: dict[str, dict]) -> dict[str, float]:
     """Minutes of the whole script from scratch, by part, from each stage's own seconds (a reused stage keeps the
     seconds it took when it ran, if its stamp recorded them): ``SFT`` (target, retain), ``development sweep`` (its
-    SFT, unlearning and evaluations), ``methods`` / ``ablations`` (each run's unlearning + evaluation), ``base,
+    unlearning and evaluations), ``methods`` / ``ablations`` (each run's unlearning + evaluation), ``base,
     retain, target evaluation``, ``position NLL``, and ``total``. Example: ``{"sft_target": 300, "unlearn_palu": 200,
     "eval_palu": 130}`` with palu a method -> ``{"SFT": 5.0, "methods": 5.5, "total": 10.5}``."""
     parts: dict[str, float] = {}
     for stage, sec in stage_seconds.items():
         run = stage.split("_", 1)[1] if stage.startswith(("unlearn_", "eval_")) else None
-        if "sweep" in stage or stage == "sft_dev_target":  # sft_dev_target: the sweep's own SFT before 2026-12-02
+        if "sweep" in stage:
             part = "development sweep"
         elif stage.startswith("sft_"):
             part = "SFT"

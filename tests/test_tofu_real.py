@@ -123,7 +123,7 @@ def test_goal_and_table():
 
 def test_cost_by_part_counts_every_stage_once():
     specs = T.run_specs(["palu", "npo"], ["K1"], vocab=100)
-    secs = {"sft_target": 300, "sft_retain": 240, "sft_dev_target": 360, "sweep_eval_retain": 120,
+    secs = {"sft_target": 300, "sft_retain": 240, "sweep_eval_target": 360, "sweep_eval_retain": 120,
             "unlearn_sweep_npo_lr2e-05": 180, "sweep_eval_npo_lr2e-05": 150, "eval_retain": 150, "eval_base": 150,
             "unlearn_palu": 200, "eval_palu": 130, "unlearn_npo": 190, "eval_npo": 140, "unlearn_palu_K1": 210,
             "eval_palu_K1": 120, "position NLL": 240}
