@@ -43,12 +43,13 @@ def evaluate(model, tokenizer, suite_cfg: Any, *, out_dir=None, **overrides) -> 
 
 
 def trainer_evaluator(run_cfg) -> Optional[Callable[..., dict]]:
-    """The engine's evaluator for a training run (:class:`palu_ds.config.RunConfig`), None when ``eval.every`` is 0.
+    """The engine's evaluator for a training run (:class:`palu_ds.config.RunConfig`), None when no evaluation runs
+    during training (``eval.every`` 0 and no ``eval.epochs``).
 
     ``evaluator(model, tokenizer, step=N, out_dir=DIR)`` runs :func:`evaluate` with the run's ``eval`` section
     (:meth:`SuiteConfig.from_run`, checked here, before any model loads), labels summary.json with the step and
     the method, and returns the flat summary.  Every rank calls it."""
-    if not run_cfg.eval.every:
+    if not run_cfg.eval.enabled:
         return None
     suite = SuiteConfig.from_run(run_cfg)
 

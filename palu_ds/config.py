@@ -115,10 +115,25 @@ class EvalSuite:
 
 @dataclass
 class EvalConfig(EvalSuite):
-    """Evaluation during training: every ``every`` optimizer steps the engine calls the evaluator its entry point gave
-    it (launch/train.py: ``evaluation.trainer_evaluator``) on every rank, data split across ranks and merged."""
+    """Evaluation during training: every ``every`` optimizer steps, and after each epoch listed in ``epochs``, the
+    engine calls the evaluator its entry point gave it (launch/train.py: ``evaluation.trainer_evaluator``) on every
+    rank, data split across ranks and merged."""
 
     every: int = 0  # optimizer steps between evaluations; 0 = off
+    epochs: list | None = None  # also after these epochs, e.g. [1, 2, 3, 5, 10] (epoch e = step round(e * steps/epoch))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any evaluation runs during training."""
+        return bool(self.every or self.epochs)
+
+    def steps(self, steps_per_epoch: int) -> frozenset[int]:
+        """The optimizer steps ``epochs`` names (each at least step 1)."""
+        return frozenset(max(1, round(float(e) * steps_per_epoch)) for e in (self.epochs or ()))
+
+    def due(self, step: int, steps_per_epoch: int) -> bool:
+        """Whether the evaluator runs after optimizer step ``step``."""
+        return bool(self.every and step % self.every == 0) or step in self.steps(steps_per_epoch)
 
 
 @dataclass
@@ -233,6 +248,11 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.train.scheduler not in SCHEDULERS:
         raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.train.scheduler!r}")
     _check_ranges(cfg)
+    epochs = cfg.eval.epochs
+    if epochs is not None and (not isinstance(epochs, list) or not epochs or not all(
+            isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in epochs)):
+        raise ConfigError(f"eval.epochs must be a non-empty list of positive numbers (e.g. [1, 2, 5]) or null, "
+                          f"got {epochs!r}")
     if cfg.eval.suite not in ("tofu", "muse"):
         raise ConfigError(f"eval.suite must be tofu or muse, got {cfg.eval.suite!r}")
     if cfg.train.head_path not in ("dense", "chunked"):

@@ -147,8 +147,8 @@ class Trainer:
         self.ds_config_path, self.hooks = ds_config_path, hooks or Hooks()
         # evaluator(model, tokenizer, step=, out_dir=) -> summary dict, from the entry point (evaluation's
         # trainer_evaluator for launch/train.py): the library never imports the evaluation package
-        if self.cfg.eval.every and evaluator is None:
-            raise ValueError("eval.every is set but this entry point gave the trainer no evaluator")
+        if self.cfg.eval.enabled and evaluator is None:
+            raise ValueError("eval.every / eval.epochs is set but this entry point gave the trainer no evaluator")
         self.evaluator = evaluator
         self.step, self.skipped, self.consecutive_bad = 0, 0, 0
         self.streak_start: int | None = None  # the first step of the current run of non-finite steps
@@ -471,7 +471,7 @@ class Trainer:
                 "train.max_nonfinite.")
         if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
             self.save_checkpoint()
-        if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
+        if self.cfg.eval.enabled and self.cfg.eval.due(self.step, self.steps_per_epoch):
             self.evaluate()
         self.hooks.after_step(self)
         if self.preempted:  # every rank saw the flag in the step's all-reduce: stop together

@@ -50,6 +50,8 @@ BASE = ["model.path=m", "data.forget.source=f.jsonl"]
     (["train.batch_size=0", "method.name=sft", "reference.mode=none"], "train.batch_size must be >= 1"),
     (["train.lr=fast", "method.name=sft", "reference.mode=none"], "train.lr: expected a number"),
     (["train.scheduler=step", "method.name=sft", "reference.mode=none"], "train.scheduler"),
+    (["eval.epochs=[1, 0]", "method.name=sft", "reference.mode=none"], r"eval.epochs must be .* got \[1, 0\]"),
+    (["eval.epochs=3", "method.name=sft", "reference.mode=none"], "eval.epochs must be a non-empty list"),
 ])
 def test_bad_combinations_are_rejected_at_parse_time(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -105,3 +107,15 @@ def test_every_method_validates_with_the_data_its_batches_need(name):
     for extra in (b for b in data_sources(optional=True) if b not in m.batches):
         with pytest.raises(ConfigError, match=rf"data.{extra} is set but method {name} uses no {extra} set"):
             load_config(None, BASE + sources + mode + [f"data.{extra}.source=x"])
+
+
+def test_eval_epochs_name_optimizer_steps():
+    """eval.epochs=[1, 2.5, 10] at 10 steps an epoch evaluates after steps 10, 25 and 100; eval.every adds its own
+    steps; neither set: no evaluation during training."""
+    cfg = load_config(None, BASE + ["data.retain=null", "method.name=sft", "reference.mode=none",
+                                    "eval.epochs=[1, 2.5, 10]", "eval.every=40"])
+    assert cfg.eval.enabled and cfg.eval.steps(10) == {10, 25, 100}
+    assert [s for s in range(1, 101) if cfg.eval.due(s, 10)] == [10, 25, 40, 80, 100]
+    assert cfg.eval.steps(1) == {1, 2, 10}
+    off = load_config(None, BASE + ["data.retain=null", "method.name=sft", "reference.mode=none"])
+    assert not off.eval.enabled and not any(off.eval.due(s, 10) for s in range(1, 50))

@@ -201,12 +201,16 @@ def test_torchrun_launch(tiny, target, tmp_path):
 
 
 def test_evaluation_during_two_rank_training(tiny, target, tmp_path):
+    """eval.every=4 evaluates after step 4, eval.epochs=[0.4] after step 2 (40 forget rows at 4 x 2 ranks = 5 steps
+    an epoch); no other step is evaluated."""
     out = str(tmp_path / "evaltrain")
     launch("launch/train.py", unlearn_args(tiny, target, out, "grad_diff", 3,
-                                           ["eval.every=2", f"eval.data={tiny['data']}", "eval.splits=[forget,retain]",
-                                            "eval.max_examples=6", "eval.max_new_tokens=8"]))
+                                           ["eval.every=4", "eval.epochs=[0.4]", f"eval.data={tiny['data']}",
+                                            "eval.splits=[forget,retain]", "eval.max_examples=6",
+                                            "eval.max_new_tokens=8"]))
     import json
 
+    assert sorted(os.listdir(os.path.join(out, "eval"))) == ["step_000002", "step_000004"]
     for step in (2, 4):
         with open(os.path.join(out, "eval", f"step_{step:06d}", "summary.json")) as f:
             s = json.load(f)
