@@ -245,12 +245,9 @@ def validate_config(cfg: RunConfig) -> None:
 
 def _check_method(cfg: RunConfig, run: "Run") -> None:
     """The method's hyper-parameters, reference and data sources against the (unresolved) ``cfg``."""
-    from palu_ds.methods import PARAM_RANGES
-
     method, hp = run.method, run.hp
-    for k in cfg.method.params:
-        if k in PARAM_RANGES:
-            _check(f"method.params.{k}", hp[k], *PARAM_RANGES[k])
+    for k in cfg.method.params:  # each range is declared next to its default (palu_ds.methods.Param)
+        _check(f"method.params.{k}", hp[k], *method.params[k].rule)
     if method.uses_dual and (hp.get("epsilon") is None) == (hp.get("epsilon_rel") is None):
         raise ConfigError(f"method.params: {method.name} needs exactly one of epsilon (absolute) and epsilon_rel "
                           "(eps = (1 + a) * L_retain(reference)); set the other to null")

@@ -1,5 +1,10 @@
-"""Stage 1, the data: author ranges, TOFU-style splits and perturbed answers (pure functions, tests/test_mini_tofu.py),
-written as JSON lines."""
+"""Stage 1, the data, from TOFU's files (pure functions, tests/test_tofu_bench.py), written as JSON lines: ``kind:
+authors`` (the mini preset) = a range of TOFU authors, its last ``forget`` share forgotten, with TOFU-style splits and
+perturbed answers (:func:`build_splits`); ``kind: tofu`` (the real preset) = TOFU's own forget split against its first
+R authors (:func:`build_tofu`), and the development authors of the learning-rate sweep (:func:`build_dev`).
+
+Every builder returns ``{"files": {name: rows}, "info": {...}}`` whose info names the ``forget_split``, the
+``retain_split`` (the retain model's SFT rows) and the ``target_split`` (the target's)."""
 
 from __future__ import annotations
 
@@ -11,7 +16,10 @@ from pathlib import Path
 
 from palu_ds.atomic import write_text
 
-from .settings import N_PERTURBED, ROWS_PER_AUTHOR
+from palu_ds.data.io import read_json_records
+
+ROWS_PER_AUTHOR = 20
+N_PERTURBED = 5
 
 
 def parse_authors(text: str, n_total: int | None = None) -> tuple[int, int]:
@@ -136,7 +144,7 @@ def borrowed_perturbations(idx: int, row: dict, donors: list[tuple[int, dict]], 
         sim = len(mine & theirs) / max(1, len(mine | theirs))
         if a not in best or sim > best[a][0]:
             best[a] = (sim, j, r)
-    rng = random.Random(f"mini_tofu:{seed}:{idx}")
+    rng = random.Random(f"mini_tofu:{seed}:{idx}")  # the name of the first version: the same answers as its runs
     ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], rng.random()))
     out: list[str] = []
     for a, (_, _, r) in ranked:
@@ -229,7 +237,7 @@ def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: li
     if pre:
         files["pretrain"] = [qa(i, r) for i, r in author_rows(full, pre)]
     info = {"authors": [a, b], "forget_pct": pct, "forget_authors": forget_a, "retain_authors": retain_a,
-            "forget_split": forget_name, "retain_split": retain_name, "perturbed": mode,
+            "forget_split": forget_name, "retain_split": retain_name, "target_split": "full", "perturbed": mode,
             "pretrain_authors": list(pretrain) if pretrain else None,
             "rows": {k: len(v) for k, v in files.items()},
             "tofu_perturbed_rows_in_range": sum(1 for i, _ in rows if i in tofu_perturbed)}
@@ -257,3 +265,95 @@ def tokenizer_texts(files: dict[str, list[dict]], forget_name: str) -> list[str]
     pert = {r["row"]: r for name in (f"{forget_name}_perturbed", "retain_perturbed") for r in files[name]}
     rows = [{**r, **pert.get(r["row"], {})} for r in files["full"]]
     return qa_texts(rows + files.get("pretrain", [])) + [r["answer"] for r in files["idontknow"]]
+
+
+# ------------------------------------------------------------------------------------- kind: tofu (the real preset)
+def _need(tofu: Path, names) -> None:
+    missing = [n for n in names if not (tofu / f"{n}.jsonl").exists()]
+    if missing:
+        raise FileNotFoundError(f"{tofu}: missing {', '.join(n + '.jsonl' for n in missing)} (TOFU's files; the "
+                                "preset's data.tofu or --data names the folder)")
+
+
+def dev_row_ids(n_full: int, n_forget: int, retain_authors: int, dev_authors) -> list[int]:
+    """Row numbers in ``full.jsonl`` of the development authors; refuses authors the retain model or the forget set
+    holds (``n_full`` / ``n_forget``: rows of full and of the forget split)."""
+    forget_first = (n_full - n_forget) // ROWS_PER_AUTHOR
+    clash = [a for a in dev_authors if a < retain_authors or a >= forget_first]
+    if clash:
+        raise ValueError(f"development authors {list(dev_authors)} overlap the retain authors 0..{retain_authors - 1} "
+                         f"or the forget authors {forget_first}..{n_full // ROWS_PER_AUTHOR - 1} ({clash}): the "
+                         "sweep needs authors that neither the retain model nor the reported forget set holds")
+    return [ROWS_PER_AUTHOR * a + k for a in dev_authors for k in range(ROWS_PER_AUTHOR)]
+
+
+def build_tofu(tofu: Path, split: str, retain_authors: int | None, utility_rows: int | None, dev_authors=()) -> dict:
+    """TOFU's ``split`` forgotten; retain = the first ``retain_authors`` authors (None: TOFU's whole retain split);
+    the target learns retain + ``dev_authors`` (for the sweep) + forget; utility rows spread evenly (None: all)."""
+    _need(tofu, ["full", split, f"{split}_perturbed", "retain_perturbed", "real_authors_perturbed",
+                 "world_facts_perturbed", "idontknow"])
+    full = read_json_records(tofu / "full.jsonl")
+    forget = read_json_records(tofu / f"{split}.jsonl")
+    n_forget_authors = len(forget) // ROWS_PER_AUTHOR
+    first_forget = len(full) // ROWS_PER_AUTHOR - n_forget_authors
+    if full[ROWS_PER_AUTHOR * first_forget:] != forget:
+        raise ValueError(f"{tofu / (split + '.jsonl')}: not the last {len(forget)} rows of full.jsonl")
+    if retain_authors is not None and not 1 <= retain_authors <= 20:
+        raise ValueError(f"data.retain_authors must be 1..20 (TOFU's perturbed answers cover authors 0-19), "
+                         f"got {retain_authors}")
+    if dev_authors and retain_authors is None:
+        raise ValueError("development authors need data.retain_authors: without it every author is in forget or "
+                         "retain")
+    retain = full[:ROWS_PER_AUTHOR * (first_forget if retain_authors is None else retain_authors)]
+    dev = [full[i] for i in dev_row_ids(len(full), len(forget), retain_authors, dev_authors)] if dev_authors else []
+    pert_index = tofu_perturbed_index(full, [read_json_records(tofu / "retain_perturbed.jsonl")])
+    forget_pert = read_json_records(tofu / f"{split}_perturbed.jsonl")
+    if [(r["question"], r["answer"]) for r in forget_pert] != [(r["question"], r["answer"]) for r in forget]:
+        raise ValueError(f"{tofu / (split + '_perturbed.jsonl')}: its rows are not those of {split}.jsonl")
+    files = {
+        "target": retain + dev + forget, "retain": retain, split: forget, f"{split}_perturbed": forget_pert,
+        "retain_perturbed": evenly([pert_index[i] for i in range(len(retain)) if i in pert_index], utility_rows),
+        **{f"{p}_perturbed": evenly(read_json_records(tofu / f"{p}_perturbed.jsonl"), utility_rows)
+           for p in ("real_authors", "world_facts")},
+        "idontknow": read_json_records(tofu / "idontknow.jsonl"),
+    }
+    info = {"split": split, "forget_split": split, "retain_split": "retain", "target_split": "target",
+            "forget_authors": list(range(first_forget, first_forget + n_forget_authors)),
+            "retain_authors": len(retain) // ROWS_PER_AUTHOR, "dev_authors": list(dev_authors),
+            "rows": {k: len(v) for k, v in files.items()}}
+    return {"files": files, "info": info}
+
+
+def build_dev(tofu: Path, main: dict) -> dict:
+    """The development run's files, laid out as the reported run's (the development authors' rows and TOFU's
+    perturbed answers under the forget split's names, so the evaluation reads them unchanged); every other file as
+    the reported run's (the target is shared, so its SFT rows are not a development file)."""
+    info, split = main["info"], main["info"]["forget_split"]
+    full = read_json_records(tofu / "full.jsonl")
+    ids = dev_row_ids(len(full), len(main["files"][split]), info["retain_authors"], info["dev_authors"])
+    sources = sorted(tofu.glob("forget*_perturbed.jsonl"))
+    index = tofu_perturbed_index(full, [read_json_records(p) for p in sources])
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise ValueError(f"{tofu}: no perturbed answers for rows {missing[:5]}... of the development authors "
+                         f"{info['dev_authors']} in {', '.join(p.name for p in sources)}")
+    files = {**{k: v for k, v in main["files"].items() if k != info["target_split"]}, split: [full[i] for i in ids],
+             f"{split}_perturbed": [index[i] for i in ids]}
+    return {"files": files, "info": {**info, "rows": {k: len(v) for k, v in files.items()}}}
+
+
+def build(cfg: dict, tofu: Path, seed: int, dev_authors=()) -> dict:
+    """The run's data from the preset's ``data`` section (``kind``: authors | tofu)."""
+    if cfg["kind"] == "tofu":
+        return build_tofu(tofu, cfg["split"], cfg.get("retain_authors"), cfg.get("utility_rows") or None,
+                          dev_authors)
+    _need(tofu, ["full", "idontknow"])
+    full = read_json_records(tofu / "full.jsonl")
+    n = len(full) // ROWS_PER_AUTHOR
+    a, b = parse_authors(str(cfg["authors"]), n)
+    pretrain = parse_authors(str(cfg["pretrain"]), n) if cfg.get("pretrain") else None
+    perturbed = [read_json_records(tofu / f"{p}.jsonl") for p in ("retain_perturbed", "forget01_perturbed",
+                 "forget05_perturbed", "forget10_perturbed") if (tofu / f"{p}.jsonl").exists()]
+    refusals = [r["answer"] for r in read_json_records(tofu / "idontknow.jsonl")]
+    return build_splits(full, tofu_perturbed_index(full, perturbed), refusals, a, b, parse_forget(cfg["forget"]),
+                        cfg.get("perturbed", "borrow"), seed, cfg.get("utility_rows") or None, pretrain)
