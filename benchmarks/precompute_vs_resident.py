@@ -5,7 +5,7 @@ for ds_configs/cpu/zero3.json and zero3_offload.json; precompute throughput vs a
 token; the sparse-KL error vs exact for k in {32, 64, 128, 256, 1024} on a trained model pair (the demo's target as
 reference, its PALU-unlearned model as policy: run `make demo` first, or pass --target/--unlearned).
 
-    python benchmarks/precompute_vs_resident.py --out runs/bench_ref
+    python -m benchmarks.precompute_vs_resident --out runs/bench_ref
 """
 import argparse
 import json

@@ -10,7 +10,7 @@ step, max length 128, pd_flat, no reference), run as:
 plus the gloo collectives a step needs at this model size (all-reduce, reduce-scatter, all-gather of 7.36M fp32
 values, 2 ranks on loopback), timed alone.
 
-    python benchmarks/rank_scaling.py --tofu ../shared/data/tofu --out runs/bench_scaling
+    python -m benchmarks.rank_scaling --tofu ../shared/data/tofu --out runs/bench_scaling
 """
 import argparse
 import json
@@ -123,6 +123,12 @@ def main() -> int:
     line = [ln for ln in coll.stdout.splitlines() if ln.startswith("COLLECTIVES")]
     collectives = json.loads(line[0].split(" ", 1)[1]) if line else {"error": coll.stderr[-2000:]}
 
+    write_results(a.out, {"train": rows, "collectives": collectives}, table(rows, collectives))
+    return 0 if all(not r["exit"] for r in rows) and "error" not in collectives else 1
+
+
+def table(rows: list[dict], collectives: dict) -> str:
+    """The markdown tables: each run's speed relative to 1 process with 2 threads, then the collectives' times."""
     base = next((r["tokens_per_s"] for r in rows if r["config"] == "1 process, 2 thread(s)" and r["exit"] == 0), None)
     lines = ["| run | s/step | tokens/s | vs 1 process, 2 threads |", "|---|---|---|---|"]
     for r in rows:
@@ -133,8 +139,7 @@ def main() -> int:
         lines.append(f"| {r['config']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {ratio} |")
     lines += ["", "| gloo collective, 7.36M fp32, 2 ranks | ms |", "|---|---|"]
     lines += [f"| {k} | {v * 1000:.1f} |" for k, v in collectives.items() if isinstance(v, float)]
-    write_results(a.out, {"train": rows, "collectives": collectives}, "\n".join(lines))
-    return 0 if all(not r["exit"] for r in rows) and "error" not in collectives else 1
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

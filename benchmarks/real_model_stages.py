@@ -143,6 +143,11 @@ def main() -> int:
     st.run("MUSE evaluation (news, 2 rows per part)", ds("evaluation/run.py", [
         "--model", tuned, "--suite", "muse", "--split", "news", "--data", os.path.join(os.path.abspath(a.muse), "news"),
         "--max-examples", "2", "--max-length", "256", "--no-forget-quality", "--out", os.path.join(out, "muse")]))
+    return report(st, out)
+
+
+def report(st: Stages, out: str) -> int:
+    """The stages' table on stdout and in ``<out>/stages.json``; 1 when one failed."""
     rows = [{"stage": n, "status": st.status[n], "seconds": st.seconds[n], "log": str(st.log(n))} for n in st.status]
     print("| stage | result | seconds |\n|---|---|---|\n" + "\n".join(f"| {r['stage']} | {r['status']} | "
                                                                f"{r['seconds']} |" for r in rows))

@@ -10,8 +10,8 @@ run so that the numbers are ratios taken on the same machine state:
 each reported as training tokens/s (median over the steps after the first two), peak RSS per rank, and the model-FLOPs
 utilisation MFU = 6 x parameters x tokens/s / matmul rate.
 
-    python benchmarks/real_model_throughput.py --tofu ../shared/data/tofu --out runs/bench_real
-    python benchmarks/real_model_throughput.py --profile --out runs/bench_real_profile   # where a step's time goes
+    python -m benchmarks.real_model_throughput --tofu ../shared/data/tofu --out runs/bench_real
+    python -m benchmarks.real_model_throughput --profile --out runs/bench_real_profile   # where a step's time goes
 """
 import argparse
 import json

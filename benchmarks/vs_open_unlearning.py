@@ -6,7 +6,7 @@ intermediate 688, untied embeddings, fp32, random init (7.36M parameters). Data:
 training tokens per second over all ranks (reference forwards not counted; the precompute runs before step 1).
 Shapes: 1 process (DeepSpeed stage 0, 2 threads) and DeepSpeed ZeRO-3 on 2 ranks (1 thread each), CPU, fp32.
 
-    python benchmarks/vs_open_unlearning.py --tofu ../shared/data/tofu --out runs/bench_ou
+    python -m benchmarks.vs_open_unlearning --tofu ../shared/data/tofu --out runs/bench_ou
 """
 import argparse
 import json

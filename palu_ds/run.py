@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from palu_ds.cli_args import parser
-from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_config, resolve
+from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_run
 
 
 def setup_logging() -> None:
@@ -32,10 +32,9 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
         print("error: --deepspeed ds_configs/<zero2|zero3|zero3_offload>.json is required", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config, list(args.overrides) + list(forced))
-        check_run_paths(cfg, args.deepspeed)
-        check_model_vocabulary(cfg)
-        run = resolve(cfg)
+        run = load_run(args.config, list(args.overrides) + list(forced))  # parsed, validated, resolved once
+        check_run_paths(run.cfg, args.deepspeed)
+        check_model_vocabulary(run)
         evaluator = evaluator_for(run.cfg) if evaluator_for else None
     except (ConfigError, FileNotFoundError) as e:  # before any model is loaded
         print(f"config error: {e}", file=sys.stderr)

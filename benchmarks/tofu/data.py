@@ -167,6 +167,33 @@ def evenly(items: list, k: int | None) -> list:
     return [items[(i * len(items)) // k] for i in range(k)]
 
 
+def _qa(idx: int, r: dict) -> dict:
+    return {"question": r["question"], "answer": r["answer"], "author": idx // ROWS_PER_AUTHOR, "row": idx}
+
+
+def _borrowed(full: list[dict], a: int, b: int, pre: list[int], seed: int):
+    """``rows -> perturbed rows`` of ``--perturbed borrow``: false answers of the authors outside a..b-1 and the
+    pre-training authors (:func:`borrowed_perturbations`)."""
+    outside = [i for i in range(len(full) // ROWS_PER_AUTHOR) if not a <= i < b and i not in pre]
+    if len(outside) < N_PERTURBED:
+        raise ValueError(f"--perturbed borrow takes false answers from TOFU authors outside the range (and "
+                         f"--pretrain): {a}:{b} leaves {len(outside)}, it needs {N_PERTURBED}")
+    donors = author_rows(full, outside)
+    names = {i: author_name(full[ROWS_PER_AUTHOR * i: ROWS_PER_AUTHOR * (i + 1)]) for i in [*range(a, b), *outside]}
+    return lambda part: [{**_qa(idx, r), "paraphrased_answer": r["answer"],
+                          "perturbed_answer": borrowed_perturbations(idx, r, donors, names, seed),
+                          "paraphrased_question": r["question"], "perturbed_source": "borrow"} for idx, r in part]
+
+
+def _tofu_rows(tofu_perturbed: dict[int, dict]):
+    """``rows -> perturbed rows`` of ``--perturbed tofu``: TOFU's own, for the rows it covers."""
+    return lambda part: [{**_qa(idx, r), "paraphrased_answer": t["paraphrased_answer"],
+                          "perturbed_answer": list(t["perturbed_answer"]),
+                          "paraphrased_question": t.get("paraphrased_question", r["question"]),
+                          "perturbed_source": "tofu"} for idx, r in part
+                         if (t := tofu_perturbed.get(idx)) is not None]
+
+
 def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: list[str], a: int, b: int, pct: int,
                  mode: str = "borrow", seed: int = 0, retain_eval_rows: int | None = None,
                  pretrain: tuple[int, int] | None = None) -> dict:
@@ -187,34 +214,7 @@ def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: li
     if pre and (pre[0] < b and a < pre[-1] + 1):
         raise ValueError(f"--pretrain {pretrain[0]}:{pretrain[1]} overlaps --authors {a}:{b}")
 
-    def qa(idx, r):
-        return {"question": r["question"], "answer": r["answer"], "author": idx // ROWS_PER_AUTHOR, "row": idx}
-
-    if mode == "borrow":
-        outside = [i for i in range(len(full) // ROWS_PER_AUTHOR) if not a <= i < b and i not in pre]
-        if len(outside) < N_PERTURBED:
-            raise ValueError(f"--perturbed borrow takes false answers from TOFU authors outside the range (and "
-                             f"--pretrain): {a}:{b} leaves {len(outside)}, it needs {N_PERTURBED}")
-        donors = author_rows(full, outside)
-        names = {i: author_name(full[ROWS_PER_AUTHOR * i: ROWS_PER_AUTHOR * (i + 1)]) for i in range(a, b)}
-        names.update({i: author_name(full[ROWS_PER_AUTHOR * i: ROWS_PER_AUTHOR * (i + 1)]) for i in outside})
-
-        def perturbed(part):
-            return [{**qa(idx, r), "paraphrased_answer": r["answer"],
-                     "perturbed_answer": borrowed_perturbations(idx, r, donors, names, seed),
-                     "paraphrased_question": r["question"], "perturbed_source": "borrow"} for idx, r in part]
-    else:
-        def perturbed(part):
-            out = []
-            for idx, r in part:
-                t = tofu_perturbed.get(idx)
-                if t is not None:
-                    out.append({**qa(idx, r), "paraphrased_answer": t["paraphrased_answer"],
-                                "perturbed_answer": list(t["perturbed_answer"]),
-                                "paraphrased_question": t.get("paraphrased_question", r["question"]),
-                                "perturbed_source": "tofu"})
-            return out
-
+    perturbed = _borrowed(full, a, b, pre, seed) if mode == "borrow" else _tofu_rows(tofu_perturbed)
     forget_pert = perturbed(forget_rows)
     if mode == "tofu":  # subsample among the covered rows
         retain_pert = evenly(perturbed(retain_rows), retain_eval_rows)
@@ -227,15 +227,15 @@ def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: li
     if not retain_pert:
         raise ValueError("--perturbed tofu: TOFU has no perturbed answers for any retain author of this range")
     files = {
-        "full": [qa(i, r) for i, r in rows],
-        forget_name: [qa(i, r) for i, r in forget_rows],
-        retain_name: [qa(i, r) for i, r in retain_rows],
+        "full": [_qa(i, r) for i, r in rows],
+        forget_name: [_qa(i, r) for i, r in forget_rows],
+        retain_name: [_qa(i, r) for i, r in retain_rows],
         f"{forget_name}_perturbed": forget_pert,
         "retain_perturbed": retain_pert,
         "idontknow": [{"answer": t} for t in refusals],
     }
     if pre:
-        files["pretrain"] = [qa(i, r) for i, r in author_rows(full, pre)]
+        files["pretrain"] = [_qa(i, r) for i, r in author_rows(full, pre)]
     info = {"authors": [a, b], "forget_pct": pct, "forget_authors": forget_a, "retain_authors": retain_a,
             "forget_split": forget_name, "retain_split": retain_name, "target_split": "full", "perturbed": mode,
             "pretrain_authors": list(pretrain) if pretrain else None,

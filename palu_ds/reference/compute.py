@@ -67,7 +67,7 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     dist.barrier()
     model = model if model is not None else load_reference_model(cfg, ds_config)
     V = _vocab_size(model)
-    K, k = topk_sizes(hp, V, cfg.method.params, cfg.reference.model or cfg.model.path)
+    K, k = topk_sizes(hp, V, cfg.method.params, cfg.reference.model)  # cfg resolved: reference.model is set
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     want = method.needed_parts(hp)
     retain_sums = torch.zeros(2, dtype=torch.float64)
@@ -129,7 +129,7 @@ def load_reference_model(cfg, ds_config):
 
     from palu_ds.ds_config import zero_stage
 
-    path = cfg.reference.model or cfg.model.path
+    path = cfg.reference.model  # resolved (palu_ds.config.resolve): model.path unless set
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     if zero_stage(ds_config) == 3:
         inf_cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}

@@ -59,7 +59,7 @@ def cache_key(cfg, method, hp, datasets, tokenizer) -> dict:
     from palu_ds.data.prompt import prompt_format_id
 
     want = method.needed_parts(hp)
-    ref_path = cfg.reference.model or cfg.model.path
+    ref_path = cfg.reference.model  # resolved (palu_ds.config.resolve): model.path unless set
     key = {
         "model": model_fingerprint(ref_path), "tokenizer": tokenizer_fingerprint(tokenizer),
         "prompt_format": _sha(prompt_format_id(tokenizer, cfg.data.prompt).encode()), "max_length": cfg.data.max_length,
