@@ -12,7 +12,6 @@ values, 2 ranks on loopback), timed alone.
 
     python -m benchmarks.rank_scaling --tofu ../shared/data/tofu --out runs/bench_scaling
 """
-import argparse
 import json
 import os
 import statistics
@@ -22,7 +21,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from benchmarks.output import write_results
+from benchmarks.output import bench_parser, parse_bench, write_results
 from benchmarks.vs_open_unlearning import build_model
 from palu_ds.localrun import cpu_env, free_port, launcher_cmd
 
@@ -68,14 +67,10 @@ def launch(cmds: list[tuple[list[str], int]], log: str) -> list[int]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tofu", default=os.path.join(ROOT, "..", "shared", "data", "tofu"))
-    p.add_argument("--out", default="runs/bench_scaling")
-    p.add_argument("--steps", type=int, default=24)
+    p = bench_parser(__doc__, "runs/bench_scaling", 24, tofu=True)
     p.add_argument("--zero3-variants", action="store_true",
                    help="also 2 ranks under variants of cpu/zero3.json (overlap_comm, reduce_scatter, persistence)")
-    a = p.parse_args()
-    os.makedirs(a.out, exist_ok=True)
+    a = parse_bench(p)
     model = build_model(a.tofu, os.path.join(ROOT, "runs", "bench_ou"))
     py, rows = sys.executable, []
 

@@ -7,14 +7,11 @@ import sys
 
 
 def main() -> int:
-    from palu_ds.cli_args import parser
     from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_run
-    from palu_ds.run import setup_logging
+    from palu_ds.run import launch_args
 
-    setup_logging()
-    args = parser("palu_ds reference precompute").parse_args()
-    if not args.deepspeed:
-        print("error: --deepspeed ds_configs/<...>.json is required", file=sys.stderr)
+    args = launch_args("palu_ds reference precompute")
+    if args is None:
         return 2
     try:
         run = load_run(args.config, args.overrides)  # parsed, validated, resolved once
