@@ -398,3 +398,21 @@ def test_content_key_changes_with_each_part():
     assert len(k) == 16 and k == P.content_key("base", [{"q": 1}], ["train.lr=1"])
     assert len({k, P.content_key("base2", [{"q": 1}], ["train.lr=1"]), P.content_key("base", [{"q": 2}], ["train.lr=1"]),
                 P.content_key("base", [{"q": 1}], ["train.lr=2"])}) == 4
+
+
+@pytest.mark.parametrize("name", ["mini", "real"])
+def test_every_run_of_a_preset_is_a_valid_run_config(name, tmp_path):
+    """Each run's overrides (method, parameters, data of each batch, spans) on the preset's unlearning config pass
+    palu_ds.config's validation, before any model exists."""
+    from palu_ds.config import load_config
+
+    preset = load(name)
+    args = type("A", (), {"fresh": False, "port": 29999, "keep_checkpoints": False})()
+    info = {"forget_split": "forget01", "retain_split": "retain", "target_split": "target"}
+    run = P.Run(preset, tmp_path, args, info)
+    for spec in S.run_specs(preset, 2048).values():
+        ref = S.reference_dir(spec)
+        cmd = run.method_overrides(spec, tmp_path / "target", tmp_path / "data") + [
+            f"reference.cache_dir={tmp_path / ref}" if ref else "reference.mode=none"]
+        cfg = load_config(preset["configs"]["unlearn"], cmd)
+        assert cfg.method.name == spec["method"] and (cfg.data.span_source == "labels") == (spec["spans"] == "labels")

@@ -64,16 +64,19 @@ def goal_check(results: dict[str, dict], goal: dict) -> dict:
 
 def cost_by_part(stage_seconds: dict[str, float], specs: dict[str, dict]) -> dict[str, float]:
     """Minutes from scratch by part, from each stage's own seconds (a reused stage keeps the seconds it took):
-    ``SFT``, ``development sweep``, ``methods`` / ``ablations`` (each run's reference, unlearning and evaluation),
+    ``SFT``, ``development sweep``, ``references`` (the shared precomputes), ``methods`` / ``ablations`` (each run's
+    unlearning and evaluation),
     ``base, retain, target evaluation``, the others by stage name, and ``total``.  Example: ``{"sft_target": 300,
     "unlearn_palu": 200, "eval_palu": 130}`` with palu a method -> ``{"SFT": 5.0, "methods": 5.5, "total": 10.5}``."""
     parts: dict[str, float] = {}
     for stage, sec in stage_seconds.items():
         run = stage.split("_", 1)[1] if stage.startswith(("unlearn_", "eval_")) else None
-        if "sweep" in stage:
+        if "sweep" in stage or stage.startswith("precompute_dev"):
             part = "development sweep"
-        elif stage.startswith(("sft_", "pretrain")):
+        elif stage.startswith("sft_"):
             part = "SFT"
+        elif stage.startswith("precompute_"):
+            part = "references"
         elif run in specs:
             part = specs[run]["group"] + "s"
         elif run in ("base", "retain", "target"):
