@@ -290,6 +290,15 @@ def learning_rates(run: Run, tofu: Path, data: dict, models: dict, results: dict
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return run_preset(args, argv)
+    except (ValueError, FileNotFoundError) as e:  # a bad preset or data file, named by the message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_preset(args: argparse.Namespace, argv=None) -> int:
+    """Every stage of the preset ``args.preset`` (module doc); 0 when every run succeeded, 3 when one failed."""
     preset = load(args.preset, args.set, args.data)
     setdefaults()
     if preset["threads"]:
