@@ -338,17 +338,19 @@ class Method:
         return tuple(p for p in REFERENCE_PARTS if p in self.reference.get(batch, ()))
 
     def reference_key(self, hp: Mapping[str, Any]) -> dict[str, Any]:
-        """What a reference cache of a run with ``hp`` depends on besides the model and the data: the parts of each
-        batch, the hyper-parameters that key them (:attr:`RefPart.key`) and ``N`` (the I_init length) when a part
-        follows the spans. Two runs with equal keys (and model and data) can share one cache; ``{}``: none needed.
+        """What a reference cache of a run with ``hp`` depends on besides the model and the data: its batches (the
+        cache key fingerprints each one's data), the parts of each, the hyper-parameters that key them
+        (:attr:`RefPart.key`) and ``N`` (the I_init length) when a part follows the spans. Two runs with equal keys
+        (and model and data) can share one cache; ``{}``: none needed.
 
         >>> get_method("palu").reference_key({**get_method("palu").defaults, "K": 7})
-        {'parts': {'forget': ['topk_ids', 'kl']}, 'K': 7, 'kl_topk': 256, 'N': 3}
+        {'batches': ['forget', 'retain'], 'parts': {'forget': ['topk_ids', 'kl']}, 'K': 7, 'kl_topk': 256, 'N': 3}
         """
         want = self.needed_parts(hp)
         if not want:
             return {}
-        key: dict[str, Any] = {"parts": {b: list(self.reference_parts_for(b)) for b in self.batches
+        key: dict[str, Any] = {"batches": list(self.batches),
+                               "parts": {b: list(self.reference_parts_for(b)) for b in self.batches
                                          if self.reference_parts_for(b)}}
         if "retain_loss" in want:
             key["retain_loss"] = self.constraint

@@ -323,9 +323,10 @@ def test_family_and_reference_key_come_from_the_registry():
     ok = dict(name="x", batches=("forget",), term_fns={"forget": lambda x, hp: 0}, combine=lambda t, hp: 0)
     assert Method(**ok).family == "x"
     palu = get_method("palu")
-    assert palu.reference_key(palu.hparams({"K": 7})) == {"parts": {"forget": ["topk_ids", "kl"]}, "K": 7,
+    assert palu.reference_key(palu.hparams({"K": 7})) == {"batches": ["forget", "retain"],
+                                                           "parts": {"forget": ["topk_ids", "kl"]}, "K": 7,
                                                            "kl_topk": 256, "N": 3}
     assert palu.reference_key(palu.defaults) == get_method("palu_pd").reference_key(get_method("palu_pd").defaults)
-    assert get_method("idk_dpo").reference_key({}) == {"parts": {"forget": ["seq_logps"], "idk": ["seq_logps"]}}
+    assert get_method("idk_dpo").reference_key({})["parts"] == {"forget": ["seq_logps"], "idk": ["seq_logps"]}
     assert get_method("grad_diff").reference_key({}) == {}
     assert set(REFERENCE_PARTS) == {p for m in METHODS.values() for p in m.reference_parts}
