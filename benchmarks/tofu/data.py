@@ -26,12 +26,12 @@ def parse_authors(text: str, n_total: int | None = None) -> tuple[int, int]:
     """``"A:B"`` -> ``(A, B)``, authors A..B-1 (B > A >= 0; B <= n_total when given)."""
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
     if not m:
-        raise ValueError(f"--authors must look like A:B (e.g. 0:40), got {text!r}")
+        raise ValueError(f"data.authors must look like 'A:B' (e.g. '0:40'), got {text!r}")
     a, b = int(m.group(1)), int(m.group(2))
     if b <= a:
-        raise ValueError(f"--authors {text}: the end must be after the start")
+        raise ValueError(f"data.authors {text}: the end must be after the start")
     if n_total is not None and b > n_total:
-        raise ValueError(f"--authors {text}: the data has {n_total} authors")
+        raise ValueError(f"data.authors {text}: the data has {n_total} authors")
     return a, b
 
 
@@ -42,7 +42,7 @@ def parse_forget(text: str) -> int:
     if not s.endswith("%") and 0 < pct < 1:
         pct *= 100
     if abs(pct - round(pct)) > 1e-9 or not 1 <= round(pct) <= 99:
-        raise ValueError(f"--forget must be an integer percentage between 1% and 99%, got {text!r}")
+        raise ValueError(f"data.forget must be an integer percentage between 1% and 99%, got {text!r}")
     return int(round(pct))
 
 
@@ -52,7 +52,7 @@ def split_authors(a: int, b: int, pct: int) -> tuple[list[int], list[int]]:
     authors = list(range(a, b))
     n_forget = max(1, int(round(len(authors) * pct / 100)))
     if n_forget >= len(authors):
-        raise ValueError(f"{pct}% of {len(authors)} authors leaves no retain author: widen --authors")
+        raise ValueError(f"{pct}% of {len(authors)} authors leaves no retain author: widen data.authors")
     return authors[:-n_forget], authors[-n_forget:]
 
 
@@ -172,12 +172,12 @@ def _qa(idx: int, r: dict) -> dict:
 
 
 def _borrowed(full: list[dict], a: int, b: int, pre: list[int], seed: int):
-    """``rows -> perturbed rows`` of ``--perturbed borrow``: false answers of the authors outside a..b-1 and the
+    """``rows -> perturbed rows`` of ``data.perturbed borrow``: false answers of the authors outside a..b-1 and the
     pre-training authors (:func:`borrowed_perturbations`)."""
     outside = [i for i in range(len(full) // ROWS_PER_AUTHOR) if not a <= i < b and i not in pre]
     if len(outside) < N_PERTURBED:
-        raise ValueError(f"--perturbed borrow takes false answers from TOFU authors outside the range (and "
-                         f"--pretrain): {a}:{b} leaves {len(outside)}, it needs {N_PERTURBED}")
+        raise ValueError(f"data.perturbed borrow takes false answers from TOFU authors outside the range (and "
+                         f"data.pretrain): {a}:{b} leaves {len(outside)}, it needs {N_PERTURBED}")
     donors = author_rows(full, outside)
     names = {i: author_name(full[ROWS_PER_AUTHOR * i: ROWS_PER_AUTHOR * (i + 1)]) for i in [*range(a, b), *outside]}
     return lambda part: [{**_qa(idx, r), "paraphrased_answer": r["answer"],
@@ -186,7 +186,7 @@ def _borrowed(full: list[dict], a: int, b: int, pre: list[int], seed: int):
 
 
 def _tofu_rows(tofu_perturbed: dict[int, dict]):
-    """``rows -> perturbed rows`` of ``--perturbed tofu``: TOFU's own, for the rows it covers."""
+    """``rows -> perturbed rows`` of ``data.perturbed tofu``: TOFU's own, for the rows it covers."""
     return lambda part: [{**_qa(idx, r), "paraphrased_answer": t["paraphrased_answer"],
                           "perturbed_answer": list(t["perturbed_answer"]),
                           "paraphrased_question": t.get("paraphrased_question", r["question"]),
@@ -205,14 +205,14 @@ def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: li
     ``pretrain=(P, Q)``: the QA of authors P..Q-1 (outside the range) go to a ``pretrain`` file, and those authors
     give no perturbed answers (a model pre-trained on them would know the "false" answers)."""
     if mode not in ("borrow", "tofu"):
-        raise ValueError(f"--perturbed must be borrow or tofu, got {mode!r}")
+        raise ValueError(f"data.perturbed must be borrow or tofu, got {mode!r}")
     retain_a, forget_a = split_authors(a, b, pct)
     forget_name, retain_name = split_names(pct)
     rows = author_rows(full, list(range(a, b)))
     forget_rows, retain_rows = author_rows(full, forget_a), author_rows(full, retain_a)
     pre = list(range(*pretrain)) if pretrain else []
     if pre and (pre[0] < b and a < pre[-1] + 1):
-        raise ValueError(f"--pretrain {pretrain[0]}:{pretrain[1]} overlaps --authors {a}:{b}")
+        raise ValueError(f"data.pretrain {pretrain[0]}:{pretrain[1]} overlaps data.authors {a}:{b}")
 
     perturbed = _borrowed(full, a, b, pre, seed) if mode == "borrow" else _tofu_rows(tofu_perturbed)
     forget_pert = perturbed(forget_rows)
@@ -221,11 +221,11 @@ def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: li
     else:
         retain_pert = perturbed(evenly(retain_rows, retain_eval_rows))
     if not forget_pert:
-        raise ValueError(f"--perturbed tofu: TOFU has no perturbed answers for the forget authors {forget_a[0]}.."
-                         f"{forget_a[-1]} (it covers authors 0-19 and 180-199): use --perturbed borrow or another "
+        raise ValueError(f"data.perturbed tofu: TOFU has no perturbed answers for the forget authors {forget_a[0]}.."
+                         f"{forget_a[-1]} (it covers authors 0-19 and 180-199): use data.perturbed borrow or another "
                          "range")
     if not retain_pert:
-        raise ValueError("--perturbed tofu: TOFU has no perturbed answers for any retain author of this range")
+        raise ValueError("data.perturbed tofu: TOFU has no perturbed answers for any retain author of this range")
     files = {
         "full": [_qa(i, r) for i, r in rows],
         forget_name: [_qa(i, r) for i, r in forget_rows],
@@ -259,7 +259,7 @@ def write_jsonl(folder: str | Path, files: dict[str, list[dict]]) -> dict[str, s
 
 def tokenizer_texts(files: dict[str, list[dict]], forget_name: str) -> list[str]:
     """The range's questions, answers, paraphrased/perturbed answers, the refusal strings and the pre-training
-    authors' QA (``--pretrain``)."""
+    authors' QA (``data.pretrain``)."""
     from palu_ds.tiny import qa_texts
 
     pert = {r["row"]: r for name in (f"{forget_name}_perturbed", "retain_perturbed") for r in files[name]}
