@@ -4,7 +4,9 @@ setup(
     name="palu_ds",
     version="0.1.0",
     description="DeepSpeed-based distributed trainer for LLM unlearning (PALU, constrained entropic unlearning, baselines)",
-    packages=find_packages(include=["palu_ds", "palu_ds.*", "evaluation", "evaluation.*", "benchmarks", "benchmarks.*"]),
+    # benchmarks/ is not installed (its scripts run from the checkout: python -m benchmarks.<name>); evaluation/ still
+    # is, because launch/train.py and evaluation/run.py import it as a package
+    packages=find_packages(include=["palu_ds", "palu_ds.*", "evaluation", "evaluation.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",

@@ -47,21 +47,14 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def child(a) -> dict:
+def _inputs(m, a):
+    """Random batches of the method's batches (``a.positions`` answer positions in all, every 4th one sensitive)
+    and reference tensors for them: ``(names, batches, answer masks, ref)``."""
     import torch
 
-    from palu_ds.batch import IGNORE_INDEX, PackedLogits
-    from palu_ds.lm_head import HeadSpec, chunked_logits, lm_logits, within_head
-    from palu_ds.methods import StepInputs, get_method
+    from palu_ds.batch import IGNORE_INDEX
 
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    V, d, N = a.vocab, a.hidden, a.positions
-    m = get_method(a.method)
-    head = torch.nn.Linear(d, V, bias=False)
-    with torch.no_grad():
-        head.weight.normal_(0.0, d ** -0.5)                  # in place: the set-up never peaks above its end state
-    spec = HeadSpec("bench")
+    V, N = a.vocab, a.positions
     names = [n for n in m.batches if n != "idk"] + (["idk"] if "idk" in m.batches else [])
     per = N // len(names)
     B = 2
@@ -83,6 +76,25 @@ def child(a) -> dict:
                   "kl_ids": torch.randint(0, V, (n_common, a.k)).int(),
                   "kl_logps": torch.full((n_common, a.k), -8.0),
                   "seq_logps": torch.full((B,), -float(T) * 5)}
+    return names, batches, answers, ref
+
+
+def child(a) -> dict:
+    import torch
+
+    from palu_ds.batch import PackedLogits
+    from palu_ds.lm_head import HeadSpec, chunked_logits, lm_logits, within_head
+    from palu_ds.methods import StepInputs, get_method
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    V, d, N = a.vocab, a.hidden, a.positions
+    m = get_method(a.method)
+    head = torch.nn.Linear(d, V, bias=False)
+    with torch.no_grad():
+        head.weight.normal_(0.0, d ** -0.5)                  # in place: the set-up never peaks above its end state
+    spec = HeadSpec("bench")
+    names, batches, answers, ref = _inputs(m, a)
     hp = {"K": a.K, "kl_topk": a.k} if "K" in m.defaults else {}
     hidden = torch.randn(sum(int(x.sum()) for x in answers.values()), d, requires_grad=True)
 

@@ -25,6 +25,14 @@ def rate(fn, path) -> tuple[float, float]:
     return os.path.getsize(path) / dt / 1e6, dt
 
 
+def _seconds(digest, files) -> float:
+    """Seconds ``digest`` takes over every file."""
+    t = time.perf_counter()
+    for f in files:
+        digest(f)
+    return time.perf_counter() - t
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="an HF model folder (its *.safetensors are hashed)")
@@ -44,18 +52,8 @@ def main() -> int:
         if args.model:
             files = sorted(glob.glob(os.path.join(args.model, "*.safetensors")))
             size = sum(os.path.getsize(f) for f in files)
-            t = time.perf_counter()
-            for f in files:
-                file_digest(f)
-            first = time.perf_counter() - t
-            t = time.perf_counter()
-            for f in files:
-                cached_file_digest(f)
-            second = time.perf_counter() - t
-            t = time.perf_counter()
-            for f in files:
-                cached_file_digest(f)
-            cached = time.perf_counter() - t
+            first, second, cached = (_seconds(fn, files) for fn in (file_digest, cached_file_digest,
+                                                                     cached_file_digest))
             out["model"] = {"path": args.model, "bytes": size, "first_read_MB_per_s": round(size / first / 1e6),
                             "cached_run_MB_per_s": round(size / second / 1e6), "identity_hit_s": round(cached, 6)}
             mbps = size / second / 1e6

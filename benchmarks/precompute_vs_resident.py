@@ -5,9 +5,8 @@ for ds_configs/cpu/zero3.json and zero3_offload.json; precompute throughput vs a
 token; the sparse-KL error vs exact for k in {32, 64, 128, 256, 1024} on a trained model pair (the demo's target as
 reference, its PALU-unlearned model as policy: run `make demo` first, or pass --target/--unlearned).
 
-    python benchmarks/precompute_vs_resident.py --out runs/bench_ref
+    python -m benchmarks.precompute_vs_resident --out runs/bench_ref
 """
-import argparse
 import json
 import os
 import statistics
@@ -17,7 +16,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from benchmarks.output import write_results
+from benchmarks.output import bench_parser, parse_bench, write_results
 from palu_ds.localrun import cpu_env, launcher_cmd
 
 
@@ -133,15 +132,11 @@ def sparse_kl_error(target: str, unlearned: str, data: str) -> list[dict]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/bench_ref")
-    p.add_argument("--steps", type=int, default=8)
+    p = bench_parser(__doc__, "runs/bench_ref", 8, skip_train=True)
     p.add_argument("--target", default="runs/demo/target/model")
     p.add_argument("--unlearned", default="runs/demo/palu/model")
     p.add_argument("--demo-data", default="runs/demo/data")
-    p.add_argument("--skip-train", action="store_true")
-    a = p.parse_args()
-    os.makedirs(a.out, exist_ok=True)
+    a = parse_bench(p)
     data, model = build(a.out)
     res = {"precompute": precompute_throughput(data, model, a.out)}
     if os.path.isdir(a.target) and os.path.isdir(a.unlearned):
@@ -169,8 +164,7 @@ def main() -> int:
         lines += ["", "| k | exact KL | sparse KL | relative error |", "|---|---|---|---|"]
         lines += [f"| {r['k']} | {r['exact_kl']:.4g} | {r['sparse_kl']:.4g} | {r['rel_error']:.2%} |"
                   for r in res["sparse_kl"]]
-    print("\n".join(lines))
-    write_results(a.out, res)
+    write_results(a.out, res, "\n".join(lines))
     return 0
 
 

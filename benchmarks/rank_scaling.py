@@ -10,9 +10,8 @@ step, max length 128, pd_flat, no reference), run as:
 plus the gloo collectives a step needs at this model size (all-reduce, reduce-scatter, all-gather of 7.36M fp32
 values, 2 ranks on loopback), timed alone.
 
-    python benchmarks/rank_scaling.py --tofu ../shared/data/tofu --out runs/bench_scaling
+    python -m benchmarks.rank_scaling --tofu ../shared/data/tofu --out runs/bench_scaling
 """
-import argparse
 import json
 import os
 import statistics
@@ -22,7 +21,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from benchmarks.output import write_results
+from benchmarks.output import bench_parser, parse_bench, write_results
 from benchmarks.vs_open_unlearning import build_model
 from palu_ds.localrun import cpu_env, free_port, launcher_cmd
 
@@ -68,14 +67,10 @@ def launch(cmds: list[tuple[list[str], int]], log: str) -> list[int]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tofu", default=os.path.join(ROOT, "..", "shared", "data", "tofu"))
-    p.add_argument("--out", default="runs/bench_scaling")
-    p.add_argument("--steps", type=int, default=24)
+    p = bench_parser(__doc__, "runs/bench_scaling", 24, tofu=True)
     p.add_argument("--zero3-variants", action="store_true",
                    help="also 2 ranks under variants of cpu/zero3.json (overlap_comm, reduce_scatter, persistence)")
-    a = p.parse_args()
-    os.makedirs(a.out, exist_ok=True)
+    a = parse_bench(p)
     model = build_model(a.tofu, os.path.join(ROOT, "runs", "bench_ou"))
     py, rows = sys.executable, []
 
@@ -123,6 +118,12 @@ def main() -> int:
     line = [ln for ln in coll.stdout.splitlines() if ln.startswith("COLLECTIVES")]
     collectives = json.loads(line[0].split(" ", 1)[1]) if line else {"error": coll.stderr[-2000:]}
 
+    write_results(a.out, {"train": rows, "collectives": collectives}, table(rows, collectives))
+    return 0 if all(not r["exit"] for r in rows) and "error" not in collectives else 1
+
+
+def table(rows: list[dict], collectives: dict) -> str:
+    """The markdown tables: each run's speed relative to 1 process with 2 threads, then the collectives' times."""
     base = next((r["tokens_per_s"] for r in rows if r["config"] == "1 process, 2 thread(s)" and r["exit"] == 0), None)
     lines = ["| run | s/step | tokens/s | vs 1 process, 2 threads |", "|---|---|---|---|"]
     for r in rows:
@@ -133,8 +134,7 @@ def main() -> int:
         lines.append(f"| {r['config']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {ratio} |")
     lines += ["", "| gloo collective, 7.36M fp32, 2 ranks | ms |", "|---|---|"]
     lines += [f"| {k} | {v * 1000:.1f} |" for k, v in collectives.items() if isinstance(v, float)]
-    write_results(a.out, {"train": rows, "collectives": collectives}, "\n".join(lines))
-    return 0 if all(not r["exit"] for r in rows) and "error" not in collectives else 1
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

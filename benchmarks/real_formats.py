@@ -1,7 +1,7 @@
 """Run both suites on the real TOFU and MUSE files with tiny random models, to show that the loaders and metrics
 accept the real formats, and print the timing.  (The numbers themselves mean nothing: the models are random.)
 
-    python benchmarks/real_formats.py ../shared/data [--max-examples 20] [--out /tmp/real_formats]
+    python -m benchmarks.real_formats ../shared/data [--max-examples 20] [--out /tmp/real_formats]
 
 ``DATA`` holds ``tofu/*.jsonl`` and ``muse/{news,books}/...`` (see ``shared/data/README.md``).  Every row of
 every file used is loaded and checked; the first ``--max-examples`` rows of each part are evaluated (0 = all).

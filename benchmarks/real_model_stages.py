@@ -19,11 +19,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from palu_ds.atomic import write_json
 from palu_ds.localrun import cpu_env, launcher_cmd
-from palu_ds.methods import METHODS
+from palu_ds.methods import METHODS, get_method
 from palu_ds.models import smollm2
 from palu_ds.stages import Stages
 
 FACTS = os.path.join(ROOT, "launch", "data", "real_facts")
+CONFIG = "launch/configs/real_facts.yaml"
+
+
+def config_params() -> dict:
+    from palu_ds.config import load_config
+
+    return load_config(CONFIG, validate=False).method.params
 
 
 def ds(script: str, args: list[str], ranks: int = 2) -> list[str]:
@@ -31,16 +38,17 @@ def ds(script: str, args: list[str], ranks: int = 2) -> list[str]:
 
 
 def train_args(model: str, out: str, method: str, stage: int, steps: int = 2, extra=()) -> list[str]:
-    args = ["--deepspeed", f"ds_configs/cpu/zero{stage}.json", "--config", "launch/configs/real_facts.yaml",
+    args = ["--deepspeed", f"ds_configs/cpu/zero{stage}.json", "--config", CONFIG,
             f"model.path={model}", f"train.output_dir={out}", f"method.name={method}", f"train.max_steps={steps}",
             "train.batch_size=2", "data.max_length=96", "train.lr=1e-5", "log.log_every=1"]
-    if method not in ("palu", "palu_pd"):
+    m = get_method(method)  # what the run needs comes from the registry entry, never from the method's name
+    if not set(config_params()) <= set(m.params):  # the config's PALU parameters, kept where all of them apply
         args.append("method.params={}")
-    if method == "grad_ascent":
+    if "retain" not in m.batches:
         args.append("data.retain=null")
-    if method == "idk_dpo":  # refusals: the project's own list (palu_ds.data.synthetic.REFUSALS) written by the script
+    if "idk" in m.batches:  # refusals: the project's own list (palu_ds.data.synthetic.REFUSALS) written by the script
         args += [f"data.idk.source={os.path.join(os.path.dirname(out), 'idk.jsonl')}"]
-    if method in ("pd_flat", "palu_pd"):
+    if m.uses_dual:
         args.append("method.params.lambda0=1.0")
     return args + list(extra)
 
@@ -83,7 +91,7 @@ def main() -> int:
     p.add_argument("--tofu", default=os.path.join(ROOT, "..", "shared", "data", "tofu"))
     p.add_argument("--muse", default=os.path.join(ROOT, "..", "shared", "data", "muse"))
     p.add_argument("--out", default="runs/bench_stages")
-    p.add_argument("--methods", default=",".join(m for m in METHODS if m != "sft"))
+    p.add_argument("--methods", default=",".join(n for n, m in METHODS.items() if m.unlearning))
     p.add_argument("--stages", default="2,3", help="ZeRO stages for the methods")
     a = p.parse_args()
     out = os.path.abspath(a.out)
@@ -135,6 +143,11 @@ def main() -> int:
     st.run("MUSE evaluation (news, 2 rows per part)", ds("evaluation/run.py", [
         "--model", tuned, "--suite", "muse", "--split", "news", "--data", os.path.join(os.path.abspath(a.muse), "news"),
         "--max-examples", "2", "--max-length", "256", "--no-forget-quality", "--out", os.path.join(out, "muse")]))
+    return report(st, out)
+
+
+def report(st: Stages, out: str) -> int:
+    """The stages' table on stdout and in ``<out>/stages.json``; 1 when one failed."""
     rows = [{"stage": n, "status": st.status[n], "seconds": st.seconds[n], "log": str(st.log(n))} for n in st.status]
     print("| stage | result | seconds |\n|---|---|---|\n" + "\n".join(f"| {r['stage']} | {r['status']} | "
                                                                f"{r['seconds']} |" for r in rows))

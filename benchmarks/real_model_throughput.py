@@ -10,10 +10,9 @@ run so that the numbers are ratios taken on the same machine state:
 each reported as training tokens/s (median over the steps after the first two), peak RSS per rank, and the model-FLOPs
 utilisation MFU = 6 x parameters x tokens/s / matmul rate.
 
-    python benchmarks/real_model_throughput.py --tofu ../shared/data/tofu --out runs/bench_real
-    python benchmarks/real_model_throughput.py --profile --out runs/bench_real_profile   # where a step's time goes
+    python -m benchmarks.real_model_throughput --tofu ../shared/data/tofu --out runs/bench_real
+    python -m benchmarks.real_model_throughput --profile --out runs/bench_real_profile   # where a step's time goes
 """
-import argparse
 import json
 import math
 import os
@@ -23,7 +22,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from benchmarks.output import write_results
+from benchmarks.output import bench_parser, parse_bench, write_results
 from palu_ds.localrun import cpu_env, launcher_cmd
 from palu_ds.models import smollm2
 
@@ -81,15 +80,11 @@ if len(sys.argv) > 4:  # --profile: where one step's time goes, by operator (sel
         print(f"PROFILE {e.key:45s} {e.self_cpu_time_total / total:6.1%}")
 """
 
-RUNS = [  # (name, method, reference mode, ranks, DeepSpeed config)
-    ("palu, precomputed", "palu", "precomputed", 1, "ds_configs/cpu/zero0.json"),
-    ("palu, resident", "palu", "resident", 1, "ds_configs/cpu/zero0.json"),
-    ("pd_flat", "pd_flat", "none", 1, "ds_configs/cpu/zero0.json"),
-    ("npo, precomputed", "npo", "precomputed", 1, "ds_configs/cpu/zero0.json"),
-    ("palu, precomputed", "palu", "precomputed", 2, "ds_configs/cpu/zero3.json"),
-    ("palu, resident", "palu", "resident", 2, "ds_configs/cpu/zero3.json"),
-    ("pd_flat", "pd_flat", "none", 2, "ds_configs/cpu/zero3.json"),
-    ("npo, precomputed", "npo", "precomputed", 2, "ds_configs/cpu/zero3.json"),
+RUNS = [  # (name, method, reference mode, ranks, DeepSpeed config): each on 1 process (ZeRO-0), then 2 ranks (ZeRO-3)
+    (name, method, mode, ranks, ds)
+    for ranks, ds in ((1, "ds_configs/cpu/zero0.json"), (2, "ds_configs/cpu/zero3.json"))
+    for name, method, mode in (("palu, precomputed", "palu", "precomputed"), ("palu, resident", "palu", "resident"),
+                               ("pd_flat", "pd_flat", "none"), ("npo, precomputed", "npo", "precomputed"))
 ]
 
 
@@ -121,14 +116,10 @@ def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, d
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tofu", default=os.path.join(ROOT, "..", "shared", "data", "tofu"))
-    p.add_argument("--out", default="runs/bench_real")
-    p.add_argument("--steps", type=int, default=8)
+    p = bench_parser(__doc__, "runs/bench_real", 8, tofu=True)
     p.add_argument("--matmul-only", action="store_true", help="only the CPU's matmul rates (2048^3, the model's shapes)")
     p.add_argument("--profile", action="store_true", help="the matmul rates and a torch.profiler breakdown of a plain step")
-    a = p.parse_args()
-    os.makedirs(a.out, exist_ok=True)
+    a = parse_bench(p)
     model, tofu = smollm2(), os.path.abspath(a.tofu)
     from safetensors import safe_open
 

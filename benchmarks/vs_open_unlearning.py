@@ -6,9 +6,8 @@ intermediate 688, untied embeddings, fp32, random init (7.36M parameters). Data:
 training tokens per second over all ranks (reference forwards not counted; the precompute runs before step 1).
 Shapes: 1 process (DeepSpeed stage 0, 2 threads) and DeepSpeed ZeRO-3 on 2 ranks (1 thread each), CPU, fp32.
 
-    python benchmarks/vs_open_unlearning.py --tofu ../shared/data/tofu --out runs/bench_ou
+    python -m benchmarks.vs_open_unlearning --tofu ../shared/data/tofu --out runs/bench_ou
 """
-import argparse
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.output import write_results
+from benchmarks.output import bench_parser, parse_bench, write_results
 from palu_ds.localrun import cpu_env, launcher_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,24 +30,15 @@ MAXRSS = ("import resource,subprocess,sys; r=subprocess.call(sys.argv[1:]); "
 
 
 def build_model(tofu: str, out: str) -> str:
-    import torch
-    from transformers import LlamaForCausalLM
-
+    """The tiny Llama (hidden 256, 4 layers, an 8,192-token BPE tokenizer trained on TOFU's QA) in ``out/model``."""
     from palu_ds.data.io import load_records
-    from palu_ds.tiny import qa_texts, tiny_llama_config, train_tokenizer
+    from palu_ds.tiny import build_model_dir, qa_texts
 
     path = os.path.join(out, "model")
     if os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
-    tok = train_tokenizer(qa_texts(load_records(os.path.join(tofu, "full.jsonl"))), vocab_size=8192)
-    cfg = tiny_llama_config(len(tok), hidden=256, layers=4, heads=4, intermediate=688, max_positions=512,
-                            tokenizer=tok)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}")
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
+    return build_model_dir(path, qa_texts(load_records(os.path.join(tofu, "full.jsonl"))), vocab_size=8192, seed=0,
+                           hidden=256, layers=4, heads=4, intermediate=688, max_positions=512)
 
 
 def run(cmd: list[str], threads: int, log: str) -> tuple[int, float, int]:
@@ -94,16 +84,11 @@ def evaluate(model: str, tofu: str, out: str, nproc: int) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tofu", default=os.path.join(ROOT, "..", "shared", "data", "tofu"))
-    p.add_argument("--out", default="runs/bench_ou")
+    p = bench_parser(__doc__, "runs/bench_ou", 20, tofu=True, skip_train=True)
     p.add_argument("--methods", default="palu,pd_flat,npo,grad_diff")
     p.add_argument("--shapes", default="1,2")
-    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--skip-eval", action="store_true")
-    p.add_argument("--skip-train", action="store_true")
-    a = p.parse_args()
-    os.makedirs(a.out, exist_ok=True)
+    a = parse_bench(p)
     model = build_model(a.tofu, a.out)
     for m in ("palu", "npo"):  # made afresh by the first run of each method (before its timed steps)
         shutil.rmtree(os.path.join(a.out, "cache_" + m), ignore_errors=True)

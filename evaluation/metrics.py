@@ -96,6 +96,14 @@ def truth_ratio_retain(ratios: Iterable[float]) -> float:
 # --------------------------------------------------------------------------------------------------------------
 # Forget quality and model utility (TOFU)
 # --------------------------------------------------------------------------------------------------------------
+def _samples(x: Sequence[float], y: Sequence[float], need: str, what: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Two samples as float64 arrays; an empty one is an error (``need``, then the sizes)."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.size == 0 or b.size == 0:
+        raise ValueError(f"{need} (got {a.size} and {b.size}{' ' + what if what else ''})")
+    return a, b
+
+
 def forget_quality(unlearned_truth_ratios: Sequence[float], retain_truth_ratios: Sequence[float]) -> dict:
     """Forget quality = p-value of the two-sample KS test (``scipy.stats.ks_2samp``) between the forget-set truth
     ratios of the unlearned model and of the retain model (TOFU Sec. 2.5.2; ``aggregate_eval_stat.py``
@@ -107,10 +115,8 @@ def forget_quality(unlearned_truth_ratios: Sequence[float], retain_truth_ratios:
     """
     from scipy.stats import ks_2samp
 
-    a = np.asarray(unlearned_truth_ratios, dtype=np.float64)
-    b = np.asarray(retain_truth_ratios, dtype=np.float64)
-    if a.size == 0 or b.size == 0:
-        raise ValueError(f"forget_quality needs two non-empty samples (got {a.size} and {b.size} truth ratios)")
+    a, b = _samples(unlearned_truth_ratios, retain_truth_ratios, "forget_quality needs two non-empty samples",
+                    "truth ratios")
     res = ks_2samp(a, b)
     return {"forget_quality": float(res.pvalue), "ks_statistic": float(res.statistic)}
 
@@ -228,10 +234,7 @@ def mia_auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -
     """
     from scipy.stats import rankdata
 
-    f = np.asarray(member_scores, dtype=np.float64)
-    h = np.asarray(nonmember_scores, dtype=np.float64)
-    if f.size == 0 or h.size == 0:
-        raise ValueError(f"mia_auc needs non-empty forget and holdout scores (got {f.size} and {h.size})")
+    f, h = _samples(member_scores, nonmember_scores, "mia_auc needs non-empty forget and holdout scores")
     ranks = rankdata(np.concatenate([f, h]))
     u = ranks[: f.size].sum() - f.size * (f.size + 1) / 2.0
     return float(u / (f.size * h.size))

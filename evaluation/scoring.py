@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from palu_ds.data.collate import pad_ids
 from palu_ds.dist import max_across_ranks, world
 from palu_ds.lm_head import accepts_logits_to_keep
 
@@ -91,12 +92,8 @@ def score_targets(
     for b in range(n_batches):
         idx = batches[b] if b < len(batches) else []
         seqs = [list(queries[i][0]) + list(queries[i][1]) for i in idx] or [[pad_id]]  # dummy keeps ranks in step
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[j, : len(s)] = 1
+        ids, mask = pad_ids(seqs, pad_id)
+        width = ids.shape[1]
         first = min((len(queries[i][0]) - 1 for i in idx), default=0)  # the batch's first scored position
         extra = {"logits_to_keep": width - first} if keep and idx else {}
         logits = hf(input_ids=ids.to(device), attention_mask=mask.to(device), **extra).logits
@@ -157,14 +154,11 @@ def generate_greedy(
         for b in range(n_batches):
             idx = batches[b] if b < len(batches) else []
             seqs = [list(prompts[i]) for i in idx] or [[pad_id]]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for j, s in enumerate(seqs):
-                if len(s) == 0:
-                    raise ValueError(f"generate_greedy: prompt {idx[j]} is empty")
-                ids[j, width - len(s):] = torch.tensor(s, dtype=torch.long)
-                mask[j, width - len(s):] = 1
+            empty = [i for i, s in zip(idx, seqs) if not s]
+            if empty:
+                raise ValueError(f"generate_greedy: prompt {empty[0]} is empty")
+            ids, mask = pad_ids(seqs, pad_id, left=True)
+            width = ids.shape[1]
             gen = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg,
                               synced_gpus=lockstep)
             for j, i in enumerate(idx):

@@ -7,19 +7,16 @@ import sys
 
 
 def main() -> int:
-    from palu_ds.cli_args import parser
-    from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_config, resolve
-    from palu_ds.run import setup_logging
+    from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_run
+    from palu_ds.run import launch_args
 
-    setup_logging()
-    args = parser("palu_ds reference precompute").parse_args()
-    if not args.deepspeed:
-        print("error: --deepspeed ds_configs/<...>.json is required", file=sys.stderr)
+    args = launch_args("palu_ds reference precompute")
+    if args is None:
         return 2
     try:
-        cfg = load_config(args.config, args.overrides)
-        check_run_paths(cfg, args.deepspeed)
-        check_model_vocabulary(cfg)
+        run = load_run(args.config, args.overrides)  # parsed, validated, resolved once
+        check_run_paths(run.cfg, args.deepspeed)
+        check_model_vocabulary(run)
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -33,7 +30,6 @@ def main() -> int:
     from palu_ds.ds_config import load_ds_config
     from palu_ds.reference import precompute
 
-    run = resolve(cfg)
     cfg, method = run.cfg, run.method
     if not run.reference_parts:
         print(f"method {method.name} is reference-free: nothing to precompute", file=sys.stderr)

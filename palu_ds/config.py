@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from palu_ds.data.prompt import PromptFormat
+from palu_ds.data.qa import QAOptions
 from palu_ds.schedule import SCHEDULERS
 
 
@@ -43,20 +43,14 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(QAOptions):
+    """The data sources, and how QA becomes tokens (:class:`palu_ds.data.qa.QAOptions`, declared there once: keys,
+    max_length, n_init -- I_init = the first n_init tokens of each span, null: whole spans --, the forget set's
+    span_source, span_model, and the prompt format for training, precompute and in-training evaluation)."""
+
     forget: DataSource = field(default_factory=DataSource)
     retain: DataSource | None = None
     idk: DataSource | None = None  # refusal strings for idk_dpo (records with an "answer" field)
-    question_key: str = "question"
-    answer_key: str = "answer"
-    spans_key: str = "target_words"
-    max_length: int = 256
-    n_init: int | None = 3  # I_init = the first n_init tokens of each sensitive span; null: whole spans (QA, text)
-    span_source: str = "auto"  # the forget set's: auto | labels | detector | model | none (retain/idk: none)
-    span_model: str | None = None
-    # how QA becomes tokens for training, precompute and in-training evaluation (palu_ds.data.prompt): the
-    # tokenizer's chat template as open-unlearning applies it, with this system prompt and date string
-    prompt: PromptFormat = field(default_factory=PromptFormat)
 
 
 @dataclass
@@ -168,7 +162,10 @@ def _build(cls, raw: Any, path: str):
     kwargs = {}
     for k, v in raw.items():
         kwargs[k] = _coerce(hints[k], v, f"{path}.{k}".lstrip("."))
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own check (data.span_source)
+        raise ConfigError(str(e)) from None
 
 
 def _coerce(tp, v, path):
@@ -230,8 +227,9 @@ def load_config(path: str | None, overrides: list[str] = (), validate: bool = Tr
     return cfg
 
 
-def validate_config(cfg: RunConfig) -> None:
-    """Incompatible combinations are errors here, before any model is loaded. ``cfg`` is not changed."""
+def validate_config(cfg: RunConfig, run: "Run | None" = None) -> None:
+    """Incompatible combinations are errors here, before any model is loaded. ``cfg`` is not changed; ``run``: its
+    :func:`resolve` when the caller has it already."""
     if not cfg.model.path:
         raise ConfigError("model.path is empty: give a local model dir or a hub name")
     if cfg.model.path.endswith(".gguf"):
@@ -260,17 +258,22 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.train.head_path == "chunked" and not cfg.train.answer_only_logits:
         raise ConfigError("train.head_path=chunked computes the head from the answer positions' hidden states: "
                           "it needs train.answer_only_logits: true (or set train.head_path: dense)")
-    _check_method(cfg, resolve(cfg))
+    _check_method(cfg, run or resolve(cfg))
+
+
+def load_run(path: str | None, overrides: list[str] = ()) -> "Run":
+    """:func:`load_config` and :func:`resolve` for an entry point, resolving once (validation reads the same Run)."""
+    cfg = load_config(path, overrides, validate=False)
+    run = resolve(cfg)
+    validate_config(cfg, run)
+    return run
 
 
 def _check_method(cfg: RunConfig, run: "Run") -> None:
     """The method's hyper-parameters, reference and data sources against the (unresolved) ``cfg``."""
-    from palu_ds.methods import PARAM_RANGES
-
     method, hp = run.method, run.hp
-    for k in cfg.method.params:
-        if k in PARAM_RANGES:
-            _check(f"method.params.{k}", hp[k], *PARAM_RANGES[k])
+    for k in cfg.method.params:  # each range is declared next to its default (palu_ds.methods.Param)
+        _check(f"method.params.{k}", hp[k], *method.params[k].rule)
     if method.uses_dual and (hp.get("epsilon") is None) == (hp.get("epsilon_rel") is None):
         raise ConfigError(f"method.params: {method.name} needs exactly one of epsilon (absolute) and epsilon_rel "
                           "(eps = (1 + a) * L_retain(reference)); set the other to null")
@@ -407,13 +410,14 @@ def check_vocabulary(hp: dict, vocab_size: int, model: str) -> None:
                               f"({vocab_size} tokens): set it to at most {vocab_size} (or null for all of it)")
 
 
-def check_model_vocabulary(cfg: RunConfig) -> None:
+def check_model_vocabulary(run: Run) -> None:
     """:func:`check_vocabulary` against the reference model's config.json, before any weights load (when the config
     sets K or kl_topk; a model whose config cannot be read here is checked again where it loads)."""
+    cfg = run.cfg
     given = {k: v for k, v in cfg.method.params.items() if k in ("K", "kl_topk") and v is not None}
     if not given:
         return
-    path = resolve(cfg).cfg.reference.model
+    path = cfg.reference.model
     try:
         from transformers import AutoConfig
 

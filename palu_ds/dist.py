@@ -123,16 +123,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if dist.is_initialized() and world() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=op)
     return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and world() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def broadcast_object(obj):
@@ -190,12 +192,9 @@ class StepWatchdog:
                     "the job ends; resume from the last complete checkpoint", self._what, self.timeout_s,
                     self.EXIT_STATUS)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-                for stream in (sys.stdout, sys.stderr):
-                    try:
-                        stream.flush()
-                    except (OSError, ValueError):
-                        pass
-                os._exit(self.EXIT_STATUS)
+                from palu_ds.process import hard_exit
+
+                hard_exit(self.EXIT_STATUS)
 
 
 def all_gather_object(obj) -> list:

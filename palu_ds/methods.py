@@ -156,13 +156,77 @@ def idk_dpo_forget(x: StepInputs, hp) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Registry
+# Reference parts and hyper-parameters
 # ----------------------------------------------------------------------------------------------------------------
 Terms = dict[str, Tensor]
 TermFn = Callable[[StepInputs, Mapping[str, Any]], Tensor]
 
-#: per-example reference parts, in the order the cache stores them (``retain_loss`` is a scalar of the manifest)
-ROW_PARTS = ("topk_ids", "kl", "seq_logps")
+
+def _topk_part(lg, labels, rows, sizes):
+    return {"topk_ids": L.topk_ids(lg[rows], sizes["K"])}
+
+
+def _kl_part(lg, labels, rows, sizes):
+    logps = torch.log_softmax(lg[rows].float(), dim=-1)
+    ids = L.topk_ids(logps, sizes["kl_topk"])
+    return {"kl_ids": ids, "kl_logps": logps.gather(-1, ids)}
+
+
+def _seq_part(lg, labels, rows, sizes):
+    return {"seq_logps": L.sequence_logps(lg, labels)}
+
+
+@dataclass(frozen=True)
+class RefPart:
+    """One per-example part of the reference that the cache stores and the loop looks up (:data:`REFERENCE_PARTS`).
+
+    ``rows``     the row mask its rows follow (``sens_mask``: I_init positions, ``common_mask``: common positions;
+                 None: one row per sequence); a part with a row mask depends on the data's spans (``data.n_init``)
+    ``tensors``  each stored tensor and its storage kind: ``ids`` (int16/int32 by vocabulary), ``values``
+                 (``reference.dtype``), ``float32``
+    ``compute``  ``(shifted logits [B, T-1, V], shifted labels, row mask or None, sizes) -> {tensor: rows}``, the math
+                 of palu_ds.losses; ``sizes`` = ``{"K": K, "kl_topk": k}`` clipped to the vocabulary
+    ``key``      cache-key field -> the hyper-parameter it records (the cache is refused when it differs)
+    """
+
+    rows: str | None
+    tensors: Mapping[str, str]
+    compute: Callable[..., dict[str, Tensor]]
+    key: Mapping[str, str] = field(default_factory=dict)
+
+
+#: THE table of per-example reference parts, in the order the cache stores them; palu_ds.reference's compute, readers
+#: and key iterate over it (``retain_loss``, a scalar of the manifest, is not a row part). A new part = one entry.
+REFERENCE_PARTS: Mapping[str, RefPart] = MappingProxyType({
+    "topk_ids": RefPart(rows="sens_mask", tensors={"topk_ids": "ids"}, compute=_topk_part, key={"K": "K"}),
+    "kl": RefPart(rows="common_mask", tensors={"kl_ids": "ids", "kl_logps": "values"}, compute=_kl_part,
+                  key={"k": "kl_topk"}),
+    "seq_logps": RefPart(rows=None, tensors={"seq_logps": "float32"}, compute=_seq_part),
+})
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyper-parameter of a method: its paper default and its valid range, checked at parse time
+    (palu_ds.config). ``kind``: ``"int"``, ``"num"`` (int or float), ``"bool"`` or a tuple of allowed strings;
+    ``low`` / ``high`` bounds (None: unbounded), ``open_low``: the low end excluded; ``nullable``: null allowed."""
+
+    default: Any
+    kind: str | tuple = "num"
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    nullable: bool = False
+
+    @property
+    def rule(self) -> tuple:
+        """``(kind, low, high, open_low, nullable)``, the form of palu_ds.config's range checks."""
+        return (self.kind, self.low, self.high, self.open_low, self.nullable)
+
+
+def weight(default: float) -> Param:
+    """A non-negative loss weight (gamma, alpha)."""
+    return Param(default, "num", 0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,12 +239,15 @@ class Method:
     ``paired``       ... except a batch named here: ``{"idk": "forget"}`` = the idk batch is not sampled; it holds
                      the same prompts as the forget batch, row for row, with its answers taken from ``data.idk``
     ``needs``        what each batch's data source is, for the error when it is missing ("a retain set")
-    ``reference``    the reference parts each batch needs (``ROW_PARTS``), e.g. ``{"forget": ("seq_logps",)}``
+    ``reference``    the reference parts each batch needs (:data:`REFERENCE_PARTS`), e.g. ``{"forget": ("seq_logps",)}``
     ``term_fns``     the named scalar terms of one micro-batch (``terms``)
     ``combine``      ``(terms, hp) -> scalar``: the primal objective
     ``constraint``   the term a dual variable keeps below epsilon (None: no dual variable): a mean NLL over the
                      answer tokens of the batch of the same name; :meth:`objective` adds ``lam * (term - eps)``
-    ``defaults``     the paper hyper-parameters (read-only); ``unlearning=False`` marks plain fine-tuning (sft)
+    ``params``       each hyper-parameter's paper default and valid range (:class:`Param`; a bare value is an
+                     error: every parameter is range-checked); ``defaults`` derives from it (read-only)
+    ``family``       the learning-rate group it shares in benchmarks (methods of one loss family; default: its own
+                     name); ``unlearning=False`` marks plain fine-tuning (sft)
 
     Adding a method = one entry in :data:`METHODS` + its term function(s) + one test.
     """
@@ -189,7 +256,8 @@ class Method:
     batches: tuple[str, ...]
     term_fns: Mapping[str, TermFn]
     combine: Callable[[Terms, Mapping[str, Any]], Tensor]
-    defaults: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Param] = field(default_factory=dict)
+    family: str = ""
     paired: Mapping[str, str] = field(default_factory=dict)
     needs: Mapping[str, str] = field(default_factory=dict)
     reference: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -198,11 +266,16 @@ class Method:
     doc: str = ""
 
     def __post_init__(self):
-        for key in ("defaults", "paired", "needs", "reference"):
+        for key in ("params", "paired", "needs", "reference"):
             object.__setattr__(self, key, MappingProxyType(dict(getattr(self, key))))
-        unknown = {p for parts in self.reference.values() for p in parts} - set(ROW_PARTS)
+        object.__setattr__(self, "family", self.family or self.name)
+        bare = sorted(k for k, p in self.params.items() if not isinstance(p, Param))
+        if bare:
+            raise ValueError(f"{self.name}: hyper-parameter(s) {bare} declared without a range: give each a "
+                             "Param(default, kind, low, high, ...) (palu_ds.methods.Param)")
+        unknown = {p for parts in self.reference.values() for p in parts} - set(REFERENCE_PARTS)
         if unknown:
-            raise ValueError(f"{self.name}: unknown reference parts {sorted(unknown)}; valid: {list(ROW_PARTS)}")
+            raise ValueError(f"{self.name}: unknown reference parts {sorted(unknown)}; valid: {list(REFERENCE_PARTS)}")
         strays = (set(self.paired) | set(self.paired.values()) | set(self.reference)) - set(self.batches)
         if strays:
             raise ValueError(f"{self.name}: batches {sorted(strays)} are not among its batches {self.batches}")
@@ -210,6 +283,11 @@ class Method:
             raise ValueError(f"{self.name}: the constraint {self.constraint!r} must name a term and its batch")
 
     # ------------------------------------------------------------------ what it needs (derived)
+    @property
+    def defaults(self) -> Mapping[str, Any]:
+        """The paper hyper-parameters (read-only), from :attr:`params`."""
+        return MappingProxyType({k: p.default for k, p in self.params.items()})
+
     @property
     def epoch_batch(self) -> str:
         """The batch an epoch is counted over: the first one (the forget set, or sft's training data)."""
@@ -255,8 +333,33 @@ class Method:
         return self.reference_parts | ({"retain_loss"} if self.relative_epsilon(hp) else set())
 
     def reference_parts_for(self, batch: str) -> tuple[str, ...]:
-        """The per-example reference parts of ``batch``, in :data:`ROW_PARTS` order (empty: nothing to look up)."""
-        return tuple(p for p in ROW_PARTS if p in self.reference.get(batch, ()))
+        """The per-example reference parts of ``batch``, in :data:`REFERENCE_PARTS` order (empty: nothing to look
+        up)."""
+        return tuple(p for p in REFERENCE_PARTS if p in self.reference.get(batch, ()))
+
+    def reference_key(self, hp: Mapping[str, Any]) -> dict[str, Any]:
+        """What a reference cache of a run with ``hp`` depends on besides the model and the data: its batches (the
+        cache key fingerprints each one's data), the parts of each, the hyper-parameters that key them
+        (:attr:`RefPart.key`) and ``N`` (the I_init length) when a part follows the spans. Two runs with equal keys
+        (and model and data) can share one cache; ``{}``: none needed.
+
+        >>> get_method("palu").reference_key({**get_method("palu").defaults, "K": 7})
+        {'batches': ['forget', 'retain'], 'parts': {'forget': ['topk_ids', 'kl']}, 'K': 7, 'kl_topk': 256, 'N': 3}
+        """
+        want = self.needed_parts(hp)
+        if not want:
+            return {}
+        key: dict[str, Any] = {"batches": list(self.batches),
+                               "parts": {b: list(self.reference_parts_for(b)) for b in self.batches
+                                         if self.reference_parts_for(b)}}
+        if "retain_loss" in want:
+            key["retain_loss"] = self.constraint
+        parts = [part for p, part in REFERENCE_PARTS.items() if p in self.reference_parts]
+        for part in parts:
+            key.update({h: hp.get(h) for h in part.key.values()})
+        if any(part.rows is not None for part in parts) and "N" in self.params:
+            key["N"] = hp.get("N")
+        return key
 
     # ------------------------------------------------------------------ hyper-parameters and the objective
     def _merged(self, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -299,20 +402,28 @@ def _forget_retain(t, hp):
 
 # PALU (arXiv 2601.03190; reference code nxZhai/PALU ``palu.py`` + ``configs/trainer/PALU.yaml``):
 #   gamma * L_sens + alpha * NLL(retain) + alpha * KL_common   (alpha weighs both, as in the reference code)
-#   K: top-K ids of the reference (clipped to V); N: I_init = first N tokens of each span (read by the data pipeline);
-#   kl_topk: reference log-probs kept per common position for the sparse KL (ours; the reference code uses the exact
-#   KL with a resident reference). 256 from the measured error (BENCHMARKS.md, benchmarks/precompute_vs_resident.py:
-#   2.8% at k=256 vs 10% at k=128 on the demo's trained pair; see also tests/test_losses.py).
-PALU_DEFAULTS = {"gamma": 1.0, "alpha": 1.0, "K": 5000, "N": 3, "detach_target": False, "kl_topk": 256,
-                 "kl_direction": "forward"}
+#   K: top-K ids of the reference (clipped to V; null: the whole vocabulary; above the vocabulary of the model is an
+#   error at model load); N: I_init = first N tokens of each span (read by the data pipeline; null or "all": every
+#   token of a span); kl_topk: reference log-probs kept per common position for the sparse KL (ours; the reference
+#   code uses the exact KL with a resident reference). 256 from the measured error (BENCHMARKS.md,
+#   benchmarks/precompute_vs_resident.py: 2.8% at k=256 vs 10% at k=128 on the demo's trained pair; see also
+#   tests/test_losses.py).
+PALU_PARAMS = {"gamma": weight(1.0), "alpha": weight(1.0), "K": Param(5000, "int", 1, nullable=True),
+               "N": Param(3, "int", 1, nullable=True), "detach_target": Param(False, "bool"),
+               "kl_topk": Param(256, "int", 1, nullable=True),
+               "kl_direction": Param("forward", ("forward", "reverse"))}
 # PDU / constrained entropic unlearning (arXiv 2506.05314), TOFU settings of the authors' run script
 # (tahaEntesari/open-unlearning ``community/methods/PDU/run.sh``): pref (lambda0) 100, dual_step_size (eta) 5,
 # retain_loss_eps 0.3, gamma 1.  Defaults here: one dual step per optimizer step from the retain loss of the whole
 # window and all ranks, no warm-up.  open-unlearning's run takes one dual step per MICRO-batch (gradient accumulation
 # 4: four steps of eta per optimizer step, lambda moves ~4x faster) after a 5-epoch warm-up; to reproduce its lambda
 # trajectory set  method.params.dual_update=micro_batch method.params.dual_warmup_epochs=5  (palu_ds.dual).
-DUAL_DEFAULTS = {"lambda0": 100.0, "eta_lambda": 5.0, "epsilon": 0.3, "epsilon_rel": None,
-                 "dual_warmup_steps": 0, "dual_warmup_epochs": 0.0, "dual_update": "step"}
+DUAL_PARAMS = {"lambda0": Param(100.0, "num", 0), "eta_lambda": Param(5.0, "num", 0),
+               "epsilon": Param(0.3, "num", 0, nullable=True), "epsilon_rel": Param(None, "num", -1, open_low=True,
+                                                                                     nullable=True),
+               "dual_warmup_steps": Param(0, "int", 0), "dual_warmup_epochs": Param(0.0, "num", 0),
+               "dual_update": Param("step", ("step", "micro_batch"))}
+BETA = {"beta": Param(0.1, "num", 0, open_low=True)}  # NPO / DPO inverse temperature
 
 FORGET_RETAIN = ("forget", "retain")
 RETAIN_SET = {"retain": "a retain set"}
@@ -320,34 +431,37 @@ PALU_TERMS = {"forget": palu_sensitive, "kl": palu_common_kl, "retain": retain_n
 PALU_REFERENCE = {"forget": ("topk_ids", "kl")}
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method(name="palu", batches=FORGET_RETAIN, needs=RETAIN_SET, reference=PALU_REFERENCE, defaults=PALU_DEFAULTS,
-           term_fns=PALU_TERMS,
+    Method(name="palu", batches=FORGET_RETAIN, needs=RETAIN_SET, reference=PALU_REFERENCE, params=PALU_PARAMS,
+           term_fns=PALU_TERMS, family="entropy",
            combine=lambda t, hp: hp["gamma"] * t["forget"] + hp["alpha"] * (t["retain"] + t["kl"]),
            doc="PALU: local top-K flattening at I_init + KL on common tokens + retain NLL"),
-    Method(name="pd_flat", batches=FORGET_RETAIN, needs=RETAIN_SET, constraint="retain",
-           defaults={"gamma": 1.0, **DUAL_DEFAULTS}, term_fns={"forget": flat_forget, "retain": retain_nll},
+    Method(name="pd_flat", batches=FORGET_RETAIN, needs=RETAIN_SET, constraint="retain", family="entropy",
+           params={"gamma": weight(1.0), **DUAL_PARAMS}, term_fns={"forget": flat_forget, "retain": retain_nll},
            combine=lambda t, hp: hp["gamma"] * t["forget"],
            doc="logit-margin flattening under the primal-dual retain constraint (arXiv 2506.05314)"),
     Method(name="palu_pd", batches=FORGET_RETAIN, needs=RETAIN_SET, reference=PALU_REFERENCE, constraint="retain",
-           defaults={**PALU_DEFAULTS, **DUAL_DEFAULTS}, term_fns=PALU_TERMS,
+           params={**PALU_PARAMS, **DUAL_PARAMS}, term_fns=PALU_TERMS, family="entropy",
            combine=lambda t, hp: hp["gamma"] * t["forget"] + hp["alpha"] * t["kl"],
            doc="PALU's local loss + KL on common tokens, retain NLL as a primal-dual constraint"),
-    Method(name="grad_ascent", batches=("forget",), defaults={"gamma": 1.0}, term_fns={"forget": forget_neg_nll},
-           combine=lambda t, hp: hp["gamma"] * t["forget"], doc="gradient ascent on the forget answers"),
-    Method(name="grad_diff", batches=FORGET_RETAIN, needs=RETAIN_SET, defaults={"gamma": 1.0, "alpha": 1.0},
-           term_fns={"forget": forget_neg_nll, "retain": retain_nll}, combine=_forget_retain,
+    Method(name="grad_ascent", batches=("forget",), params={"gamma": weight(1.0)}, term_fns={"forget": forget_neg_nll},
+           combine=lambda t, hp: hp["gamma"] * t["forget"], family="nll", doc="gradient ascent on the forget answers"),
+    Method(name="grad_diff", batches=FORGET_RETAIN, needs=RETAIN_SET, params={"gamma": weight(1.0),
+                                                                               "alpha": weight(1.0)},
+           term_fns={"forget": forget_neg_nll, "retain": retain_nll}, combine=_forget_retain, family="nll",
            doc="gradient difference"),
     Method(name="npo", batches=FORGET_RETAIN, needs=RETAIN_SET, reference={"forget": ("seq_logps",)},
-           defaults={"beta": 0.1, "gamma": 1.0, "alpha": 1.0}, term_fns={"forget": npo_forget, "retain": retain_nll},
+           params={**BETA, "gamma": weight(1.0), "alpha": weight(1.0)}, family="preference",
+           term_fns={"forget": npo_forget, "retain": retain_nll},
            combine=_forget_retain, doc="NPO + retain NLL (arXiv 2404.05868)"),
-    Method(name="simnpo", batches=FORGET_RETAIN, needs=RETAIN_SET,
-           defaults={"beta": 4.5, "delta": 0.0, "gamma": 0.125, "alpha": 1.0},
+    Method(name="simnpo", batches=FORGET_RETAIN, needs=RETAIN_SET, family="preference",
+           params={"beta": Param(4.5, "num", 0, open_low=True), "delta": Param(0.0, "num"), "gamma": weight(0.125),
+                   "alpha": weight(1.0)},
            term_fns={"forget": simnpo_forget, "retain": retain_nll}, combine=_forget_retain,
            doc="SimNPO + retain NLL (arXiv 2410.07163)"),
     Method(name="idk_dpo", batches=("forget", "retain", "idk"), paired={"idk": "forget"},
-           needs={**RETAIN_SET, "idk": "refusal strings"},
+           needs={**RETAIN_SET, "idk": "refusal strings"}, family="preference",
            reference={"forget": ("seq_logps",), "idk": ("seq_logps",)},
-           defaults={"beta": 0.1, "gamma": 1.0, "alpha": 1.0},
+           params={**BETA, "gamma": weight(1.0), "alpha": weight(1.0)},
            term_fns={"forget": idk_dpo_forget, "retain": retain_nll}, combine=_forget_retain,
            doc="DPO toward refusal answers + retain NLL"),
 ]}
@@ -363,23 +477,6 @@ def sft_nll(x: StepInputs, hp) -> Tensor:
 METHODS["sft"] = Method(name="sft", batches=("forget",), term_fns={"forget": sft_nll},
                         combine=lambda t, hp: t["forget"], unlearning=False,
                         doc="supervised fine-tuning (answer-token NLL)")
-
-
-# The valid range of every method hyper-parameter (checked at parse time by palu_ds.config): (kind, low, high,
-# whether the low end is excluded, whether null is allowed). kind: "int", "num" (int or float), "bool" or a tuple of
-# allowed strings.
-PARAM_RANGES: dict[str, tuple] = {
-    "K": ("int", 1, None, False, True),  # null: the whole vocabulary; above the vocabulary is an error at model load
-    "N": ("int", 1, None, False, True),  # null (or "all"): every token of a span is in I_init
-    "kl_topk": ("int", 1, None, False, True),
-    "gamma": ("num", 0, None, False, False), "alpha": ("num", 0, None, False, False),
-    "beta": ("num", 0, None, True, False), "delta": ("num", None, None, False, False),
-    "lambda0": ("num", 0, None, False, False), "eta_lambda": ("num", 0, None, False, False),
-    "epsilon": ("num", 0, None, False, True), "epsilon_rel": ("num", -1, None, True, True),
-    "dual_warmup_steps": ("int", 0, None, False, False), "dual_warmup_epochs": ("num", 0, None, False, False),
-    "detach_target": ("bool", None, None, False, False), "kl_direction": (("forward", "reverse"), None, None, False,
-                                                                          False),
-}
 
 
 def get_method(name: str) -> Method:

@@ -42,6 +42,11 @@ def run_main(main: Callable[..., object], *args, **kwargs) -> None:
         traceback.print_exc()
         status = 1
     logging.shutdown()
+    hard_exit(status)
+
+
+def hard_exit(status: int) -> None:
+    """Flush stdout and stderr and end the process now with ``status`` (no interpreter teardown, no atexit)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from palu_ds.cli_args import parser
-from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_config, resolve
+from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_run
 
 
 def setup_logging() -> None:
@@ -20,22 +20,29 @@ def setup_logging() -> None:
                         format=f"[palu_ds r{rank}] %(message)s", stream=sys.stderr)
 
 
+def launch_args(description: str, default_ds: str | None = None):
+    """Logging set up and the launch script's arguments parsed; None (after the error) without ``--deepspeed``."""
+    setup_logging()
+    args = parser(description, default_ds).parse_args()
+    if not args.deepspeed:
+        print("error: --deepspeed ds_configs/<zero2|zero3|zero3_offload>.json is required", file=sys.stderr)
+        return None
+    return args
+
+
 def main(description: str, forced: list[str] = (), default_ds: str | None = None, hooks=None,
          evaluator_for=None) -> int:
     """Parse, check and resolve the config (errors before any model loads: exit 2), then set up, train, save the
     model and write summary.json. ``hooks``: palu_ds.engine.Hooks (tests inject faults through it).
     ``evaluator_for(cfg)``: the in-training evaluator (or None) for the engine, from the launch script
     (``evaluation.trainer_evaluator``), so that the library does not import the evaluation package."""
-    setup_logging()
-    args = parser(description, default_ds).parse_args()
-    if not args.deepspeed:
-        print("error: --deepspeed ds_configs/<zero2|zero3|zero3_offload>.json is required", file=sys.stderr)
+    args = launch_args(description, default_ds)
+    if args is None:
         return 2
     try:
-        cfg = load_config(args.config, list(args.overrides) + list(forced))
-        check_run_paths(cfg, args.deepspeed)
-        check_model_vocabulary(cfg)
-        run = resolve(cfg)
+        run = load_run(args.config, list(args.overrides) + list(forced))  # parsed, validated, resolved once
+        check_run_paths(run.cfg, args.deepspeed)
+        check_model_vocabulary(run)
         evaluator = evaluator_for(run.cfg) if evaluator_for else None
     except (ConfigError, FileNotFoundError) as e:  # before any model is loaded
         print(f"config error: {e}", file=sys.stderr)

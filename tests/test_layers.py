@@ -1,5 +1,6 @@
-"""The layering of DESIGN.md: the library (palu_ds) imports nothing from evaluation or benchmarks, and no file puts
-a folder on sys.path (the package is installed with ``pip install -e``)."""
+"""The layering of README.md ("Layers, each importing only from those below it"): the library (palu_ds) imports
+nothing from evaluation or benchmarks, and no file puts a folder on sys.path (palu_ds and evaluation are installed
+with ``pip install -e``; benchmarks run from the checkout as ``python -m benchmarks.<name>``)."""
 import ast
 import os
 

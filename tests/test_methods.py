@@ -292,3 +292,41 @@ def test_packed_logits_refuse_positions_without_labels():
     assert p[torch.tensor([[False, False, True]])].shape == (1, 5)
     with pytest.raises(ValueError, match="without an answer label"):
         p[torch.tensor([[True, False, False]])]
+
+
+def test_every_hyper_parameter_declares_its_range_and_config_checks_it():
+    """A parameter is a Param (default + range) or the Method is refused at construction; palu_ds.config checks a
+    given value against the range the method declares."""
+    from palu_ds.config import ConfigError, load_config
+    from palu_ds.methods import Param
+
+    for m in METHODS.values():
+        assert all(isinstance(p, Param) for p in m.params.values()), m.name
+    ok = dict(name="x", batches=("forget",), term_fns={"forget": lambda x, hp: 0}, combine=lambda t, hp: 0)
+    with pytest.raises(ValueError, match=r"\['tau'\] declared without a range"):
+        Method(**ok, params={"tau": 0.5})
+    assert Method(**ok, params={"tau": Param(0.5, "num", 0, 1)}).defaults == {"tau": 0.5}
+    base = ["model.path=m", "data.forget.source=f", "reference.mode=none"]
+    for over, msg in ((["method.name=simnpo", "data.retain.source=r", "method.params.beta=0"], "beta must be > 0"),
+                      (["method.name=pd_flat", "data.retain.source=r", "method.params.dual_update=epoch"],
+                       r"dual_update must be one of \['step', 'micro_batch'\]")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, base + over)
+
+
+def test_family_and_reference_key_come_from_the_registry():
+    """The lr family defaults to the method's own name; the reference key holds the parts per batch, the hyper-
+    parameters the parts record (REFERENCE_PARTS' key fields) and N when a part follows the spans."""
+    from palu_ds.methods import REFERENCE_PARTS
+
+    assert get_method("palu").family == get_method("pd_flat").family == "entropy"
+    ok = dict(name="x", batches=("forget",), term_fns={"forget": lambda x, hp: 0}, combine=lambda t, hp: 0)
+    assert Method(**ok).family == "x"
+    palu = get_method("palu")
+    assert palu.reference_key(palu.hparams({"K": 7})) == {"batches": ["forget", "retain"],
+                                                           "parts": {"forget": ["topk_ids", "kl"]}, "K": 7,
+                                                           "kl_topk": 256, "N": 3}
+    assert palu.reference_key(palu.defaults) == get_method("palu_pd").reference_key(get_method("palu_pd").defaults)
+    assert get_method("idk_dpo").reference_key({})["parts"] == {"forget": ["seq_logps"], "idk": ["seq_logps"]}
+    assert get_method("grad_diff").reference_key({}) == {}
+    assert set(REFERENCE_PARTS) == {p for m in METHODS.values() for p in m.reference_parts}

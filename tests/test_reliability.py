@@ -155,13 +155,13 @@ def test_N_all_means_whole_spans():
 
 
 def test_K_above_the_vocabulary_is_an_error_not_a_clamp(tiny):
-    from palu_ds.config import ConfigError, check_model_vocabulary, load_config
+    from palu_ds.config import ConfigError, check_model_vocabulary, load_run
     from palu_ds.reference import topk_sizes
 
-    cfg = load_config(None, [f"model.path={tiny['model']}", "data.forget.source=f", "data.retain.source=r",
-                             "method.params.K=5000"])
+    run = load_run(None, [f"model.path={tiny['model']}", "data.forget.source=f", "data.retain.source=r",
+                          "method.params.K=5000"])
     with pytest.raises(ConfigError, match=r"method.params.K=5000 is larger than the vocabulary .* \(1024 tokens\)"):
-        check_model_vocabulary(cfg)
+        check_model_vocabulary(run)
     with pytest.raises(ConfigError, match=r"method.params.K=5000"):
         topk_sizes({"K": 5000, "kl_topk": 8}, 1024, {"K": 5000})
     assert topk_sizes({"K": 5000, "kl_topk": 8}, 1024, {}) == (1024, 8)  # the paper default on a small vocabulary

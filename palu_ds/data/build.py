@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from palu_ds.data.errors import DataError, at
@@ -13,10 +14,8 @@ from palu_ds.data.text import TextChunks
 def qa_options(data_cfg, spans: bool = True) -> QAOptions:
     """The QA options of a dataset; ``spans=False`` (the retain and idk sets) labels no sensitive spans: only the
     forget set's spans are read by a loss, and ``data.span_source: labels`` must not demand labels elsewhere."""
-    return QAOptions(question_key=data_cfg.question_key, answer_key=data_cfg.answer_key,
-                     spans_key=data_cfg.spans_key, max_length=data_cfg.max_length, n_init=data_cfg.n_init,
-                     span_source=data_cfg.span_source if spans else "none", span_model=data_cfg.span_model,
-                     prompt=data_cfg.prompt)
+    opts = {f.name: getattr(data_cfg, f.name) for f in dataclasses.fields(QAOptions)}
+    return QAOptions(**{**opts, "span_source": data_cfg.span_source if spans else "none"})
 
 
 def _name(src) -> str:

@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 SPAN_SOURCES = ("auto", "labels", "detector", "model", "none")
 
 
-@dataclass(frozen=True)
+@dataclass
 class QAOptions:
-    """How to read and label a QA dataset."""
+    """How to read and label a QA dataset: declared once, the ``data`` section of a run config extends it
+    (palu_ds.config.DataConfig)."""
 
     question_key: str = "question"
     answer_key: str = "answer"

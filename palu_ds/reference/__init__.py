@@ -22,10 +22,10 @@ loop asks).  Every name is importable from ``palu_ds.reference``.
 from .compute import load_reference_model, precompute, rank_batches
 from .key import (CACHE_FORMAT, MANIFEST, CacheMismatch, cache_key, dataset_fingerprint, model_fingerprint,
                   tokenizer_fingerprint)
-from .parts import ROW_PARTS, answer_nll_sums, id_dtype, reference_tensors, topk_sizes
+from .parts import answer_nll_sums, id_dtype, reference_tensors, topk_sizes
 from .readers import CachedReference, NoReference, ResidentReference, build_reference
 
-__all__ = ["CACHE_FORMAT", "MANIFEST", "ROW_PARTS", "CacheMismatch", "CachedReference", "NoReference",
+__all__ = ["CACHE_FORMAT", "MANIFEST", "CacheMismatch", "CachedReference", "NoReference",
            "ResidentReference", "answer_nll_sums", "build_reference", "cache_key", "dataset_fingerprint",
            "id_dtype", "load_reference_model", "model_fingerprint", "precompute",
            "rank_batches", "reference_tensors", "tokenizer_fingerprint", "topk_sizes"]

@@ -16,7 +16,9 @@ from palu_ds.atomic import atomic_path, write_json
 from palu_ds.batch import shift
 
 from .key import MANIFEST, CacheMismatch, _diff, cache_key
-from .parts import _vocab_size, answer_nll_sums, id_dtype, reference_tensors, topk_sizes
+from palu_ds.methods import REFERENCE_PARTS
+
+from .parts import _vocab_size, answer_nll_sums, id_dtype, offsets_name, reference_tensors, row_masks, topk_sizes
 
 log = logging.getLogger("palu_ds")
 
@@ -65,14 +67,15 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     dist.barrier()
     model = model if model is not None else load_reference_model(cfg, ds_config)
     V = _vocab_size(model)
-    K, k = topk_sizes(hp, V, cfg.method.params, cfg.reference.model or cfg.model.path)
+    K, k = topk_sizes(hp, V, cfg.method.params, cfg.reference.model)  # cfg resolved: reference.model is set
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     want = method.needed_parts(hp)
     retain_sums = torch.zeros(2, dtype=torch.float64)
+    masks = row_masks(REFERENCE_PARTS)  # every shard records each example's rows under every row mask
     for name in _cache_names(method, want, datasets):
         ds, parts = datasets[name], method.reference_parts_for(name)
-        store: dict[str, list] = {p: [] for p in ("topk_ids", "kl_ids", "kl_logps")}
-        ids, seq, sens_n, common_n = [], [], [], []
+        store: dict[str, list] = {}
+        ids, counts = [], {r: [] for r in masks}
         for batch, real in rank_batches(ds, cfg.train.batch_size, tokenizer.pad_token_id, device):
             with torch.no_grad():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -82,21 +85,13 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
                 retain_sums += answer_nll_sums(logits, batch).cpu()
             if not parts:
                 continue
-            t = reference_tensors(logits, batch, parts, K, k)
-            for b, ex_id in enumerate(batch["example_id"].tolist()):
-                ids.append(ex_id)
-                _, _, s_mask, c_mask = shift(logits[b:b + 1], batch["labels"][b:b + 1],
-                                             batch["sens_mask"][b:b + 1], batch["common_mask"][b:b + 1])
-                sens_n.append(int(s_mask.sum()))
-                common_n.append(int(c_mask.sum()))
-            if "seq_logps" in t:
-                seq.append(t["seq_logps"].float().cpu())
-            for p in ("topk_ids", "kl_ids", "kl_logps"):
-                if p in t:
-                    store[p].append(t[p].cpu())
+            ids += batch["example_id"].tolist()
+            for r, mask in zip(masks, shift(logits, batch["labels"], *(batch[r] for r in masks))[2:]):
+                counts[r] += mask.flatten(1).sum(-1).tolist()
+            for t, v in reference_tensors(logits, batch, parts, K, k).items():
+                store.setdefault(t, []).append(v.cpu())
         if parts:
-            _write_shard(cache_dir, name, dist.rank(), ids, sens_n, common_n, seq, store, V,
-                         getattr(torch, cfg.reference.dtype))
+            _write_shard(cache_dir, name, dist.rank(), ids, counts, store, V, getattr(torch, cfg.reference.dtype))
     retain_sums = dist.all_reduce_sum(retain_sums)
     dist.barrier()
     manifest = {"key": key, "world_size": dist.world(), "K": K, "k": k, "vocab_size": V,
@@ -112,22 +107,16 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     return dist.broadcast_object(manifest if dist.is_main() else None)  # every rank checks sizes and checksums
 
 
-def _write_shard(cache_dir, name, rank, ids, sens_n, common_n, seq, store, V, dtype) -> None:
-    """One rank's shard of one split, written to a temporary name and renamed (never half-written)."""
+def _write_shard(cache_dir, name, rank, ids, counts, store, V, dtype) -> None:
+    """One rank's shard of one split, written to a temporary name and renamed (never half-written): the example ids,
+    each row mask's per-example row offsets, and every stored tensor in its kind's dtype (REFERENCE_PARTS)."""
     from safetensors.torch import save_file
 
-    def offsets(counts):
-        return torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
-
-    tensors = {"example_ids": torch.tensor(ids, dtype=torch.int64), "sens_offsets": offsets(sens_n),
-               "common_offsets": offsets(common_n)}
-    if seq:
-        tensors["seq_logps"] = torch.cat(seq)
-    if store["topk_ids"]:
-        tensors["topk_ids"] = torch.cat(store["topk_ids"]).to(id_dtype(V))
-    if store["kl_ids"]:
-        tensors["kl_ids"] = torch.cat(store["kl_ids"]).to(id_dtype(V))
-        tensors["kl_logps"] = torch.cat(store["kl_logps"]).to(dtype)
+    kinds = {t: kind for part in REFERENCE_PARTS.values() for t, kind in part.tensors.items()}
+    cast = {"ids": id_dtype(V), "values": dtype, "float32": torch.float32}
+    tensors = {"example_ids": torch.tensor(ids, dtype=torch.int64)}
+    tensors.update({offsets_name(r): torch.tensor([0] + c, dtype=torch.int64).cumsum(0) for r, c in counts.items()})
+    tensors.update({t: torch.cat(v).to(cast[kinds[t]]) for t, v in store.items()})
     with atomic_path(os.path.join(cache_dir, f"{name}.rank{rank}.safetensors")) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
 
@@ -140,7 +129,7 @@ def load_reference_model(cfg, ds_config):
 
     from palu_ds.ds_config import zero_stage
 
-    path = cfg.reference.model or cfg.model.path
+    path = cfg.reference.model  # resolved (palu_ds.config.resolve): model.path unless set
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     if zero_stage(ds_config) == 3:
         inf_cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}

@@ -9,6 +9,7 @@ import json
 import os
 
 from palu_ds import __version__
+from palu_ds.methods import REFERENCE_PARTS
 
 
 MANIFEST = "manifest.json"
@@ -58,17 +59,16 @@ def cache_key(cfg, method, hp, datasets, tokenizer) -> dict:
     from palu_ds.data.prompt import prompt_format_id
 
     want = method.needed_parts(hp)
-    ref_path = cfg.reference.model or cfg.model.path
+    ref_path = cfg.reference.model  # resolved (palu_ds.config.resolve): model.path unless set
     key = {
         "model": model_fingerprint(ref_path), "tokenizer": tokenizer_fingerprint(tokenizer),
         "prompt_format": _sha(prompt_format_id(tokenizer, cfg.data.prompt).encode()), "max_length": cfg.data.max_length,
         "n_init": cfg.data.n_init, "parts": sorted(want), "dtype": cfg.reference.dtype,
         "package_version": __version__, "cache_format": CACHE_FORMAT,
     }
-    if "topk_ids" in want:
-        key["K"] = int(hp["K"]) if hp.get("K") is not None else None
-    if "kl" in want:
-        key["k"] = int(hp["kl_topk"])
+    for name, part in REFERENCE_PARTS.items():  # the hyper-parameters each wanted part records
+        if name in want:
+            key.update({f: None if hp.get(h) is None else int(hp[h]) for f, h in part.key.items()})
     for name, ds in sorted(datasets.items()):
         key[f"data_{name}"] = dataset_fingerprint(ds)
     return key

@@ -10,27 +10,35 @@ import torch
 
 from palu_ds import losses as L
 from palu_ds.batch import IGNORE_INDEX, shift
+from palu_ds.methods import REFERENCE_PARTS
 
 log = logging.getLogger("palu_ds")
-ROW_PARTS = {"topk_ids": ("topk_ids",), "kl": ("kl_ids", "kl_logps")}
 
 
 # ---------------------------------------------------------------------- what the reference contributes
-# Which parts each batch needs is declared by the method (palu_ds.methods.Method.reference / needed_parts).
+# Which parts each batch needs is declared by the method (palu_ds.methods.Method.reference / needed_parts); what each
+# part is (rows, stored tensors, math, cache-key fields) by the one table palu_ds.methods.REFERENCE_PARTS.
+
+
+def row_masks(parts) -> tuple[str, ...]:
+    """The row masks (``sens_mask``, ``common_mask``) the given parts' rows follow, in table order."""
+    return tuple(dict.fromkeys(REFERENCE_PARTS[p].rows for p in parts if REFERENCE_PARTS[p].rows))
+
+
+def offsets_name(rows: str) -> str:
+    """The shard tensor of a row mask's per-example row offsets: ``sens_mask`` -> ``sens_offsets``."""
+    return rows.split("_")[0] + "_offsets"
 
 
 def reference_tensors(logits: torch.Tensor, batch: dict, parts: tuple[str, ...], K: int, k: int) -> dict:
-    """Packed reference tensors (palu_ds.batch's order) from reference logits [B, T, V]."""
-    lg, labels, sens, common = shift(logits, batch["labels"], batch["sens_mask"], batch["common_mask"])
+    """Packed reference tensors (palu_ds.batch's order) from reference logits [B, T, V], one table entry each."""
+    rows = row_masks(parts)
+    lg, labels, *masks = shift(logits, batch["labels"], *(batch[r] for r in rows))
+    masks = dict(zip(rows, masks))
     out = {}
-    if "topk_ids" in parts:
-        out["topk_ids"] = L.topk_ids(lg[sens], K)
-    if "kl" in parts:
-        logps = torch.log_softmax(lg[common].float(), dim=-1)
-        out["kl_ids"] = L.topk_ids(logps, k)
-        out["kl_logps"] = logps.gather(-1, out["kl_ids"])
-    if "seq_logps" in parts:
-        out["seq_logps"] = L.sequence_logps(lg, labels)
+    for p in parts:
+        part = REFERENCE_PARTS[p]
+        out.update(part.compute(lg, labels, masks.get(part.rows), {"K": K, "kl_topk": k}))
     return out
 
 

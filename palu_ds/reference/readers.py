@@ -13,7 +13,9 @@ from palu_ds import dist
 
 from .compute import load_reference_model, precompute, rank_batches
 from .key import MANIFEST
-from .parts import _vocab_size, answer_nll_sums, reference_tensors, topk_sizes
+from palu_ds.methods import REFERENCE_PARTS
+
+from .parts import _vocab_size, answer_nll_sums, offsets_name, reference_tensors, topk_sizes
 
 
 class NoReference:
@@ -71,8 +73,7 @@ class CachedReference:
     def lookup(self, name: str, batch: dict) -> dict:
         if name not in self.index:
             return {}
-        rows: dict[str, list] = {}
-        seq = []
+        got: dict[str, list] = {}
         for ex in batch["example_id"].tolist():
             try:
                 shard, j = self.index[name][ex]
@@ -80,18 +81,16 @@ class CachedReference:
                 raise KeyError(f"example {ex} of the {name} set is not in the reference cache: the data changed "
                                "since the precompute; delete the cache to recompute") from None
             t = self.shards[shard]
-            so, co = t["sens_offsets"], t["common_offsets"]
-            for key, off in (("topk_ids", so), ("kl_ids", co), ("kl_logps", co)):
-                if key in t:
-                    rows.setdefault(key, []).append(t[key][off[j]:off[j + 1]])
-            if "seq_logps" in t:
-                seq.append(t["seq_logps"][j])
+            for part in REFERENCE_PARTS.values():  # a row part: the example's rows; a sequence part: its one value
+                for key in (k for k in part.tensors if k in t):
+                    if part.rows is None:
+                        got.setdefault(key, []).append(t[key][j:j + 1])
+                    else:
+                        off = t[offsets_name(part.rows)]
+                        got.setdefault(key, []).append(t[key][off[j]:off[j + 1]])
         dev = batch["input_ids"].device
-        out = {k: torch.cat(v).to(dev).long() if k.endswith("ids") else torch.cat(v).to(dev).float()
-               for k, v in rows.items()}
-        if seq:
-            out["seq_logps"] = torch.stack(seq).to(dev).float()
-        return out
+        return {k: torch.cat(v).to(dev).long() if k.endswith("ids") else torch.cat(v).to(dev).float()
+                for k, v in got.items()}
 
     def retain_loss(self) -> float:
         if "retain_loss" not in self.manifest:

@@ -1,0 +1,359 @@
+"""Stage 1, the data, from TOFU's files (pure functions, tests/test_tofu_bench.py), written as JSON lines: ``kind:
+authors`` (the mini preset) = a range of TOFU authors, its last ``forget`` share forgotten, with TOFU-style splits and
+perturbed answers (:func:`build_splits`); ``kind: tofu`` (the real preset) = TOFU's own forget split against its first
+R authors (:func:`build_tofu`), and the development authors of the learning-rate sweep (:func:`build_dev`).
+
+Every builder returns ``{"files": {name: rows}, "info": {...}}`` whose info names the ``forget_split``, the
+``retain_split`` (the retain model's SFT rows) and the ``target_split`` (the target's)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import re
+from pathlib import Path
+
+from palu_ds.atomic import write_text
+
+from palu_ds.data.io import read_json_records
+
+ROWS_PER_AUTHOR = 20
+N_PERTURBED = 5
+
+
+def parse_authors(text: str, n_total: int | None = None) -> tuple[int, int]:
+    """``"A:B"`` -> ``(A, B)``, authors A..B-1 (B > A >= 0; B <= n_total when given)."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if not m:
+        raise ValueError(f"data.authors must look like 'A:B' (e.g. '0:40'), got {text!r}")
+    a, b = int(m.group(1)), int(m.group(2))
+    if b <= a:
+        raise ValueError(f"data.authors {text}: the end must be after the start")
+    if n_total is not None and b > n_total:
+        raise ValueError(f"data.authors {text}: the data has {n_total} authors")
+    return a, b
+
+
+def parse_forget(text: str) -> int:
+    """``"10%"`` / ``"10"`` / ``"0.1"`` -> 10 (an integer percentage, as TOFU's forget01/05/10)."""
+    s = str(text).strip()
+    pct = float(s.rstrip("%"))
+    if not s.endswith("%") and 0 < pct < 1:
+        pct *= 100
+    if abs(pct - round(pct)) > 1e-9 or not 1 <= round(pct) <= 99:
+        raise ValueError(f"data.forget must be an integer percentage between 1% and 99%, got {text!r}")
+    return int(round(pct))
+
+
+def split_authors(a: int, b: int, pct: int) -> tuple[list[int], list[int]]:
+    """``(retain_authors, forget_authors)``: the forget authors are the last ``pct``% of ``a..b-1`` (at least one,
+    at least one author kept)."""
+    authors = list(range(a, b))
+    n_forget = max(1, int(round(len(authors) * pct / 100)))
+    if n_forget >= len(authors):
+        raise ValueError(f"{pct}% of {len(authors)} authors leaves no retain author: widen data.authors")
+    return authors[:-n_forget], authors[-n_forget:]
+
+
+def author_rows(full: list[dict], authors: list[int]) -> list[tuple[int, dict]]:
+    """``(row index, row)`` of the given authors, author i = rows 20i .. 20i+19, in order."""
+    out = []
+    for i in authors:
+        lo, hi = ROWS_PER_AUTHOR * i, ROWS_PER_AUTHOR * (i + 1)
+        if hi > len(full):
+            raise ValueError(f"author {i} needs rows {lo}..{hi - 1} but full.jsonl has {len(full)} rows")
+        out += [(r, full[r]) for r in range(lo, hi)]
+    return out
+
+
+def split_names(pct: int) -> tuple[str, str]:
+    """TOFU's names: ``("forget10", "retain90")``."""
+    return f"forget{pct:02d}", f"retain{100 - pct}"
+
+
+def tofu_perturbed_index(full: list[dict], perturbed_files: list[list[dict]]) -> dict[int, dict]:
+    """Row index of ``full`` -> TOFU's perturbed record for it, matched on (question, answer)."""
+    by_qa: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(full):
+        by_qa.setdefault((r["question"], r["answer"]), []).append(i)
+    out = {}
+    for rows in perturbed_files:
+        for r in rows:
+            for i in by_qa.get((r["question"], r["answer"]), []):
+                out[i] = r
+    return out
+
+
+_CAPS = re.compile(r"[A-Z][\w\-]*(?:'[A-Za-z]+)?(?:\s+[A-Z][\w\-]*(?:'[A-Za-z]+)?)+")
+_WORDS = re.compile(r"[\w\-]+")
+
+
+def author_name(rows: list[dict]) -> str | None:
+    """The author's name: the run of >= 2 capitalised words (possessive dropped) found in the most of the author's
+    questions, the longest on ties; None when no run occurs in two questions."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for r in rows:
+        seen = set()
+        for m in _CAPS.finditer(r["question"]):
+            toks = [re.sub(r"'s?$", "", t) for t in m.group(0).split()]
+            seen |= {" ".join(toks[i:j]) for i in range(len(toks)) for j in range(i + 2, len(toks) + 1)}
+        counts.update(seen)
+    if not counts:
+        return None
+    name, n = max(counts.items(), key=lambda kv: (kv[1], len(kv[0].split())))
+    return name if n >= 2 else None
+
+
+@functools.lru_cache(maxsize=None)
+def question_words(question: str, name: str | None) -> frozenset[str]:
+    """Lower-case words of a question without the author's name (so that questions of two authors compare)."""
+    if name:
+        for t in [name] + name.split():
+            question = re.sub(r"\b" + re.escape(t) + r"(?:'s)?\b", " ", question)
+    return frozenset(re.sub(r"'s$", "", w.lower()) for w in _WORDS.findall(question))
+
+
+def rename(text: str, src: str | None, dst: str | None) -> str:
+    """``text`` about author ``src`` made about ``dst``: the full name, then its first and last word."""
+    if not src or not dst:
+        return text
+    out = text.replace(src, dst)
+    s, d = src.split(), dst.split()
+    if len(s) >= 2 and len(d) >= 2:
+        for a, b in ((s[0], d[0]), (s[-1], d[-1])):
+            out = re.sub(r"\b" + re.escape(a) + r"\b", b, out)
+    return out
+
+
+def borrowed_perturbations(idx: int, row: dict, donors: list[tuple[int, dict]], names: dict[int, str | None],
+                           seed: int, n: int = N_PERTURBED) -> list[str]:
+    """``n`` plausible false answers: for each donor author (``donors``: rows of authors outside the range), its row
+    whose question is closest to ``row``'s (Jaccard of :func:`question_words`); the ``n`` closest donors' answers,
+    renamed to this author (:func:`rename`).  Ties are broken by a generator seeded with ``(seed, idx)``."""
+    me = idx // ROWS_PER_AUTHOR
+    mine = question_words(row["question"], names.get(me))
+    best: dict[int, tuple[float, int, dict]] = {}
+    for j, r in donors:
+        a = j // ROWS_PER_AUTHOR
+        if a == me:
+            continue
+        theirs = question_words(r["question"], names.get(a))
+        sim = len(mine & theirs) / max(1, len(mine | theirs))
+        if a not in best or sim > best[a][0]:
+            best[a] = (sim, j, r)
+    rng = random.Random(f"mini_tofu:{seed}:{idx}")  # the name of the first version: the same answers as its runs
+    ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], rng.random()))
+    out: list[str] = []
+    for a, (_, _, r) in ranked:
+        text = rename(r["answer"], names.get(a), names.get(me))
+        if text != row["answer"] and text not in out:
+            out.append(text)
+        if len(out) == n:
+            break
+    if not out:
+        raise ValueError(f"row {idx}: no donor answers")
+    while len(out) < n:  # fewer than n donor authors: repeat (the truth ratio averages over them)
+        out.append(out[len(out) % len(out)])
+    return out
+
+
+def evenly(items: list, k: int | None) -> list:
+    """At most ``k`` items spread evenly over ``items`` (all when ``k`` is None or >= len), order kept."""
+    if k is None or k >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // k] for i in range(k)]
+
+
+def _qa(idx: int, r: dict) -> dict:
+    return {"question": r["question"], "answer": r["answer"], "author": idx // ROWS_PER_AUTHOR, "row": idx}
+
+
+def _borrowed(full: list[dict], a: int, b: int, pre: list[int], seed: int):
+    """``rows -> perturbed rows`` of ``data.perturbed borrow``: false answers of the authors outside a..b-1 and the
+    pre-training authors (:func:`borrowed_perturbations`)."""
+    outside = [i for i in range(len(full) // ROWS_PER_AUTHOR) if not a <= i < b and i not in pre]
+    if len(outside) < N_PERTURBED:
+        raise ValueError(f"data.perturbed borrow takes false answers from TOFU authors outside the range (and "
+                         f"data.pretrain): {a}:{b} leaves {len(outside)}, it needs {N_PERTURBED}")
+    donors = author_rows(full, outside)
+    names = {i: author_name(full[ROWS_PER_AUTHOR * i: ROWS_PER_AUTHOR * (i + 1)]) for i in [*range(a, b), *outside]}
+    return lambda part: [{**_qa(idx, r), "paraphrased_answer": r["answer"],
+                          "perturbed_answer": borrowed_perturbations(idx, r, donors, names, seed),
+                          "paraphrased_question": r["question"], "perturbed_source": "borrow"} for idx, r in part]
+
+
+def _tofu_rows(tofu_perturbed: dict[int, dict]):
+    """``rows -> perturbed rows`` of ``data.perturbed tofu``: TOFU's own, for the rows it covers."""
+    return lambda part: [{**_qa(idx, r), "paraphrased_answer": t["paraphrased_answer"],
+                          "perturbed_answer": list(t["perturbed_answer"]),
+                          "paraphrased_question": t.get("paraphrased_question", r["question"]),
+                          "perturbed_source": "tofu"} for idx, r in part
+                         if (t := tofu_perturbed.get(idx)) is not None]
+
+
+def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: list[str], a: int, b: int, pct: int,
+                 mode: str = "borrow", seed: int = 0, retain_eval_rows: int | None = None,
+                 pretrain: tuple[int, int] | None = None) -> dict:
+    """Everything the run writes to ``OUT/data``: ``{"files": {name: rows}, "info": {...}}``.
+
+    ``mode="borrow"``: every row gets built perturbed answers (see the module doc); ``"tofu"``: TOFU's own perturbed
+    rows, restricted to the rows TOFU covers.  ``retain_perturbed`` (the utility rows) holds at most
+    ``retain_eval_rows`` rows spread evenly over the kept authors (TOFU's holds 400 of its 3,600 retain rows).
+    ``pretrain=(P, Q)``: the QA of authors P..Q-1 (outside the range) go to a ``pretrain`` file, and those authors
+    give no perturbed answers (a model pre-trained on them would know the "false" answers)."""
+    if mode not in ("borrow", "tofu"):
+        raise ValueError(f"data.perturbed must be borrow or tofu, got {mode!r}")
+    retain_a, forget_a = split_authors(a, b, pct)
+    forget_name, retain_name = split_names(pct)
+    rows = author_rows(full, list(range(a, b)))
+    forget_rows, retain_rows = author_rows(full, forget_a), author_rows(full, retain_a)
+    pre = list(range(*pretrain)) if pretrain else []
+    if pre and (pre[0] < b and a < pre[-1] + 1):
+        raise ValueError(f"data.pretrain {pretrain[0]}:{pretrain[1]} overlaps data.authors {a}:{b}")
+
+    perturbed = _borrowed(full, a, b, pre, seed) if mode == "borrow" else _tofu_rows(tofu_perturbed)
+    forget_pert = perturbed(forget_rows)
+    if mode == "tofu":  # subsample among the covered rows
+        retain_pert = evenly(perturbed(retain_rows), retain_eval_rows)
+    else:
+        retain_pert = perturbed(evenly(retain_rows, retain_eval_rows))
+    if not forget_pert:
+        raise ValueError(f"data.perturbed tofu: TOFU has no perturbed answers for the forget authors {forget_a[0]}.."
+                         f"{forget_a[-1]} (it covers authors 0-19 and 180-199): use data.perturbed borrow or another "
+                         "range")
+    if not retain_pert:
+        raise ValueError("data.perturbed tofu: TOFU has no perturbed answers for any retain author of this range")
+    files = {
+        "full": [_qa(i, r) for i, r in rows],
+        forget_name: [_qa(i, r) for i, r in forget_rows],
+        retain_name: [_qa(i, r) for i, r in retain_rows],
+        f"{forget_name}_perturbed": forget_pert,
+        "retain_perturbed": retain_pert,
+        "idontknow": [{"answer": t} for t in refusals],
+    }
+    if pre:
+        files["pretrain"] = [_qa(i, r) for i, r in author_rows(full, pre)]
+    info = {"authors": [a, b], "forget_pct": pct, "forget_authors": forget_a, "retain_authors": retain_a,
+            "forget_split": forget_name, "retain_split": retain_name, "target_split": "full", "perturbed": mode,
+            "pretrain_authors": list(pretrain) if pretrain else None,
+            "rows": {k: len(v) for k, v in files.items()},
+            "tofu_perturbed_rows_in_range": sum(1 for i, _ in rows if i in tofu_perturbed)}
+    return {"files": files, "info": info}
+
+
+def write_jsonl(folder: str | Path, files: dict[str, list[dict]]) -> dict[str, str]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, rows in files.items():
+        p = folder / f"{name}.jsonl"
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        if not p.exists() or p.read_text(encoding="utf-8") != text:  # unchanged files keep their mtime (reuse)
+            write_text(p, text)
+        out[name] = str(p)
+    return out
+
+
+def tokenizer_texts(files: dict[str, list[dict]], forget_name: str) -> list[str]:
+    """The range's questions, answers, paraphrased/perturbed answers, the refusal strings and the pre-training
+    authors' QA (``data.pretrain``)."""
+    from palu_ds.tiny import qa_texts
+
+    pert = {r["row"]: r for name in (f"{forget_name}_perturbed", "retain_perturbed") for r in files[name]}
+    rows = [{**r, **pert.get(r["row"], {})} for r in files["full"]]
+    return qa_texts(rows + files.get("pretrain", [])) + [r["answer"] for r in files["idontknow"]]
+
+
+# ------------------------------------------------------------------------------------- kind: tofu (the real preset)
+def _need(tofu: Path, names) -> None:
+    missing = [n for n in names if not (tofu / f"{n}.jsonl").exists()]
+    if missing:
+        raise FileNotFoundError(f"{tofu}: missing {', '.join(n + '.jsonl' for n in missing)} (TOFU's files; the "
+                                "preset's data.tofu or --data names the folder)")
+
+
+def dev_row_ids(n_full: int, n_forget: int, retain_authors: int, dev_authors) -> list[int]:
+    """Row numbers in ``full.jsonl`` of the development authors; refuses authors the retain model or the forget set
+    holds (``n_full`` / ``n_forget``: rows of full and of the forget split)."""
+    forget_first = (n_full - n_forget) // ROWS_PER_AUTHOR
+    clash = [a for a in dev_authors if a < retain_authors or a >= forget_first]
+    if clash:
+        raise ValueError(f"development authors {list(dev_authors)} overlap the retain authors 0..{retain_authors - 1} "
+                         f"or the forget authors {forget_first}..{n_full // ROWS_PER_AUTHOR - 1} ({clash}): the "
+                         "sweep needs authors that neither the retain model nor the reported forget set holds")
+    return [ROWS_PER_AUTHOR * a + k for a in dev_authors for k in range(ROWS_PER_AUTHOR)]
+
+
+def build_tofu(tofu: Path, split: str, retain_authors: int | None, utility_rows: int | None, dev_authors=()) -> dict:
+    """TOFU's ``split`` forgotten; retain = the first ``retain_authors`` authors (None: TOFU's whole retain split);
+    the target learns retain + ``dev_authors`` (for the sweep) + forget; utility rows spread evenly (None: all)."""
+    _need(tofu, ["full", split, f"{split}_perturbed", "retain_perturbed", "real_authors_perturbed",
+                 "world_facts_perturbed", "idontknow"])
+    full = read_json_records(tofu / "full.jsonl")
+    forget = read_json_records(tofu / f"{split}.jsonl")
+    n_forget_authors = len(forget) // ROWS_PER_AUTHOR
+    first_forget = len(full) // ROWS_PER_AUTHOR - n_forget_authors
+    if full[ROWS_PER_AUTHOR * first_forget:] != forget:
+        raise ValueError(f"{tofu / (split + '.jsonl')}: not the last {len(forget)} rows of full.jsonl")
+    if retain_authors is not None and not 1 <= retain_authors <= 20:
+        raise ValueError(f"data.retain_authors must be 1..20 (TOFU's perturbed answers cover authors 0-19), "
+                         f"got {retain_authors}")
+    if dev_authors and retain_authors is None:
+        raise ValueError("development authors need data.retain_authors: without it every author is in forget or "
+                         "retain")
+    retain = full[:ROWS_PER_AUTHOR * (first_forget if retain_authors is None else retain_authors)]
+    dev = [full[i] for i in dev_row_ids(len(full), len(forget), retain_authors, dev_authors)] if dev_authors else []
+    pert_index = tofu_perturbed_index(full, [read_json_records(tofu / "retain_perturbed.jsonl")])
+    forget_pert = read_json_records(tofu / f"{split}_perturbed.jsonl")
+    if [(r["question"], r["answer"]) for r in forget_pert] != [(r["question"], r["answer"]) for r in forget]:
+        raise ValueError(f"{tofu / (split + '_perturbed.jsonl')}: its rows are not those of {split}.jsonl")
+    files = {
+        "target": retain + dev + forget, "retain": retain, split: forget, f"{split}_perturbed": forget_pert,
+        "retain_perturbed": evenly([pert_index[i] for i in range(len(retain)) if i in pert_index], utility_rows),
+        **{f"{p}_perturbed": evenly(read_json_records(tofu / f"{p}_perturbed.jsonl"), utility_rows)
+           for p in ("real_authors", "world_facts")},
+        "idontknow": read_json_records(tofu / "idontknow.jsonl"),
+    }
+    info = {"split": split, "forget_split": split, "retain_split": "retain", "target_split": "target",
+            "forget_authors": list(range(first_forget, first_forget + n_forget_authors)),
+            "retain_authors": len(retain) // ROWS_PER_AUTHOR, "dev_authors": list(dev_authors),
+            "rows": {k: len(v) for k, v in files.items()}}
+    return {"files": files, "info": info}
+
+
+def build_dev(tofu: Path, main: dict) -> dict:
+    """The development run's files, laid out as the reported run's (the development authors' rows and TOFU's
+    perturbed answers under the forget split's names, so the evaluation reads them unchanged); every other file as
+    the reported run's (the target is shared, so its SFT rows are not a development file)."""
+    info, split = main["info"], main["info"]["forget_split"]
+    full = read_json_records(tofu / "full.jsonl")
+    ids = dev_row_ids(len(full), len(main["files"][split]), info["retain_authors"], info["dev_authors"])
+    sources = sorted(tofu.glob("forget*_perturbed.jsonl"))
+    index = tofu_perturbed_index(full, [read_json_records(p) for p in sources])
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise ValueError(f"{tofu}: no perturbed answers for rows {missing[:5]}... of the development authors "
+                         f"{info['dev_authors']} in {', '.join(p.name for p in sources)}")
+    files = {**{k: v for k, v in main["files"].items() if k != info["target_split"]}, split: [full[i] for i in ids],
+             f"{split}_perturbed": [index[i] for i in ids]}
+    return {"files": files, "info": {**info, "rows": {k: len(v) for k, v in files.items()}}}
+
+
+def build(cfg: dict, tofu: Path, seed: int, dev_authors=()) -> dict:
+    """The run's data from the preset's ``data`` section (``kind``: authors | tofu)."""
+    if cfg["kind"] == "tofu":
+        return build_tofu(tofu, cfg["split"], cfg.get("retain_authors"), cfg.get("utility_rows") or None,
+                          dev_authors)
+    _need(tofu, ["full", "idontknow"])
+    full = read_json_records(tofu / "full.jsonl")
+    n = len(full) // ROWS_PER_AUTHOR
+    a, b = parse_authors(str(cfg["authors"]), n)
+    pretrain = parse_authors(str(cfg["pretrain"]), n) if cfg.get("pretrain") else None
+    perturbed = [read_json_records(tofu / f"{p}.jsonl") for p in ("retain_perturbed", "forget01_perturbed",
+                 "forget05_perturbed", "forget10_perturbed") if (tofu / f"{p}.jsonl").exists()]
+    refusals = [r["answer"] for r in read_json_records(tofu / "idontknow.jsonl")]
+    return build_splits(full, tofu_perturbed_index(full, perturbed), refusals, a, b, parse_forget(cfg["forget"]),
+                        cfg.get("perturbed", "borrow"), seed, cfg.get("utility_rows") or None, pretrain)

@@ -1,0 +1,368 @@
+"""The stages, written once for every preset (numbers as in the package doc): data, models, evaluation of the
+retain model / base / target, the learning rates, each run's reference + unlearning + evaluation, the NLL by
+position kind, the report.  :class:`Run` assembles every command; :func:`main` parses the command line."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from palu_ds.atomic import write_json, write_text
+from palu_ds.localrun import launcher_cmd, setdefaults
+from palu_ds.methods import get_method
+from palu_ds.stages import Stages
+
+from . import data as D
+from .preset import ROOT, load, repo_path
+from .report import add_relative, goal_check, render_markdown, render_png
+from .specs import batch_sources, reference_dir, run_lr, run_specs
+from .sweep import choose_lr, grid, sweep_markdown
+
+
+def read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def content_key(*parts) -> str:
+    """16 hex digits of a sha256 over JSON-encoded parts (the cache key of an SFT model)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def drop_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU shared-memory allreduce leaves ``/dev/shm/deepspeed_allreduce_buffer_*_<addr>_<port>_<rank>``
+    (66 MB a rank) behind after every launch (deepspeedai/DeepSpeed#4115); remove the ones of our own port."""
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR', '*')}_{port}_*"):
+        f.unlink(missing_ok=True)
+
+
+class Run:
+    """One invocation: the preset, the output folder, the stage runner, the data's info, and the commands every model
+    goes through (SFT, reference, unlearning, evaluation)."""
+
+    def __init__(self, preset: dict, out: Path, args: argparse.Namespace, info: dict):
+        self.p, self.out, self.args, self.info = preset, out, args, info
+        self.stages = Stages(out, args.fresh, tag=preset["report"], cwd=ROOT)
+        self.labels = repo_path(preset["spans"]["labels"])
+        self.failed: dict[str, str] = {}
+
+    def launch(self, script: str, config: str, overrides: list[str]) -> list[str]:
+        """``script`` on the preset's ranks (the deepspeed launcher above one) with its DeepSpeed config."""
+        return launcher_cmd(script, ["--deepspeed", self.p["ds_config"], "--config", config, *overrides],
+                            self.p["ranks"], self.args.port)
+
+    def recipe(self, section: str) -> list[str]:
+        return [f"train.{k}={v}" for k, v in self.p[section].items()]
+
+    def sft(self, name: str, base: Path, base_digest: str, split: str, epochs=None) -> Path | None:
+        """SFT of ``base`` on ``OUT/data/<split>.jsonl`` into ``OUT/models/<name>-<key>``, key = sha256 of (base,
+        rows, recipe): a rerun (or another ``--out`` sharing the folder) with the same three skips it."""
+        rows = (self.out / "data" / f"{split}.jsonl").read_text(encoding="utf-8")
+        recipe = self.recipe("sft") + ([f"train.epochs={epochs}"] if epochs else []) + [
+            f"data.max_length={self.p['max_length']}", f"train.seed={self.p['seed']}", "train.resume=never",
+            "log.log_every=10"]
+        mdir = self.out / "models" / f"{name}-{content_key(base_digest, rows, recipe)}"
+        cmd = self.launch("launch/finetune.py", self.p["configs"]["sft"], [
+            f"model.path={base}", f"data.forget.source={self.out / 'data'}", f"data.forget.config={split}",
+            f"train.output_dir={mdir}", *recipe])
+        if not self.stages.run(f"sft_{name}", cmd, done=mdir / "model" / "config.json"):
+            return None
+        if not self.args.keep_checkpoints:
+            shutil.rmtree(mdir / "checkpoints", ignore_errors=True)
+        return mdir / "model"
+
+    def method_overrides(self, spec: dict, target: Path, data: Path) -> list[str]:
+        """Model, method, parameters and data of a run (its forget batch from PALU's labels for ``spans: labels``)."""
+        out = [f"model.path={target}", f"method.name={spec['method']}", "method.params={}",
+               f"data.max_length={self.p['max_length']}", f"train.seed={self.p['seed']}",
+               f"train.batch_size={self.p['unlearn']['batch_size']}", *batch_sources(spec, self.info, data)]
+        out += [f"method.params.{k}={'null' if v is None else v}" for k, v in spec["params"].items()]
+        if spec["spans"] == "labels":
+            out += [f"data.forget.source={self.labels}", "data.forget.config=null", "data.span_source=labels"]
+        elif spec["spans"] == "detector":
+            out.append("data.span_source=detector")
+        return out
+
+    def reference(self, spec: dict, common: list[str], root: Path, target: Path, data: Path) -> Path | None | bool:
+        """The run's reference cache, shared by every run of the same key (``launch/precompute.py`` once per target);
+        None: the method needs none; False: the precompute failed."""
+        rel = reference_dir(spec)
+        if rel is None:
+            return None
+        ref = root / rel
+        ok = self.stages.run("precompute_" + str(ref.relative_to(self.out)).replace("/", "-"), self.launch(
+            "launch/precompute.py", self.p["configs"]["unlearn"], common + [f"reference.cache_dir={ref}"]),
+            done=ref / "manifest.json", inputs=[target / "model.safetensors", data],
+            before=lambda: shutil.rmtree(ref, ignore_errors=True))  # a stale cache is an error otherwise
+        return ref if ok else False
+
+    def unlearn(self, stage: str, spec: dict, target: Path, data: Path, run_dir: Path, lr: float) -> bool:
+        """``spec``'s method on ``target`` at ``lr`` into ``run_dir`` (stage ``stage``)."""
+        common = self.method_overrides(spec, target, data)
+        ref = self.reference(spec, common, run_dir.parent.parent, target, data)
+        if ref is False:
+            return False
+        cmd = self.launch("launch/train.py", self.p["configs"]["unlearn"], common + self.recipe("unlearn") + [
+            f"train.output_dir={run_dir}", f"train.lr={lr}", "train.resume=never", "log.log_every=5",
+            f"reference.cache_dir={ref}" if ref else "reference.mode=none"])
+        ok = self.stages.run(stage, cmd, done=run_dir / "model" / "config.json",
+                             inputs=[target / "model.safetensors", data] + ([ref] if ref else []), retries=1)
+        if not self.args.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        return ok
+
+    def evaluate(self, stage: str, model: Path, data: Path, out: Path, retain_eval: Path | None,
+                 parts=None) -> dict | None:
+        """TOFU evaluation (``parts``, default the preset's) of ``model`` on ``data`` into ``out``; forget quality
+        against ``retain_eval`` (None: the retain model itself, no forget quality).  Its metrics, or None."""
+        e, ranks = self.p["eval"], self.p["eval"]["ranks"]
+        cmd = [sys.executable, "evaluation/run.py"] if ranks <= 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+            "--master_port", str(self.args.port + 1), "evaluation/run.py"]
+        cmd += ["--model", str(model), "--suite", "tofu", "--split", self.info["forget_split"], "--data", str(data),
+                "--splits", ",".join(parts or e["parts"]), "--dtype", e["dtype"], "--max-new-tokens",
+                str(self.max_new), "--max-length", str(self.p["max_length"]), "--out", str(out), "--name", out.name]
+        cmd += ["--no-forget-quality"] if retain_eval is None else ["--retain-results", str(retain_eval)]
+        inputs = [model / "model.safetensors", data / f"{self.info['forget_split']}_perturbed.jsonl"]
+        # one retry: evaluation/run.py under torchrun sometimes aborts at exit after writing its results
+        if not self.stages.run(stage, cmd, done=out / "summary.json",
+                               inputs=inputs + ([retain_eval] if retain_eval else []), retries=1):
+            return None
+        return read_json(out / "summary.json")["metrics"]
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+def stage_base(run: Run, data: dict) -> Path:
+    """The base model: a tiny Llama and tokenizer built from the data's text in ``OUT/base`` (reused while its
+    settings and text are unchanged), a ``palu_ds.models.fetch`` name, or a folder."""
+    m = run.p["model"]
+    if m["path"]:
+        return repo_path(m["path"])
+    if m["fetch"]:
+        from palu_ds.models import fetch
+
+        return Path(fetch(m["fetch"]))
+    base = run.out / "base"
+    texts = D.tokenizer_texts(data["files"], data["info"]["forget_split"])
+    key = {"model": m["tiny"], "seed": run.p["seed"], "texts": len(texts), "chars": sum(map(len, texts))}
+    stamp = base / "tofu_base.json"
+    if run.args.fresh or not stamp.exists() or read_json(stamp) != key:
+        from palu_ds.tiny import build_model_dir
+
+        build_model_dir(str(base), texts, seed=run.p["seed"], **m["tiny"])
+        write_json(stamp, key)
+    return base
+
+
+def stage_models(run: Run, base: Path) -> dict[str, Path] | None:
+    """The target (SFT on its split) and the retain model (SFT on the retain split) from the base, pre-trained
+    first on a ``pretrain`` file when the data has one; None when one failed."""
+    from palu_ds.reference import model_fingerprint
+
+    digest = model_fingerprint(str(base))
+    if (run.out / "data" / "pretrain.jsonl").exists():
+        base = run.sft("pretrained", base, digest, "pretrain", epochs=run.p["pretrain_epochs"])
+        if base is None:
+            return None
+        digest = model_fingerprint(str(base))
+    models = {}
+    for name in ("target", "retain"):
+        models[name] = run.sft(name, base, digest, run.info[f"{name}_split"])
+        if models[name] is None:
+            print(f"[{run.p['report']}] cannot go on without the {name} model", file=sys.stderr)
+            return None
+    return models
+
+
+def stage_evaluate(run: Run, name: str, model: Path, results: dict) -> bool:
+    """``eval_<name>`` (forget quality against the retain model's, except for the retain model itself)."""
+    out = run.out / "eval"
+    m = run.evaluate(f"eval_{name}", model, run.out / "data", out / name, None if name == "retain" else out / "retain")
+    if m is None:
+        run.failed[name] = f"evaluation failed (see logs/eval_{name}.log)"
+        return False
+    results[name] = m
+    return True
+
+
+def stage_sweep(run: Run, tofu: Path, data: dict, models: dict, target_m: dict, specs: dict) -> dict | None:
+    """The learning-rate sweep (benchmarks/tofu/sweep.py) from the reported target: the retain model's and the
+    target's forget part on the development authors, then each family's representative at each lr of the grid;
+    written to ``OUT/dev/sweep.json``; None when a stage failed."""
+    cfg, out = run.p["lr"]["sweep"], run.out / "dev"
+    D.write_jsonl(out / "data", D.build_dev(tofu, data)["files"])
+    retain = run.evaluate("sweep_eval_retain", models["retain"], out / "data", out / "eval" / "retain", None,
+                          parts=["forget"])
+    dev_t = run.evaluate("sweep_eval_target", models["target"], out / "data", out / "eval" / "target",
+                         out / "eval" / "retain", parts=["forget"])
+    if retain is None or dev_t is None:
+        return None
+    target = {**dev_t, "model_utility": target_m["model_utility"]}
+    families = {}
+    for fam, rep in cfg["representatives"].items():
+        if rep not in specs:
+            raise ValueError(f"lr.sweep.representatives: {fam}'s run {rep!r} is not among the runs {sorted(specs)}")
+        by_lr = {}
+        for lr in grid(run.p["sft"]["lr"], cfg["grid"]):
+            name = f"{rep}_lr{lr:g}"
+            if not run.unlearn(f"sweep_{name}", specs[rep], models["target"], out / "data", out / "unlearn" / name,
+                               lr):
+                return None
+            m = run.evaluate(f"sweep_eval_{name}", out / "unlearn" / name / "model", out / "data",
+                             out / "eval" / name, out / "eval" / "retain")
+            if m is None:
+                return None
+            by_lr[lr] = {rep: {**m, "mu_rel": m["model_utility"] / target["model_utility"]}}
+        families[fam] = {"runs": {str(lr): r for lr, r in by_lr.items()},
+                         "choice": choose_lr(by_lr, target["model_utility"], cfg["utility_floor"])}
+    sweep = {"dev_authors": data["info"]["dev_authors"], "target": target, "families": families}
+    write_json(out / "sweep.json", sweep)
+    print(sweep_markdown(sweep), flush=True)
+    return sweep
+
+
+def stage_position_nll(run: Run, models: dict[str, Path], base: Path) -> dict:
+    """Answer NLL by position kind (I_init / rest of span / common) on PALU's labelled forget set."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.position_nll import position_nll
+    from palu_ds.data import QADataset
+    from palu_ds.data.qa import QAOptions
+
+    t = time.time()
+    ds = QADataset.from_source(str(run.labels), AutoTokenizer.from_pretrained(str(base)),
+                               QAOptions(max_length=run.p["max_length"], n_init=3, span_source="labels"))
+    out = {n: position_nll(str(m), ds) for n, m in models.items()}
+    run.stages.seconds["position NLL"] = round(time.time() - t, 1)
+    return out
+
+
+def stage_runs(run: Run, specs: dict, models: dict, family_lr: dict, results: dict) -> dict[str, Path]:
+    """Each run's reference, unlearning and evaluation in turn (an interrupted invocation leaves its finished runs
+    evaluated); the unlearned models."""
+    done = {}
+    for name, spec in specs.items():
+        run_dir = run.out / "unlearn" / name
+        if not run.unlearn(f"unlearn_{name}", spec, models["target"], run.out / "data", run_dir,
+                           run_lr(spec, run.p, family_lr)):
+            run.failed[name] = f"training failed (see logs/unlearn_{name}.log)"
+            continue
+        done[name] = run_dir / "model"
+        stage_evaluate(run, name, done[name], results)
+    return done
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tofu", description="The TOFU unlearning benchmark, one "
+                                "pipeline for every preset: data, SFT target and retain models, every method (and "
+                                "the preset's ablations), TOFU evaluation, report.")
+    p.add_argument("--preset", required=True, help="mini | real | a preset YAML file of your own")
+    p.add_argument("--out", help="output folder (default runs/tofu/<preset>)")
+    p.add_argument("--data", help="folder of TOFU's jsonl files (default: the preset's data.tofu)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a preset key, e.g. --set sft.epochs=6 --set 'methods=[palu, npo]'")
+    p.add_argument("--fresh", action="store_true", help="redo every stage even if its outputs exist")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the DeepSpeed checkpoints of every run")
+    p.add_argument("--port", type=int, default=29631)
+    return p.parse_args(argv)
+
+
+def learning_rates(run: Run, tofu: Path, data: dict, models: dict, results: dict, specs: dict):
+    """``(family_lr, sweep)``: the preset's table, the development sweep's choice, or ``{}`` (the rule lr)."""
+    lr = run.p["lr"]
+    if lr["choice"] == "table":
+        return dict(lr["table"]), None
+    if lr["choice"] == "rule":
+        return {}, None
+    sweep = stage_sweep(run, tofu, data, models, results["target"], specs)
+    return (None, None) if sweep is None else ({f: v["choice"]["lr"] for f, v in sweep["families"].items()}, sweep)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run_preset(args, argv)
+    except (ValueError, FileNotFoundError) as e:  # a bad preset or data file, named by the message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_preset(args: argparse.Namespace, argv=None) -> int:
+    """Every stage of the preset ``args.preset`` (module doc); 0 when every run succeeded, 3 when one failed."""
+    preset = load(args.preset, args.set, args.data)
+    setdefaults()
+    if preset["threads"]:
+        os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() if preset["threads"] == "all" else preset["threads"])
+    t_start = time.time()
+    out = Path(args.out or f"runs/tofu/{preset['name']}")
+    out = out if out.is_absolute() else ROOT / out
+    tofu = repo_path(preset["data"]["tofu"])
+    sweep_authors = preset["lr"]["sweep"]["dev_authors"] if preset["lr"]["choice"] == "sweep" else ()
+    data = D.build(preset["data"], tofu, preset["seed"], sweep_authors)
+    run = Run(preset, out, args, data["info"])
+    D.write_jsonl(out / "data", data["files"])
+    print(f"[{preset['report']}] forget {data['info']['forget_split']}: rows {data['info']['rows']}", flush=True)
+    base = stage_base(run, data)
+    from transformers import AutoTokenizer
+
+    from palu_ds.data.prompt import answer_ids
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    specs = run_specs(preset, len(tok))
+    models = stage_models(run, base)
+    if models is None:
+        return 1
+    run.max_new = preset["eval"]["max_new_tokens"] or max(
+        len(answer_ids(tok, r["answer"])) for r in data["files"][data["info"]["target_split"]]) + 8
+    results: dict[str, dict] = {}
+    evals = {"retain": models["retain"], **({"base": base} if preset["eval"]["base"] else {}),
+             "target": models["target"]}
+    for name, model in evals.items():
+        if not stage_evaluate(run, name, model, results) and name in ("retain", "target"):
+            return 1  # every forget quality needs the retain model's; the sweep and mu_rel the target's
+    family_lr, sweep = learning_rates(run, tofu, data, models, results, specs)
+    if family_lr is None:
+        return 1
+    evals.update(stage_runs(run, specs, models, family_lr, results))
+    add_relative(results)
+    pos = stage_position_nll(run, {n: m for n, m in evals.items() if n in results}, base) \
+        if preset["eval"]["position_nll"] and run.labels else {}
+    report = {
+        "command": " ".join(["python", "-m", "benchmarks.tofu", *(argv if argv is not None else sys.argv[1:])]),
+        "preset": preset, "base_model": str(base), "data": data["info"], "vocab_size": len(tok),
+        "family_lr": family_lr, "default_lr": preset["lr"]["value"] or preset["sft"]["lr"],
+        "unlearn_lr": {n: run_lr(s, preset, family_lr) for n, s in specs.items()}, "max_new_tokens": run.max_new,
+        "sft_models": {n: str(m.parent) for n, m in models.items()},
+        "sft": {n: sft_summary(m) for n, m in models.items()}, "sweep": sweep, "specs": specs, "results": results,
+        "failed": run.failed, "goal": goal_check(results, preset["goal"]) if preset["goal"]["method"] else {},
+        "position_nll": pos, "stage_seconds": run.stages.seconds, "stage_status": run.stages.status,
+        "wall_seconds": round(time.time() - t_start, 1)}
+    drop_shm_buffers(args.port)
+    write_report(run, report)
+    return 0 if not run.failed else 3
+
+
+def sft_summary(model: Path) -> dict:
+    s = read_json(model.parent / "summary.json")
+    return {"steps": s["steps"], "first_nll": s["first"]["loss/forget"], "last_nll": s["last"]["loss/forget"]}
+
+
+def write_report(run: Run, report: dict) -> None:
+    """``OUT/<report>.json`` (every number, the preset, stage seconds), ``.md`` (tables, goal) and ``.png``."""
+    stem = run.out / run.p["report"]
+    write_json(f"{stem}.json", report)
+    md = render_markdown(report)
+    write_text(f"{stem}.md", md)
+    render_png(report, f"{stem}.png")
+    print("\n" + md)
+    print(f"[{run.p['report']}] wrote {stem}.md, .json, .png ({report['wall_seconds'] / 60:.1f} min)")

@@ -1,0 +1,91 @@
+"""Presets: one YAML file per experiment -- ``presets/mini.yaml``, ``presets/real.yaml`` or a file of the user's own
+(their model, data, split, methods and grid).  A preset states what differs from :data:`DEFAULTS` (the schema: an
+unknown key is an error naming it); ``--set key.path=value`` overrides a key (values parsed as YAML), ``--data DIR``
+the TOFU folder.  Paths are relative to the repository root."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from palu_ds.config import apply_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = Path(__file__).resolve().parent / "presets"
+#: sections whose keys are free (a recipe's train.* overrides, a table by method, run or family)
+OPEN = {"sft", "unlearn", "params", "runs", "table", "grid", "compare", "tiny", "scale_to_vocab", "representatives"}
+DEFAULTS = {
+    "title": "TOFU", "report": "tofu", "seed": 0,
+    # kind: authors = a range of TOFU authors (data.build_splits), tofu = TOFU's own forget split (data.build_tofu)
+    "data": {"tofu": None, "kind": "tofu", "split": "forget01", "retain_authors": 4, "utility_rows": None,
+             "authors": None, "forget": None, "perturbed": "borrow", "pretrain": None},
+    "model": {"path": None, "fetch": None, "tiny": None},  # a folder, a palu_ds.models.fetch name, or a tiny Llama
+    "max_length": 256, "ranks": 1, "threads": None, "ds_config": "ds_configs/cpu/zero2.json",
+    "configs": {"sft": "launch/configs/finetune.yaml", "unlearn": "launch/configs/tofu_real.yaml"},
+    "sft": {}, "pretrain_epochs": 8, "unlearn": {},
+    "methods": "all", "params": {}, "scale_to_vocab": {}, "runs": {},
+    "ablations": {"method": None, "grid": {}},
+    # choice: rule (every run at lr.value, default the SFT lr) | table (lr.table by family) | sweep (development)
+    "lr": {"choice": "rule", "value": None, "table": {},
+           "sweep": {"dev_authors": [], "grid": [0.1, 0.3, 1.0], "representatives": {}, "utility_floor": 0.9}},
+    "spans": {"labels": None},
+    "eval": {"parts": ["forget", "retain", "real_authors", "world_facts"], "ranks": 1, "dtype": "auto",
+             "base": False, "position_nll": False, "max_new_tokens": None},
+    "goal": {"method": None, "baselines": [], "ratio": 10, "utility": 0.9, "compare": {}},
+    "footnote": "",
+}
+
+
+def _merge(base: dict, raw: dict, where: str, path: str = "") -> dict:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: {path or 'the preset'} must be a mapping, got {raw!r}")
+    out = copy.deepcopy(base)
+    for k, v in raw.items():
+        key = f"{path}.{k}".lstrip(".")
+        if k not in base:
+            raise ValueError(f"{where}: unknown key {key}; valid: {sorted(base)}")
+        sub = isinstance(base[k], dict) and k not in OPEN and v is not None
+        out[k] = _merge(base[k], v, where, key) if sub else v
+    return out
+
+
+def preset_path(name: str) -> Path:
+    """``mini`` / ``real`` -> the shipped file; anything else is a path."""
+    shipped = PRESETS / f"{name}.yaml"
+    path = shipped if shipped.exists() and "/" not in name else Path(name)
+    if not path.is_file():
+        shipped = ", ".join(p.stem for p in sorted(PRESETS.glob("*.yaml")))
+        raise ValueError(f"--preset {name}: neither a shipped preset ({shipped}) nor a file")
+    return path
+
+
+def repo_path(p: str | None) -> Path | None:
+    """A preset path: absolute, or relative to the repository root."""
+    return None if p is None else Path(p) if Path(p).is_absolute() else ROOT / p
+
+
+def load(name: str, overrides=(), data: str | None = None) -> dict:
+    """The preset ``name`` merged over :data:`DEFAULTS`, ``overrides`` applied; the data folder checked."""
+    path = preset_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = apply_overrides(raw, list(overrides))
+    except (yaml.YAMLError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    preset = _merge(DEFAULTS, raw, str(path))
+    if data:
+        preset["data"]["tofu"] = data
+    if not preset["data"]["tofu"]:
+        raise ValueError(f"{path}: data.tofu is not set: name the folder of TOFU's jsonl files (or pass --data)")
+    if preset["data"]["kind"] not in ("authors", "tofu"):
+        raise ValueError(f"{path}: data.kind must be authors or tofu, got {preset['data']['kind']!r}")
+    if preset["lr"]["choice"] not in ("rule", "table", "sweep"):
+        raise ValueError(f"{path}: lr.choice must be rule, table or sweep, got {preset['lr']['choice']!r}")
+    if preset["lr"]["choice"] == "sweep" and not preset["lr"]["sweep"]["dev_authors"]:
+        raise ValueError(f"{path}: lr.choice sweep needs lr.sweep.dev_authors (authors outside forget and retain)")
+    if sum(bool(preset["model"][k]) for k in ("path", "fetch", "tiny")) != 1:
+        raise ValueError(f"{path}: model needs exactly one of path, fetch, tiny")
+    preset["name"] = path.stem
+    return preset

@@ -1,0 +1,212 @@
+"""The report: tables (columns from the evaluated parts), the goal check, the cost by part, ``<report>.md`` and
+``<report>.png`` (forget quality vs model utility, the retain model as the ideal point)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+NAMES = {"prob": "prob", "rougeL_recall": "ROUGE-L", "truth_ratio": "TR"}
+
+
+def fmt(v, key: str = "") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if isinstance(v, str):
+        return v
+    return f"{v:.2e}" if key == "forget_quality" else f"{v:.3f}"
+
+
+def columns(parts) -> list[tuple[str, str]]:
+    """``[(metric key, header)]``: forget quality, KS D, then per part its truth ratio, ROUGE-L and probability
+    (forget first: what unlearning moves), then utility and utility relative to the target."""
+    cols = [("forget_quality", "forget quality"), ("ks_statistic", "KS D")]
+    for p in parts:
+        order = ("truth_ratio", "rougeL_recall", "prob") if p == "forget" else ("prob", "rougeL_recall", "truth_ratio")
+        cols += [(f"{p}/{m}", f"{p.split('_')[0]} {NAMES[m]}") for m in order]
+    return cols + [("model_utility", "utility"), ("mu_rel", "utility / target")]
+
+
+def add_relative(results: dict[str, dict]) -> None:
+    """``mu_rel`` = model utility / the target's, in place."""
+    mu_t = results.get("target", {}).get("model_utility")
+    for m in results.values():
+        mu = m.get("model_utility")
+        m["mu_rel"] = mu / mu_t if mu is not None and mu_t else None
+
+
+def metrics_table(rows: list[tuple[str, dict]], cols: list[tuple[str, str]]) -> str:
+    """One markdown table: ``rows`` = ``[(label, metrics)]``, ``cols`` = ``[(metric key, header)]``."""
+    lines = ["| run | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(fmt(m.get(k), k) for k, _ in cols) + " |" for label, m in rows]
+    return "\n".join(lines)
+
+
+def goal_check(results: dict[str, dict], goal: dict) -> dict:
+    """The preset's goal: ``method``'s forget quality >= ``ratio`` x the best of ``baselines`` at utility >=
+    ``utility`` x the target's; each ``compare`` pair ``{run: other}``: run's forget quality >= 0.5x other's."""
+    p = results.get(goal["method"], {})
+    base = {b: results[b]["forget_quality"] for b in goal["baselines"]
+            if results.get(b, {}).get("forget_quality") is not None}
+    out = {"method": goal["method"], "forget_quality": p.get("forget_quality"), "baselines": base,
+           "utility_rel": p.get("mu_rel"), "ratio": None, "met": None, "compare": {}}
+    if p.get("forget_quality") is not None and base and p.get("mu_rel") is not None:
+        best = max(base.values())
+        out["best_baseline"] = max(base, key=base.get)
+        out["ratio"] = p["forget_quality"] / best if best > 0 else math.inf
+        out["met"] = bool(out["ratio"] >= goal["ratio"] and p["mu_rel"] >= goal["utility"])
+    for run, other in goal["compare"].items():
+        a, b = (results.get(n, {}).get("forget_quality") for n in (run, other))
+        r = None if not b or a is None else a / b
+        out["compare"][f"{run} vs {other}"] = {"ratio": r, "met": None if r is None else bool(r >= 0.5)}
+    return out
+
+
+def cost_by_part(stage_seconds: dict[str, float], specs: dict[str, dict]) -> dict[str, float]:
+    """Minutes from scratch by part, from each stage's own seconds (a reused stage keeps the seconds it took):
+    ``SFT``, ``development sweep``, ``references`` (the shared precomputes), ``methods`` / ``ablations`` (each run's
+    unlearning and evaluation),
+    ``base, retain, target evaluation``, the others by stage name, and ``total``.  Example: ``{"sft_target": 300,
+    "unlearn_palu": 200, "eval_palu": 130}`` with palu a method -> ``{"SFT": 5.0, "methods": 5.5, "total": 10.5}``."""
+    parts: dict[str, float] = {}
+    for stage, sec in stage_seconds.items():
+        run = stage.split("_", 1)[1] if stage.startswith(("unlearn_", "eval_")) else None
+        if "sweep" in stage or stage.startswith("precompute_dev"):
+            part = "development sweep"
+        elif stage.startswith("sft_"):
+            part = "SFT"
+        elif stage.startswith("precompute_"):
+            part = "references"
+        elif run in specs:
+            part = specs[run]["group"] + "s"
+        elif run in ("base", "retain", "target"):
+            part = "base, retain, target evaluation"
+        else:
+            part = stage
+        parts[part] = parts.get(part, 0.0) + sec / 60
+    parts = {k: round(v, 1) for k, v in parts.items()}
+    parts["total"] = round(sum(stage_seconds.values()) / 60, 1)
+    return parts
+
+
+def lr_text(report: dict) -> str:
+    """``"2e-05 (entropy), 0.0002 (nll, preference)"``-style: each family lr, and the lr of the others."""
+    by_lr: dict[float, list[str]] = {}
+    for fam, lr in report["family_lr"].items():
+        by_lr.setdefault(lr, []).append(fam)
+    fams = ", ".join(f"{lr:g} ({', '.join(f)})" for lr, f in by_lr.items())
+    return (fams + f"; other families {report['default_lr']:g}" if fams else f"{report['default_lr']:g} for every run") \
+        + f" (lr.choice {report['preset']['lr']['choice']})"
+
+
+def _goal_lines(report: dict) -> list[str]:
+    g, want = report["goal"], report["preset"]["goal"]
+    lines = []
+    if g.get("ratio") is not None:
+        lines.append(f"- Goal ({g['method']} forget quality >= {want['ratio']}x max({', '.join(want['baselines'])}) "
+                     f"at utility >= {want['utility']}x target): ratio {g['ratio']:.3g} (vs {g['best_baseline']}), "
+                     f"utility {g['utility_rel']:.3f}x -> {'MET' if g['met'] else 'NOT met'}")
+    for pair, c in g.get("compare", {}).items():
+        if c["ratio"] is not None:
+            lines.append(f"- Goal ({pair}: forget quality within 2x): ratio {c['ratio']:.3g} -> "
+                         f"{'MET' if c['met'] else 'NOT met'}")
+    return lines
+
+
+def _cost_lines(report: dict) -> list[str]:
+    secs = report["stage_seconds"]
+    cost = cost_by_part(secs, report["specs"])
+    untimed = [n for n in report.get("stage_status", {}) if n not in secs]
+    return ["", f"Cost from scratch (each stage's own time; reused stages as measured when they ran): "
+            f"{cost.pop('total'):.1f} min = " + ", ".join(f"{k} {v:.1f}" for k, v in cost.items())
+            + (f"; not counted: {len(untimed)} reused stages whose stamp has no time" if untimed else "") + ".",
+            "", f"Wall time of this invocation {report['wall_seconds'] / 60:.1f} min; stage seconds in the json."]
+
+
+def render_markdown(report: dict) -> str:
+    res, specs, info, preset = report["results"], report["specs"], report["data"], report["preset"]
+    cols = columns(preset["eval"]["parts"])
+    main = [(n, res[n]) for n in ("base", "retain", "target") if n in res]
+    main += [(n, res[n]) for n, s in specs.items() if s["group"] == "method" and n in res]
+    abl = [(f"{s['method']} {', '.join(s['ablation'])}", res[n]) for n, s in specs.items()
+           if s.get("ablation") and n in res]
+    lines = [f"### {preset['title']}: forget authors {info['forget_authors']} ({info['forget_split']}), "
+             f"{len(info['retain_authors']) if isinstance(info['retain_authors'], list) else info['retain_authors']} "
+             f"retain authors, seed {preset['seed']}", "",
+             f"SFT {preset['sft']}; unlearning {preset['unlearn']} at lr {lr_text(report)}; generation max "
+             f"{report['max_new_tokens']} new tokens.", "", metrics_table(main, cols), ""]
+    if abl:
+        lines += [f"Ablations of {preset['ablations']['method']} (the others at the main run's values):", "",
+                  metrics_table(abl, cols), ""]
+    if report.get("sweep"):
+        from .sweep import sweep_markdown
+
+        lines.append(sweep_markdown(report["sweep"]))
+    lines += [preset["footnote"], ""] if preset["footnote"] else []
+    lines += [f"- {n} SFT: answer NLL {v['first_nll']:.3f} -> {v['last_nll']:.3f} in {v['steps']} steps"
+              for n, v in report.get("sft", {}).items()]
+    lines += _goal_lines(report)
+    pos = report.get("position_nll") or {}
+    if pos:
+        kinds = ("I_init", "rest of span", "common")
+        lines += ["", "Answer NLL (nats/token) on the forget set by position kind (PALU's labels, N = 3):", "",
+                  "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        lines += [f"| {n} | " + " | ".join(f"{r[k]:.2f}" for k in kinds) + " |" for n, r in pos.items()]
+    lines += [f"- FAILED {n}: {e}" for n, e in report.get("failed", {}).items()]
+    return "\n".join(lines + _cost_lines(report)) + "\n"
+
+
+def _plot_panel(ax, title: str, names: list[str], report: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    res, specs = report["results"], report["specs"]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels_at: dict = {}
+    for i, n in enumerate(names):
+        m = res.get(n, {})
+        if m.get("forget_quality") is None or m.get("model_utility") is None:
+            continue
+        label = n if specs[n]["group"] == "method" or title == "methods" else ", ".join(specs[n]["ablation"])
+        fq = max(m["forget_quality"], 1e-300)
+        ax.scatter(m["model_utility"], fq, s=60, color=colors[i % len(colors)], zorder=3, label=label)
+        labels_at.setdefault((round(m["model_utility"], 2), round(math.log10(fq))), []).append(
+            (m["model_utility"], fq, label))
+    for group in labels_at.values():  # coincident points (e.g. all at the KS floor) share one label
+        ax.annotate(" / ".join(g[2] for g in group), group[0][:2], textcoords="offset points", xytext=(5, 4),
+                    fontsize=7)
+    for n, mk, c in (("target", "X", "black"), ("base", "P", "gray")):
+        m = res.get(n, {})
+        if m.get("forget_quality") is not None and m.get("model_utility") is not None:
+            ax.scatter(m["model_utility"], max(m["forget_quality"], 1e-300), marker=mk, s=90, color=c, zorder=4,
+                       label=n)
+    r, mu_t = res.get("retain", {}), res.get("target", {}).get("model_utility")
+    if r.get("model_utility") is not None:
+        ax.scatter(r["model_utility"], 1.0, marker="*", s=160, color="gold", edgecolor="black", zorder=4,
+                   label="retain model (ideal: FQ = 1)")
+    if mu_t is not None:
+        ax.axvline(0.9 * mu_t, ls=":", color="gray", lw=1, label="0.9 x target utility")
+    ax.axhline(0.05, ls="--", color="gray", lw=0.8, label="p = 0.05")
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility (harmonic mean of the utility parts)")
+    ax.set_ylabel("forget quality (KS p-value vs retain model, log)")
+    ax.set_title(f"{report['preset']['title']}: {title}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, loc="lower left")
+
+
+def render_png(report: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    specs = report["specs"]
+    groups = [("methods", [n for n, s in specs.items() if s["group"] == "method"]),
+              ("ablations", [n for n, s in specs.items() if s.get("ablation")])]
+    groups = [(t, ns) for t, ns in groups if ns]
+    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 5.5), squeeze=False)
+    for ax, (title, names) in zip(axes[0], groups):
+        _plot_panel(ax, title, names, report)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
