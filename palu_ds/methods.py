@@ -323,7 +323,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method(name="palu", batches=FORGET_RETAIN, needs=RETAIN_SET, reference=PALU_REFERENCE, defaults=PALU_DEFAULTS,
            term_fns=PALU_TERMS,
            combine=lambda t, hp: hp["gamma"] * t["forget"] + hp["alpha"] * (t["retain"] + t["kl"]),
-           doc="PALU: local top-K flattening at I_init + KL on common tokens + retain NLL"),
+           doc="PALU: local top-K flattening at I_init + KL on common tokens + retain NLL (arXiv 2601.03190)"),
     Method(name="pd_flat", batches=FORGET_RETAIN, needs=RETAIN_SET, constraint="retain",
            defaults={"gamma": 1.0, **DUAL_DEFAULTS}, term_fns={"forget": flat_forget, "retain": retain_nll},
            combine=lambda t, hp: hp["gamma"] * t["forget"],
@@ -331,12 +331,14 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method(name="palu_pd", batches=FORGET_RETAIN, needs=RETAIN_SET, reference=PALU_REFERENCE, constraint="retain",
            defaults={**PALU_DEFAULTS, **DUAL_DEFAULTS}, term_fns=PALU_TERMS,
            combine=lambda t, hp: hp["gamma"] * t["forget"] + hp["alpha"] * t["kl"],
-           doc="PALU's local loss + KL on common tokens, retain NLL as a primal-dual constraint"),
+           doc="PALU's local loss + KL on common tokens, retain NLL as a primal-dual constraint (arXiv 2601.03190, "
+               "2506.05314)"),
     Method(name="grad_ascent", batches=("forget",), defaults={"gamma": 1.0}, term_fns={"forget": forget_neg_nll},
-           combine=lambda t, hp: hp["gamma"] * t["forget"], doc="gradient ascent on the forget answers"),
+           combine=lambda t, hp: hp["gamma"] * t["forget"],
+           doc="gradient ascent on the forget answers (TOFU baseline, arXiv 2401.06121)"),
     Method(name="grad_diff", batches=FORGET_RETAIN, needs=RETAIN_SET, defaults={"gamma": 1.0, "alpha": 1.0},
            term_fns={"forget": forget_neg_nll, "retain": retain_nll}, combine=_forget_retain,
-           doc="gradient difference"),
+           doc="gradient difference (TOFU baseline, arXiv 2401.06121)"),
     Method(name="npo", batches=FORGET_RETAIN, needs=RETAIN_SET, reference={"forget": ("seq_logps",)},
            defaults={"beta": 0.1, "gamma": 1.0, "alpha": 1.0}, term_fns={"forget": npo_forget, "retain": retain_nll},
            combine=_forget_retain, doc="NPO + retain NLL (arXiv 2404.05868)"),
@@ -349,7 +351,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            reference={"forget": ("seq_logps",), "idk": ("seq_logps",)},
            defaults={"beta": 0.1, "gamma": 1.0, "alpha": 1.0},
            term_fns={"forget": idk_dpo_forget, "retain": retain_nll}, combine=_forget_retain,
-           doc="DPO toward refusal answers + retain NLL"),
+           doc="DPO toward refusal answers + retain NLL (TOFU's IdkPO, arXiv 2401.06121 / 2404.05868)"),
 ]}
 
 

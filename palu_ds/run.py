@@ -46,6 +46,6 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
     trainer.setup()
     trainer.train()
     trainer.save_model()
+    trainer.summary()  # before cleanup, which closes the trackers (wandb gets the summary)
     trainer.cleanup()
-    trainer.summary()
     return 0

@@ -14,6 +14,7 @@ import torch
 from palu_ds import dist
 from palu_ds.atomic import atomic_path, write_json
 from palu_ds.batch import shift
+from palu_ds.progress import rows_progress
 
 from .key import MANIFEST, CacheMismatch, _diff, cache_key
 from .parts import _vocab_size, answer_nll_sums, id_dtype, reference_tensors, topk_sizes
@@ -73,11 +74,13 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
         ds, parts = datasets[name], method.reference_parts_for(name)
         store: dict[str, list] = {p: [] for p in ("topk_ids", "kl_ids", "kl_logps")}
         ids, seq, sens_n, common_n = [], [], [], []
+        progress = rows_progress(len(range(dist.rank(), len(ds), dist.world())), f"reference {name}")
         for batch, real in rank_batches(ds, cfg.train.batch_size, tokenizer.pad_token_id, device):
             with torch.no_grad():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             if not real:
                 continue
+            progress.update(len(batch["input_ids"]))
             if name == method.constraint and "retain_loss" in want:
                 retain_sums += answer_nll_sums(logits, batch).cpu()
             if not parts:
@@ -94,6 +97,7 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
             for p in ("topk_ids", "kl_ids", "kl_logps"):
                 if p in t:
                     store[p].append(t[p].cpu())
+        progress.close()
         if parts:
             _write_shard(cache_dir, name, dist.rank(), ids, sens_n, common_n, seq, store, V,
                          getattr(torch, cfg.reference.dtype))
