@@ -90,7 +90,9 @@ def run_info(run, datasets: dict, *, steps: int, world_size: int, skipped_steps:
     cfg = dataclasses.asdict(run.cfg)
     data = {name: {**{k: cfg["data"][name][k] for k in ("source", "config", "split")}, "rows": len(ds),
                    "sha256": dataset_fingerprint(ds)} for name, ds in datasets.items()}
-    return {"method": run.method.name, "method_doc": run.method.doc, "unlearning": run.method.unlearning,
+    name = run.cfg.log.run_name or os.path.basename(os.path.normpath(run.cfg.train.output_dir))
+    return {"name": name, "method": run.method.name, "method_doc": run.method.doc, "unlearning": run.method.unlearning,
+            "uses_reference": bool(run.reference_parts),
             "config": cfg, "hp": dict(run.hp), "base_model": base_model_id(run.cfg.model.path), "data": data,
             "spans": spans, "steps": steps, "world_size": world_size, "skipped_steps": skipped_steps,
             "final": dict(final or {}), "eval": evaluation, "version": __version__, "commit": git_commit()}
@@ -107,7 +109,7 @@ def render(info: dict):
                          datasets=sorted({d for d in (_hub_dataset(s["source"]) for s in info["data"].values()) if d})
                          or None)
     train = cfg["train"]
-    parts = [f"# {os.path.basename(os.path.normpath(info['model_dir']))}",
+    parts = [f"# {info['name']}",
              f"{'Unlearned' if info['unlearning'] else 'Fine-tuned'} with palu_ds {info['version']}"
              + (f" (commit `{info['commit']}`)" if info["commit"] else "")
              + f" from `{cfg['model']['path']}` by **{method}**" + (f": {info['method_doc']}." if info["method_doc"]
@@ -128,7 +130,8 @@ def render(info: dict):
                       ("skipped (non-finite) steps", info["skipped_steps"]), ("lr", train["lr"]),
                       ("scheduler", train["scheduler"]), ("batch size per rank", train["batch_size"]),
                       ("gradient accumulation", train["grad_accum"]), ("seed", train["seed"]),
-                      ("reference", cfg["reference"]["mode"])], ("setting", "value")),
+                      ("reference", cfg["reference"]["mode"] if info["uses_reference"] else "none (reference-free)")],
+                     ("setting", "value")),
               "## Final values",
               _table(sorted((k, v) for k, v in info["final"].items() if k.startswith(("loss/", "dual/"))),
                      ("value", "last step"))]
@@ -147,9 +150,14 @@ def write_card(model_dir: str, info: dict) -> str | None:
 
     path = os.path.join(model_dir, CARD)
     try:
-        text = str(render({**info, "model_dir": model_dir}))
+        text = str(render(info))
         write_text(path, text)
     except OSError as e:
+        if os.path.isfile(path + ".tmp"):  # what the failed write left (the folder may still take a removal)
+            try:
+                os.remove(path + ".tmp")
+            except OSError:
+                pass
         log.warning("model card not written to %s (%s); the model is saved without it", path, e)
         return None
     return path
