@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from e2e import FAULTY, answer_nll, launch, state, summary
+from e2e import FAULTY, answer_nll, launch, state, summary, wandb_run
 
 from palu_ds.methods import METHODS
 
@@ -230,12 +230,22 @@ def test_torchrun_launch(tiny, target, tmp_path):
     from e2e import ROOT, cpu_env, free_port
 
     out = str(tmp_path / "torchrun")
-    # the installed module form (palu_ds/train.py), as `torchrun -m palu_ds.train` runs it without a checkout
+    # the installed module form (palu_ds/train.py), as `torchrun -m palu_ds.train` runs it without a checkout; with
+    # Weights & Biases offline (log.report_to: [wandb]) next to TensorBoard
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "palu_ds.train", *unlearn_args(tiny, target, out, "grad_diff", 2)]
-    p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+           "-m", "palu_ds.train", *unlearn_args(tiny, target, out, "grad_diff", 2, ["log.report_to=[wandb]"])]
+    p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(WANDB_MODE="offline", WANDB_SILENT="true"), capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     assert summary(out)["world_size"] == 2 and summary(out)["steps"] == 4
+    run = wandb_run(out)  # rank 0's run only: one run folder
+    steps = [h for h in run["history"] if "loss/total" in h]
+    assert [h["_step"] for h in steps] == [1, 2, 3, 4]
+    assert all(set(h) - {"_step", "_runtime", "_timestamp"} == tb_tags(out) for h in steps)  # TensorBoard's scalars
+    assert run["config"]["method"]["name"] == "grad_diff" and run["config"]["hp"] == {"gamma": 1.0, "alpha": 1.0}
+    assert run["config"]["world_size"] == 2 and run["config"]["train"]["max_steps"] == 4
+    assert run["summary"]["steps"] == 4 and run["summary"]["world_size"] == 2
+    assert run["summary"]["last/loss/total"] == pytest.approx(summary(out)["last"]["loss/total"])
 
 
 def test_evaluation_during_two_rank_training(tiny, target, tmp_path):
