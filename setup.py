@@ -28,7 +28,10 @@ setup(
     extras_require={
         "mpi": ["mpi4py"],
         "lora": ["peft"],
-        "test": ["pytest", "pytest-timeout", "peft"],
+        "wandb": ["wandb"],  # log.report_to: [wandb]
+        "test": ["pytest", "pytest-timeout", "peft", "wandb"],
     },
-    entry_points={"console_scripts": ["palu-ds=palu_ds.cli:main"]},
+    # python -m palu_ds.train / .finetune get their in-training evaluator from this plugin (palu_ds.run.plugin_evaluator)
+    entry_points={"console_scripts": ["palu-ds=palu_ds.cli:main"],
+                  "palu_ds.evaluators": ["default=evaluation:trainer_evaluator"]},
 )

@@ -55,11 +55,12 @@ def _left_truncate(ids: list[int], room: int, bos: int | None) -> list[int]:
 
 
 def _generate_part(model, tokenizer, texts: list[str], refs: list[str], cfg: SuiteConfig, max_new: int,
-                   stop: bool, extra: list[dict]) -> list[dict]:
+                   stop: bool, extra: list[dict], part: str = "muse") -> list[dict]:
     idx = shard_indices(len(texts), rank(), world())
     room = max(1, (cfg.max_length or 2048) - max_new)
     prompts = [_left_truncate(encode_text(tokenizer, texts[i]), room, tokenizer.bos_token_id) for i in idx]
-    gens = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.batch_size)
+    gens = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.batch_size,
+                           desc=f"eval {part}: generation")
     recs = []
     for n, i in enumerate(idx):
         g = cut_at_stop(gens[n]).strip() if stop else gens[n]
@@ -76,7 +77,8 @@ def _privleak_part(model, tokenizer, texts: list[str], cfg: SuiteConfig) -> list
         if len(ids) < 2:
             raise ValueError(f"MUSE privleak text {i} has fewer than 2 tokens")
         queries.append((ids[:1], ids[1:]))  # first token (BOS when used) conditions, the rest is scored
-    stats = score_targets(model, queries, pad_id=pad_id_of(tokenizer), batch_size=cfg.batch_size, vocab_stats=True)
+    stats = score_targets(model, queries, pad_id=pad_id_of(tokenizer), batch_size=cfg.batch_size, vocab_stats=True,
+                          desc="eval privleak: scoring")
     recs = [{"index": i, "text_start": texts[i][:80], "n_tokens": int(len(st.logps)),
              "avg_nll": M.mean_nll(st.logps), "min_k": M.min_k(st.logps, cfg.k),
              "min_k_pp": M.min_k_plus_plus(st.logps, st.mu, st.var, cfg.k)} for i, st in zip(idx, stats)]
@@ -124,7 +126,7 @@ def run(model, tokenizer, cfg: SuiteConfig) -> EvalOutput:
             data = rows("verbmem_forget", {"prompt": str, "gt": str})
             examples["verbmem_forget"] = _generate_part(
                 model, tokenizer, [d["prompt"] for d in data], [d["gt"] for d in data], cfg,
-                cfg.max_new_tokens or 128, stop=False, extra=[{"gt": d["gt"]} for d in data])
+                cfg.max_new_tokens or 128, stop=False, extra=[{"gt": d["gt"]} for d in data], part=part)
         elif part in ("knowmem_forget", "knowmem_retain"):
             which = part.split("_")[1]
             qa = rows(f"knowmem_{which}_qa", QA)
@@ -132,7 +134,7 @@ def run(model, tokenizer, cfg: SuiteConfig) -> EvalOutput:
             examples[part] = _generate_part(
                 model, tokenizer, [icl_prompt(shots, d["question"]) for d in qa], [d["answer"] for d in qa], cfg,
                 cfg.max_new_tokens or 32, stop=True,
-                extra=[{"question": d["question"], "answer": d["answer"]} for d in qa])
+                extra=[{"question": d["question"], "answer": d["answer"]} for d in qa], part=part)
         elif part == "privleak":
             examples["privleak_forget"] = _privleak_part(model, tokenizer, rows("privleak_forget", None), cfg)
             examples["privleak_holdout"] = _privleak_part(model, tokenizer, rows("privleak_holdout", None), cfg)

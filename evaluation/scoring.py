@@ -17,6 +17,7 @@ import torch
 from palu_ds.data.collate import pad_ids
 from palu_ds.dist import max_across_ranks, world
 from palu_ds.lm_head import accepts_logits_to_keep
+from palu_ds.progress import rows_progress
 
 
 @dataclass
@@ -71,6 +72,7 @@ def score_targets(
     vocab_stats: bool = False,
     lockstep: Optional[bool] = None,
     chunk: int = 256,
+    desc: str = "scoring",
 ) -> list[TokenStats]:
     """Teacher-forced statistics of each ``(prompt_ids, target_ids)`` query (right padding; the logit at position
     ``t`` scores token ``t + 1``).  ``vocab_stats`` adds the mean/variance of ``log p`` under the next-token
@@ -89,6 +91,7 @@ def score_targets(
     batches = _batches(lengths, batch_size)
     n_batches = max_across_ranks(len(batches), device) if lockstep else len(batches)
     out: list[Optional[TokenStats]] = [None] * len(queries)
+    progress = rows_progress(len(queries), desc)  # this rank's queries, done / total and ETA on rank 0
     for b in range(n_batches):
         idx = batches[b] if b < len(batches) else []
         seqs = [list(queries[i][0]) + list(queries[i][1]) for i in idx] or [[pad_id]]  # dummy keeps ranks in step
@@ -118,6 +121,8 @@ def score_targets(
             out[i] = TokenStats(cat["lp"].astype(np.float64), cat["match"].astype(bool),
                                 cat.get("mu"), cat.get("var"))
         del logits
+        progress.update(len(idx))
+    progress.close()
     return out  # type: ignore[return-value]
 
 
@@ -130,6 +135,7 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int = 16,
     lockstep: Optional[bool] = None,
+    desc: str = "generation",
 ) -> list[str]:
     """Greedy continuations of each prompt (token ids), decoded without special tokens, cut at the first EOS (the
     tokenizer's or any of the checkpoint generation config's).
@@ -150,6 +156,7 @@ def generate_greedy(
     texts: list[Optional[str]] = [None] * len(prompts)
     saved_cfg = hf.generation_config
     hf.generation_config = gen_cfg  # a clean config: no sampling / penalties inherited from the checkpoint
+    progress = rows_progress(len(prompts), desc)
     try:
         for b in range(n_batches):
             idx = batches[b] if b < len(batches) else []
@@ -168,6 +175,8 @@ def generate_greedy(
                         new = new[:k]
                         break
                 texts[i] = tokenizer.decode(new, skip_special_tokens=True)
+            progress.update(len(idx))
     finally:
         hf.generation_config = saved_cfg
+        progress.close()
     return texts  # type: ignore[return-value]

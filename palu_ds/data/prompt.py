@@ -23,16 +23,19 @@ change from day to day.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
 
 
 @dataclass(frozen=True)
 class PromptFormat:
-    chat_template: bool | None = None  # None: chat when the tokenizer has a template; True: required; False: plain
-    system_prompt: str | None = "You are a helpful assistant."  # null: no system message (the template's default)
-    date_string: str | None = "10 Apr 2025"  # for templates that print a date (Llama-3); null: the template decides
+    chat_template: bool | None = field(default=None, metadata={"help": "null: the chat template when the tokenizer "
+                                       "has one; true: required; false: plain 'Question: ...\\nAnswer:'"})
+    system_prompt: str | None = field(default="You are a helpful assistant.", metadata={
+        "help": "the system message; null: none (the template's default)"})
+    date_string: str | None = field(default="10 Apr 2025", metadata={
+        "help": "for templates that print a date (Llama-3); null: the template decides"})
 
 
 DEFAULT_FORMAT = PromptFormat()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from palu_ds.batch import IGNORE_INDEX
 from palu_ds.data.errors import DataError, at
@@ -29,14 +29,22 @@ class QAOptions:
     """How to read and label a QA dataset: declared once, the ``data`` section of a run config extends it
     (palu_ds.config.DataConfig)."""
 
-    question_key: str = "question"
-    answer_key: str = "answer"
-    spans_key: str = "target_words"
-    max_length: int = 256
-    n_init: int | None = 3  # None = every token of a span is in I_init
-    span_source: str = "auto"  # auto (labels when present, else detector) | labels | detector | model | none
-    span_model: str | None = None  # a transformers token-classification model (span_source=model)
-    prompt: PromptFormat = DEFAULT_FORMAT  # chat template / system prompt / date (palu_ds.data.prompt)
+    question_key: str = field(default="question", metadata={"help": "the question field of a QA row"})
+    answer_key: str = field(default="answer", metadata={"help": "the answer field of a QA row"})
+    spans_key: str = field(default="target_words", metadata={"help": "the field of a row's labelled sensitive spans"})
+    max_length: int = field(default=256, metadata={
+        "help": "longest tokenized example (prompt + answer); longer ones are cut"})
+    n_init: int | None = field(default=3, metadata={
+        "help": "I_init = the first n_init tokens of each sensitive span; null: whole spans (set by method.params.N "
+                "when given)"})
+    span_source: str = field(default="auto", metadata={
+        "help": "the forget set's spans: auto (labels when present, else detector) | labels | detector | model | none",
+        "choices": SPAN_SOURCES})
+    span_model: str | None = field(default=None, metadata={
+        "help": "a transformers token-classification model for span_source: model"})
+    prompt: PromptFormat = field(default=DEFAULT_FORMAT, metadata={
+        "help": "how QA becomes tokens for training, precompute and in-training evaluation (the tokenizer's chat "
+                "template as open-unlearning applies it)"})
 
     def __post_init__(self):
         if self.span_source not in SPAN_SOURCES:

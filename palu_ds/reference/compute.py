@@ -14,6 +14,7 @@ import torch
 from palu_ds import dist
 from palu_ds.atomic import atomic_path, write_json
 from palu_ds.batch import shift
+from palu_ds.progress import rows_progress
 
 from .key import MANIFEST, CacheMismatch, _diff, cache_key
 from palu_ds.methods import REFERENCE_PARTS
@@ -76,11 +77,13 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
         ds, parts = datasets[name], method.reference_parts_for(name)
         store: dict[str, list] = {}
         ids, counts = [], {r: [] for r in masks}
+        progress = rows_progress(len(range(dist.rank(), len(ds), dist.world())), f"reference {name}")
         for batch, real in rank_batches(ds, cfg.train.batch_size, tokenizer.pad_token_id, device):
             with torch.no_grad():
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             if not real:
                 continue
+            progress.update(len(batch["input_ids"]))
             if name == method.constraint and "retain_loss" in want:
                 retain_sums += answer_nll_sums(logits, batch).cpu()
             if not parts:
@@ -90,6 +93,7 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
                 counts[r] += mask.flatten(1).sum(-1).tolist()
             for t, v in reference_tensors(logits, batch, parts, K, k).items():
                 store.setdefault(t, []).append(v.cpu())
+        progress.close()
         if parts:
             _write_shard(cache_dir, name, dist.rank(), ids, counts, store, V, getattr(torch, cfg.reference.dtype))
     retain_sums = dist.all_reduce_sum(retain_sums)
