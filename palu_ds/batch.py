@@ -18,6 +18,10 @@ positions in row-major (b, t) order of the *shifted* masks, i.e. the order of ``
 * ``kl_ids``          [N_common, k] reference top-k token ids at the common positions
 * ``kl_logps``        [N_common, k] the reference log-probs of those ids (the tail mass is 1 - sum(exp))
 * ``seq_logps``       [B]           sum of the reference's answer-token log-probs per sequence (NPO, SimNPO, DPO)
+* ``ans_ids``         [N_answer, k] at every answer position: the target id, then the reference's top k-1 others
+* ``ans_logps``       [N_answer, k] the reference log-probs of those ids (UNDIAL)
+* ``hidden``          [N_tokens, D] the reference's hidden states of a decoder layer at the answer tokens themselves
+                                    (``labels != -100`` unshifted; RMU)
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from palu_ds.config import Run
 from palu_ds.data.build import build_datasets, report_spans
 from palu_ds.data.collate import collate
 from palu_ds.ds_config import load_ds_config, zero_stage
+from palu_ds.hidden import LayerCapture
 from palu_ds.monitor import Monitor, peak_memory_bytes, reset_peak_memory, start_wandb
 from palu_ds.sampling import BatchStream
 from palu_ds.schedule import lr_at
@@ -239,6 +240,8 @@ class Trainer:
         if self.answer_only:  # the head path must give the model's own logits: refuse by name where it cannot
             self.head_spec = lm_head.head_spec(model)
             lm_head.verify(self.engine.module, self.head_spec)
+        layer = self.method.layer(self.hp)  # a method that reads a decoder layer's output (RMU): hooked here
+        self.capture = None if layer is None else LayerCapture(self.engine.module, layer)
 
     def _build_reference(self):
         from palu_ds.reference import build_reference
@@ -327,8 +330,9 @@ class Trainer:
         micro = {n: {key: v.to(self.device) for key, v in b.items()} for n, b in micro.items()}
         ref = {n: self.reference.lookup(n, b) for n, b in micro.items()}
         logits = self._forward(micro)
+        hidden = self._split_rows(self.capture.output, micro) if self.capture is not None else {}
         terms = lm_head.within_head(logits, lambda lg: self.method.terms(  # chunked: inside one head call
-            StepInputs(logits=lg, batches=micro, ref=ref, normalizers=norms), self.hp))
+            StepInputs(logits=lg, batches=micro, ref=ref, normalizers=norms, hidden=hidden), self.hp))
         stats.lam = self._lam()  # dual_update=micro_batch moves λ between micro-batches (open-unlearning)
         loss = self.method.objective(terms, self.hp, stats.lam, self._epsilon()) * (self.world * self.gas)
         loss = self.hooks.loss(self, loss)
@@ -397,11 +401,15 @@ class Trainer:
 
     def _dense_logits(self, micro: dict[str, dict], ids, mask) -> dict:
         """[B, T, V] logits of each batch (its rows of the concatenated forward, cut to its own width)."""
-        logits = self.engine(input_ids=ids, attention_mask=mask).logits
+        return self._split_rows(self.engine(input_ids=ids, attention_mask=mask).logits, micro)
+
+    @staticmethod
+    def _split_rows(joint: torch.Tensor, micro: dict[str, dict]) -> dict:
+        """Each batch's rows of a tensor of the concatenated forward ([B_all, T, ...]), cut to its own width."""
         out, row = {}, 0
         for n, b in micro.items():
             rows, width = b["input_ids"].shape
-            out[n] = logits[row:row + rows, :width]
+            out[n] = joint[row:row + rows, :width]
             row += rows
         return out
 

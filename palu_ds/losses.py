@@ -10,8 +10,12 @@ Conventions
 Sources: PALU = arXiv 2601.03190 (reference code github.com/nxZhai/PALU, ``src/trainer/unlearn/palu.py``, read
 from its public copy bursteries-cn/PALU_demo);
 PDU = "Constrained Entropic Unlearning", arXiv 2506.05314 (open-unlearning ``src/trainer/unlearn/pdu.py``);
-NPO = arXiv 2404.05868; SimNPO = arXiv 2410.07163; DPO = arXiv 2305.18290; baselines as implemented in
-open-unlearning (locuslab/open-unlearning ``src/trainer/utils.py``, ``src/trainer/unlearn/*.py``).
+NPO = arXiv 2404.05868; SimNPO = arXiv 2410.07163; DPO = arXiv 2305.18290; WGA = arXiv 2502.19301 (Wang et al.
+2025, "Rethinking LLM Unlearning Objectives: A Gradient Perspective and Go Beyond"); SatImp = arXiv 2505.11953 (Yang
+et al. 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM Unlearning"); UNDIAL = arXiv 2402.10052 (Dong et
+al. 2024/2025); RMU = arXiv 2403.03218 (WMDP, Li et al. 2024, reference code centerforaisafety/wmdp
+``rmu/unlearn.py``); baselines as implemented in open-unlearning (locuslab/open-unlearning ``src/trainer/utils.py``,
+``src/trainer/unlearn/*.py``, read at commit d3d7cf9).
 """
 
 from __future__ import annotations
@@ -161,6 +165,15 @@ def topk_ids(ref_logits: torch.Tensor, k: int) -> torch.Tensor:
     return ref_logits.topk(min(k, ref_logits.shape[-1]), dim=-1).indices
 
 
+def target_first_topk_ids(ref_logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """``k`` reference ids per row (k clipped to V): the target first, then the reference's top k-1 other ids
+    (sorted) -- what the precompute stores as ``ans_ids`` (UNDIAL lowers the target's logit, so it must be kept).
+    Example: z = [0.1, 3.0, 2.0], target 0, k = 2 -> [0, 1]."""
+    k = min(k, ref_logits.shape[-1])
+    others = ref_logits.scatter(-1, targets[:, None], float("-inf")).topk(k - 1, dim=-1).indices
+    return torch.cat([targets[:, None], others], -1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # KL on common tokens
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,6 +194,21 @@ def kl_exact(logits: torch.Tensor, ref_logits: torch.Tensor, direction: str = "f
     raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
 
 
+def _buckets(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logps: torch.Tensor, tail_floor: float):
+    """``(log p, log q)`` over the buckets of :func:`kl_sparse`: the k reference ids, plus the tail (the rest of the
+    vocabulary) when k < V -- ``p`` the current model's (the tail by a logsumexp), ``q`` the reference's."""
+    z = _f32(logits)
+    lse = z.logsumexp(-1, keepdim=True)
+    logp = z.gather(-1, ref_ids) - lse
+    logq = ref_logps.to(z.dtype)
+    if ref_ids.shape[-1] < z.shape[-1]:                                   # add the tail bucket
+        logp_tail = z.scatter(-1, ref_ids, float("-inf")).logsumexp(-1, keepdim=True) - lse
+        q_tail = (1.0 - logq.exp().sum(-1, keepdim=True)).clamp(min=tail_floor, max=1.0)
+        logp = torch.cat([logp, logp_tail.clamp(min=-1e4)], -1)
+        logq = torch.cat([logq, q_tail.log()], -1)
+    return logp, logq
+
+
 def kl_sparse(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logps: torch.Tensor, direction: str = "forward",
               tail_floor: float = 1e-6) -> torch.Tensor:
     """KL from the reference's precomputed top-k log-probs, the rest of the vocabulary as one "tail" bucket; [N].
@@ -194,15 +222,7 @@ def kl_sparse(logits: torch.Tensor, ref_ids: torch.Tensor, ref_logps: torch.Tens
     forward = .4 ln(.4/.5) + .3 ln(.3/.25) + .3 ln(.3/.25) = 0.020136.
     Store ``ref_logps`` in float32: the tail is a difference from 1.
     """
-    z = _f32(logits)
-    lse = z.logsumexp(-1, keepdim=True)
-    logp = z.gather(-1, ref_ids) - lse
-    logq = ref_logps.to(z.dtype)
-    if ref_ids.shape[-1] < z.shape[-1]:                                   # add the tail bucket
-        logp_tail = z.scatter(-1, ref_ids, float("-inf")).logsumexp(-1, keepdim=True) - lse
-        q_tail = (1.0 - logq.exp().sum(-1, keepdim=True)).clamp(min=tail_floor, max=1.0)
-        logp = torch.cat([logp, logp_tail.clamp(min=-1e4)], -1)
-        logq = torch.cat([logq, q_tail.log()], -1)
+    logp, logq = _buckets(logits, ref_ids, ref_logps, tail_floor)
     if direction == "forward":
         return (logp.exp() * (logp - logq)).sum(-1)
     if direction == "reverse":
@@ -227,3 +247,91 @@ def logit_margin_flat(logits: torch.Tensor) -> torch.Tensor:
     """
     z = _f32(logits)
     return (z.amax(-1) - z.mean(-1)).pow(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token-weighted likelihood losses (WGA, SatImp) and self-distillation with adjusted logits (UNDIAL)
+# ----------------------------------------------------------------------------------------------------------------
+def wga_loss(logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """Weighted gradient ascent (WGA, arXiv 2502.19301), per token [...] from the token log-probs ``log p_t``:
+
+    ``L_t = w_t log p_t``,  ``w_t = sg(p_t)^beta``  (sg: no gradient through the weight)
+
+    minimised, i.e. gradient ascent on the NLL with each token weighted by its own probability raised to beta: tokens
+    already forgotten (p_t small) stop pulling. open-unlearning ``compute_wga_loss`` (``src/trainer/utils.py``, used
+    by ``src/trainer/unlearn/wga.py``): ``-(exp(-ce)^beta * ce)`` averaged over the answer tokens, ``ce = -log p_t``.
+    Example: ``p_t = 1/2, beta = 1`` -> ``(1/2) ln(1/2) = -0.346574``; ``dL/d log p_t = p_t^beta`` (= 1/2), so w.r.t.
+    the logits z: ``p_t^beta (onehot(y_t) - softmax(z))``.
+    """
+    logps = _f32(logps)
+    return (beta * logps.detach()).exp() * logps
+
+
+def satimp_loss(logps: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+    """SatImp (arXiv 2505.11953, "saturation" x "importance" reweighting), per token [...] from ``log p_t``:
+
+    ``L_t = w_t log p_t``,  ``w_t = sg(p_t)^beta1 * (1 - sg(p_t))^beta2``
+
+    minimised (weighted gradient ascent; the weight vanishes both for forgotten tokens, p_t -> 0, and for tokens the
+    model is sure of, p_t -> 1). open-unlearning ``compute_satimp_loss`` (``src/trainer/utils.py``, used by
+    ``src/trainer/unlearn/satimp.py``): ``-(weight_sat * weight_imp * ce)`` averaged over the answer tokens.
+    Example: ``p_t = 1/2, beta1 = 5, beta2 = 1`` -> ``2^-5 * 2^-1 * ln(1/2) = -0.0108304``;
+    ``dL/d log p_t = w_t`` (= 1/64), w.r.t. the logits ``w_t (onehot(y_t) - softmax(z))``.
+    """
+    logps = _f32(logps)
+    p = logps.detach().exp()
+    return p.pow(beta1) * (1.0 - p).pow(beta2) * logps
+
+
+def undial_loss(logits: torch.Tensor, targets: torch.Tensor, ref_ids: torch.Tensor, ref_logps: torch.Tensor,
+                beta: float, tail_floor: float = 1e-6) -> torch.Tensor:
+    """UNDIAL (arXiv 2402.10052): self-distillation toward the reference with the target token's logit lowered by
+    beta, per position; [N] from logits [N, V], targets [N] and the reference's log-probs ``ref_logps`` [N, k] of
+    the ids ``ref_ids`` [N, k] (the target must be among them; the cache stores it in column 0):
+
+    ``q' = softmax(log q_ref - beta * onehot(y_t))``,   ``L_t = CE(q', p_theta) = -sum_v q'_v log p_v``
+
+    open-unlearning ``compute_undial_loss`` (``src/trainer/utils.py``, used by ``src/trainer/unlearn/undial.py``) is
+    this with the whole vocabulary (k = V, exact; ``softmax(teacher_logits - beta * onehot)``), but averaged over
+    EVERY position of the sequence: prompt and padding too, where its label -100 indexes the vocabulary from the end
+    (it lowers token V-100 there; an IndexError below V = 100). Here the mean is over the answer tokens (the caller's
+    mask). With k < V the ids not stored form one tail bucket, as in :func:`kl_sparse` (``q_T = 1 - sum
+    exp(ref_logps)``, clamped to ``[tail_floor, 1]``, ``p_T`` = the model's tail mass): the coarse-grained pair's CE,
+    a lower bound of the exact one (exact for k >= V - 1).
+    Example: V = 2, z = (0, 0), reference q = (1/2, 1/2), y = 0, beta = ln 3 -> q' = (1/4, 3/4),
+    L = ln 2 = 0.693147; gradient w.r.t. the logits ``softmax(z) - q'`` (bucket form: ``p_b - q'_b`` spread over a
+    bucket's ids in proportion to p) = (1/4, -1/4).
+    """
+    logp, logq = _buckets(logits, ref_ids, ref_logps, tail_floor)
+    shift = F.pad((ref_ids == targets[:, None]).to(logq.dtype), (0, logq.shape[-1] - ref_ids.shape[-1]))
+    q_adj = (logq - beta * shift).softmax(-1)
+    return -(q_adj * logp).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Representation misdirection (RMU, WMDP arXiv 2403.03218)
+# ----------------------------------------------------------------------------------------------------------------
+def rmu_distance(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """RMU's per-token distance (WMDP, arXiv 2403.03218, eq. 1-2), [N] from hidden states [N, D] of one layer and
+    targets [N, D] (or [D], broadcast): ``d_t = (1/D) ||h_t - target_t||^2``.
+
+    Forget: target = the control vector ``c`` (:func:`rmu_control_vector`); retain: target = the frozen reference's
+    hidden state at the same token. The loss of a sequence is the mean of d_t over its answer tokens (the tokens
+    themselves: ``labels != -100`` unshifted), and a term the mean over sequences -- open-unlearning
+    ``RMU.compute_activation_loss`` (``src/trainer/unlearn/rmu.py``: ``mse(reduction=none).mean(-1)`` summed over the
+    masked tokens, divided by their count, mean over the batch). That code divides the [B] sums by the [B, 1] counts,
+    a broadcast whose mean is ``mean_b(S_b) * mean_b(1/n_b)``: the same only when every sequence has as many answer
+    tokens (tests/test_new_methods.py). WMDP's own code takes a plain MSE over every position, padding included.
+    Example: h = (1, 2), target = (0, 0) -> (1 + 4)/2 = 2.5; gradient ``dd/dh = (2/D)(h - target)`` = (1, 2).
+    """
+    h = _f32(hidden)
+    return (h - target.to(h.dtype)).pow(2).mean(-1)
+
+
+def rmu_control_vector(dim: int, coeff: float, seed: int) -> torch.Tensor:
+    """RMU's fixed random direction scaled to norm ``coeff``: ``c = coeff * u / ||u||``, ``u ~ U[0, 1)^D`` drawn from
+    a generator seeded with ``seed`` -- the same on every rank and every resume (the WMDP code and open-unlearning draw
+    ``torch.rand(1, 1, D)`` from the global generator once per run). [D], float32, on the CPU.
+    Example: ``||rmu_control_vector(576, 2.0, 0)|| = 2``."""
+    u = torch.rand(dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return coeff * u / u.norm()

@@ -7,8 +7,9 @@ METHODS``); no method-specific branch lives anywhere else.
 
 Positions (after :func:`palu_ds.batch.shift`): answer tokens = ``labels != -100``; sensitive = ``sens_mask``
 (I_init); common = ``common_mask``.  Reference tensors are packed in the row-major order of ``logits_s[mask_s]``.
-A reference dict holds either precomputed parts (``topk_ids``, ``kl_ids``/``kl_logps``, ``seq_logps``) or, in
-resident mode, ``logits`` [B, T, V] of the reference model, from which every part is derived.
+A reference dict holds either precomputed parts (``topk_ids``, ``kl_ids``/``kl_logps``, ``seq_logps``,
+``ans_ids``/``ans_logps``, ``hidden``) or, in resident mode, ``logits`` [B, T, V] of the reference model, from which
+every logits part is derived.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ class StepInputs:
     ``normalizers[batch]`` holds *global* counts (summed over ranks) for ``answer`` (answer tokens), ``sens``
     (I_init positions), ``common`` (common positions) and ``seqs`` (sequences with >= 1 answer token); with
     them the per-rank terms add up to the full-batch terms.  ``None`` = local counts (rank-local means).
+    ``hidden[batch]``: the policy's hidden states [B, T, D] at the output of the decoder layer a method names
+    (:attr:`Method.hidden_layer`; RMU), empty for the others.
     """
 
     logits: dict[str, Tensor]
     batches: dict[str, dict[str, Tensor]]
     ref: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     normalizers: dict[str, dict[str, Tensor]] | None = None
+    hidden: dict[str, Tensor] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -155,6 +159,74 @@ def idk_dpo_forget(x: StepInputs, hp) -> Tensor:
     return L.aggregate_loss(per, aw.any(-1) & al.any(-1), _norm(x, "forget", "seqs"))
 
 
+def wga_forget(x: StepInputs, hp) -> Tensor:
+    """WGA: each forget answer token's log-prob weighted by its own (detached) probability to the power beta."""
+    logits_s, labels_s, answer = _shifted(x, "forget")
+    per = L.wga_loss(L.token_logps(logits_s, labels_s), hp["beta"])
+    return L.aggregate_loss(per, answer, _norm(x, "forget", "answer"))
+
+
+def satimp_forget(x: StepInputs, hp) -> Tensor:
+    """SatImp: as WGA with the weight ``p^beta1 (1 - p)^beta2``."""
+    logits_s, labels_s, answer = _shifted(x, "forget")
+    per = L.satimp_loss(L.token_logps(logits_s, labels_s), hp["beta1"], hp["beta2"])
+    return L.aggregate_loss(per, answer, _norm(x, "forget", "answer"))
+
+
+def undial_forget(x: StepInputs, hp) -> Tensor:
+    """UNDIAL: cross-entropy to the reference's distribution with the answer token's logit lowered by beta, at every
+    forget answer token; from ``ans_ids``/``ans_logps`` (the target first, then the reference's top kl_topk - 1),
+    or exact from resident ``logits``."""
+    logits_s, labels_s, answer = _shifted(x, "forget")
+    ref = _ref(x, "forget", "ans_ids", "ans_logps")
+    targets = labels_s[answer].to(logits_s.device)
+    if "ans_ids" in ref and "ans_logps" in ref:
+        k = hp["kl_topk"] or ref["ans_ids"].shape[-1]
+        ids = ref["ans_ids"][:, :k].to(logits_s.device, torch.long)
+        logps = ref["ans_logps"][:, :k].to(logits_s.device)
+    else:
+        with torch.no_grad():
+            logps = ref["logits"][:, :-1][answer].to(logits_s.device).log_softmax(-1)
+        ids = torch.arange(logps.shape[-1], device=logps.device).expand(logps.shape)
+    _check_rows("ans_ids", ids.shape[0], int(answer.sum()))
+    per = L.map_rows(logits_s, answer, partial(L.undial_loss, beta=hp["beta"]), targets, ids, logps)
+    return L.aggregate_loss(per, None, _norm(x, "forget", "answer"))
+
+
+def _sequence_mean(per: Tensor, mask: Tensor, normalizer) -> Tensor:
+    """Mean over sequences of each sequence's mean of ``per`` (packed over ``mask`` [B, T]) -- RMU's reduction."""
+    dense = torch.zeros(mask.shape, dtype=per.dtype, device=per.device).masked_scatter(mask, per)
+    seq = dense.sum(-1) / mask.sum(-1).clamp(min=1).to(per.dtype)
+    return L.aggregate_loss(seq, mask.any(-1), normalizer)
+
+
+def _layer_hidden(x: StepInputs, batch: str) -> tuple[Tensor, Tensor]:
+    """The policy's hidden states of the method's layer at the batch's answer tokens (labels != -100, unshifted: the
+    tokens' own positions, as open-unlearning's RMU), packed [N, D], and that mask [B, T]."""
+    if batch not in x.hidden:
+        raise KeyError(f"no hidden states for batch {batch!r}: the engine captures them for a method that declares "
+                       f"hidden_layer (have {sorted(x.hidden)})")
+    h = x.hidden[batch]
+    mask = (x.batches[batch]["labels"] != IGNORE_INDEX).to(h.device)
+    return h[mask], mask
+
+
+def rmu_forget(x: StepInputs, hp) -> Tensor:
+    """RMU forget term: the layer's hidden states at the forget answer tokens pulled to the control vector."""
+    h, mask = _layer_hidden(x, "forget")
+    c = L.rmu_control_vector(h.shape[-1], hp["steering_coeff"], hp["control_seed"]).to(h.device)
+    return _sequence_mean(L.rmu_distance(h, c), mask, _norm(x, "forget", "seqs"))
+
+
+def rmu_retain(x: StepInputs, hp) -> Tensor:
+    """RMU retain term: the layer's hidden states at the retain answer tokens kept at the frozen reference's (the
+    precomputed ``hidden`` part, the same layer and tokens)."""
+    h, mask = _layer_hidden(x, "retain")
+    target = _ref(x, "retain", "hidden")["hidden"].to(h.device)
+    _check_rows("hidden", target.shape[0], h.shape[0])
+    return _sequence_mean(L.rmu_distance(h, target), mask, _norm(x, "retain", "seqs"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reference parts and hyper-parameters
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,23 +248,70 @@ def _seq_part(lg, labels, rows, sizes):
     return {"seq_logps": L.sequence_logps(lg, labels)}
 
 
+def _answer_topk_part(lg, labels, rows, sizes):
+    """UNDIAL: the target first (its logit is lowered), then the reference's top k-1 others, with their log-probs."""
+    logps = torch.log_softmax(lg[rows].float(), dim=-1)
+    ids = L.target_first_topk_ids(logps, labels[rows], sizes["kl_topk"])
+    return {"ans_ids": ids, "ans_logps": logps.gather(-1, ids)}
+
+
+def _hidden_part(hidden, labels, rows, sizes):
+    """RMU: the reference's hidden states of the method's layer at the answer tokens."""
+    return {"hidden": hidden[rows]}
+
+
+#: what a part's rows follow (:attr:`RefPart.rows`, :func:`row_mask`); the first three are positions after the shift
+ROWS = ("sens_mask", "common_mask", "answer", "tokens")
+#: the row masks that follow the data's spans (``data.n_init``)
+SPAN_ROWS = ("sens_mask", "common_mask")
+
+
+def row_mask(batch: Mapping[str, Tensor], rows: str) -> Tensor:
+    """The positions of a batch a part's rows follow (boolean): ``sens_mask`` / ``common_mask`` (I_init / common
+    tokens) and ``answer`` (every answer token) at the logits that predict them ([B, T-1], after the shift);
+    ``tokens``: the answer tokens themselves ([B, T], unshifted: where a layer's hidden states are read)."""
+    if rows not in ROWS:
+        raise ValueError(f"unknown row mask {rows!r}; valid: {ROWS}")
+    if rows in SPAN_ROWS:
+        return batch[rows][:, 1:].bool()
+    answer = batch["labels"] != IGNORE_INDEX
+    return answer if rows == "tokens" else answer[:, 1:]
+
+
 @dataclass(frozen=True)
 class RefPart:
     """One per-example part of the reference that the cache stores and the loop looks up (:data:`REFERENCE_PARTS`).
 
-    ``rows``     the row mask its rows follow (``sens_mask``: I_init positions, ``common_mask``: common positions;
-                 None: one row per sequence); a part with a row mask depends on the data's spans (``data.n_init``)
+    ``rows``     the row mask its rows follow (:func:`row_mask`: ``sens_mask`` I_init positions, ``common_mask``
+                 common positions, ``answer`` every answer position, ``tokens`` the answer tokens themselves; None:
+                 one row per sequence); a part on ``sens_mask`` / ``common_mask`` depends on the data's spans
     ``tensors``  each stored tensor and its storage kind: ``ids`` (int16/int32 by vocabulary), ``values``
                  (``reference.dtype``), ``float32``
-    ``compute``  ``(shifted logits [B, T-1, V], shifted labels, row mask or None, sizes) -> {tensor: rows}``, the math
-                 of palu_ds.losses; ``sizes`` = ``{"K": K, "kl_topk": k}`` clipped to the vocabulary
+    ``compute``  ``(source, labels, row mask or None, sizes) -> {tensor: rows}``, the math of palu_ds.losses;
+                 ``sizes`` = ``{"K": K, "kl_topk": k}`` clipped to the vocabulary
     ``key``      cache-key field -> the hyper-parameter it records (the cache is refused when it differs)
+    ``source``   what ``compute`` reads: ``logits`` (the reference's shifted logits [B, T-1, V] and shifted labels)
+                 or ``hidden`` (its hidden states [B, T, D] at the output of the method's decoder layer,
+                 :attr:`Method.hidden_layer`, and the unshifted labels; rows ``tokens``)
     """
 
     rows: str | None
     tensors: Mapping[str, str]
     compute: Callable[..., dict[str, Tensor]]
     key: Mapping[str, str] = field(default_factory=dict)
+    source: str = "logits"
+
+    def __post_init__(self):
+        if self.rows is not None and self.rows not in ROWS:
+            raise ValueError(f"unknown row mask {self.rows!r}; valid: {ROWS}")
+        if self.source not in ("logits", "hidden") or (self.source == "hidden") != (self.rows == "tokens"):
+            raise ValueError(f"source {self.source!r} with rows {self.rows!r}: logits (shifted) follow sens_mask / "
+                             "common_mask / answer / None, a layer's hidden states (unshifted) follow tokens")
+
+    @property
+    def spans(self) -> bool:
+        """Whether its rows follow the data's spans (then the cache depends on ``data.n_init``)."""
+        return self.rows in SPAN_ROWS
 
 
 #: THE table of per-example reference parts, in the order the cache stores them; palu_ds.reference's compute, readers
@@ -202,6 +321,10 @@ REFERENCE_PARTS: Mapping[str, RefPart] = MappingProxyType({
     "kl": RefPart(rows="common_mask", tensors={"kl_ids": "ids", "kl_logps": "values"}, compute=_kl_part,
                   key={"k": "kl_topk"}),
     "seq_logps": RefPart(rows=None, tensors={"seq_logps": "float32"}, compute=_seq_part),
+    "answer_topk": RefPart(rows="answer", tensors={"ans_ids": "ids", "ans_logps": "values"}, compute=_answer_topk_part,
+                           key={"k": "kl_topk"}),
+    "hidden": RefPart(rows="tokens", tensors={"hidden": "values"}, compute=_hidden_part, key={"layer": "layer"},
+                      source="hidden"),
 })
 
 
@@ -248,6 +371,8 @@ class Method:
                      error: every parameter is range-checked); ``defaults`` derives from it (read-only)
     ``family``       the learning-rate group it shares in benchmarks (methods of one loss family; default: its own
                      name); ``unlearning=False`` marks plain fine-tuning (sft)
+    ``hidden_layer`` the hyper-parameter holding the index of the decoder layer whose output the terms read
+                     (``StepInputs.hidden``; a reference part of source ``hidden`` is of the same layer); None: none
 
     Adding a method = one entry in :data:`METHODS` + its term function(s) + one test.
     """
@@ -262,6 +387,7 @@ class Method:
     needs: Mapping[str, str] = field(default_factory=dict)
     reference: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     constraint: str | None = None
+    hidden_layer: str | None = None
     unlearning: bool = True
     doc: str = ""
 
@@ -281,6 +407,15 @@ class Method:
             raise ValueError(f"{self.name}: batches {sorted(strays)} are not among its batches {self.batches}")
         if self.constraint is not None and not (self.constraint in self.term_fns and self.constraint in self.batches):
             raise ValueError(f"{self.name}: the constraint {self.constraint!r} must name a term and its batch")
+        if self.hidden_layer is not None and self.hidden_layer not in self.params:
+            raise ValueError(f"{self.name}: hidden_layer {self.hidden_layer!r} must name a hyper-parameter")
+        parts = [REFERENCE_PARTS[p] for p in self.reference_parts]
+        if self.hidden_layer is None and any(part.source == "hidden" for part in parts):
+            raise ValueError(f"{self.name}: a reference part of a layer's hidden states needs hidden_layer")
+        unkeyed = sorted({h for part in parts for h in part.key.values()} - set(self.params))
+        if unkeyed:
+            raise ValueError(f"{self.name}: its reference parts record hyper-parameter(s) {unkeyed} it does not "
+                             "declare")
 
     # ------------------------------------------------------------------ what it needs (derived)
     @property
@@ -323,6 +458,10 @@ class Method:
     def needs_idk(self) -> bool:
         return "idk" in self.batches
 
+    def layer(self, hp: Mapping[str, Any]) -> int | None:
+        """The decoder layer whose hidden states the terms read (None: the method reads none)."""
+        return None if self.hidden_layer is None else int(self._merged(hp)[self.hidden_layer])
+
     def relative_epsilon(self, hp: Mapping[str, Any]) -> bool:
         """Whether eps = (1 + a) * (the reference's loss on the constraint batch) must be measured first."""
         return self.uses_dual and hp.get("epsilon_rel") is not None
@@ -357,7 +496,7 @@ class Method:
         parts = [part for p, part in REFERENCE_PARTS.items() if p in self.reference_parts]
         for part in parts:
             key.update({h: hp.get(h) for h in part.key.values()})
-        if any(part.rows is not None for part in parts) and "N" in self.params:
+        if any(part.spans for part in parts) and "N" in self.params:
             key["N"] = hp.get("N")
         return key
 
@@ -466,6 +605,40 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            params={**BETA, "gamma": weight(1.0), "alpha": weight(1.0)},
            term_fns={"forget": idk_dpo_forget, "retain": retain_nll}, combine=_forget_retain,
            doc="DPO toward refusal answers + retain NLL (TOFU's IdkPO, arXiv 2401.06121 / 2404.05868)"),
+    # --- issue 28: token-weighted ascent (WGA, SatImp), adjusted-logit self-distillation (UNDIAL), representation
+    # misdirection (RMU). Defaults: open-unlearning's configs/trainer/<Method>.yaml (d3d7cf9); its runs also set
+    # lr 1e-5 / 5 epochs (WGA, SatImp), lr 1e-4 / 10 epochs (UNDIAL): train settings, not method parameters.
+    # Families (not swept): WGA, SatImp, RMU with GradDiff's ("nll", open-unlearning's same lr 1e-5), UNDIAL with
+    # NPO's ("preference", the higher lr).
+    Method(name="wga", batches=FORGET_RETAIN, needs=RETAIN_SET, family="nll",
+           params={"beta": Param(1.0, "num", 0, open_low=True), "gamma": weight(1.0), "alpha": weight(1.0)},
+           term_fns={"forget": wga_forget, "retain": retain_nll}, combine=_forget_retain,
+           doc="weighted gradient ascent (token weight p^beta) + retain NLL (arXiv 2502.19301)"),
+    # SatImp: the paper's gamma 1, alpha 0.1 (forget:retain = 10; open-unlearning's community/methods/SatImp README
+    # and satimp.py's keyword defaults; its SatImp.yaml has them swapped, gamma 0.1, alpha 1), beta1 5, beta2 1
+    Method(name="satimp", batches=FORGET_RETAIN, needs=RETAIN_SET,
+           family="nll", params={"beta1": Param(5.0, "num", 0), "beta2": Param(1.0, "num", 0),
+                                 "gamma": weight(1.0), "alpha": weight(0.1)},
+           term_fns={"forget": satimp_forget, "retain": retain_nll}, combine=_forget_retain,
+           doc="saturation x importance weighted ascent (weight p^beta1 (1-p)^beta2) + retain NLL (arXiv 2505.11953)"),
+    # UNDIAL.yaml: beta 10 (the paper: 3 / 10 / 30), gamma 1, alpha 0 (the paper uses no retain set; the retain
+    # batch is still drawn, as there, for alpha > 0);
+    # kl_topk: reference log-probs kept per forget answer token (null: the whole vocabulary, exact), as PALU's KL
+    Method(name="undial", batches=FORGET_RETAIN, needs=RETAIN_SET, reference={"forget": ("answer_topk",)},
+           family="preference", params={"beta": Param(10.0, "num", 0, open_low=True), "gamma": weight(1.0),
+                                        "alpha": weight(0.0), "kl_topk": Param(256, "int", 1, nullable=True)},
+           term_fns={"forget": undial_forget, "retain": retain_nll}, combine=_forget_retain,
+           doc="self-distillation toward the reference with the answer token's logit lowered by beta "
+               "(arXiv 2402.10052)"),
+    # RMU.yaml: steering_coeff 2, gamma 1, alpha 1, layer 7 (module_regex model.layers.7), retain EMBED_DIFF, every
+    # parameter trained (its trainable_params_regex ".*"; WMDP's code trains only layers 5-7's mlp.down_proj). The
+    # WMDP paper's zephyr-7b run: layer 7, steering 6.5, alpha 1200. control_seed: ours (a fixed draw on every rank).
+    Method(name="rmu", batches=FORGET_RETAIN, needs=RETAIN_SET, reference={"retain": ("hidden",)},
+           family="nll", params={"steering_coeff": Param(2.0, "num", 0, open_low=True), "layer": Param(7, "int", 0),
+                                 "gamma": weight(1.0), "alpha": weight(1.0), "control_seed": Param(0, "int", 0)},
+           hidden_layer="layer", term_fns={"forget": rmu_forget, "retain": rmu_retain}, combine=_forget_retain,
+           doc="representation misdirection: layer activations of forget tokens to a random vector, of retain "
+               "tokens kept at the reference's (arXiv 2403.03218)"),
 ]}
 
 

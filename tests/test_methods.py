@@ -30,13 +30,20 @@ def make_batch(seed: int, B: int = 4) -> dict:
             "sens_mask": sens, "common_mask": common}
 
 
-def pack_ref(ref_logits, batch, K=5, k=4) -> dict:
-    """What the precompute stores for a batch (batch.py contract), from full reference logits."""
+def pack_ref(ref_logits, batch, K=5, k=4, ref_hidden=None) -> dict:
+    """What the precompute stores for a batch (batch.py contract), from full reference logits (and the reference's
+    layer activations)."""
     ref_s, labels_s, sens, common = shift(ref_logits, batch["labels"], batch["sens_mask"], batch["common_mask"])
     lp = ref_s.log_softmax(-1)
     kl_ids = L.topk_ids(ref_s[common], k)
-    return {"topk_ids": L.topk_ids(ref_s[sens], K), "kl_ids": kl_ids, "kl_logps": lp[common].gather(1, kl_ids),
-            "seq_logps": L.sequence_logps(ref_s, labels_s)}
+    answer = labels_s != -100
+    ans_ids = L.target_first_topk_ids(ref_s[answer], labels_s[answer], k)
+    out = {"topk_ids": L.topk_ids(ref_s[sens], K), "kl_ids": kl_ids, "kl_logps": lp[common].gather(1, kl_ids),
+           "seq_logps": L.sequence_logps(ref_s, labels_s), "ans_ids": ans_ids,
+           "ans_logps": lp[answer].gather(1, ans_ids)}
+    if ref_hidden is not None:
+        out["hidden"] = ref_hidden[batch["labels"] != -100]
+    return out
 
 
 def counts(batch) -> dict:
@@ -61,14 +68,18 @@ class World:
         batches = {n: {k: v[rows] for k, v in b.items()} for n, b in self.batches.items()}
         hidden = {n: h[rows] for n, h in self.hidden.items()}
         logits = {n: h @ self.W.T + self.b for n, h in hidden.items()}
-        ref_logits = {n: (h @ self.W_ref.T + self.b.detach()) for n, h in hidden.items() if n != "retain"}
+        # a "decoder layer"'s activations (RMU): hidden states mixed through W, so they carry W's gradient
+        layer = {n: h @ (self.W.T @ self.W) / V for n, h in hidden.items()}
+        ref_layer = {n: h @ (self.W_ref.T @ self.W_ref) / V for n, h in hidden.items()}
+        ref_logits = {n: (h @ self.W_ref.T + self.b.detach()) for n, h in hidden.items()}
         if ref == "packed":
-            refs = {n: pack_ref(ref_logits[n], batches[n], **pack) for n in ref_logits}
-        elif ref == "resident":
-            refs = {n: {"logits": r} for n, r in ref_logits.items()}
+            refs = {n: pack_ref(ref_logits[n], batches[n], ref_hidden=ref_layer[n], **pack) for n in ref_logits}
+        elif ref == "resident":  # the reference's logits; its layer activations are packed (no logits to derive them)
+            refs = {n: {"logits": r, "hidden": ref_layer[n][batches[n]["labels"] != -100]}
+                    for n, r in ref_logits.items()}
         else:
             refs = ref
-        return StepInputs(logits=logits, batches=batches, ref=refs, normalizers=normalizers)
+        return StepInputs(logits=logits, batches=batches, ref=refs, normalizers=normalizers, hidden=layer)
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -81,6 +92,10 @@ DECLARED = {  # name: (batches, reference parts, uses_dual)
     "npo": (("forget", "retain"), {"seq_logps"}, False),
     "simnpo": (("forget", "retain"), set(), False),
     "idk_dpo": (("forget", "retain", "idk"), {"seq_logps"}, False),
+    "wga": (("forget", "retain"), set(), False),
+    "satimp": (("forget", "retain"), set(), False),
+    "undial": (("forget", "retain"), {"answer_topk"}, False),
+    "rmu": (("forget", "retain"), {"hidden"}, False),
     "sft": (("forget",), set(), False),  # fine-tuning (launch/finetune.py), same engine
 }
 
@@ -274,7 +289,7 @@ def test_packed_answer_logits_give_the_same_terms_and_gradients(name):
     for n, lg in dense.logits.items():
         answer = dense.batches[n]["labels"][:, 1:] != -100
         packed_logits[n] = PackedLogits(lg[:, :-1][answer], answer)
-    packed = StepInputs(logits=packed_logits, batches=dense.batches, ref=dense.ref)
+    packed = StepInputs(logits=packed_logits, batches=dense.batches, ref=dense.ref, hidden=dense.hidden)
     a, b = m.terms(dense), m.terms(packed)
     assert a.keys() == b.keys()
     for k in a:
@@ -317,7 +332,7 @@ def test_every_hyper_parameter_declares_its_range_and_config_checks_it():
 def test_family_and_reference_key_come_from_the_registry():
     """The lr family defaults to the method's own name; the reference key holds the parts per batch, the hyper-
     parameters the parts record (REFERENCE_PARTS' key fields) and N when a part follows the spans."""
-    from palu_ds.methods import REFERENCE_PARTS
+    from palu_ds.methods import REFERENCE_PARTS, Param, RefPart
 
     assert get_method("palu").family == get_method("pd_flat").family == "entropy"
     ok = dict(name="x", batches=("forget",), term_fns={"forget": lambda x, hp: 0}, combine=lambda t, hp: 0)
@@ -330,3 +345,15 @@ def test_family_and_reference_key_come_from_the_registry():
     assert get_method("idk_dpo").reference_key({})["parts"] == {"forget": ["seq_logps"], "idk": ["seq_logps"]}
     assert get_method("grad_diff").reference_key({}) == {}
     assert set(REFERENCE_PARTS) == {p for m in METHODS.values() for p in m.reference_parts}
+    rmu, undial = get_method("rmu"), get_method("undial")  # the layer keys RMU's hidden part; no spans, no N
+    assert rmu.reference_key(rmu.hparams({"layer": 3})) == {"batches": ["forget", "retain"],
+                                                            "parts": {"retain": ["hidden"]}, "layer": 3}
+    assert undial.reference_key(undial.defaults) == {"batches": ["forget", "retain"],
+                                                     "parts": {"forget": ["answer_topk"]}, "kl_topk": 256}
+    hidden_part = dict(ok, reference={"forget": ("hidden",)}, params={"layer": Param(0, "int")})
+    with pytest.raises(ValueError, match="needs hidden_layer"):
+        Method(**hidden_part)
+    with pytest.raises(ValueError, match=r"record hyper-parameter\(s\) \['kl_topk'\] it does not declare"):
+        Method(**dict(ok, reference={"forget": ("answer_topk",)}))
+    with pytest.raises(ValueError, match="a layer's hidden states .unshifted. follow tokens"):
+        RefPart(rows="answer", tensors={"h": "values"}, compute=lambda *a: {}, source="hidden")

@@ -67,6 +67,33 @@ def test_seq_logps_for_npo_and_retain_loss_for_relative_epsilon(setup):
     assert manifest["retain_loss"] == pytest.approx(ResidentReference(model, m, hp, ds, tok, 4).retain_loss(), rel=1e-6)
 
 
+def test_answer_topk_and_hidden_parts_equal_the_live_reference(setup):
+    """UNDIAL's answer_topk (the target in column 0) and RMU's hidden (the layer's output at the answer tokens, read
+    by the hook: here layer 0, whose output is the model's hidden_states[1]) -- cached == live, by example id."""
+    make, model, cache_dir = setup
+    manifest, (cfg, m, hp, ds, tok) = _cache(make, model, cache_dir, ["method.params.kl_topk=8"], "undial")
+    batch = collate([ds["forget"][i] for i in (5, 0, 9)], tok.pad_token_id)
+    a, b = CachedReference(cache_dir).lookup("forget", batch), ResidentReference(model, m, hp, ds, tok, 4).lookup(
+        "forget", batch)
+    answer = batch["labels"][:, 1:] != -100
+    assert set(a) == {"ans_ids", "ans_logps"} == set(b) and a["ans_ids"].shape == (int(answer.sum()), 8)
+    assert torch.equal(a["ans_ids"], b["ans_ids"]) and torch.equal(a["ans_ids"][:, 0], batch["labels"][:, 1:][answer])
+    torch.testing.assert_close(a["ans_logps"], b["ans_logps"], atol=2e-2, rtol=1e-3)  # stored in fp16
+    assert manifest["key"]["k"] == 8
+    manifest, (cfg, m, hp, ds, tok) = _cache(make, model, cache_dir + "_rmu", ["method.params.layer=0"], "rmu")
+    assert manifest["key"]["layer"] == 0 and CachedReference(cache_dir + "_rmu").lookup("forget", batch) == {}
+    batch = collate([ds["retain"][i] for i in (4, 1)], tok.pad_token_id)
+    a = CachedReference(cache_dir + "_rmu").lookup("retain", batch)["hidden"]
+    with torch.no_grad():
+        h = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  output_hidden_states=True).hidden_states[1]
+    want = h[batch["labels"] != -100]
+    torch.testing.assert_close(a, want, atol=2e-3, rtol=2e-3)  # stored in fp16
+    torch.testing.assert_close(ResidentReference(model, m, hp, ds, tok, 4).lookup("retain", batch)["hidden"], want)
+    with pytest.raises(ValueError, match="layer=5: the model has 2 decoder layers"):
+        _cache(make, model, cache_dir + "_bad", ["method.params.layer=5"], "rmu")
+
+
 def test_reuse_keeps_the_files(setup):
     make, model, cache_dir = setup
     first, _ = _cache(make, model, cache_dir)

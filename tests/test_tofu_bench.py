@@ -247,10 +247,12 @@ def test_run_specs_of_both_presets():
     assert S.reference_dir(specs["grad_diff"]) is None and S.reference_dir(specs["npo"]) != S.reference_dir(
         specs["idk_dpo"])
     assert {s["family"] for s in specs.values()} == {"entropy", "nll", "preference"}
+    assert specs["rmu"]["params"] == {"layer": 1} and specs["undial"]["family"] == "preference"  # the 4-layer model
     real = S.run_specs(load("real"), 100)
     assert real["palu"]["spans"] == "labels" and real["palu_detector"] == {
         "method": "palu", "params": {}, "spans": "detector", "family": "entropy", "group": "method"}
     assert real["npo"]["spans"] is None and real["palu_Kall"]["params"] == {"K": 100}
+    assert len([n for n, s in real.items() if s["group"] == "method"]) == 9  # the measured 88 min's nine methods
     assert S.reference_dir(real["palu"]) != S.reference_dir(real["palu_detector"])  # other spans, other cache
     info = {"forget_split": "forget10", "retain_split": "retain90"}
     assert S.batch_sources(specs["grad_ascent"], info, "D") == ["data.forget.source=D", "data.forget.config=forget10",

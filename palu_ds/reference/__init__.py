@@ -6,6 +6,9 @@ and writes exactly what the method needs (``Method.reference_parts``), per examp
 * ``topk_ids``  the reference's top-K ids at the I_init positions (PALU), int16/int32
 * ``kl``        the reference's top-k ids and log-probs at the common positions (sparse KL), values fp16/bf16
 * ``seq_logps`` the reference's summed answer log-prob per sequence (NPO, IdkDPO), fp32
+* ``answer_topk`` the target and the reference's top k-1 other ids, with their log-probs, at every answer position
+  (UNDIAL), values fp16/bf16
+* ``hidden``    the reference's hidden states of the method's decoder layer at the answer tokens (RMU), fp16/bf16
 * ``retain_loss`` the reference's mean answer NLL on the retain set (ε = (1 + a)·L_retain(ref)), in the manifest
 
 Layout of a cache dir: ``<name>.rank<r>.safetensors`` (one shard per data set and rank, holding the example ids and

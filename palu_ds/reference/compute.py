@@ -13,13 +13,13 @@ import torch
 
 from palu_ds import dist
 from palu_ds.atomic import atomic_path, write_json
-from palu_ds.batch import shift
 from palu_ds.progress import rows_progress
 
 from .key import MANIFEST, CacheMismatch, _diff, cache_key
-from palu_ds.methods import REFERENCE_PARTS
+from palu_ds.methods import REFERENCE_PARTS, row_mask
 
-from .parts import _vocab_size, answer_nll_sums, id_dtype, offsets_name, reference_tensors, row_masks, topk_sizes
+from .parts import (_vocab_size, answer_nll_sums, id_dtype, offsets_name, reference_capture, reference_tensors,
+                    row_masks, topk_sizes)
 
 log = logging.getLogger("palu_ds")
 
@@ -73,6 +73,7 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     want = method.needed_parts(hp)
     retain_sums = torch.zeros(2, dtype=torch.float64)
     masks = row_masks(REFERENCE_PARTS)  # every shard records each example's rows under every row mask
+    capture = reference_capture(model, method, hp)
     for name in _cache_names(method, want, datasets):
         ds, parts = datasets[name], method.reference_parts_for(name)
         store: dict[str, list] = {}
@@ -89,13 +90,16 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
             if not parts:
                 continue
             ids += batch["example_id"].tolist()
-            for r, mask in zip(masks, shift(logits, batch["labels"], *(batch[r] for r in masks))[2:]):
-                counts[r] += mask.flatten(1).sum(-1).tolist()
-            for t, v in reference_tensors(logits, batch, parts, K, k).items():
+            for r in masks:
+                counts[r] += row_mask(batch, r).sum(-1).tolist()
+            hidden = capture.output if capture is not None else None
+            for t, v in reference_tensors(logits, batch, parts, K, k, hidden).items():
                 store.setdefault(t, []).append(v.cpu())
         progress.close()
         if parts:
             _write_shard(cache_dir, name, dist.rank(), ids, counts, store, V, getattr(torch, cfg.reference.dtype))
+    if capture is not None:
+        capture.remove()
     retain_sums = dist.all_reduce_sum(retain_sums)
     dist.barrier()
     manifest = {"key": key, "world_size": dist.world(), "K": K, "k": k, "vocab_size": V,

@@ -10,7 +10,7 @@ import torch
 
 from palu_ds import losses as L
 from palu_ds.batch import IGNORE_INDEX, shift
-from palu_ds.methods import REFERENCE_PARTS
+from palu_ds.methods import REFERENCE_PARTS, row_mask
 
 log = logging.getLogger("palu_ds")
 
@@ -21,7 +21,7 @@ log = logging.getLogger("palu_ds")
 
 
 def row_masks(parts) -> tuple[str, ...]:
-    """The row masks (``sens_mask``, ``common_mask``) the given parts' rows follow, in table order."""
+    """The row masks (palu_ds.methods.row_mask) the given parts' rows follow, in table order."""
     return tuple(dict.fromkeys(REFERENCE_PARTS[p].rows for p in parts if REFERENCE_PARTS[p].rows))
 
 
@@ -30,16 +30,30 @@ def offsets_name(rows: str) -> str:
     return rows.split("_")[0] + "_offsets"
 
 
-def reference_tensors(logits: torch.Tensor, batch: dict, parts: tuple[str, ...], K: int, k: int) -> dict:
-    """Packed reference tensors (palu_ds.batch's order) from reference logits [B, T, V], one table entry each."""
-    rows = row_masks(parts)
-    lg, labels, *masks = shift(logits, batch["labels"], *(batch[r] for r in rows))
-    masks = dict(zip(rows, masks))
+def reference_tensors(logits: torch.Tensor, batch: dict, parts: tuple[str, ...], K: int, k: int,
+                      hidden: torch.Tensor | None = None) -> dict:
+    """Packed reference tensors (palu_ds.batch's order), one table entry each, from the reference's logits [B, T, V]
+    (and, for a part of source ``hidden``, its hidden states [B, T, D] of the method's layer)."""
+    sources = {"logits": shift(logits, batch["labels"]), "hidden": (hidden, batch["labels"])}
     out = {}
     for p in parts:
         part = REFERENCE_PARTS[p]
-        out.update(part.compute(lg, labels, masks.get(part.rows), {"K": K, "kl_topk": k}))
+        source, labels = sources[part.source]
+        if source is None:
+            raise ValueError(f"the {p!r} reference part needs the reference's hidden states of the method's layer")
+        rows = None if part.rows is None else row_mask(batch, part.rows)
+        out.update(part.compute(source, labels, rows, {"K": K, "kl_topk": k}))
     return out
+
+
+def reference_capture(model, method, hp):
+    """A hook on the reference's decoder layer (palu_ds.hidden) when one of the method's parts reads its hidden states,
+    else None."""
+    from palu_ds.hidden import LayerCapture
+
+    if not any(REFERENCE_PARTS[p].source == "hidden" for p in method.reference_parts):
+        return None
+    return LayerCapture(model, method.layer(hp))
 
 
 def answer_nll_sums(logits: torch.Tensor, batch: dict) -> torch.Tensor:

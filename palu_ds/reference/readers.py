@@ -15,7 +15,7 @@ from .compute import load_reference_model, precompute, rank_batches
 from .key import MANIFEST
 from palu_ds.methods import REFERENCE_PARTS
 
-from .parts import _vocab_size, answer_nll_sums, offsets_name, reference_tensors, topk_sizes
+from .parts import _vocab_size, answer_nll_sums, offsets_name, reference_capture, reference_tensors, topk_sizes
 
 
 class NoReference:
@@ -103,6 +103,7 @@ class ResidentReference:
 
     def __init__(self, model, method, hp, datasets, tokenizer, batch_size: int, given: dict | None = None):
         self.model, self.method = model, method
+        self.capture = reference_capture(model, method, hp)
         V = _vocab_size(model)
         self.K, self.k = topk_sizes(hp, V, given)
         self._retain = None
@@ -114,8 +115,9 @@ class ResidentReference:
             return {}
         with torch.no_grad():
             logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        hidden = self.capture.output if self.capture is not None else None
         return {k: v.float() if v.is_floating_point() else v for k, v in
-                reference_tensors(logits, batch, parts, self.K, self.k).items()}
+                reference_tensors(logits, batch, parts, self.K, self.k, hidden).items()}
 
     def retain_loss(self) -> float:
         if self._retain is None:
