@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from palu_ds import checkpoint, dist, lm_head
+from palu_ds import checkpoint, dist, lm_head, run_folder
 from palu_ds.atomic import atomic_path, write_json
 from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 from palu_ds.config import Run
@@ -158,6 +158,8 @@ class Trainer:
         self.step_times: list[tuple[float, float]] = []  # (seconds, global non-pad tokens) per optimizer step
         self.peak_memory: list[int] = []  # per rank, of the training steps (gathered at the end of train())
         self.model_dir: str | None = None  # where save_model() wrote the final model
+        self.config_changes: dict = {}  # what train.resume=force let differ from the checkpoint's config
+        self.output_lock = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -174,12 +176,16 @@ class Trainer:
         self.gas = self.ds_config["gradient_accumulation_steps"]
         self.out_dir = cfg.train.output_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
+        self.output_lock = run_folder.lock(self.out_dir)  # held by rank 0 until the process ends
+        resume = self._resume_path()  # chosen by rank 0, verified on every rank
+        self.config_changes = run_folder.check_resume_config(resume, self.cfg, self.hp)
+        run_folder.set_aside_stale_outputs(self.out_dir)
         self._setup_data()
         # before the policy is loaded: a precompute pass loads the reference, writes the cache and frees it
         self.reference = self._build_reference()
         self._setup_model()
         self.dual = self._build_dual()
-        self._resume()
+        self._resume(resume)
         self.monitor = Monitor(cfg.log.tensorboard_dir, self.total_steps, self.step, cfg.log.log_every)
 
     def _setup_data(self) -> None:
@@ -261,18 +267,17 @@ class Trainer:
         r = self.cfg.train.resume
         if r == "never":
             return None
-        if r == "auto":
+        if r in ("auto", "force"):
             return checkpoint.resume_point(self.ckpt_root, log=log)  # verified; a broken one falls back
         if not os.path.isfile(os.path.join(r, checkpoint.MARKER)):
             raise FileNotFoundError(f"train.resume={r} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
         return checkpoint.resume_point(self.ckpt_root, explicit=r)
 
-    def _resume(self) -> None:
+    def _resume(self, resume: str | None) -> None:
         """Weights, optimizer, samplers, λ and the step counters from the checkpoint to resume (if any)."""
-        resume = self._resume_path()
         if not resume:
             return
-        state = checkpoint.load(self.engine, resume)
+        state = checkpoint.load(self.engine, resume)  # after a collective check that every rank loads this one
         self.step, self.skipped = state["step"], state["skipped"]
         self.consecutive_bad, self.streak_start = state.get("consecutive_bad", 0), state.get("streak_start")
         self.first_scalars, self.last_scalars = state.get("first_scalars"), state.get("last_scalars") or {}
@@ -496,7 +501,7 @@ class Trainer:
                 "streams": {n: s.state_dict() for n, s in self.streams.items()},
                 "dual": self.dual.state_dict() if self.dual is not None else None,
                 "method": self.method.name, "hp": dict(self.hp),
-                "config": asdict(self.cfg)}
+                "config": asdict(self.cfg), "config_changes": self.config_changes}
 
     def save_checkpoint(self) -> str:
         return checkpoint.save(self.engine, self.ckpt_root, self.step, self.client_state(), self.cfg.train.keep_last,
@@ -549,6 +554,7 @@ class Trainer:
         data = {"steps": self.step, "first": self.first_scalars, "last": self.last_scalars,
                 "model": self.model_dir, "skipped_steps": self.skipped, "world_size": self.world,
                 "peak_memory_bytes_per_rank": self.peak_memory, "spans": self.span_info,
+                "config_changes": self.config_changes,
                 "step_seconds": [round(t, 5) for t, _ in self.step_times],
                 "step_tokens": [n for _, n in self.step_times]}
         if self.rank == 0:
