@@ -302,8 +302,8 @@ class Trainer:
         stats.preempted = self.preempt_local  # a signal that came during the window stops after this step
         step = stats.reduce(self.device)
         self.preempted = step.preempted  # every rank saw the flag: they stop together
-        lr = self._optimizer_step(step.bad)
-        self._count_step(step)
+        lr, overflow = self._optimizer_step(step.bad)
+        self._count_step(step, overflow)
         return self._scalars(step, lr, time.perf_counter() - t0)
 
     def _next_micro(self) -> dict[str, dict]:
@@ -340,19 +340,26 @@ class Trainer:
         self.engine.backward(loss)
         self._micro_dual_step(terms, micro, norms)
 
-    def _optimizer_step(self, bad: bool) -> float:
-        """The update with this step's scheduled lr; a non-finite step changes nothing the optimizer owns."""
+    def _optimizer_step(self, bad: bool) -> tuple[float, bool]:
+        """The update with this step's scheduled lr; a non-finite step changes nothing the optimizer owns. Also
+        returns whether DeepSpeed skipped the update itself (a non-finite gradient: its overflow check, agreed over
+        the ranks, bumps its ``skipped_steps`` counter)."""
         lr = 0.0 if bad else lr_at(self.step, self.cfg.train, self.total_steps)
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
+        ds_skipped = getattr(self.engine, "skipped_steps", 0)
         with skipped_update(self.engine) if bad else nullcontext():  # skip: Adam's state does not move either
             self.engine.step()
         self.step += 1
-        return lr
+        return lr, getattr(self.engine, "skipped_steps", 0) > ds_skipped
 
-    def _count_step(self, step: StepStats) -> None:
-        """Skipped-step bookkeeping; a finite step moves λ from the all-reduced constraint (no second collective)."""
-        if step.bad:
+    def _count_step(self, step: StepStats, overflow: bool = False) -> None:
+        """Skipped-step bookkeeping (a non-finite loss, or DeepSpeed's own overflow skip: one streak rule); a finite
+        step moves λ from the all-reduced constraint (no second collective)."""
+        if overflow:
+            log.warning("step %d: DeepSpeed skipped the update (non-finite gradient norm, its overflow check); "
+                        "counted as a non-finite step", self.step)
+        if step.bad or overflow:
             self.skipped += 1
             self.consecutive_bad += 1
             if self.consecutive_bad == 1:
@@ -373,7 +380,8 @@ class Trainer:
             scalars["dual/lambda"] = self.dual.value
             scalars["dual/slack"] = step.terms.get(self.method.constraint, float("nan")) - self.dual.epsilon
         scalars.update({"lr": lr, "throughput/tokens_per_s": step.tokens / seconds,
-                        "memory/peak_bytes": float(peak_memory_bytes()), "skipped_steps": float(self.skipped)})
+                        "memory/peak_bytes": float(peak_memory_bytes()), "skipped_steps": float(self.skipped),
+                        "deepspeed_skipped_steps": float(getattr(self.engine, "skipped_steps", 0))})
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             scalars["grad/norm"] = float(gn)
@@ -471,7 +479,8 @@ class Trainer:
         if self.consecutive_bad >= self.cfg.train.max_nonfinite:
             path = self.save_checkpoint()
             raise FloatingPointError(
-                f"{self.consecutive_bad} optimizer steps in a row had a non-finite loss term (step {self.step}); "
+                f"{self.consecutive_bad} optimizer steps in a row had a non-finite loss term or gradient (step "
+                f"{self.step}; DeepSpeed's own overflow skips so far: {getattr(self.engine, 'skipped_steps', 0)}); "
                 f"stopped with a checkpoint at {path}. Lower train.lr, check the data, or raise "
                 "train.max_nonfinite.")
         if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
@@ -553,6 +562,7 @@ class Trainer:
         report, and the seconds and tokens of each step."""
         data = {"steps": self.step, "first": self.first_scalars, "last": self.last_scalars,
                 "model": self.model_dir, "skipped_steps": self.skipped, "world_size": self.world,
+                "deepspeed_skipped_steps": getattr(self.engine, "skipped_steps", 0),
                 "peak_memory_bytes_per_rank": self.peak_memory, "spans": self.span_info,
                 "config_changes": self.config_changes,
                 "step_seconds": [round(t, 5) for t, _ in self.step_times],

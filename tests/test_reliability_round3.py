@@ -285,3 +285,27 @@ def test_evaluation_refuses_non_finite_scores_and_ends_at_its_time_bound(eval_en
     assert p.returncode == 124, p.stderr[-3000:]
     assert f"the evaluation of {eval_env['model']} did not finish within --timeout=0.2 s" in p.stderr
     assert "no result was written" in p.stderr and not (eval_env["root"] / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------- 4. DeepSpeed's own skips
+@pytest.mark.slow
+def test_deepspeeds_overflow_skips_are_counted_and_end_the_run_by_the_streak_rule(tiny, tmp_path):
+    """2 ranks, ZeRO-2: from step 3 on rank 1's loss stays finite but its gradient is NaN (the issue's lr-30 run,
+    injected): DeepSpeed's overflow check (agreed over the ranks) skips the update and bumps its skipped_steps; both
+    ranks count it, log it, and stop after max_nonfinite=2 such steps with a checkpoint, as for a NaN loss."""
+    from e2e import FAULTY, launch
+
+    out = str(tmp_path / "overflow")
+    p = launch(FAULTY, ["grad_nan_from=3,grad_nan_rank=1",
+                        *_train_args(tiny, tiny["model"], out, "method.name=grad_diff", "method.params={}",
+                                     "train.batch_size=4", "train.max_steps=8", "train.max_nonfinite=2")], check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0, text[-4000:]
+    assert "step 3: DeepSpeed skipped the update (non-finite gradient norm" in text, text[-4000:]
+    assert "step 4: DeepSpeed skipped the update" in text and "step 5: DeepSpeed" not in text
+    assert ("2 optimizer steps in a row had a non-finite loss term or gradient (step 4; DeepSpeed's own overflow "
+            "skips so far: 2)") in text
+    marker = json.load(open(os.path.join(out, "checkpoints", "step_000004", "COMPLETE")))
+    assert marker["skipped"] == 2 and marker["consecutive_bad"] == 2 and marker["streak_start"] == 3
+    assert marker["last_scalars"]["deepspeed_skipped_steps"] == 2.0
+    assert not os.path.exists(os.path.join(out, "model"))
