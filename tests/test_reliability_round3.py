@@ -309,3 +309,50 @@ def test_deepspeeds_overflow_skips_are_counted_and_end_the_run_by_the_streak_rul
     assert marker["skipped"] == 2 and marker["consecutive_bad"] == 2 and marker["streak_start"] == 3
     assert marker["last_scalars"]["deepspeed_skipped_steps"] == 2.0
     assert not os.path.exists(os.path.join(out, "model"))
+
+
+# ------------------------------------------------------------------------------------------- 3. hub models, 7. manifest
+def test_a_hub_model_is_keyed_by_its_resolved_revision_and_content(tiny, tmp_path, monkeypatch):
+    """A fake offline hub cache (models--org--tiny/snapshots/<commit>/ + refs/main): the reference cache key of the
+    hub name holds the commit and the snapshot's digest; refs/main moved to a snapshot with other weights changes
+    the key, so the old reference cache is refused (CacheMismatch naming 'model') instead of reused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from palu_ds.reference import model_fingerprint
+    from palu_ds.reference.key import _diff
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--org--tiny"
+    commits = ["a" * 40, "b" * 40]
+    for c in commits:
+        shutil.copytree(tiny["model"], repo / "snapshots" / c)
+    w = repo / "snapshots" / commits[1] / "model.safetensors"
+    state = load_file(w)
+    name = sorted(state)[0]
+    state[name] = state[name] + 0.5
+    save_file(state, w, metadata={"format": "pt"})
+    (repo / "refs").mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PALU_DS_CACHE", str(tmp_path / "digests"))
+    (repo / "refs" / "main").write_text(commits[0])
+    first = model_fingerprint("org/tiny")
+    assert first.startswith(f"hub:org/tiny@{commits[0]}:")
+    assert first.endswith(model_fingerprint(str(repo / "snapshots" / commits[0])))
+    (repo / "refs" / "main").write_text(commits[1])  # the hub cache moved to a revision with other weights
+    second = model_fingerprint("org/tiny")
+    assert second.startswith(f"hub:org/tiny@{commits[1]}:") and second != first
+    assert _diff({"model": first, "K": 5}, {"model": second, "K": 5}) == ["model"]
+    with pytest.raises(RuntimeError, match=r"model org/absent: not a local folder, not in the hub cache"):
+        model_fingerprint("org/absent")
+
+
+def test_a_truncated_manifest_is_an_error_naming_it(tmp_path):
+    from palu_ds.reference import MANIFEST, CachedReference
+
+    path = tmp_path / MANIFEST
+    path.write_text('{"key": {"model": "ab')
+    with pytest.raises(RuntimeError, match=rf"{path} is unreadable \(.*\): the reference cache's manifest is damaged"):
+        CachedReference(str(tmp_path))
