@@ -28,13 +28,13 @@ def check_model_path(path: str) -> None:
     names = sorted(os.listdir(path))
     if not names:
         raise BadInput(f"--model {path}: the folder is empty (no config.json, no weights)")
-    if "config.json" not in names:
+    if "config.json" not in names and "adapter_config.json" not in names:  # a model, or a PEFT adapter
         data = [n for n in names if n.endswith(_DATA_FILES)]
         hint = f"; it holds {', '.join(data[:3])}: a data folder?" if data else ""
         raise BadInput(f"--model {path}: not a model folder (no config.json){hint}")
     weights = [n for n in names if n.endswith((".safetensors", ".bin"))]
     if not weights:
-        raise BadInput(f"--model {path}: no weight files (*.safetensors or *.bin) beside config.json")
+        raise BadInput(f"--model {path}: no weight files (*.safetensors or *.bin) beside its config")
     from safetensors import safe_open
 
     for name in weights:

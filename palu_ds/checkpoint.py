@@ -196,12 +196,16 @@ def client_state(path: str) -> dict:
 
 
 def check_same_checkpoint(path: str, step: int) -> None:
-    """One all-gather: every rank is about to load ``path`` at ``step`` (else every rank raises, naming each rank's
-    choice, before DeepSpeed's loader could wait on a peer that loads something else)."""
-    picks = dist.all_gather_object((os.path.abspath(path), int(step)))
+    """One all-gather: every rank is about to load ``path`` at ``step`` with the same COMPLETE marker (its sha256:
+    node-local disks holding different folders under one path differ there), else every rank raises, naming each
+    rank's choice, before DeepSpeed's loader could wait on a peer that loads something else."""
+    marker = os.path.join(path, MARKER)
+    picks = dist.all_gather_object((os.path.abspath(path), int(step),
+                                    file_digest(marker) if os.path.isfile(marker) else None))
     if len(set(picks)) > 1:
-        raise ResumeRefused("the ranks would resume from different checkpoints: "
-                            + ", ".join(f"rank {r}: {p} (step {s})" for r, (p, s) in enumerate(picks)))
+        raise ResumeRefused("the ranks would resume from different checkpoints: " + ", ".join(
+            f"rank {r}: {p} (step {s}{'' if d == picks[0][2] else ', another COMPLETE marker'})"
+            for r, (p, s, d) in enumerate(picks)))
 
 
 def _prune(ckpt_root: str, keep_last: int, keep: str, protect_before: int | None = None) -> None:

@@ -215,22 +215,22 @@ def load_config(path: str | None, overrides: list[str] = (), validate: bool = Tr
     return cfg
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml's SafeLoader, refusing a key given twice in one mapping (PyYAML lets the last one win silently)."""
-
-    def construct_mapping(self, node, deep=False):
+def _check_unique_keys(node, path: str, prefix: str = "") -> None:
+    """A key given twice in one mapping of the composed YAML ``node`` is a ConfigError naming the file, both lines
+    and the dotted key (PyYAML's loaders let the last one win silently)."""
+    if isinstance(node, yaml.MappingNode):
         seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
+        for key_node, value in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
             line = key_node.start_mark.line + 1
             if key in seen:
-                raise ConfigError(f"{self.name}, line {line}: key {key!r} is given twice (first on line {seen[key]}); "
-                                  "keep one")
+                raise ConfigError(f"{path}, line {line}: key {prefix}{key} is given twice (first on line {seen[key]});"
+                                  " keep one")
             seen[key] = line
-        return super().construct_mapping(node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+            _check_unique_keys(value, path, f"{prefix}{key}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, path, f"{prefix}{i}.")
 
 
 def read_yaml(path: str) -> dict:
@@ -245,7 +245,8 @@ def read_yaml(path: str) -> dict:
         raise ConfigError(f"{path}, line {line}: is not UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") \
             from None
     try:
-        raw = yaml.load(text, Loader=_named_loader(path))
+        _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        raw = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -258,15 +259,6 @@ def read_yaml(path: str) -> dict:
         raise ConfigError(f"{path}: the top level is a {type(raw).__name__}, not a mapping of sections "
                           f"(model:, data:, method:, train:, ...)")
     return raw
-
-
-def _named_loader(path: str):
-    class Loader(_UniqueKeyLoader):
-        def __init__(self, stream):
-            super().__init__(stream)
-            self.name = path
-
-    return Loader
 
 
 def validate_config(cfg: RunConfig) -> None:

@@ -116,12 +116,20 @@ def check_resume_config(resume: str | None, cfg, hp) -> dict:
 def set_aside_stale_outputs(folder: str) -> None:
     """A model/ and summary.json already in the folder belong to an earlier run (a killed final save can leave
     them beside newer checkpoints): rank 0 renames them ``*.stale-<UTC time>`` so they are never taken for this
-    run's result (nothing is deleted)."""
+    run's result. One generation is kept: an older stale copy is deleted then (a folder rerun many times does not
+    fill the disk)."""
+    import glob
+    import shutil
+
     if not dist.is_main():
         return
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    for name, stale in (("model", f"model.stale-{stamp}"), ("summary.json", f"summary.stale-{stamp}.json")):
+    for name, stale in (("model", "model.stale-{}"), ("summary.json", "summary.stale-{}.json")):
         path = os.path.join(folder, name)
-        if os.path.lexists(path):
-            os.replace(path, os.path.join(folder, stale))
-            log.warning("%s is an earlier run's: renamed to %s", path, stale)
+        if not os.path.lexists(path):
+            continue
+        for older in glob.glob(os.path.join(folder, stale.format("*"))):
+            shutil.rmtree(older) if os.path.isdir(older) else os.remove(older)
+            log.warning("deleted %s (an older stale copy)", older)
+        os.replace(path, os.path.join(folder, stale.format(stamp)))
+        log.warning("%s is an earlier run's: renamed to %s", path, stale.format(stamp))

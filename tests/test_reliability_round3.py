@@ -65,7 +65,7 @@ def test_rank_0_chooses_the_checkpoint_and_the_ranks_check_they_agree(tmp_path):
     assert r0["chosen"] == r1["chosen"] == os.path.join(root, "step_000004")
     for r in (r0, r1):
         assert r["refused"].startswith("the ranks would resume from different checkpoints: rank 0: ")
-        assert "step_000002 (step 2), rank 1: " in r["refused"] and r["refused"].endswith("step_000004 (step 4)")
+        assert "step_000002 (step 2), rank 1: " in r["refused"] and r["refused"].endswith("step_000004 (step 4, another COMPLETE marker)")
 
 
 # ------------------------------------------------------------------------------------------- 2. config changes
@@ -112,8 +112,10 @@ def test_one_run_per_folder_resume_refuses_changes_and_broken_checkpoints_stop(t
     dup.write_text(demo + "train:\n  lr: 1e-3\n")  # a second train: section
     p = launch("launch/train.py", ["--deepspeed", "ds_configs/cpu/zero2.json", "--config", str(dup)], nproc=1,
                check=False, timeout=300)
-    assert p.returncode == 2 and f"config error: {dup}, line {demo.count(chr(10)) + 1}: key 'train' is given twice (first on line 13)" \
-        in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+    line = demo.count("\n") + 1
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert f"config error: {dup}, line {line}: key train is given twice (first on line 13)" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
 
     def cli(*extra):
         args = _train_args(tiny, tiny["model"], out, "method.name=grad_diff", "method.params={}",
@@ -191,7 +193,7 @@ def test_a_resumed_sampler_saved_with_another_batch_size_moves_on():
 # ------------------------------------------------------------------------------------------- 6. YAML config files
 @pytest.mark.parametrize("name,content,message", [
     ("dup.yaml", "train:\n  lr: 1e-5\n  batch_size: 2\n  lr: 2e-5\n",
-     r"dup.yaml, line 4: key 'lr' is given twice \(first on line 2\)"),
+     r"dup.yaml, line 4: key train.lr is given twice \(first on line 2\)"),
     ("list.yaml", "- train\n- lr\n", r"list.yaml: the top level is a list, not a mapping of sections"),
     ("string.yaml", "train.lr=1e-5\n", r"string.yaml: the top level is a str, not a mapping of sections"),
     ("syntax.yaml", "train:\n  lr: [1, 2\n", r"syntax.yaml, line 3, column 1: not valid YAML \(expected ','"),
@@ -356,3 +358,25 @@ def test_a_truncated_manifest_is_an_error_naming_it(tmp_path):
     path.write_text('{"key": {"model": "ab')
     with pytest.raises(RuntimeError, match=rf"{path} is unreadable \(.*\): the reference cache's manifest is damaged"):
         CachedReference(str(tmp_path))
+
+
+def test_stale_outputs_are_set_aside_keeping_one_generation(tmp_path, caplog):
+    import glob
+    import logging
+
+    from palu_ds.run_folder import set_aside_stale_outputs
+
+    (tmp_path / "checkpoints").mkdir()
+    for generation in (1, 2):
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "model.safetensors").write_text(str(generation))
+        (tmp_path / "summary.json").write_text(json.dumps({"steps": generation}))
+        for old in glob.glob(str(tmp_path / "*.stale-*")):  # distinct stamps without waiting a second
+            os.rename(old, old.replace("stale-", "stale-0"))
+        with caplog.at_level(logging.WARNING, "palu_ds"):
+            set_aside_stale_outputs(str(tmp_path))
+    assert not (tmp_path / "model").exists() and not (tmp_path / "summary.json").exists()
+    (model,) = glob.glob(str(tmp_path / "model.stale-*"))  # one generation: the older copy is gone
+    (summ,) = glob.glob(str(tmp_path / "summary.stale-*.json"))
+    assert open(os.path.join(model, "model.safetensors")).read() == "2" and json.load(open(summ)) == {"steps": 2}
+    assert "is an earlier run's: renamed to model.stale-" in caplog.text and "(an older stale copy)" in caplog.text
