@@ -9,6 +9,7 @@ import warnings
 from palu_ds.checkpoint import ResumeRefused
 from palu_ds.cli_args import parser
 from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_config, resolve
+from palu_ds.reference.key import CacheMismatch
 from palu_ds.run_folder import OutputDirInUse
 
 
@@ -50,7 +51,7 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
     except ConfigError as e:  # the checkpoint to resume was trained with another config: every rank stops
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (OutputDirInUse, ResumeRefused) as e:
+    except (OutputDirInUse, ResumeRefused, CacheMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer.train()

@@ -314,16 +314,11 @@ def test_deepspeeds_overflow_skips_are_counted_and_end_the_run_by_the_streak_rul
 
 
 # ------------------------------------------------------------------------------------------- 3. hub models, 7. manifest
-def test_a_hub_model_is_keyed_by_its_resolved_revision_and_content(tiny, tmp_path, monkeypatch):
-    """A fake offline hub cache (models--org--tiny/snapshots/<commit>/ + refs/main): the reference cache key of the
-    hub name holds the commit and the snapshot's digest; refs/main moved to a snapshot with other weights changes
-    the key, so the old reference cache is refused (CacheMismatch naming 'model') instead of reused."""
+def _fake_hub(tiny, tmp_path):
+    """An offline hub cache holding org/tiny at two commits (the second with other weights), refs/main unset."""
     import shutil
 
     from safetensors.torch import load_file, save_file
-
-    from palu_ds.reference import model_fingerprint
-    from palu_ds.reference.key import _diff
 
     hub = tmp_path / "hub"
     repo = hub / "models--org--tiny"
@@ -336,6 +331,17 @@ def test_a_hub_model_is_keyed_by_its_resolved_revision_and_content(tiny, tmp_pat
     state[name] = state[name] + 0.5
     save_file(state, w, metadata={"format": "pt"})
     (repo / "refs").mkdir()
+    return hub, repo, commits
+
+
+def test_a_hub_model_is_keyed_by_its_resolved_revision_and_content(tiny, tmp_path, monkeypatch):
+    """A fake offline hub cache (models--org--tiny/snapshots/<commit>/ + refs/main): the reference cache key of the
+    hub name holds the commit and the snapshot's digest; refs/main moved to a snapshot with other weights changes
+    the key, so the old reference cache is refused (CacheMismatch naming 'model') instead of reused."""
+    from palu_ds.reference import model_fingerprint
+    from palu_ds.reference.key import _diff
+
+    hub, repo, commits = _fake_hub(tiny, tmp_path)
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("PALU_DS_CACHE", str(tmp_path / "digests"))
@@ -349,6 +355,23 @@ def test_a_hub_model_is_keyed_by_its_resolved_revision_and_content(tiny, tmp_pat
     assert _diff({"model": first, "K": 5}, {"model": second, "K": 5}) == ["model"]
     with pytest.raises(RuntimeError, match=r"model org/absent: not a local folder, not in the hub cache"):
         model_fingerprint("org/absent")
+
+
+@pytest.mark.e2e  # the real precompute CLI, one process, twice
+def test_a_hub_model_moved_to_another_revision_invalidates_the_reference_cache(tiny, tmp_path):
+    from e2e import launch
+
+    hub, repo, commits = _fake_hub(tiny, tmp_path)
+    env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "PALU_DS_CACHE": str(tmp_path / "digests")}
+    args = _train_args(tiny, "org/tiny", str(tmp_path / "run"))
+    (repo / "refs" / "main").write_text(commits[0])
+    p = launch("launch/precompute.py", args, nproc=1, env=env, check=False, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (repo / "refs" / "main").write_text(commits[1])
+    p = launch("launch/precompute.py", args, nproc=1, env=env, check=False, timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert f"differing field(s): model (cache 'hub:org/tiny@{commits[0]}:" in p.stderr, p.stderr[-3000:]
+    assert f"run 'hub:org/tiny@{commits[1]}:" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_a_truncated_manifest_is_an_error_naming_it(tmp_path):
