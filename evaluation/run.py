@@ -75,15 +75,28 @@ def load_model(path: str, dtype: str):
 
 
 def main(argv=None) -> dict:
+    """Evaluate as the command line says; returns the summary. ``--timeout``: a watchdog ends the process (status 124,
+    a message naming the bound) when the evaluation is not done in time; it is disarmed before anything is written,
+    so a bounded run leaves both JSONs or neither."""
     from palu_ds import dist as ranks
 
     args = parse_args(argv)
-    watchdog = None
-    if args.timeout:
-        if args.timeout < 0:
-            raise BadInput(f"--timeout must be >= 0 seconds, got {args.timeout}")
-        watchdog = ranks.StepWatchdog(args.timeout, setting="--timeout", then="no result was written")
+    if args.timeout < 0:
+        raise BadInput(f"--timeout must be >= 0 seconds, got {args.timeout}")
+    watchdog = ranks.StepWatchdog(args.timeout, setting="--timeout", then="no result was written") \
+        if args.timeout else None
+    if watchdog is not None:
         watchdog.arm(f"the evaluation of {args.model}")
+    try:
+        return _evaluate(args, watchdog)
+    finally:
+        if watchdog is not None:
+            watchdog.close()
+
+
+def _evaluate(args, watchdog) -> dict:
+    from palu_ds import dist as ranks
+
     check_model_path(args.model)  # before the heavy imports: bad input fails in a second
     import torch.distributed as dist
     from transformers import AutoTokenizer
@@ -106,6 +119,8 @@ def main(argv=None) -> dict:
         raise BadInput(f"--model {args.model}: does not load ({type(e).__name__}: {str(e)[:300]})") from None
     check_finite_weights(model, args.model)
     out = evaluate(model, tokenizer, cfg)  # the suites refuse non-finite scores (evaluation.checks)
+    if watchdog is not None:
+        watchdog.disarm()  # done in time: the two JSONs are written whole
     out.meta.update({"name": args.name or Path(args.out).name, "model": args.model, "world_size": world,
                      "seconds": round(time.time() - t0, 2)})
     if rank == 0:
@@ -117,8 +132,6 @@ def main(argv=None) -> dict:
         print(f"wrote {res} and {summ} ({out.meta['seconds']} s, {world} rank(s))")
     if started_here:
         dist.destroy_process_group()
-    if watchdog is not None:
-        watchdog.close()
     return out.summary
 
 

@@ -270,7 +270,8 @@ def test_evaluation_refuses_a_model_it_cannot_use_naming_it(eval_env, case):
 @pytest.mark.e2e
 def test_evaluation_refuses_non_finite_scores_and_ends_at_its_time_bound(eval_env):
     """Finite weights whose outputs overflow (the LM head scaled to 1e38): the scores are NaN/inf -> exit 2, nothing
-    written. --timeout: every rank exits 124 with a message naming the bound, nothing written."""
+    written. --timeout: past it the process exits 124 with a message naming the bound, nothing written; in time,
+    the run is as without it."""
     from safetensors.torch import load_file, save_file
 
     model = _copy_model(eval_env, "overflow")
@@ -287,6 +288,9 @@ def test_evaluation_refuses_non_finite_scores_and_ends_at_its_time_bound(eval_en
     assert p.returncode == 124, p.stderr[-3000:]
     assert f"the evaluation of {eval_env['model']} did not finish within --timeout=0.2 s" in p.stderr
     assert "no result was written" in p.stderr and not (eval_env["root"] / "out").exists()
+    p = _evaluate(eval_env, eval_env["model"], "--timeout", "600")  # in time: both JSONs, status 0
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert {f.name for f in (eval_env["root"] / "out").iterdir()} == {"results.json", "summary.json"}
 
 
 # ------------------------------------------------------------------------------------------- 4. DeepSpeed's own skips
