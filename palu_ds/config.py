@@ -245,7 +245,8 @@ def read_yaml(path: str) -> dict:
         raise ConfigError(f"{path}, line {line}: is not UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") \
             from None
     try:
-        _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_unique_keys(node, path)
         raw = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -256,7 +257,8 @@ def read_yaml(path: str) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level is a {type(raw).__name__}, not a mapping of sections "
+        raise ConfigError(f"{path}, line {node.start_mark.line + 1}: the top level is a {type(raw).__name__}, not a "
+                          "mapping of sections "
                           f"(model:, data:, method:, train:, ...)")
     return raw
 

@@ -194,8 +194,8 @@ def test_a_resumed_sampler_saved_with_another_batch_size_moves_on():
 @pytest.mark.parametrize("name,content,message", [
     ("dup.yaml", "train:\n  lr: 1e-5\n  batch_size: 2\n  lr: 2e-5\n",
      r"dup.yaml, line 4: key train.lr is given twice \(first on line 2\)"),
-    ("list.yaml", "- train\n- lr\n", r"list.yaml: the top level is a list, not a mapping of sections"),
-    ("string.yaml", "train.lr=1e-5\n", r"string.yaml: the top level is a str, not a mapping of sections"),
+    ("list.yaml", "- train\n- lr\n", r"list.yaml, line 1: the top level is a list, not a mapping of sections"),
+    ("string.yaml", "# a comment\ntrain.lr=1e-5\n", r"string.yaml, line 2: the top level is a str, not a mapping"),
     ("syntax.yaml", "train:\n  lr: [1, 2\n", r"syntax.yaml, line 3, column 1: not valid YAML \(expected ','"),
     ("latin1.yaml", b"train:\n  output_dir: caf\xe9\n", r"latin1.yaml, line 2: is not UTF-8 \(byte 0xe9\)"),
     ("section.yaml", "train: [1, 2]\n", r"section.yaml: train: expected a mapping, got list"),
