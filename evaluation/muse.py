@@ -26,6 +26,7 @@ from palu_ds.data.prompt import encode_text
 from palu_ds.dist import gather_records, rank, shard_indices, world
 
 from . import metrics as M
+from .checks import check_finite_scores
 from .config import SuiteConfig, load_retain_results
 from .data import load_muse
 from .results import EvalOutput, mean
@@ -139,5 +140,5 @@ def run(model, tokenizer, cfg: SuiteConfig) -> EvalOutput:
             examples["privleak_forget"] = _privleak_part(model, tokenizer, rows("privleak_forget", None), cfg)
             examples["privleak_holdout"] = _privleak_part(model, tokenizer, rows("privleak_holdout", None), cfg)
         seconds[part] = round(time.perf_counter() - t0, 3)
-    return EvalOutput("muse", corpus, cfg.to_dict(), examples, summarize(examples, cfg, retain),
+    return EvalOutput("muse", corpus, cfg.to_dict(), examples, summarize(check_finite_scores(examples), cfg, retain),
                       meta={"part_seconds": seconds})

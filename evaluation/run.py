@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
+from evaluation.checks import BadInput, check_finite_weights, check_model_path
 from evaluation.config import MUSE_PARTS, TOFU_PARTS, SuiteConfig
 from palu_ds.data.prompt import PromptFormat
 
@@ -52,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--date-string", default="10 Apr 2025", help="date for templates that print one (Llama-3)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--timeout", type=float, default=0,
+                   help="seconds: the whole evaluation's bound; past it every rank exits with status 124 and a "
+                   "message (0: no bound)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     return p.parse_args(argv)
 
@@ -70,13 +75,33 @@ def load_model(path: str, dtype: str):
 
 
 def main(argv=None) -> dict:
-    from transformers import AutoTokenizer
-
-    from evaluation.api import evaluate
+    """Evaluate as the command line says; returns the summary. ``--timeout``: a watchdog ends the process (status 124,
+    a message naming the bound) when the evaluation is not done in time; it is disarmed before anything is written,
+    so a bounded run leaves both JSONs or neither."""
     from palu_ds import dist as ranks
 
     args = parse_args(argv)
+    if args.timeout < 0:
+        raise BadInput(f"--timeout must be >= 0 seconds, got {args.timeout}")
+    watchdog = ranks.StepWatchdog(args.timeout, setting="--timeout", then="no result was written") \
+        if args.timeout else None
+    if watchdog is not None:
+        watchdog.arm(f"the evaluation of {args.model}")
+    try:
+        return _evaluate(args, watchdog)
+    finally:
+        if watchdog is not None:
+            watchdog.close()
+
+
+def _evaluate(args, watchdog) -> dict:
+    from palu_ds import dist as ranks
+
+    check_model_path(args.model)  # before the heavy imports: bad input fails in a second
     import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from evaluation.api import evaluate
 
     started_here = not (dist.is_available() and dist.is_initialized()) and ranks.init_from_env()
     rank, world = ranks.rank(), ranks.world()
@@ -87,9 +112,15 @@ def main(argv=None) -> dict:
                       prompt=PromptFormat(chat_template={"auto": None, "true": True, "false": False}[args.chat_template],
                                           system_prompt=args.system_prompt or None, date_string=args.date_string))
     t0 = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = load_model(args.model, args.dtype)
-    out = evaluate(model, tokenizer, cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        model = load_model(args.model, args.dtype)
+    except (OSError, ValueError) as e:  # what the model check cannot see (a hub name, a broken config.json)
+        raise BadInput(f"--model {args.model}: does not load ({type(e).__name__}: {str(e)[:300]})") from None
+    check_finite_weights(model, args.model)
+    out = evaluate(model, tokenizer, cfg)  # the suites refuse non-finite scores (evaluation.checks)
+    if watchdog is not None:
+        watchdog.disarm()  # done in time: the two JSONs are written whole
     out.meta.update({"name": args.name or Path(args.out).name, "model": args.model, "world_size": world,
                      "seconds": round(time.time() - t0, 2)})
     if rank == 0:
@@ -105,8 +136,13 @@ def main(argv=None) -> dict:
 
 
 def cli() -> int:
-    """The command line: :func:`main` returns the summary (for callers in Python); the process status is 0."""
-    main()
+    """The command line: :func:`main` returns the summary (for callers in Python); the process status is 0, or 2 with
+    the path and what is wrong for input it refuses (:mod:`evaluation.checks`)."""
+    try:
+        main()
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

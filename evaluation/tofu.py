@@ -28,6 +28,7 @@ from palu_ds.data.prompt import encode_qa
 from palu_ds.dist import gather_records, rank, shard_indices, world
 
 from . import metrics as M
+from .checks import check_finite_scores
 from .config import SuiteConfig, load_retain_results
 from .data import load_tofu
 from .results import EvalOutput, mean
@@ -214,5 +215,5 @@ def run(model, tokenizer, cfg: SuiteConfig) -> EvalOutput:
             rows = rows[: cfg.max_examples]
         examples[part] = _eval_part(model, tokenizer, part, rows, cfg)
         seconds[part] = round(time.perf_counter() - t0, 3)
-    return EvalOutput("tofu", cfg.split, cfg.to_dict(), examples, summarize(examples, cfg, retain),
+    return EvalOutput("tofu", cfg.split, cfg.to_dict(), examples, summarize(check_finite_scores(examples), cfg, retain),
                       meta={"part_seconds": seconds})

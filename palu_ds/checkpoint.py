@@ -29,9 +29,14 @@ from palu_ds.atomic import atomic_path
 from palu_ds.integrity import check_not_writable_by_others, file_digest, make_private
 
 MARKER = "COMPLETE"
+BROKEN = "BROKEN"  # what a COMPLETE marker is renamed to once its checkpoint is found broken
 _TAG = re.compile(r"^step_(\d+)$")
 _OLDER = "a checkpoint of an older palu_ds"
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)[_.]")  # the files rank r writes (DeepSpeed's names, ours)
+
+
+class ResumeRefused(RuntimeError):
+    """No safe way to continue from the output folder's checkpoints; the message says what to do."""
 
 
 def tag_for(step: int) -> str:
@@ -142,26 +147,65 @@ def verify(path: str) -> str | None:
 
 
 def resume_point(ckpt_root: str, explicit: str | None = None, log=None) -> str | None:
-    """The checkpoint to resume from, verified on every rank (all ranks agree): ``explicit`` or else the newest
-    complete one under ``ckpt_root``; a broken one is named in a warning, marked BROKEN (pruned by the next save), and
-    the previous complete one is tried. A broken ``explicit`` checkpoint is an error."""
-    for path in ([explicit] if explicit else reversed(complete_checkpoints(ckpt_root))):
+    """The checkpoint to resume from, chosen by rank 0 and verified on every rank (all ranks get the same answer):
+    ``explicit`` or else the newest complete one under ``ckpt_root``; a broken one is named in a warning, marked
+    BROKEN (pruned by the next save), and the previous complete one is tried. A broken ``explicit`` checkpoint, and
+    checkpoints that are all broken (now or by an earlier run's verdict), are a :class:`ResumeRefused`."""
+    if explicit:
+        candidates = [explicit]
+    else:  # rank 0's listing: a rank that sees the folder differently (a save landing meanwhile) still agrees
+        candidates = dist.broadcast_object(list(reversed(complete_checkpoints(ckpt_root))) if dist.is_main() else None)
+    broken = []
+    for path in candidates:
         problems = [p for p in dist.all_gather_object(verify(path)) if p]
         if not problems:
             return path
         if explicit:
-            raise RuntimeError(f"train.resume={explicit} is broken: {problems[0]}")
+            raise ResumeRefused(f"train.resume={explicit} is broken: {problems[0]}")
         if _OLDER in problems[0]:  # not broken, only unverifiable: never pruned, the user decides
-            raise RuntimeError(f"{problems[0]}: resume it with the palu_ds that wrote it, or move it away (or set "
-                               "train.resume=never) to start afresh")
+            raise ResumeRefused(f"{problems[0]}: resume it with the palu_ds that wrote it, or move it away (or set "
+                                "train.resume=never) to start afresh")
         if log is not None:
             log.warning("checkpoint %s is broken: %s; falling back to the previous complete checkpoint", path,
                         problems[0])
+        broken.append(f"{path}: {problems[0]}")
         dist.barrier()
         if dist.is_main():
-            os.replace(os.path.join(path, MARKER), os.path.join(path, "BROKEN"))
+            os.replace(os.path.join(path, MARKER), os.path.join(path, BROKEN))
         dist.barrier()
+    if not broken:  # found broken by an earlier run (that then stopped): still no silent restart
+        broken = dist.broadcast_object(_marked_broken(ckpt_root) if dist.is_main() else None)
+    if broken:
+        raise ResumeRefused(f"every checkpoint under {ckpt_root} is broken ({'; '.join(broken)}): nothing safe to "
+                            "resume from. Restore a good copy, or set train.resume=never to start afresh from step 1 "
+                            "(the broken checkpoints are then deleted by its first save)")
     return None
+
+
+def _marked_broken(ckpt_root: str) -> list[str]:
+    if not os.path.isdir(ckpt_root):
+        return []
+    return [f"{os.path.join(ckpt_root, d)}: marked {BROKEN} by an earlier run" for d in sorted(os.listdir(ckpt_root))
+            if _TAG.match(d) and os.path.isfile(os.path.join(ckpt_root, d, BROKEN))]
+
+
+def client_state(path: str) -> dict:
+    """The client state a complete checkpoint's marker records (step, counters, the run's resolved config, ...)."""
+    with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_same_checkpoint(path: str, step: int) -> None:
+    """One all-gather: every rank is about to load ``path`` at ``step`` with the same COMPLETE marker (its sha256:
+    node-local disks holding different folders under one path differ there), else every rank raises, naming each
+    rank's choice, before DeepSpeed's loader could wait on a peer that loads something else."""
+    marker = os.path.join(path, MARKER)
+    picks = dist.all_gather_object((os.path.abspath(path), int(step),
+                                    file_digest(marker) if os.path.isfile(marker) else None))
+    if len(set(picks)) > 1:
+        raise ResumeRefused("the ranks would resume from different checkpoints: " + ", ".join(
+            f"rank {r}: {p} (step {s}{'' if d == picks[0][2] else ', another COMPLETE marker'})"
+            for r, (p, s, d) in enumerate(picks)))
 
 
 def _prune(ckpt_root: str, keep_last: int, keep: str, protect_before: int | None = None) -> None:
@@ -187,10 +231,10 @@ def load(engine, path: str) -> dict:
     user could have written the folder or a file in it (DeepSpeed unpickles them)."""
     check_not_writable_by_others([os.path.dirname(os.path.abspath(path)), path]
                                  + [os.path.join(path, n) for n in sorted(os.listdir(path))])
-    with open(os.path.join(path, MARKER), encoding="utf-8") as f:
-        state = json.load(f)
+    state = client_state(path)
+    check_same_checkpoint(path, state["step"])
     if state["world_size"] != dist.world():
-        raise RuntimeError(f"{path} was written by {state['world_size']} ranks, this run has {dist.world()}: exact "
+        raise ResumeRefused(f"{path} was written by {state['world_size']} ranks, this run has {dist.world()}: exact "
                            "resume needs the same world size (sampler shards and RNG states are per rank)")
     engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path), load_module_strict=True)
     rng_path = os.path.join(path, f"rng_rank{dist.rank()}.pt")

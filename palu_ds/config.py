@@ -95,7 +95,8 @@ class TrainConfig:
     max_grad_norm: float = setting(1.0, "gradient clipping norm")
     save_every: int = setting(0, "optimizer steps between checkpoints; 0: only at the end")
     keep_last: int = setting(2, "checkpoints kept")
-    resume: str = setting("auto", "auto (the latest complete checkpoint) | never | <checkpoint dir>")
+    resume: str = setting("auto", "auto (the latest complete checkpoint) | never | force (auto, accepting config "
+                                   "changes other than BOOKKEEPING, recorded in summary.json) | <checkpoint dir>")
     max_nonfinite: int = setting(3, "consecutive non-finite steps before the run stops (with a checkpoint)")
     timeout: float = setting(600.0, "seconds: bound on any collective and on one step (watchdog)")
     answer_only_logits: bool = setting(True, "LM head only where the next token is an answer token (false: full "
@@ -235,18 +236,66 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | None, overrides: list[str] = (), validate: bool = True) -> RunConfig:
     """Load ``path`` (YAML), apply dotted ``overrides``, build and validate the typed config."""
-    raw = {}
-    if path:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
+    raw = read_yaml(path) if path else {}
     raw = apply_overrides(raw, list(overrides))
-    cfg = _build(RunConfig, raw, "")
+    try:
+        cfg = _build(RunConfig, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     cfg.model.path = os.path.expanduser(cfg.model.path)  # "~/.cache/palu_ds/models/..." in shipped configs
     if cfg.reference.model:
         cfg.reference.model = os.path.expanduser(cfg.reference.model)
     if validate:
         validate_config(cfg)
     return cfg
+
+
+def _check_unique_keys(node, path: str, prefix: str = "") -> None:
+    """A key given twice in one mapping of the composed YAML ``node`` is a ConfigError naming the file, both lines
+    and the dotted key (PyYAML's loaders let the last one win silently)."""
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for key_node, value in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{path}, line {line}: key {prefix}{key} is given twice (first on line {seen[key]});"
+                                  " keep one")
+            seen[key] = line
+            _check_unique_keys(value, path, f"{prefix}{key}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, path, f"{prefix}{i}.")
+
+
+def read_yaml(path: str) -> dict:
+    """A YAML config file as a dict; every problem (not UTF-8, a syntax error, a key given twice, a top level that is
+    not a mapping of sections) is a ConfigError naming the file, the line and the key."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: is not UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") \
+            from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_unique_keys(node, path)
+        raw = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({e.problem or e.context})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}, line {node.start_mark.line + 1}: the top level is a {type(raw).__name__}, not a "
+                          "mapping of sections "
+                          f"(model:, data:, method:, train:, ...)")
+    return raw
 
 
 def validate_config(cfg: RunConfig, run: "Run | None" = None) -> None:
@@ -477,9 +526,10 @@ def check_run_paths(cfg: RunConfig, ds_config_path: str | None) -> dict | None:
     from palu_ds.ds_config import load_ds_config
 
     r = cfg.train.resume
-    if r not in ("auto", "never"):
+    if r not in ("auto", "never", "force"):
         if not os.path.isdir(r):
-            raise ConfigError(f"train.resume={r}: no such checkpoint folder (give a step_NNNNNN folder, auto or never)")
+            raise ConfigError(f"train.resume={r}: no such checkpoint folder (give a step_NNNNNN folder, auto, force or "
+                              "never)")
         if not os.path.isfile(os.path.join(r, checkpoint.MARKER)):
             raise ConfigError(f"train.resume={r} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
     if ds_config_path is None:
@@ -497,3 +547,52 @@ def check_run_paths(cfg: RunConfig, ds_config_path: str | None) -> dict | None:
 
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume: what may change between a checkpoint's run and the run that continues it
+# ---------------------------------------------------------------------------------------------------------------
+# Keys (dotted; a trailing "." covers a whole section) that do not change what is trained: where things are written
+# and shown, how often, how long to wait, how the same numbers are computed. Anything else that differs from the
+# checkpoint's recorded (resolved) config makes the continuation another run: refused unless train.resume=force.
+BOOKKEEPING = (
+    "log.", "eval.",  # logging and experiment tracking, in-training evaluation
+    "train.output_dir", "train.resume", "train.save_every", "train.keep_last", "train.timeout",
+    "train.max_nonfinite", "train.answer_only_logits", "train.head_path", "train.head_chunk_elems",
+    "reference.cache_dir",  # the cache's own key guards what it holds
+    "model.gradient_checkpointing",
+)
+# The run's length: free to change (a run is extended by raising it) while the lr schedule does not depend on it
+LENGTH = ("train.max_steps", "train.epochs")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Dotted keys of a config dict; the free-form mappings (method.params, model.lora) stay whole values."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and f"{prefix}{k}" not in ("method.params", "model.lora"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(recorded: dict, now: dict) -> dict[str, dict]:
+    """``{key: {"checkpoint": old, "run": new}}`` for every setting of ``now`` (a resolved config as a dict, plus the
+    method's resolved hyper-parameters under ``method.hparams``) that differs from ``recorded`` (the same, from a
+    checkpoint), bookkeeping keys (:data:`BOOKKEEPING`) left out, and the run's length (:data:`LENGTH`) too under
+    the constant lr schedule. A key the checkpoint does not record (an older palu_ds) is not compared."""
+    old, new = _flat(recorded), _flat(now)
+    free = BOOKKEEPING + (LENGTH if new.get("train.scheduler") == "constant" and old.get("train.scheduler") ==
+                          "constant" else ())
+    return {k: {"checkpoint": old[k], "run": new[k]} for k in sorted(new)
+            if k in old and old[k] != new[k] and not any(k == b or (b.endswith(".") and k.startswith(b))
+                                                           for b in free)}
+
+
+def changes_message(changes: dict[str, dict], checkpoint_path: str) -> str:
+    return (f"train.resume: this run's config differs from the one {checkpoint_path} was trained with: "
+            + "; ".join(f"{k} (checkpoint {v['checkpoint']!r}, now {v['run']!r})" for k, v in changes.items())
+            + ". Continuing would make it another run: put the old values back, give this run another "
+            "train.output_dir (or train.resume=never to start afresh there), or set train.resume=force to continue "
+            "deliberately (the changes are recorded in summary.json)")

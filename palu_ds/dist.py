@@ -159,10 +159,12 @@ class StepWatchdog:
 
     EXIT_STATUS = 124
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, setting: str = "train.timeout",
+                 then: str = "resume from the last complete checkpoint"):
         import threading
 
         self.timeout_s, self._deadline, self._what = float(timeout_s), None, ""
+        self.setting, self.then = setting, then  # named in the message: the bound's setting, what to do next
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="palu-step-watchdog", daemon=True)
         self._thread.start()
@@ -188,9 +190,8 @@ class StepWatchdog:
             deadline = self._deadline
             if deadline is not None and time.monotonic() > deadline:
                 logging.getLogger("palu_ds").error(
-                    "%s did not finish within train.timeout=%g s (a peer stopped or hung?): exiting with status %d so "
-                    "the job ends; resume from the last complete checkpoint", self._what, self.timeout_s,
-                    self.EXIT_STATUS)
+                    "%s did not finish within %s=%g s (a peer stopped or hung?): exiting with status %d so the job "
+                    "ends; %s", self._what, self.setting, self.timeout_s, self.EXIT_STATUS, self.then)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 from palu_ds.process import hard_exit
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from palu_ds import checkpoint, dist, lm_head
+from palu_ds import checkpoint, dist, lm_head, run_folder
 from palu_ds.atomic import atomic_path, write_json
 from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 from palu_ds.card import run_info, write_card
@@ -161,6 +161,8 @@ class Trainer:
         self.peak_memory: list[int] = []  # per rank, of the training steps (gathered at the end of train())
         self.model_dir: str | None = None  # where save_model() wrote the final model
         self.last_eval: dict | None = None  # {"step": N, "metrics": evaluator summary}: into the model card
+        self.config_changes: dict = {}  # what train.resume=force let differ from the checkpoint's config
+        self.output_lock = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -177,12 +179,16 @@ class Trainer:
         self.gas = self.ds_config["gradient_accumulation_steps"]
         self.out_dir = cfg.train.output_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
+        self.output_lock = run_folder.lock(self.out_dir)  # held by rank 0 until the process ends
+        resume = self._resume_path()  # chosen by rank 0, verified on every rank
+        self.config_changes = run_folder.check_resume_config(resume, self.cfg, self.hp)
+        run_folder.set_aside_stale_outputs(self.out_dir)
         self._setup_data()
         # before the policy is loaded: a precompute pass loads the reference, writes the cache and frees it
         self.reference = self._build_reference()
         self._setup_model()
         self.dual = self._build_dual()
-        self._resume()
+        self._resume(resume)
         wandb_run = start_wandb(cfg, {**asdict(cfg), "hp": dict(self.hp), "world_size": self.world})
         self.monitor = Monitor(cfg.log.tensorboard_dir, self.total_steps, self.step, cfg.log.log_every,
                                method=self.method, epsilon=self._epsilon(), wandb_run=wandb_run)
@@ -268,18 +274,17 @@ class Trainer:
         r = self.cfg.train.resume
         if r == "never":
             return None
-        if r == "auto":
+        if r in ("auto", "force"):
             return checkpoint.resume_point(self.ckpt_root, log=log)  # verified; a broken one falls back
         if not os.path.isfile(os.path.join(r, checkpoint.MARKER)):
             raise FileNotFoundError(f"train.resume={r} is not a complete checkpoint (no {checkpoint.MARKER} marker)")
         return checkpoint.resume_point(self.ckpt_root, explicit=r)
 
-    def _resume(self) -> None:
+    def _resume(self, resume: str | None) -> None:
         """Weights, optimizer, samplers, λ and the step counters from the checkpoint to resume (if any)."""
-        resume = self._resume_path()
         if not resume:
             return
-        state = checkpoint.load(self.engine, resume)
+        state = checkpoint.load(self.engine, resume)  # after a collective check that every rank loads this one
         self.step, self.skipped = state["step"], state["skipped"]
         self.consecutive_bad, self.streak_start = state.get("consecutive_bad", 0), state.get("streak_start")
         self.first_scalars, self.last_scalars = state.get("first_scalars"), state.get("last_scalars") or {}
@@ -304,8 +309,8 @@ class Trainer:
         stats.preempted = self.preempt_local  # a signal that came during the window stops after this step
         step = stats.reduce(self.device)
         self.preempted = step.preempted  # every rank saw the flag: they stop together
-        lr = self._optimizer_step(step.bad)
-        self._count_step(step)
+        lr, overflow = self._optimizer_step(step.bad)
+        self._count_step(step, overflow)
         return self._scalars(step, lr, time.perf_counter() - t0)
 
     def _next_micro(self) -> dict[str, dict]:
@@ -343,19 +348,26 @@ class Trainer:
         self.engine.backward(loss)
         self._micro_dual_step(terms, micro, norms)
 
-    def _optimizer_step(self, bad: bool) -> float:
-        """The update with this step's scheduled lr; a non-finite step changes nothing the optimizer owns."""
+    def _optimizer_step(self, bad: bool) -> tuple[float, bool]:
+        """The update with this step's scheduled lr; a non-finite step changes nothing the optimizer owns. Also
+        returns whether DeepSpeed skipped the update itself (a non-finite gradient: its overflow check, agreed over
+        the ranks, bumps its ``skipped_steps`` counter)."""
         lr = 0.0 if bad else lr_at(self.step, self.cfg.train, self.total_steps)
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
+        ds_skipped = getattr(self.engine, "skipped_steps", 0)
         with skipped_update(self.engine) if bad else nullcontext():  # skip: Adam's state does not move either
             self.engine.step()
         self.step += 1
-        return lr
+        return lr, getattr(self.engine, "skipped_steps", 0) > ds_skipped
 
-    def _count_step(self, step: StepStats) -> None:
-        """Skipped-step bookkeeping; a finite step moves λ from the all-reduced constraint (no second collective)."""
-        if step.bad:
+    def _count_step(self, step: StepStats, overflow: bool = False) -> None:
+        """Skipped-step bookkeeping (a non-finite loss, or DeepSpeed's own overflow skip: one streak rule); a finite
+        step moves λ from the all-reduced constraint (no second collective)."""
+        if overflow:
+            log.warning("step %d: DeepSpeed skipped the update (non-finite gradient norm, its overflow check); "
+                        "counted as a non-finite step", self.step)
+        if step.bad or overflow:
             self.skipped += 1
             self.consecutive_bad += 1
             if self.consecutive_bad == 1:
@@ -376,7 +388,8 @@ class Trainer:
             scalars["dual/lambda"] = self.dual.value
             scalars["dual/slack"] = step.terms.get(self.method.constraint, float("nan")) - self.dual.epsilon
         scalars.update({"lr": lr, "throughput/tokens_per_s": step.tokens / seconds,
-                        "memory/peak_bytes": float(peak_memory_bytes()), "skipped_steps": float(self.skipped)})
+                        "memory/peak_bytes": float(peak_memory_bytes()), "skipped_steps": float(self.skipped),
+                        "deepspeed_skipped_steps": float(getattr(self.engine, "skipped_steps", 0))})
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             scalars["grad/norm"] = float(gn)
@@ -478,7 +491,8 @@ class Trainer:
         if self.consecutive_bad >= self.cfg.train.max_nonfinite:
             path = self.save_checkpoint()
             raise FloatingPointError(
-                f"{self.consecutive_bad} optimizer steps in a row had a non-finite loss term (step {self.step}); "
+                f"{self.consecutive_bad} optimizer steps in a row had a non-finite loss term or gradient (step "
+                f"{self.step}; DeepSpeed's own overflow skips so far: {getattr(self.engine, 'skipped_steps', 0)}); "
                 f"stopped with a checkpoint at {path}. Lower train.lr, check the data, or raise "
                 "train.max_nonfinite.")
         if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
@@ -509,7 +523,7 @@ class Trainer:
                 "streams": {n: s.state_dict() for n, s in self.streams.items()},
                 "dual": self.dual.state_dict() if self.dual is not None else None,
                 "method": self.method.name, "hp": dict(self.hp),
-                "config": asdict(self.cfg)}
+                "config": asdict(self.cfg), "config_changes": self.config_changes}
 
     def save_checkpoint(self) -> str:
         return checkpoint.save(self.engine, self.ckpt_root, self.step, self.client_state(), self.cfg.train.keep_last,
@@ -565,7 +579,9 @@ class Trainer:
         report, and the seconds and tokens of each step."""
         data = {"steps": self.step, "first": self.first_scalars, "last": self.last_scalars,
                 "model": self.model_dir, "skipped_steps": self.skipped, "world_size": self.world,
+                "deepspeed_skipped_steps": getattr(self.engine, "skipped_steps", 0),
                 "peak_memory_bytes_per_rank": self.peak_memory, "spans": self.span_info,
+                "config_changes": self.config_changes,
                 "step_seconds": [round(t, 5) for t, _ in self.step_times],
                 "step_tokens": [n for _, n in self.step_times]}
         self.monitor.summary(data)

@@ -28,7 +28,7 @@ def main() -> int:
     from palu_ds import dist
     from palu_ds.data.build import build_datasets
     from palu_ds.ds_config import load_ds_config
-    from palu_ds.reference import precompute
+    from palu_ds.reference import CacheMismatch, precompute
 
     cfg, method = run.cfg, run.method
     if not run.reference_parts:
@@ -43,7 +43,11 @@ def main() -> int:
     datasets = build_datasets(cfg.data, tok, method, cfg.train.seed)
     cache_dir = cfg.reference.cache_dir
     t = time.time()
-    manifest = precompute(cfg, method, run.hp, datasets, tok, ds, cache_dir)
+    try:
+        manifest = precompute(cfg, method, run.hp, datasets, tok, ds, cache_dir)
+    except CacheMismatch as e:  # a cache made for another run (model revision, data, K, ...): named, not a crash
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if dist.is_main():
         print(json.dumps({"cache_dir": cache_dir, "seconds": round(time.time() - t, 2),
                           "shards": manifest["shards"], "retain_loss": manifest.get("retain_loss")}, indent=1))

@@ -6,8 +6,11 @@ import logging
 import sys
 import warnings
 
+from palu_ds.checkpoint import ResumeRefused
 from palu_ds.cli_args import parser
 from palu_ds.config import ConfigError, check_model_vocabulary, check_run_paths, load_run
+from palu_ds.reference.key import CacheMismatch
+from palu_ds.run_folder import OutputDirInUse
 
 
 def setup_logging() -> None:
@@ -73,7 +76,14 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
     from palu_ds.engine import Trainer
 
     trainer = Trainer(run, args.deepspeed, hooks, evaluator)
-    trainer.setup()
+    try:
+        trainer.setup()
+    except ConfigError as e:  # the checkpoint to resume was trained with another config: every rank stops
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (OutputDirInUse, ResumeRefused, CacheMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     trainer.train()
     trainer.save_model()
     trainer.summary()  # before cleanup, which closes the trackers (wandb gets the summary)

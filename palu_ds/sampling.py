@@ -46,3 +46,5 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos, self._order = int(state["epoch"]), int(state["pos"]), None
+        if self.pos >= self.batches_per_epoch:  # saved with another batch size (train.resume=force): next epoch
+            self.epoch, self.pos = self.epoch + 1, 0

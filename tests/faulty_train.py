@@ -3,12 +3,16 @@ setting): ``faulty_train.py FAULT --deepspeed ... --config ... [key=value ...]``
 
 * ``crash_after=K``          every rank ends (status 17) right after optimizer step K (after any checkpoint of it)
 * ``nan_from=K``             the loss is NaN from optimizer step K on
+* ``grad_nan_from=K[,grad_nan_rank=R]`` from optimizer step K on, the loss stays finite but its gradient is NaN (on
+                            rank R only, else every rank): DeepSpeed's own overflow check skips the update
 * ``stop_rank=R[,stop_at=S]`` rank R SIGSTOPs itself before optimizer step S + 1 (default 3): a peer that hangs
 * ``crash_in_save_model=1``  every rank ends (status 17) when the final model is about to be written
 """
 import os
 import signal
 import sys
+
+import torch
 
 from palu_ds.engine import Hooks
 from palu_ds.process import run_main
@@ -27,6 +31,10 @@ class Faults(Hooks):
     def loss(self, trainer, loss):
         if "nan_from" in self.fault and trainer.step + 1 >= int(self.fault["nan_from"]):
             return loss * float("nan")
+        if "grad_nan_from" in self.fault and trainer.step + 1 >= int(self.fault["grad_nan_from"]) and \
+                self.fault.get("grad_nan_rank", str(trainer.rank)) == str(trainer.rank):
+            p = next(trainer.engine.module.parameters())
+            return loss + torch.sqrt((p * 0).sum())  # + 0, whose gradient is inf * 0 = NaN
         return loss
 
     def after_step(self, trainer) -> None:

@@ -99,8 +99,8 @@ def test_method_end_to_end(tiny, target, tmp_path, method, stage):
     lines = [ln.split("] ", 1)[-1] for ln in (p.stdout + p.stderr).splitlines() if "[palu_ds r0]" in ln]
     for step in (1, 4):
         assert any(re.search(step_line_pattern(m, step, 4), ln) for ln in lines), (step, lines[-12:])
-    if m.reference_parts:
-        assert any(re.fullmatch(r"reference forget: rows \d+/\d+ \| eta \S+", ln) for ln in lines), lines[-20:]
+    for batch in m.reference:  # each batch the reference is precomputed for (RMU: retain only)
+        assert any(re.fullmatch(rf"reference {batch}: rows \d+/\d+ \| eta \S+", ln) for ln in lines), lines[-20:]
     check_model_card(s["model"], method)
     if m.uses_spans:  # the span source and counts of the forget set (generated data is labelled)
         assert s["spans"]["source"] == "labels" and s["spans"]["spans"] > 0 and s["spans"]["init_tokens"] > 0

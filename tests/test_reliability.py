@@ -384,7 +384,8 @@ def test_marker_records_sizes_and_checksums_and_a_truncated_file_falls_back(tmp_
 def test_two_ranks_resume_from_the_previous_checkpoint_when_an_optimizer_file_is_truncated(tiny, target, tmp_path):
     """The issue's run: rank 1's optimizer file of the last checkpoint truncated. Before, rank 0 logged a resume and
     rank 1 crashed in DeepSpeed's loader without naming the file; now both ranks agree the checkpoint is broken, the
-    warning names the file, and the run resumes from the previous complete checkpoint and finishes."""
+    warning names the file, and the run resumes from the previous complete checkpoint and finishes. (Issue 26: a
+    2-rank run started while another process holds the output folder is refused first, naming the holder.)"""
     import glob
 
     from e2e import launch, summary
@@ -396,6 +397,22 @@ def test_two_ranks_resume_from_the_previous_checkpoint_when_an_optimizer_file_is
     (opt,) = glob.glob(os.path.join(out, "checkpoints", "step_000004", "*zero_pp_rank_1_*optim_states.pt"))
     with open(opt, "r+b") as f:
         f.truncate(os.path.getsize(opt) // 2)
+    # (issue 26) while another process holds the folder, both ranks are refused before anything is touched
+    import socket
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from palu_ds.run_folder import OutputLock; "
+                               f"OutputLock({out!r}).acquire(); print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        p = launch("launch/train.py", args + ["train.max_steps=6"], check=False)
+        assert p.returncode == 2 and f"(host {socket.gethostname()}, pid {holder.pid}," in p.stderr, p.stderr[-3000:]
+        assert os.path.isfile(os.path.join(os.path.dirname(opt), "COMPLETE"))  # not even verified yet
+    finally:
+        holder.kill()
+        holder.wait()
     p = launch("launch/train.py", args + ["train.max_steps=6"])
     text = p.stdout + p.stderr
     assert f"checkpoint {os.path.dirname(opt)} is broken: {opt} has" in text, text[-4000:]

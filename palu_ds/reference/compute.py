@@ -5,7 +5,6 @@ read."""
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 
@@ -15,7 +14,7 @@ from palu_ds import dist
 from palu_ds.atomic import atomic_path, write_json
 from palu_ds.progress import rows_progress
 
-from .key import MANIFEST, CacheMismatch, _diff, cache_key
+from .key import MANIFEST, CacheMismatch, _diff, cache_key, read_manifest
 from palu_ds.methods import REFERENCE_PARTS, row_mask
 
 from .parts import (_vocab_size, answer_nll_sums, id_dtype, offsets_name, reference_capture, reference_tensors,
@@ -50,8 +49,7 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     key = dist.broadcast_object(cache_key(cfg, method, hp, datasets, tokenizer) if dist.is_main() else None)
     manifest_path = os.path.join(cache_dir, MANIFEST)
     if os.path.isfile(manifest_path):
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        manifest = read_manifest(manifest_path)
         differ = _diff(manifest["key"], key)
         if differ:
             raise CacheMismatch(

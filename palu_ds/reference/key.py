@@ -27,14 +27,48 @@ def _sha(*chunks: bytes) -> str:
     return h.hexdigest()[:16]
 
 
+def read_manifest(path: str) -> dict:
+    """A cache's manifest.json; an unreadable one (truncated, not JSON) is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if not isinstance(manifest, dict) or "key" not in manifest:
+            raise ValueError("not a palu_ds reference-cache manifest")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RuntimeError(f"{path} is unreadable ({e}): the reference cache's manifest is damaged; delete "
+                           f"{os.path.dirname(path)} and rerun launch/precompute.py (or train, which recomputes it)"
+                           ) from None
+    return manifest
+
+
+def hub_snapshot(name: str) -> str:
+    """The local snapshot folder of hub model ``name`` at the revision its ``main`` ref resolves to (the offline
+    cache first, as transformers resolves it; else config.json and the weight files are fetched)."""
+    from huggingface_hub import constants, snapshot_download
+
+    patterns = ["config.json", "*.safetensors", "*.bin", "*.pt", "*.gguf"]
+    cache_dir = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    try:
+        return snapshot_download(name, cache_dir=cache_dir, local_files_only=True, allow_patterns=patterns)
+    except Exception:  # noqa: BLE001 - not in the local cache: the same files the model load would fetch
+        pass
+    try:
+        return snapshot_download(name, cache_dir=cache_dir, allow_patterns=patterns)
+    except Exception as e:  # noqa: BLE001 - named: neither a folder nor a reachable hub model
+        raise RuntimeError(f"model {name}: not a local folder, not in the hub cache {cache_dir}, and not fetched "
+                           f"from the hub ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def model_fingerprint(path: str) -> str:
     """config.json + every weight file, every byte of each (sha256; a file's digest is cached under its identity --
     device, inode, size, mtime, ctime -- by :func:`palu_ds.integrity.cached_file_digest`, so a 70B checkpoint is
-    read once, not once per run)."""
+    read once, not once per run). A hub name is fingerprinted by its resolved revision (the snapshot's commit hash)
+    and the same digest of that snapshot's files."""
     from palu_ds.integrity import cached_file_digest
 
     if not os.path.isdir(path):
-        return f"hub:{path}"
+        snapshot = hub_snapshot(path)
+        return f"hub:{path}@{os.path.basename(snapshot)}:{model_fingerprint(snapshot)}"
     h = hashlib.sha256()
     for name in sorted(os.listdir(path)):
         if name == "config.json" or name.endswith((".safetensors", ".bin", ".pt", ".gguf")):

@@ -4,7 +4,6 @@ live reference model (:class:`ResidentReference`, for comparison) or nothing (:c
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -12,7 +11,7 @@ import torch
 from palu_ds import dist
 
 from .compute import load_reference_model, precompute, rank_batches
-from .key import MANIFEST
+from .key import MANIFEST, read_manifest
 from palu_ds.methods import REFERENCE_PARTS
 
 from .parts import _vocab_size, answer_nll_sums, offsets_name, reference_capture, reference_tensors, topk_sizes
@@ -43,8 +42,7 @@ class CachedReference:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{cache_dir} has no {MANIFEST}: the cache is incomplete; run "
                                         "launch/precompute.py with the same config (or train, which runs it)")
-            with open(path, encoding="utf-8") as f:
-                manifest = json.load(f)
+            manifest = read_manifest(path)
         self.manifest = manifest
         self.index: dict[str, dict[int, tuple]] = {}
         self.shards = {}
