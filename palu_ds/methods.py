@@ -181,6 +181,8 @@ class Method:
     ``constraint``   the term a dual variable keeps below epsilon (None: no dual variable): a mean NLL over the
                      answer tokens of the batch of the same name; :meth:`objective` adds ``lam * (term - eps)``
     ``defaults``     the paper hyper-parameters (read-only); ``unlearning=False`` marks plain fine-tuning (sft)
+    ``peer``         the open-unlearning trainer (``configs/trainer/<peer>.yaml``) this method is timed against by
+                     benchmarks/vs_open_unlearning.py, with ``peer_args`` for its ``method_args`` (None: no pair)
 
     Adding a method = one entry in :data:`METHODS` + its term function(s) + one test.
     """
@@ -195,10 +197,12 @@ class Method:
     reference: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     constraint: str | None = None
     unlearning: bool = True
+    peer: str | None = None
+    peer_args: Mapping[str, Any] = field(default_factory=dict)
     doc: str = ""
 
     def __post_init__(self):
-        for key in ("defaults", "paired", "needs", "reference"):
+        for key in ("defaults", "paired", "needs", "reference", "peer_args"):
             object.__setattr__(self, key, MappingProxyType(dict(getattr(self, key))))
         unknown = {p for parts in self.reference.values() for p in parts} - set(ROW_PARTS)
         if unknown:
@@ -323,10 +327,12 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method(name="palu", batches=FORGET_RETAIN, needs=RETAIN_SET, reference=PALU_REFERENCE, defaults=PALU_DEFAULTS,
            term_fns=PALU_TERMS,
            combine=lambda t, hp: hp["gamma"] * t["forget"] + hp["alpha"] * (t["retain"] + t["kl"]),
+           peer="NPO",  # open-unlearning has no PALU: its NPO is the nearest reference-using method
            doc="PALU: local top-K flattening at I_init + KL on common tokens + retain NLL"),
     Method(name="pd_flat", batches=FORGET_RETAIN, needs=RETAIN_SET, constraint="retain",
            defaults={"gamma": 1.0, **DUAL_DEFAULTS}, term_fns={"forget": flat_forget, "retain": retain_nll},
            combine=lambda t, hp: hp["gamma"] * t["forget"],
+           peer="PDU", peer_args={"retain_loss_eps": DUAL_DEFAULTS["epsilon"], "dual_warmup_epochs": 0},
            doc="logit-margin flattening under the primal-dual retain constraint (arXiv 2506.05314)"),
     Method(name="palu_pd", batches=FORGET_RETAIN, needs=RETAIN_SET, reference=PALU_REFERENCE, constraint="retain",
            defaults={**PALU_DEFAULTS, **DUAL_DEFAULTS}, term_fns=PALU_TERMS,
@@ -335,11 +341,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method(name="grad_ascent", batches=("forget",), defaults={"gamma": 1.0}, term_fns={"forget": forget_neg_nll},
            combine=lambda t, hp: hp["gamma"] * t["forget"], doc="gradient ascent on the forget answers"),
     Method(name="grad_diff", batches=FORGET_RETAIN, needs=RETAIN_SET, defaults={"gamma": 1.0, "alpha": 1.0},
-           term_fns={"forget": forget_neg_nll, "retain": retain_nll}, combine=_forget_retain,
+           term_fns={"forget": forget_neg_nll, "retain": retain_nll}, combine=_forget_retain, peer="GradDiff",
            doc="gradient difference"),
     Method(name="npo", batches=FORGET_RETAIN, needs=RETAIN_SET, reference={"forget": ("seq_logps",)},
            defaults={"beta": 0.1, "gamma": 1.0, "alpha": 1.0}, term_fns={"forget": npo_forget, "retain": retain_nll},
-           combine=_forget_retain, doc="NPO + retain NLL (arXiv 2404.05868)"),
+           combine=_forget_retain, peer="NPO", doc="NPO + retain NLL (arXiv 2404.05868)"),
     Method(name="simnpo", batches=FORGET_RETAIN, needs=RETAIN_SET,
            defaults={"beta": 4.5, "delta": 0.0, "gamma": 0.125, "alpha": 1.0},
            term_fns={"forget": simnpo_forget, "retain": retain_nll}, combine=_forget_retain,
