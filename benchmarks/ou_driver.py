@@ -3,10 +3,11 @@ own virtual environment (transformers 4.45: nothing of palu_ds is imported here)
 
     PYTHONPATH=<checkout>/src OU_DIR=<checkout> OU_TIMES=<file.json> python benchmarks/ou_driver.py <overrides>
 
-It wraps open-unlearning's ``load_trainer`` to add a callback that times each optimizer step (``on_step_begin`` to
-``on_step_end``: forward, backward and the update) and counts each step's tokens the way palu_ds does: every real
-token of the forget and retain rows, prompt and answer, up to the row's last label (open-unlearning's collator masks
-every pad token out of ``attention_mask``, and when pad == eos that would drop the answers' final eos too).  Writes
+It wraps open-unlearning's ``trainer.load_trainer`` (then runs ``src/train.py`` as ``__main__``) to add a callback
+that times each optimizer step (``on_step_begin`` to ``on_step_end``: forward, backward and the update) and counts
+each step's tokens the way palu_ds does: every real token of the forget and retain rows, prompt and answer, up to
+the row's last label (open-unlearning's collator masks every pad token out of ``attention_mask``, and when
+pad == eos that would drop the answers' final eos too).  Writes
 ``{"step_seconds": [...], "step_tokens": [...]}`` to ``OU_TIMES`` (``.rank<R>`` appended on rank R > 0).
 """
 
@@ -29,9 +30,11 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     if rank:
         out = f"{out}.rank{rank}"
+    import runpy
+
     import transformers
 
-    import train as ou_train  # open-unlearning's src/train.py (its src/ is on PYTHONPATH)
+    import trainer as ou_trainer  # open-unlearning's src/trainer (its src/ is on PYTHONPATH)
 
     seconds, tokens = [], []
 
@@ -43,7 +46,7 @@ def main() -> None:
         def on_step_end(self, args, state, control, **kw):
             seconds.append(time.perf_counter() - self.t0)
 
-    load = ou_train.load_trainer
+    load = ou_trainer.load_trainer
 
     def load_trainer(*a, **k):
         trainer, args = load(*a, **k)
@@ -58,10 +61,11 @@ def main() -> None:
         trainer.compute_loss = compute_loss
         return trainer, args
 
-    ou_train.load_trainer = load_trainer
-    sys.argv = [os.path.join(ou, "src", "train.py"), *sys.argv[1:]]
-    try:
-        ou_train.main()
+    ou_trainer.load_trainer = load_trainer  # what src/train.py's ``from trainer import load_trainer`` then reads
+    script = os.path.join(ou, "src", "train.py")
+    sys.argv = [script, *sys.argv[1:]]
+    try:  # as __main__, so that hydra finds ../configs next to the script
+        runpy.run_path(script, run_name="__main__")
     finally:
         with open(out + ".tmp", "w") as f:
             json.dump({"step_seconds": seconds, "step_tokens": tokens[:len(seconds)]}, f)
