@@ -195,14 +195,16 @@ def ou_run(method: str, nproc: int, model: str, chat: bool, py: str, a, tag: str
     times = os.path.join(run_dir, "times.json")
     args = ou_overrides(m.peer, dict(m.peer_args), model, chat, a, run_dir)
     driver = os.path.join(ROOT, "benchmarks", "ou_driver.py")
-    if nproc > 1:
+    if nproc > 1:  # DeepSpeed through its TrainingArguments (use_cpu would make accelerate fall back to DDP)
+        args.remove("+trainer.args.use_cpu=true")
         args.append(f"+trainer.args.deepspeed={os.path.join(ROOT, 'ds_configs', 'cpu', 'zero3.json')}")
         cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
                driver, *args]
     else:
         cmd = [py, driver, *args]
     rc, rss = timed(cmd, 1 if nproc > 1 else 2, run_dir + ".log", cwd=run_dir, OU_DIR=a.open_unlearning,
-                    OU_TIMES=times, PYTHONPATH=os.path.join(a.open_unlearning, "src"))
+                    OU_TIMES=times, PYTHONPATH=os.path.join(a.open_unlearning, "src"),
+                    LOCAL_SIZE=str(nproc))  # its DeepSpeed 0.15's CPU accelerator asks numactl for it otherwise
     if not os.path.isfile(times):
         return {"exit": rc or 1, "log": run_dir + ".log"}
     with open(times) as f:
