@@ -8,9 +8,12 @@ What runs is the engine's code path after the backbone: packed last hidden state
 (a leaf, standing for the backbone's output) -> ``palu_ds.methods`` terms of ``--method`` -> objective -> backward
 (gradients to the hidden states and the head weight), with
 
-  dense:    PackedLogits(lm_logits(head, h))          -- the [N, V] logits at once (train.head_path=dense)
-  chunked:  lm_head.chunked_logits(head, ..., h)      -- head + losses a chunk of positions at a time, recomputed
-                                                         in backward (train.head_path=chunked)
+  dense:     PackedLogits(lm_logits(head, h))         -- the [N, V] logits at once (train.head_path=dense)
+  chunked:   lm_head.chunked_logits(head, ..., h)     -- head + losses a chunk of positions at a time, each chunk's
+                                                         gradient formed in the forward pass from the objective's
+                                                         seeds (train.head_path=chunked, issue 29)
+  recompute: the same with fuse=False                 -- logits recomputed in backward (issue 17's path;
+                                                         ``--variants dense,chunked,recompute``)
 
 Half of the positions are the forget batch (PALU: every 4th one in I_init with K reference ids, the rest "common"
 with k=256 reference ids and log-probs), half the retain batch.  Each variant runs in a FRESH subprocess: its memory
@@ -18,8 +21,9 @@ figure is the peak resident set (VmHWM, reset through /proc/self/clear_refs afte
 just before the stage -- i.e. what the head + losses + their backward add on top of the weight, the hidden states and
 the reference tensors (the head's gradient included, in both variants).  Time: one warm-up then the best of
 ``--reps`` forward+backward passes (wall and CPU time; on a shared machine the CPU time is the steadier one).
-Variants alternate ``--rounds`` times (dense, chunked, dense, chunked, ...) so that a noisy neighbour hits both
-alike; the table reports the best time and the largest peak of each variant (``--reps 0``: one pass, no warm-up).
+Variants alternate ``--rounds`` times (dense, chunked, dense, chunked, ...) so that a noisy neighbour hits them
+alike; the table reports the best time and the largest peak of each variant against dense (``--reps 0``: one pass,
+no warm-up), and each chunked variant's rows fused / recomputed.
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ def _inputs(m, a):
 
 
 def child(a) -> dict:
+    from functools import partial
+
     import torch
 
     from palu_ds.batch import PackedLogits
@@ -98,15 +104,25 @@ def child(a) -> dict:
     hp = {"K": a.K, "kl_topk": a.k} if "K" in m.defaults else {}
     hidden = torch.randn(sum(int(x.sum()) for x in answers.values()), d, requires_grad=True)
 
+    objective = partial(m.objective, hp=hp, lam=1.0)
+    rows_done = {}
+
     def step():
         head.weight.grad, hidden.grad = None, None
         if a.variant == "dense":
             rows = lm_logits(head, hidden, spec).split([int(x.sum()) for x in answers.values()])
             logits = {n: PackedLogits(r, answers[n]) for n, r in zip(names, rows)}
         else:
-            logits = chunked_logits(head, spec, hidden, answers, a.chunk_elems)
-        terms = within_head(logits, lambda lg: m.terms(StepInputs(logits=lg, batches=batches, ref=ref), hp))
-        m.objective(terms, hp, lam=1.0).backward()
+            logits = chunked_logits(head, spec, hidden, answers, a.chunk_elems, fuse=a.variant == "chunked")
+        heads = []
+
+        def terms_of(lg):
+            heads.extend(v.chunked for v in lg.values() if hasattr(v, "chunked"))
+            return m.terms(StepInputs(logits=lg, batches=batches, ref=ref), hp)
+
+        terms = within_head(logits, terms_of, objective)
+        objective(terms).backward()
+        rows_done.update(heads[-1].stats() if heads else {})
         return {k: float(v) for k, v in terms.items()}
 
     rss_before = _status_kb("VmRSS")
@@ -123,7 +139,7 @@ def child(a) -> dict:
             "chunk_elems": a.chunk_elems, "baseline_gib": rss_before / 2**20,
             "stage_peak_gib": (peak - rss_before) / 2**20, "times_s": times, "best_s": min(times[1:] or times),
             "cpu_s": cpu, "best_cpu_s": min(cpu[1:] or cpu),
-            "terms": terms, "grad_w_norm": float(head.weight.grad.norm()), "grad_h_norm": float(hidden.grad.norm())}
+            "rows": rows_done, "terms": terms, "grad_w_norm": float(head.weight.grad.norm()), "grad_h_norm": float(hidden.grad.norm())}
 
 
 def main():
@@ -138,6 +154,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--variants", default="dense,chunked", help="dense first, then chunked and/or recompute")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", help="also write the raw results here")
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -147,32 +164,40 @@ def main():
     if a.variant:
         print(json.dumps(child(a)))
         return
-    results = {"dense": [], "chunked": []}
+    variants = a.variants.split(",")
+    if variants[0] != "dense" or not set(variants[1:]) <= {"chunked", "recompute"}:
+        raise SystemExit(f"--variants: dense first, then chunked and/or recompute; got {a.variants!r}")
+    results = {v: [] for v in variants}
     for r in range(a.rounds):
-        for variant in ("dense", "chunked"):
+        for variant in variants:
             args = [sys.executable, os.path.abspath(__file__), "--variant", variant] + sys.argv[1:]
             out = subprocess.run(args, capture_output=True, text=True, check=True)
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[variant].append(res)
             print(f"round {r} {variant}: stage peak {res['stage_peak_gib']:.2f} GiB over a baseline of "
                   f"{res['baseline_gib']:.2f} GiB, times {['%.2f' % t for t in res['times_s']]} s "
-                  f"(CPU {['%.2f' % t for t in res['cpu_s']]} s), "
-                  f"terms {res['terms']}", flush=True)
-    dn, ch = results["dense"], results["chunked"]
-    mem = (max(x["stage_peak_gib"] for x in dn), max(x["stage_peak_gib"] for x in ch))
-    t = (min(x["best_s"] for x in dn), min(x["best_s"] for x in ch))
-    c = (min(x["best_cpu_s"] for x in dn), min(x["best_cpu_s"] for x in ch))
-    for key in dn[0]["terms"]:  # the two paths compute the same step
-        rel = abs(dn[0]["terms"][key] - ch[0]["terms"][key]) / max(1e-12, abs(dn[0]["terms"][key]))
-        print(f"term {key}: dense {dn[0]['terms'][key]:.6g} chunked {ch[0]['terms'][key]:.6g} (rel diff {rel:.1e})")
-    print(f"grad W norm: dense {dn[0]['grad_w_norm']:.6g} chunked {ch[0]['grad_w_norm']:.6g}; "
-          f"grad h norm: dense {dn[0]['grad_h_norm']:.6g} chunked {ch[0]['grad_h_norm']:.6g}")
-    print("\n| method | V | d | positions | chunk (logit elements) | dense peak (GiB) | chunked peak (GiB) | memory "
-          "chunked/dense | dense wall (s) | chunked wall (s) | speed chunked/dense (wall) | speed (CPU time) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {a.method} | {a.vocab} | {a.hidden} | {dn[0]['positions']} | {a.chunk_elems} | {mem[0]:.2f} | "
-          f"{mem[1]:.2f} | {mem[1] / mem[0]:.3f}x | {t[0]:.2f} | {t[1]:.2f} | {t[0] / t[1]:.3f}x | "
-          f"{c[0] / c[1]:.3f}x |")
+                  f"(CPU {['%.2f' % t for t in res['cpu_s']]} s), terms {res['terms']} {res['rows']}", flush=True)
+    dn = results["dense"]
+    mem = {v: max(x["stage_peak_gib"] for x in res) for v, res in results.items()}
+    t = {v: min(x["best_s"] for x in res) for v, res in results.items()}
+    c = {v: min(x["best_cpu_s"] for x in res) for v, res in results.items()}
+    for v in variants[1:]:  # the paths compute the same step
+        ch = results[v]
+        for key in dn[0]["terms"]:
+            rel = abs(dn[0]["terms"][key] - ch[0]["terms"][key]) / max(1e-12, abs(dn[0]["terms"][key]))
+            print(f"{v} term {key}: dense {dn[0]['terms'][key]:.6g} {v} {ch[0]['terms'][key]:.6g} "
+                  f"(rel diff {rel:.1e})")
+        print(f"{v} grad W norm: dense {dn[0]['grad_w_norm']:.6g} {v} {ch[0]['grad_w_norm']:.6g}; "
+              f"grad h norm: dense {dn[0]['grad_h_norm']:.6g} {v} {ch[0]['grad_h_norm']:.6g}")
+    print("\n| method | V | d | positions | chunk (logit elements) | variant | rows fused / recomputed | peak (GiB) | "
+          "memory vs dense | wall (s) | speed vs dense (wall) | CPU (s) | speed vs dense (CPU time) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for v in variants:
+        rows = results[v][0]["rows"]
+        done = f"{rows['fused_rows']} / {rows['recomputed_rows']}" if rows else "-"
+        print(f"| {a.method} | {a.vocab} | {a.hidden} | {dn[0]['positions']} | {a.chunk_elems} | {v} | {done} | "
+              f"{mem[v]:.2f} | {mem[v] / mem['dense']:.3f}x | {t[v]:.2f} | {t['dense'] / t[v]:.3f}x | {c[v]:.2f} | "
+              f"{c['dense'] / c[v]:.3f}x |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

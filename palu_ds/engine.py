@@ -22,6 +22,7 @@ import signal
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 
@@ -336,10 +337,11 @@ class Trainer:
         ref = {n: self.reference.lookup(n, b) for n, b in micro.items()}
         logits = self._forward(micro)
         hidden = self._split_rows(self.capture.output, micro) if self.capture is not None else {}
-        terms = lm_head.within_head(logits, lambda lg: self.method.terms(  # chunked: inside one head call
-            StepInputs(logits=lg, batches=micro, ref=ref, normalizers=norms, hidden=hidden), self.hp))
         stats.lam = self._lam()  # dual_update=micro_batch moves λ between micro-batches (open-unlearning)
-        loss = self.method.objective(terms, self.hp, stats.lam, self._epsilon()) * (self.world * self.gas)
+        objective = partial(self.method.objective, hp=self.hp, lam=stats.lam, epsilon=self._epsilon())
+        terms = lm_head.within_head(logits, lambda lg: self.method.terms(  # chunked: inside one head call, fused
+            StepInputs(logits=lg, batches=micro, ref=ref, normalizers=norms, hidden=hidden), self.hp), objective)
+        loss = objective(terms) * (self.world * self.gas)
         loss = self.hooks.loss(self, loss)
         if not torch.isfinite(loss):  # local decision; all ranks still run backward, so collectives match
             stats.bad = True

@@ -176,36 +176,61 @@ def verify(model, spec: HeadSpec | None = None, n_tokens: int = 8, atol: float =
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Chunked head + losses: never the [positions x vocabulary] logits (issue 17)
+# Chunked head + losses: never the [positions x vocabulary] logits (issues 17, 29)
 # ----------------------------------------------------------------------------------------------------------------
 def chunk_rows(vocab: int, chunk_elems: int) -> int:
     """Positions per chunk so that one chunk's logits hold at most ``chunk_elems`` elements (at least 1 row)."""
     return max(1, int(chunk_elems) // max(1, int(vocab)))
 
 
+#: the two values the plan's probe gives every per-row output: a job whose seeds agree at both is linear there
+PROBE_VALUES = (0.0, 1.0)
+#: a fused job's row is corrected in backward when its gradient differs from ``scale * seed`` by more than this
+#: many units of the gradient's precision (relative): below it the difference is rounding of the same products
+SEED_TOLERANCE_ULPS = 64
+
+
 class ChunkedHead:
     """The head applied to a set of packed hidden rows, one chunk of positions at a time, for any number of per-row
     functions (the terms of a step); their backward shares ONE pass and ONE head-gradient buffer.
 
-    Forward (:meth:`rows`): ``fn(post(head(h_c)), *args_c)`` per chunk ``c`` under no_grad -- the chunk's logits are
-    freed before the next chunk.  Each call returns a :class:`_Job` output whose backward only records its incoming
-    gradient; all of them hang on one :class:`_Anchor` node (inputs: the packed hidden rows, the weight, the bias),
-    whose backward autograd runs once, after every recorded job that the loss reaches.  It then recomputes each
-    job's chunks (``lin = h_c W^T + b`` as a leaf, ``out = fn(post(lin))``, ``dlin = d(out . g_c)/dlin`` by autograd,
-    so ``fn``'s math lives once, in palu_ds.losses) and accumulates ``dh_c = hidden_scale * dlin W`` and
-    ``dW += dlin^T h_c`` (``db += sum dlin``) into one buffer each -- the approach of Liger-Kernel's fused linear
-    cross-entropy and Apple's Cut Cross-Entropy, for every term of the step together.
+    Each :meth:`rows` call is a *job*: ``fn(post(head(h_c)), *args_c)`` per chunk ``c``, the chunk's logits freed
+    before the next chunk; every job's output hangs on one :class:`_Anchor` node (inputs: the packed hidden rows,
+    the weight, the bias) whose backward autograd runs once, after every job the loss reaches.  A job runs one of
+    two ways:
 
-    Memory: O(rows x d) saved, one chunk's logits and their autograd temporaries, one [V, d] gradient -- never
-    O(positions x V).  Cost: one head matmul more than the dense path (the forward's, recomputed in backward).
+    * **fused** (issue 29: the gradient in the forward pass, as Liger-Kernel's fused linear cross-entropy does):
+      when :meth:`plan` gave the job a *seed* -- the gradient of the step's objective w.r.t. each of its per-row
+      outputs, known before the logits exist because the term reduces the rows linearly (a sum over a global
+      count, weighted by the objective's gamma / alpha / lambda).  Per chunk it forms ``lin = h_c W^T + b`` as a
+      leaf, ``out = fn(post(lin))`` and, by one local autograd call, ``J = d out / d lin`` (row i of ``out``
+      depends on row i of ``lin`` only, so one call gives every row's Jacobian); it keeps ``u = hidden_scale * J W``
+      (one [d] vector per row) and adds ``J^T (seed * h_c)`` to one [V, d] buffer (``seed^T J`` to the bias's).
+      Backward only scales: ``dh = grad * u`` exactly, whatever ``grad`` arrives; ``dW = scale * buffer``, where
+      ``scale`` is the one factor that maps the seeds to the gradients that arrived (e.g. the engine's
+      ``world * gas``).  A row whose gradient is not ``scale * seed`` (a loss changed after the terms, a term left
+      out of it) gets the difference by the recompute below, so the result is exact in every case.  Three head
+      matmuls, as the dense path.
+    * **recomputed** (jobs without a seed: a term that weighs each row by a factor of the values themselves, as
+      NPO / SimNPO / DPO do per sequence; any call outside :func:`within_head`): forward computes ``out`` only;
+      backward records each job's gradient and recomputes its chunks (``dlin = d(out . g_c)/dlin`` by autograd)
+      into ``dh_c = hidden_scale * dlin W`` and ``dW += dlin^T h_c`` (``db += sum dlin``).  One head matmul more
+      than the dense path.
+
+    Either way ``fn``'s math lives once, in palu_ds.losses.  Memory: O(rows x d) saved, one chunk's logits and
+    their autograd temporaries, one [V, d] gradient -- never O(positions x V).  ``stats()``: rows fused and rows
+    recomputed so far.
     """
 
-    def __init__(self, packed: torch.Tensor, head: torch.nn.Module, spec: HeadSpec, chunk_elems: int):
-        self.packed, self.head, self.spec, self.chunk_elems = packed, head, spec, chunk_elems
+    def __init__(self, packed: torch.Tensor, head: torch.nn.Module, spec: HeadSpec, chunk_elems: int,
+                 fuse: bool = True):
+        self.packed, self.head, self.spec, self.chunk_elems, self.fuse = packed, head, spec, chunk_elems, fuse
         # what the anchor's backward needs, without a reference back to this object (which holds the anchor
         # tensor): no reference cycle through the autograd graph
-        self.state = SimpleNamespace(jobs=[], spec=spec, chunk_elems=chunk_elems)
+        self.state = SimpleNamespace(jobs=[], fused=[], gw=None, gb=None, spec=spec, chunk_elems=chunk_elems,
+                                     fused_rows=0, recomputed_rows=0)
         self.anchor = None
+        self.seeds, self.calls, self.probe = None, 0, None
 
     @property
     def jobs(self) -> list:
@@ -219,11 +244,46 @@ class ChunkedHead:
     def bias(self) -> torch.Tensor | None:
         return getattr(self.head, "bias", None)
 
+    def stats(self) -> dict:
+        """Rows computed with their gradient in the forward pass, and rows whose logits backward recomputed."""
+        return {"fused_rows": self.state.fused_rows, "recomputed_rows": self.state.recomputed_rows}
+
     def logits(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return _head_logits(self.spec, h, weight, bias)
 
+    def _needs_grad(self) -> bool:
+        params = [t for t in (self.packed, self.weight, self.bias) if t is not None]
+        return torch.is_grad_enabled() and any(t.requires_grad for t in params)
+
+    def plan(self, run) -> None:
+        """Seed the jobs of the pass ``run()`` will make (``run`` calls :meth:`rows` and returns the scalar to
+        back-propagate, e.g. the step's objective).  It runs ``run`` twice without the head: every :meth:`rows` call
+        returns a probe (a leaf of ``PROBE_VALUES[i]`` per row), and autograd gives the gradient of the scalar
+        w.r.t. each probe.  A job whose gradients agree at both probes (the scalar is linear in its outputs there)
+        and are not all zero gets them as its seed: the next pass's calls of :meth:`rows`, in the same order, run
+        fused; the others are recomputed.  Seeds that turn out wrong cost a recompute, never exactness."""
+        self.seeds, self.calls = None, 0
+        if not (self.fuse and self._needs_grad()):
+            return
+        found = []
+        for value in PROBE_VALUES:
+            self.probe = (value, [])
+            try:
+                with torch.enable_grad():
+                    out = run()
+            finally:
+                leaves, self.probe = self.probe[1], None
+            used = torch.is_tensor(out) and out.requires_grad and bool(leaves)
+            grads = torch.autograd.grad(out, leaves, allow_unused=True) if used else [None] * len(leaves)
+            found.append([torch.zeros_like(p) if g is None else g.detach() for p, g in zip(leaves, grads)])
+        first, second = found
+        if len(first) == len(second):
+            self.seeds = [a if a.shape == b.shape and bool(a.any()) and torch.equal(a, b) else None
+                          for a, b in zip(first, second)]
+
     def rows(self, index, fn, *row_args: torch.Tensor) -> torch.Tensor:
-        """``fn(logits[index], *row_args)`` for the packed rows ``index`` (a slice or a LongTensor)."""
+        """``fn(logits[index], *row_args)`` for the packed rows ``index`` (a slice or a LongTensor); ``fn`` returns
+        one value per row."""
         n = self.packed[index].shape[0]
         for a in row_args:
             if a.shape[0] != n:
@@ -231,15 +291,69 @@ class ChunkedHead:
             if a.requires_grad:
                 raise ValueError("chunked head: per-row arguments are constants (reference tensors, ids); "
                                  "gradients flow only to the hidden states and the head")
-        params = [t for t in (self.packed, self.weight, self.bias) if t is not None]
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in params)):
-            return _Job.forward(None, None, self, index, fn, *row_args)
+        if self.probe is not None:
+            value, leaves = self.probe
+            dtype = torch.float64 if self.packed.dtype == torch.float64 else torch.float32
+            leaves.append(torch.full((n,), value, dtype=dtype, device=self.packed.device, requires_grad=True))
+            return leaves[-1]
+        seed = None
+        if self.seeds is not None:
+            call, self.calls = self.calls, self.calls + 1
+            if call < len(self.seeds) and self.seeds[call] is not None and self.seeds[call].shape[0] == n:
+                seed = self.seeds[call]
+        if not self._needs_grad():
+            return _Job.forward(None, None, self, index, fn, None, *row_args)
         if self.anchor is None:
             self.anchor = _Anchor.apply(self.state, self.packed, self.weight, self.bias)
-        return _Job.apply(self.anchor, self, index, fn, *row_args)
+        return _Job.apply(self.anchor, self, index, fn, seed, *row_args)
 
     def _chunks(self, index):
         return _chunks(self.packed[index], chunk_rows(self.weight.shape[0], self.chunk_elems))
+
+    def _fused(self, index, fn, seed: torch.Tensor, args) -> tuple[torch.Tensor, SimpleNamespace]:
+        """A seeded job's forward: its outputs, its rows' ``u``, and its seeded share of the head's gradient."""
+        st, spec = self.state, self.spec
+        w, b = self.weight.detach(), None if self.bias is None else self.bias.detach()
+        need_h, need_w = self.packed.requires_grad, self.weight.requires_grad
+        need_b = self.bias is not None and self.bias.requires_grad
+        acc = _accumulator_dtype(w.dtype)
+        if need_w and st.gw is None:
+            st.gw = torch.zeros(w.shape, dtype=acc, device=w.device)
+        if need_b and st.gb is None:
+            st.gb = torch.zeros(b.shape, dtype=acc, device=b.device)
+        outs, us = [], []
+        for s, e, h in self._chunks(index):
+            h = h.detach()
+            with torch.enable_grad():
+                lin = _head_logits(spec, h, w, b).requires_grad_(True)
+                out = fn(spec.post(lin), *(a[s:e] for a in args))
+                if out.shape != (e - s,):
+                    raise ValueError(f"chunked head: a per-row function returns one value per row, got shape "
+                                     f"{tuple(out.shape)} for {e - s} rows")
+                (dlin,) = torch.autograd.grad(out, lin, torch.ones_like(out), allow_unused=True)
+            outs.append(out.detach())
+            if dlin is None:
+                dlin = torch.zeros_like(lin)
+            sc = seed[s:e].to(acc)
+            if need_w:
+                st.gw.addmm_(dlin.T.to(acc), spec.prepare(h).to(acc) * sc[:, None])
+            if need_b:
+                st.gb.add_(sc @ dlin.to(acc))
+            if need_h:
+                us.append(dlin.to(w.dtype) @ w)
+        u = None
+        if need_h:
+            u = torch.cat(us) if len(us) > 1 else us[0]
+            u = u * spec.hidden_scale if spec.hidden_scale != 1.0 else u
+        st.fused_rows += len(seed)
+        record = SimpleNamespace(index=index, fn=fn, args=args, seed=seed, u=u, grad=None)
+        st.fused.append(record)
+        return (torch.cat(outs) if len(outs) > 1 else outs[0]), record
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the head's gradient is summed in over the chunks: float32 for half / bfloat16 weights."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _chunks(h: torch.Tensor, step: int):
@@ -251,22 +365,47 @@ def _head_logits(spec: HeadSpec, h, weight, bias) -> torch.Tensor:
     return torch.nn.functional.linear(spec.prepare(h), weight, bias)
 
 
+def _row_ids(n: int, index, device) -> torch.Tensor:
+    return torch.arange(n, device=device)[index]
+
+
 class _Job(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, head, index, fn, *args):
+    def forward(ctx, anchor, head, index, fn, seed, *args):
+        if ctx is not None and seed is not None:
+            out, ctx.record = head._fused(index, fn, seed, args)
+            return out
         with torch.no_grad():
             outs = [fn(head.spec.post(head.logits(h, head.weight, head.bias)), *(a[s:e] for a in args))
                     for s, e, h in head._chunks(index)]
         if ctx is not None:
-            ctx.job = (head, index, fn, args)
+            ctx.job, ctx.record = (head.state, index, fn, args), None
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     @staticmethod
     def backward(ctx, grad):
-        head, index, fn, args = ctx.job
-        ctx.job = None
-        head.state.jobs.append((index, fn, args, grad))
-        return (torch.zeros((), device=grad.device), None, None, None, *(None for _ in args))
+        if ctx.record is not None:  # fused: the anchor's backward scales what the forward stored
+            ctx.record.grad, ctx.record = grad, None
+        else:
+            state, index, fn, args = ctx.job
+            ctx.job = None
+            state.jobs.append((index, fn, args, grad))
+        return (torch.zeros((), device=grad.device), None, None, None, None, *(None for _ in ctx.needs_input_grad[5:]))
+
+
+def _common_scale(fused: list) -> float:
+    """The factor that maps the fused jobs' seeds to the gradients that arrived, chosen (among each job's ratio at
+    its largest seed) to leave the fewest rows to correct; 1 when no job has a gradient."""
+    pairs = [(r.seed.double(), (r.grad if r.grad is not None else torch.zeros_like(r.seed)).double()) for r in fused]
+    candidates = [float(g[s.abs().argmax()] / s[s.abs().argmax()]) for s, g in pairs if s.any()]
+    return min(candidates or [1.0], key=lambda a: sum(int(_off_rows(s, g, a).sum()) for s, g in pairs))
+
+
+def _off_rows(seed: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
+    """Rows whose gradient is not ``scale * seed`` up to rounding (NaN counts as off)."""
+    want = seed * scale
+    tol = SEED_TOLERANCE_ULPS * torch.finfo(torch.float32 if grad.dtype != torch.float64 else grad.dtype).eps
+    return ~((grad - want).abs() <= tol * torch.maximum(grad.abs(), want.abs()))
 
 
 class _Anchor(torch.autograd.Function):
@@ -281,37 +420,65 @@ class _Anchor(torch.autograd.Function):
         state = ctx.state
         packed, weight, bias = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[1:4]
+        need_b = need_b and bias is not None
+        acc = _accumulator_dtype(weight.dtype)
         gh = torch.zeros_like(packed) if need_h else None
-        gw = torch.zeros_like(weight) if need_w else None
-        gb = torch.zeros_like(bias) if need_b and bias is not None else None
+        gw, gb, state.gw, state.gb = state.gw, state.gb, None, None
+        fused, state.fused = state.fused, []
+        jobs, state.jobs = state.jobs, []
+        # (rows, fn, args, gradient, whether dh is still to do): the recorded jobs, then the fused rows to correct
+        redo = [(_row_ids(packed.shape[0], index, packed.device), fn, args, grad, True)
+                for index, fn, args, grad in jobs]
+        if fused:
+            scale = _common_scale(fused)
+            for t in (gw, gb):
+                if t is not None and scale != 1.0:
+                    t.mul_(scale)
+            for r in fused:
+                grad = r.grad if r.grad is not None else torch.zeros_like(r.seed)
+                rows = _row_ids(packed.shape[0], r.index, packed.device)
+                if gh is not None and r.u is not None:
+                    gh.index_add_(0, rows, (grad[:, None].to(r.u.dtype) * r.u).to(packed.dtype))
+                off = _off_rows(r.seed.double(), grad.double(), scale)
+                if off.any():
+                    sel = off.nonzero().squeeze(-1)
+                    rest = grad.double()[sel] - scale * r.seed.double()[sel]
+                    redo.append((rows[sel], r.fn, tuple(a[sel] for a in r.args), rest.to(grad.dtype), False))
+        if need_w and gw is None:
+            gw = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        if need_b and gb is None:
+            gb = torch.zeros(bias.shape, dtype=acc, device=bias.device)
         w, b = weight.detach(), None if bias is None else bias.detach()
         spec = state.spec
         hs = spec.hidden_scale
-        jobs, state.jobs = state.jobs, []
-        for index, fn, args, grad in jobs:
-            rows = torch.arange(packed.shape[0], device=packed.device)[index] if gh is not None else None
-            for s, e, h in _chunks(packed[index], chunk_rows(weight.shape[0], state.chunk_elems)):
-                h = h.detach()
+        step = chunk_rows(weight.shape[0], state.chunk_elems)
+        for rows, fn, args, grad, with_h in redo:
+            if not bool(grad.any()):  # nothing to add (NaN counts as something)
+                continue
+            state.recomputed_rows += len(rows)
+            for s, e, h in _chunks(packed.detach()[rows], step):
                 with torch.enable_grad():
                     lin = _head_logits(spec, h, w, b).requires_grad_(True)
                     out = fn(spec.post(lin), *(a[s:e] for a in args))
-                    (dlin,) = torch.autograd.grad(out, lin, grad[s:e].to(out.dtype))
-                dlin = dlin.to(weight.dtype)
-                if gh is not None:
-                    d = dlin @ w
+                    (dlin,) = torch.autograd.grad(out, lin, grad[s:e].to(out.dtype), allow_unused=True)
+                if dlin is None:
+                    continue
+                if gh is not None and with_h:
+                    d = dlin.to(weight.dtype) @ w
                     gh.index_add_(0, rows[s:e], (d * hs if hs != 1.0 else d).to(packed.dtype))
-                if gw is not None:
-                    gw.addmm_(dlin.T, spec.prepare(h).to(weight.dtype))
-                if gb is not None:
-                    gb += dlin.sum(0).to(gb.dtype)
-        return None, gh, gw, gb
+                if need_w:
+                    gw.addmm_(dlin.T.to(acc), spec.prepare(h).to(acc))
+                if need_b:
+                    gb += dlin.sum(0).to(acc)
+        return (None, gh, None if not need_w else gw.to(weight.dtype), None if not need_b else gb.to(bias.dtype))
 
 
 def chunked_rows(fn, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: HeadSpec,
                  chunk_elems: int, *row_args: torch.Tensor) -> torch.Tensor:
     """``fn(post(hidden W^T + b), *row_args)`` with at most ``chunk_elems`` logits alive at a time (forward and
     backward); same values and gradients as the dense form up to rounding.  ``fn`` must be per-row: row ``i`` of its
-    output depends only on row ``i`` of its inputs (every per-position loss of palu_ds.losses is)."""
+    output depends only on row ``i`` of its inputs (every per-position loss of palu_ds.losses is).  Nothing is known
+    of the gradient that will arrive, so backward recomputes (:class:`ChunkedHead`)."""
     head = SimpleNamespace(weight=weight, bias=bias)  # what ChunkedHead reads of a head module
     return ChunkedHead(hidden, head, spec, chunk_elems).rows(slice(None), fn, *row_args)
 
@@ -369,14 +536,14 @@ class ChunkedLogits(PackedLogits):
 
 
 def chunked_logits(head: torch.nn.Module, spec: HeadSpec, packed: torch.Tensor, answers: dict,
-                   chunk_elems: int) -> dict:
+                   chunk_elems: int, fuse: bool = True) -> dict:
     """One :class:`ChunkedLogits` per batch over the step's packed hidden rows (batches in ``answers`` order), all
-    sharing one :class:`ChunkedHead`."""
+    sharing one :class:`ChunkedHead` (``fuse=False``: every job recomputed in backward, the issue-17 path)."""
     if not isinstance(head, torch.nn.Linear) or hasattr(head, "lora_A"):
         raise UnsupportedHead(f"the chunked LM head needs a plain linear output layer, got {type(head).__name__} "
                               "(a LoRA adapter on the head?); set train.head_path: dense or leave the head out of "
                               "model.lora.target_modules")
-    chunked = ChunkedHead(packed, head, spec, chunk_elems)
+    chunked = ChunkedHead(packed, head, spec, chunk_elems, fuse)
     out, start = {}, 0
     for name, answer in answers.items():
         stop = start + int(answer.sum())
@@ -402,17 +569,30 @@ def run_inside(module: torch.nn.Module, fn, *inputs):
             del module.forward
 
 
-def within_head(logits: dict, fn):
+def within_head(logits: dict, fn, objective=None):
     """``fn(logits)`` -- for :class:`ChunkedLogits`, inside one call of their head module (:func:`run_inside`),
-    over a fresh :class:`ChunkedHead` whose hidden rows are that call's input."""
+    over a fresh :class:`ChunkedHead` whose hidden rows are that call's input.
+
+    ``objective(fn(logits))`` is the scalar that will be back-propagated (default: the sum of ``fn``'s values, or
+    ``fn``'s tensor itself); :meth:`ChunkedHead.plan` probes it to seed the jobs whose rows it weighs linearly, and
+    those run fused (gradient in the forward pass).  A different loss in the end is still exact (corrected in
+    backward), only slower."""
     chunked = [v for v in logits.values() if isinstance(v, ChunkedLogits)]
     if not chunked:
         return fn(logits)
     old = chunked[0].chunked
 
     def inner(packed):
-        new = ChunkedHead(packed, old.head, old.spec, old.chunk_elems)
-        return fn({n: ChunkedLogits(new, v.start, v.stop, v.answer) if isinstance(v, ChunkedLogits) else v
-                   for n, v in logits.items()})
+        new = ChunkedHead(packed, old.head, old.spec, old.chunk_elems, old.fuse)
+        lg = {n: ChunkedLogits(new, v.start, v.stop, v.answer) if isinstance(v, ChunkedLogits) else v
+              for n, v in logits.items()}
+        new.plan(lambda: _scalar(fn(lg), objective))
+        return fn(lg)
 
     return run_inside(old.head, inner, old.packed)
+
+
+def _scalar(result, objective=None) -> torch.Tensor:
+    if objective is not None:
+        return objective(result)
+    return sum(result.values()) if isinstance(result, dict) else result

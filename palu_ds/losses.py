@@ -58,8 +58,9 @@ def map_rows(logits, mask: torch.Tensor, fn, *row_args: torch.Tensor) -> torch.T
     """``fn(logits[mask], *row_args)``: a per-position loss ``fn`` (row i of its output depends only on row i of
     its inputs) on the rows ``mask`` selects.  ``logits`` is a dense [B, T, V] tensor or a logits provider with its
     own ``map_rows`` (:class:`palu_ds.batch.PackedLogits`; :class:`palu_ds.lm_head.ChunkedLogits`, which computes
-    the same rows from the hidden states a chunk at a time, recomputing them in backward).  Every loss below that
-    needs V-wide rows goes through here, so one copy of the math serves the dense and the chunked head.
+    the same rows from the hidden states a chunk at a time, with their gradient in the forward pass when the
+    objective weighs them linearly, else recomputed in backward).  Every loss below that needs V-wide rows goes
+    through here, so one copy of the math serves the dense and the chunked head.
     """
     if hasattr(logits, "map_rows"):
         return logits.map_rows(mask, fn, *row_args)

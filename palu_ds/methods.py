@@ -373,6 +373,8 @@ class Method:
                      name); ``unlearning=False`` marks plain fine-tuning (sft)
     ``hidden_layer`` the hyper-parameter holding the index of the decoder layer whose output the terms read
                      (``StepInputs.hidden``; a reference part of source ``hidden`` is of the same layer); None: none
+    ``peer``         the open-unlearning trainer (``configs/trainer/<peer>.yaml``) this method is timed against by
+                     benchmarks/vs_open_unlearning.py, with ``peer_args`` for its ``method_args`` (None: no pair)
 
     Adding a method = one entry in :data:`METHODS` + its term function(s) + one test.
     """
@@ -389,10 +391,12 @@ class Method:
     constraint: str | None = None
     hidden_layer: str | None = None
     unlearning: bool = True
+    peer: str | None = None
+    peer_args: Mapping[str, Any] = field(default_factory=dict)
     doc: str = ""
 
     def __post_init__(self):
-        for key in ("params", "paired", "needs", "reference"):
+        for key in ("params", "paired", "needs", "reference", "peer_args"):
             object.__setattr__(self, key, MappingProxyType(dict(getattr(self, key))))
         object.__setattr__(self, "family", self.family or self.name)
         bare = sorted(k for k, p in self.params.items() if not isinstance(p, Param))
@@ -573,9 +577,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method(name="palu", batches=FORGET_RETAIN, needs=RETAIN_SET, reference=PALU_REFERENCE, params=PALU_PARAMS,
            term_fns=PALU_TERMS, family="entropy",
            combine=lambda t, hp: hp["gamma"] * t["forget"] + hp["alpha"] * (t["retain"] + t["kl"]),
+           peer="NPO",  # open-unlearning has no PALU: its NPO is the nearest reference-using method
            doc="PALU: local top-K flattening at I_init + KL on common tokens + retain NLL (arXiv 2601.03190)"),
     Method(name="pd_flat", batches=FORGET_RETAIN, needs=RETAIN_SET, constraint="retain", family="entropy",
            params={"gamma": weight(1.0), **DUAL_PARAMS}, term_fns={"forget": flat_forget, "retain": retain_nll},
+           peer="PDU", peer_args={"retain_loss_eps": DUAL_PARAMS["epsilon"].default, "dual_warmup_epochs": 0},
            combine=lambda t, hp: hp["gamma"] * t["forget"],
            doc="logit-margin flattening under the primal-dual retain constraint (arXiv 2506.05314)"),
     Method(name="palu_pd", batches=FORGET_RETAIN, needs=RETAIN_SET, reference=PALU_REFERENCE, constraint="retain",
@@ -589,11 +595,11 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method(name="grad_diff", batches=FORGET_RETAIN, needs=RETAIN_SET, params={"gamma": weight(1.0),
                                                                                "alpha": weight(1.0)},
            term_fns={"forget": forget_neg_nll, "retain": retain_nll}, combine=_forget_retain, family="nll",
-           doc="gradient difference (TOFU baseline, arXiv 2401.06121)"),
+           peer="GradDiff", doc="gradient difference (TOFU baseline, arXiv 2401.06121)"),
     Method(name="npo", batches=FORGET_RETAIN, needs=RETAIN_SET, reference={"forget": ("seq_logps",)},
            params={**BETA, "gamma": weight(1.0), "alpha": weight(1.0)}, family="preference",
            term_fns={"forget": npo_forget, "retain": retain_nll},
-           combine=_forget_retain, doc="NPO + retain NLL (arXiv 2404.05868)"),
+           combine=_forget_retain, peer="NPO", doc="NPO + retain NLL (arXiv 2404.05868)"),
     Method(name="simnpo", batches=FORGET_RETAIN, needs=RETAIN_SET, family="preference",
            params={"beta": Param(4.5, "num", 0, open_low=True), "delta": Param(0.0, "num"), "gamma": weight(0.125),
                    "alpha": weight(1.0)},

@@ -6,7 +6,10 @@ the hidden states, the head weight and its bias equal the dense path's -- plain 
 PackedLogits -- in float64 to rtol 1e-9 / atol 1e-11 (the same operations in another order; chunks of 2 rows, so
 every batch spans several chunks).  Then real tiny transformers models: tied embeddings (Gemma-2 with its soft-cap,
 Cohere with its logit scale), LoRA (frozen head, adapter gradients equal), a LoRA adapter on the head refused, and
-the chunk bound held in forward and backward.
+the chunk bound held in forward and backward.  The chunked path runs three ways: ``fused`` (the engine's: the step's
+objective given, every linearly weighed job computes its gradient in the forward pass), ``chunked`` (the default
+objective, the plain sum of the terms: seeds wrong by the objective's weights, corrected in backward) and
+``recompute`` (``fuse=False``: every job recomputed in backward, issue 17's path) -- all three exact.
 """
 
 import functools
@@ -39,8 +42,12 @@ def world(seed=0, B=4, bias=True):
     return head, w_ref, batches, hidden
 
 
-def run(name, path, spec, ref_mode, bias=True, chunk_elems=2 * V):
-    """Terms and gradients (hidden, W, b) of one method on one path; fresh leaves each call."""
+CHUNKED = ("fused", "chunked", "recompute")
+
+
+def run(name, path, spec, ref_mode, bias=True, chunk_elems=2 * V, stats=None):
+    """Terms and gradients (hidden, W, b) of one method on one path; fresh leaves each call (``stats``: a dict that
+    receives the chunked head's fused / recomputed row counts)."""
     m = get_method(name)
     head, w_ref, batches, hidden0 = world(bias=bias)
     batches = {n: b for n, b in batches.items() if n in m.batches}
@@ -56,10 +63,19 @@ def run(name, path, spec, ref_mode, bias=True, chunk_elems=2 * V):
         logits = {n: PackedLogits(lm_logits(head, hidden[n][:, :-1][a], spec), a) for n, a in answers.items()}
     else:
         packed = torch.cat([hidden[n][:, :-1][a] for n, a in answers.items()])
-        logits = chunked_logits(head, spec, packed, answers, chunk_elems)
+        logits = chunked_logits(head, spec, packed, answers, chunk_elems, fuse=path != "recompute")
     hp = {"K": 5} if "K" in m.defaults else {}
-    terms = within_head(logits, lambda lg: m.terms(StepInputs(logits=lg, batches=batches, ref=refs), hp))
-    m.objective(terms, hp, lam=2.0).backward()
+    objective = functools.partial(m.objective, hp=hp, lam=2.0)
+    heads = []
+
+    def terms_of(lg):
+        heads.extend(v.chunked for v in lg.values() if hasattr(v, "chunked"))
+        return m.terms(StepInputs(logits=lg, batches=batches, ref=refs), hp)
+
+    terms = within_head(logits, terms_of, objective if path == "fused" else None)
+    objective(terms).backward()
+    if stats is not None and heads:
+        stats.update(heads[-1].stats())
     grads = [hidden[n].grad for n in batches] + [head.weight.grad] + ([head.bias.grad] if bias else [])
     return {k: v.detach() for k, v in terms.items()}, grads
 
@@ -74,7 +90,7 @@ CASES = [(n, r) for n in sorted(METHODS) for r in ("packed", "resident")
 @pytest.mark.parametrize("name,ref_mode", CASES)
 def test_every_method_chunked_equals_dense(name, spec, ref_mode):
     want_terms, want_grads = run(name, "full", SPECS[spec], ref_mode)
-    for path in ("packed", "chunked"):
+    for path in ("packed", *CHUNKED):
         terms, grads = run(name, path, SPECS[spec], ref_mode)
         assert terms.keys() == want_terms.keys()
         for k in terms:
@@ -87,11 +103,80 @@ def test_every_method_chunked_equals_dense(name, spec, ref_mode):
 def test_without_bias():
     for name in ("palu", "npo"):
         want_terms, want_grads = run(name, "full", SPECS["post"], "packed", bias=False)
-        terms, grads = run(name, "chunked", SPECS["post"], "packed", bias=False)
-        for k in terms:
-            torch.testing.assert_close(terms[k], want_terms[k], rtol=RTOL, atol=ATOL)
-        for g, w in zip(grads, want_grads):
-            torch.testing.assert_close(g, w, rtol=RTOL, atol=ATOL)
+        for path in CHUNKED:
+            terms, grads = run(name, path, SPECS["post"], "packed", bias=False)
+            for k in terms:
+                torch.testing.assert_close(terms[k], want_terms[k], rtol=RTOL, atol=ATOL)
+            for g, w in zip(grads, want_grads):
+                torch.testing.assert_close(g, w, rtol=RTOL, atol=ATOL)
+
+
+def test_fused_path_recomputes_only_rows_weighed_by_their_own_values():
+    """With the objective given, terms that sum per-row losses over a global count run fused: no row's logits are
+    recomputed in backward (palu: L_sens, KL and retain NLL; pd_flat: the constraint weighed by lambda).  NPO weighs
+    each forget row by a factor of its sequence's log-likelihood: those rows are recomputed, the retain rows fused.
+    Without the objective (the plain sum) pd_flat's seeds miss lambda = 2: its retain rows are corrected in backward;
+    with fuse=False every row is recomputed."""
+    head, _, batches, _ = world()
+    rows = {n: int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for n, b in batches.items()}
+    palu_rows = {n: int((batches["forget"][k][:, 1:] & (batches["forget"]["labels"][:, 1:] != IGNORE_INDEX)).sum())
+                 for n, k in (("sens", "sens_mask"), ("common", "common_mask"))}
+    got = {}
+    for name, path in [("palu", "fused"), ("pd_flat", "fused"), ("npo", "fused"), ("pd_flat", "chunked"),
+                       ("palu", "recompute")]:
+        got[name, path] = {}
+        run(name, path, SPECS["post"], "packed", stats=got[name, path])
+    assert got["palu", "fused"] == {"fused_rows": palu_rows["sens"] + palu_rows["common"] + rows["retain"],
+                                    "recomputed_rows": 0}
+    assert got["pd_flat", "fused"] == {"fused_rows": rows["forget"] + rows["retain"], "recomputed_rows": 0}
+    assert got["npo", "fused"] == {"fused_rows": rows["retain"], "recomputed_rows": rows["forget"]}
+    assert got["pd_flat", "chunked"] == {"fused_rows": rows["forget"] + rows["retain"],
+                                         "recomputed_rows": rows["retain"]}
+    assert got["palu", "recompute"] == {"fused_rows": 0, "recomputed_rows": sum(palu_rows.values()) + rows["retain"]}
+
+
+def fused_step(loss_of, chunk_elems=3 * V):
+    """pd_flat's terms on the fused path with the objective given (lam=3), back-propagating ``loss_of(terms,
+    objective)``; and the same loss on dense logits.  Returns both sets of gradients and the head's stats."""
+    m = get_method("pd_flat")
+    head, _, batches, hidden0 = world(seed=2)
+    batches = {n: batches[n] for n in m.batches}
+    answers = {n: b["labels"][:, 1:] != IGNORE_INDEX for n, b in batches.items()}
+    objective = functools.partial(m.objective, hp={}, lam=3.0)
+    out, heads = [], []
+    for path in ("dense", "fused"):
+        head.zero_grad()
+        hidden = {n: hidden0[n].clone().requires_grad_(True) for n in batches}
+        packed = torch.cat([hidden[n][:, :-1][a] for n, a in answers.items()])
+        if path == "dense":
+            logits = {n: PackedLogits(r, answers[n]) for n, r in
+                      zip(answers, lm_logits(head, packed).split([int(a.sum()) for a in answers.values()]))}
+        else:
+            logits = chunked_logits(head, HeadSpec("x"), packed, answers, chunk_elems)
+
+        def terms_of(lg):
+            heads.extend(v.chunked for v in lg.values() if hasattr(v, "chunked"))
+            return m.terms(StepInputs(logits=lg, batches=batches), {})
+
+        terms = within_head(logits, terms_of, objective)
+        loss_of(terms, objective).backward()
+        out.append([hidden[n].grad for n in batches] + [head.weight.grad.clone(), head.bias.grad.clone()])
+    for g, w in zip(out[1], out[0]):
+        torch.testing.assert_close(g, w, rtol=RTOL, atol=ATOL)
+    return heads[-1].stats()
+
+
+def test_fused_gradients_follow_the_loss_actually_back_propagated():
+    """The seeds come from the objective given; what backward receives decides: a common factor (the engine's
+    world * gas) costs nothing; a loss that weighs a term differently, or leaves a term out, gets the difference by
+    recomputing those rows only -- exact in every case."""
+    n_retain = int((world(seed=2)[2]["retain"]["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert fused_step(lambda t, obj: obj(t) * 6.0)["recomputed_rows"] == 0
+    assert fused_step(lambda t, obj: obj(t) + 0.5 * t["retain"])["recomputed_rows"] == n_retain
+    assert fused_step(lambda t, obj: t["forget"] * 2.0)["recomputed_rows"] == n_retain     # retain left out
+    # forget weighed 0, retain 1 instead of 1 and lambda = 3: the scale 0 (the forget rows' ratio) leaves only the
+    # retain rows to recompute
+    assert fused_step(lambda t, obj: t["forget"] * 0.0 + t["retain"])["recomputed_rows"] == n_retain
 
 
 def test_chunks_bound_the_logits_alive_in_forward_and_backward():
@@ -115,6 +200,40 @@ def test_chunks_bound_the_logits_alive_in_forward_and_backward():
     torch.testing.assert_close(out, want, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(h.grad, h2.grad, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(w.grad, head.weight.grad, rtol=RTOL, atol=ATOL)
+
+
+def test_fused_chunks_bound_the_logits_and_run_once():
+    """Fused (a mean NLL through within_head): each chunk's logits are formed once, in forward, never again."""
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(D, V).double()
+    h = torch.randn(23, D, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, V, (23,), generator=g)
+    answer = torch.ones(1, 23, dtype=torch.bool)
+    seen = []
+
+    def fn(z, t):
+        seen.append(z.shape[0])
+        return L.row_logps(z, t)
+
+    lg = chunked_logits(head, HeadSpec("x"), h, {"forget": answer}, 5 * V)
+    loss = within_head(lg, lambda d: -L.aggregate_loss(L.map_rows(d["forget"], answer, fn, y), None, 23.0))
+    loss.backward()
+    assert seen == [5, 5, 5, 5, 3]
+    h2 = h.detach().clone().requires_grad_(True)
+    head2 = torch.nn.Linear(D, V).double()
+    head2.load_state_dict(head.state_dict())
+    (-L.row_logps(head2(h2), y).mean()).backward()
+    for a, b in ((h.grad, h2.grad), (head.weight.grad, head2.weight.grad), (head.bias.grad, head2.bias.grad)):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_fused_per_row_function_must_return_one_value_per_row():
+    head = torch.nn.Linear(D, V).double()
+    answer = torch.ones(1, 4, dtype=torch.bool)
+    lg = chunked_logits(head, HeadSpec("x"), torch.randn(4, D, dtype=torch.float64, requires_grad=True),
+                        {"forget": answer}, V)
+    with pytest.raises(ValueError, match="one value per row, got shape \\(1, 11\\) for 1 rows"):
+        within_head(lg, lambda d: L.map_rows(d["forget"], answer, lambda z: z).sum())
 
 
 def test_chunked_logits_refuse_forming_rows_and_misaligned_args():
@@ -176,8 +295,9 @@ def model_step(model, path, name="npo"):
                "kl_logps": torch.full((int((b["common_mask"][:, 1:]).sum()), 4), -3.0, dtype=torch.float64)}
            for n, b in batches.items()}
     hp = {"K": 5} if "K" in m.defaults else {}
-    terms = within_head(logits, lambda lg: m.terms(StepInputs(logits=lg, batches=batches, ref=ref), hp))
-    m.objective(terms, hp, lam=1.0).backward()
+    objective = functools.partial(m.objective, hp=hp, lam=1.0)
+    terms = within_head(logits, lambda lg: m.terms(StepInputs(logits=lg, batches=batches, ref=ref), hp), objective)
+    objective(terms).backward()
     return ({k: v.detach() for k, v in terms.items()},
             {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
 
@@ -275,8 +395,14 @@ def test_no_reference_cycle_keeps_a_step_alive():
         h = torch.randn(6, D, dtype=torch.float64, requires_grad=True)
         packed = h * 1.0
         lg = chunked_logits(head, HeadSpec("x"), packed, {"forget": torch.ones(1, 6, dtype=torch.bool)}, V)
-        L.map_rows(lg["forget"], lg["forget"].answer, L.logit_margin_flat).sum().backward()
+        L.map_rows(lg["forget"], lg["forget"].answer, L.logit_margin_flat).sum().backward()  # recomputed
         ref = weakref.ref(packed)
+        del lg, packed
+        assert ref() is None
+        packed = h * 1.0
+        lg = chunked_logits(head, HeadSpec("x"), packed, {"forget": torch.ones(1, 6, dtype=torch.bool)}, V)
+        within_head(lg, lambda d: L.map_rows(d["forget"], d["forget"].answer, L.logit_margin_flat).sum()).backward()
+        ref = weakref.ref(packed)                                                              # fused
         del lg, packed
         assert ref() is None
     finally:
