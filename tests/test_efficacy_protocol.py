@@ -76,7 +76,8 @@ def _rows(n_authors):
 
 
 def _perturbed(rows):
-    return [{**r, "paraphrased_answer": r["answer"][:-1] + " (para)", "perturbed_answer": ["x", "y"]} for r in rows]
+    return [{**r, "paraphrased_answer": r["answer"] + " ", "perturbed_answer": [r["answer"].replace("A", "B", 1)]}
+            for r in rows]
 
 
 @pytest.fixture()
@@ -91,9 +92,9 @@ def tofu(tmp_path):
     write("forget01_perturbed", _perturbed(full[-40:]))
     write("forget05_perturbed", _perturbed(full[-100:]))
     write("retain_perturbed", _perturbed(full[:400]))
-    for part in ("real_authors", "world_facts"):
-        write(f"{part}_perturbed", [{"question": f"{part} {i}?", "answer": f"fact {i}", "perturbed_answer": ["x"]}
-                                    for i in range(30)])
+    for part in ("real_authors", "world_facts"):  # rows the target learned (a tiny model's utility is then > 0)
+        write(f"{part}_perturbed", [{**r, "perturbed_answer": [full[(i + 7) % 40]["answer"]]}
+                                    for i, r in enumerate(full[:30])])
     write("idontknow", [{"answer": "I don't know."}] * 3)
     write("labels", [{**r, "target_words": json.dumps([{"word": "A", "start": 0, "end": 1}]),
                       "common_words": []} for r in full[-100:]])
@@ -105,7 +106,7 @@ def test_pairs_hold_their_authors_labels_and_utility_rows(tofu):
     assert len(main["files"]["target"]) == 60 + 60 + 40  # retain + the other protocol authors + forget01
     dev = M.build_pair(tofu, main, [26, 27], 4, "forget05_perturbed", tofu / "labels.jsonl", 25)["files"]
     assert [r["question"] for r in dev["forget01"]] == [f"Q{a}.{k}?" for a in (26, 27) for k in range(20)]
-    assert dev["forget01_perturbed"][0]["paraphrased_answer"] == "A26.0 (para)"
+    assert dev["forget01_perturbed"][0]["perturbed_answer"] == ["B26.0."]
     assert dev["labels"][0]["question"] == "Q26.0?" and len(dev["labels"]) == 40
     assert len(dev["retain_perturbed"]) == len(dev["world_facts_perturbed"]) == 4 and len(dev["retain"]) == 60
     full = M.build_pair(tofu, main, [28, 29], None, "forget05_perturbed", tofu / "labels.jsonl", 25)["files"]
@@ -163,3 +164,56 @@ def test_protocol_cost_by_part():
     assert E.cost_by_part(secs) == {"SFT": 7.0, "reference evaluations": 1.0, "references (precompute)": 1.0,
                                     "grid": 11.0, "report": 10.0, "seed reruns": 10.0, "position NLL": 1.0,
                                     "total": 41.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one tiny run of the whole protocol
+# ---------------------------------------------------------------------------------------------------------------
+TINY_PRESET = """
+title: tiny efficacy
+report: efficacy
+data: {{tofu: {tofu}, kind: tofu, split: forget01, retain_authors: 2, utility_rows: null}}
+model: {{path: {base}}}
+max_length: 64
+ranks: 1
+threads: 1
+configs: {{sft: launch/configs/mini_tofu/finetune.yaml, unlearn: launch/configs/mini_tofu/unlearn.yaml}}
+sft: {{lr: 3.0e-3, epochs: 8, batch_size: 8, warmup_steps: 1, scheduler: cosine, weight_decay: 0.0}}
+unlearn: {{epochs: 2, batch_size: 8, scheduler: linear, warmup_steps: 1, weight_decay: 0.01, max_grad_norm: 1.0}}
+methods: [palu, grad_diff]
+params: {{palu: {{K: 8}}}}
+spans: {{labels: {tofu}/labels.jsonl}}
+eval: {{parts: [forget, retain, real_authors, world_facts], dtype: float32, base: false, position_nll: true,
+        max_new_tokens: 8}}
+protocol: {{method: palu, dev: [26, 27], pairs: {{A: [28, 29]}}, lrs: [1.0e-3], epochs: [1, 2], dev_utility_rows: 4,
+            perturbed: forget05_perturbed, labels_first_author: 25, n_boot: 200}}
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_tiny_protocol_end_to_end_and_resume(tofu, tmp_path):
+    """The whole protocol on a tiny Llama and a TOFU-like folder (2 methods, 1 lr, 2 epochs, one reported pair):
+    every part runs through the real CLIs, the report holds every number, and a second invocation reuses every
+    stage."""
+    from palu_ds.tiny import build_model_dir
+
+    texts = [f"{r['question']} {r['answer']}" for r in _rows(30)] + ["I don't know.", "B0.1."]
+    base = build_model_dir(str(tmp_path / "base"), texts, vocab_size=256, hidden=32, layers=2, heads=2,
+                           intermediate=64, max_positions=128)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(TINY_PRESET.format(tofu=tofu, base=base))
+    out = tmp_path / "out"
+    assert P.main(["--preset", str(preset), "--out", str(out), "--port", "29871"]) == 0
+    rep = json.loads((out / "efficacy.json").read_text())
+    assert len(rep["grid"]["palu"]) == len(rep["grid"]["grad_diff"]) == 2  # 1 lr x epochs 1, 2
+    assert set(rep["selection"]) == {"palu", "grad_diff"} and rep["best_baseline"] == {"A": "grad_diff"}
+    names = set(rep["numbers"]["A"])
+    assert names == {"palu", "grad_diff", "palu_seed1", "grad_diff_seed1", "retain"}
+    assert rep["verdicts"]["grad_diff"]["verdict"] in ("beats", "loses", "not resolved")
+    assert set(rep["position_nll"]["A"]) == {"base", "retain", "target", "palu", "grad_diff"}
+    assert (out / "efficacy.png").stat().st_size > 1000 and "Decision" in (out / "efficacy.md").read_text()
+    assert not (out / "dev" / "unlearn" / "palu_lr0.001" / "model").exists()  # the grid keeps its evaluations only
+    assert P.main(["--preset", str(preset), "--out", str(out), "--port", "29871"]) == 0
+    again = json.loads((out / "efficacy.json").read_text())
+    assert set(again["stage_status"].values()) == {"reused"} and again["numbers"] == rep["numbers"]

@@ -162,6 +162,9 @@ def stage_grid(run: Run, specs: dict, models: dict, dev: dict, target_mu: float)
     from palu_ds.checkpoint import tag_for
 
     cfg, d = run.p["protocol"], dev["dir"]
+    if not target_mu:
+        raise ValueError(f"the target's utility on the development rows is {target_mu} ({d / 'eval' / 'target'}): "
+                         "relative utility is undefined; check the SFT and the utility rows")
     spe = steps_per_epoch(run.p, dev["rows"])
     points: dict[str, list[dict]] = {m: [] for m in specs}
     for g in grid_plan(run.p):
