@@ -115,6 +115,7 @@ class EvalConfig(EvalSuite):
 
     every: int = 0  # optimizer steps between evaluations; 0 = off
     epochs: list | None = None  # also after these epochs, e.g. [1, 2, 3, 5, 10] (epoch e = step round(e * steps/epoch))
+    dtype: str | None = None  # None: the model being trained as it is; float32 | bfloat16 | float16: a copy cast to it
 
     @property
     def enabled(self) -> bool:
@@ -251,6 +252,8 @@ def validate_config(cfg: RunConfig, run: "Run | None" = None) -> None:
             isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in epochs)):
         raise ConfigError(f"eval.epochs must be a non-empty list of positive numbers (e.g. [1, 2, 5]) or null, "
                           f"got {epochs!r}")
+    if cfg.eval.dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ConfigError(f"eval.dtype must be null, float32, bfloat16 or float16, got {cfg.eval.dtype!r}")
     if cfg.eval.suite not in ("tofu", "muse"):
         raise ConfigError(f"eval.suite must be tofu or muse, got {cfg.eval.suite!r}")
     if cfg.train.head_path not in ("dense", "chunked"):

@@ -40,7 +40,8 @@ def test_best_baseline_keeps_utility_first():
     pair = {"npo": {"ks": 0.1, "mu_rel": 0.5}, "grad_diff": {"ks": 0.3, "mu_rel": 1.0},
             "simnpo": {"ks": 0.2, "mu_rel": 0.96}}
     assert R.best_baseline(pair, ["npo", "grad_diff", "simnpo"]) == "simnpo"
-    assert R.best_baseline({"npo": {"ks": 0.1, "mu_rel": 0.5}, "gd": {"ks": 0.3, "mu_rel": 0.6}}, ["npo", "gd"]) == "npo"
+    two = {"npo": {"ks": 0.1, "mu_rel": 0.5}, "gd": {"ks": 0.3, "mu_rel": 0.6}}
+    assert R.best_baseline(two, ["npo", "gd"]) == "npo"
     with pytest.raises(ValueError, match="none of the baselines"):
         R.best_baseline(pair, ["idk_dpo"])
 
@@ -140,8 +141,9 @@ def test_efficacy_plan_and_every_run_is_a_valid_run_config(tmp_path):
         ref = reference_dir(specs[g["method"]])
         cmd += run.recipe("unlearn") + [f"train.lr={g['lr']}"]
         cmd.append(f"reference.cache_dir={tmp_path / 'dev' / ref}" if ref else "reference.mode=none")
-        cfg = load_config(preset["configs"]["unlearn"], cmd + E.eval_overrides(run, tmp_path / "dev", [1, 2, 3, 5, 10]))
-        assert cfg.eval.epochs == [1, 2, 3, 5, 10] and cfg.eval.split == "forget01"
+        cmd += E.eval_overrides(run, tmp_path / "dev", [1, 2, 3, 5, 10])
+        cfg = load_config(preset["configs"]["unlearn"], cmd)
+        assert cfg.eval.epochs == [1, 2, 3, 5, 10] and cfg.eval.split == "forget01" and cfg.eval.dtype == "bfloat16"
         assert cfg.train.weight_decay == 0.01 and cfg.train.warmup_steps == 10 and cfg.train.epochs == 10
         assert cfg.eval.steps(10) == frozenset({10, 20, 30, 50, 100})
         if specs[g["method"]]["spans"] == "labels":
@@ -156,6 +158,33 @@ def test_efficacy_plan_and_every_run_is_a_valid_run_config(tmp_path):
                      (["protocol.dev=[198]"], "share authors"), (["protocol.epochs=[20]"], "go past")):
         with pytest.raises(ValueError, match=msg):
             E.check_protocol(load("efficacy", bad))
+
+
+def test_in_run_evaluation_in_bf16_scores_what_the_saved_model_scores_in_bf16(tmp_path):
+    """eval.dtype: the in-training evaluator's cast copy equals evaluation/run.py's ``from_pretrained(dtype=...)`` of
+    the saved model, weights and logits bit for bit; a bad eval.dtype is a config error."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evaluation.api import cast_copy
+    from palu_ds.config import ConfigError, load_config
+    from palu_ds.tiny import build_model_dir
+
+    build_model_dir(str(tmp_path), ["a b c d e", "f g h i"], vocab_size=64, hidden=32, layers=2, heads=2,
+                    intermediate=64, max_positions=64)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)  # fp32 values that bf16 rounds
+    model.save_pretrained(str(tmp_path))
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    copy = cast_copy(model, "bfloat16")
+    assert copy.dtype == torch.bfloat16 and model.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), copy.state_dict().values()))
+    x = torch.tensor([[1, 5, 7, 9]])
+    assert torch.equal(saved(x).logits, copy(x).logits)
+    with pytest.raises(ConfigError, match="eval.dtype must be null, float32, bfloat16 or float16"):
+        load_config("launch/configs/mini_tofu/unlearn.yaml", ["eval.dtype=bf16"])
 
 
 def test_protocol_cost_by_part():
@@ -183,7 +212,7 @@ unlearn: {{epochs: 2, batch_size: 8, scheduler: linear, warmup_steps: 1, weight_
 methods: [palu, grad_diff]
 params: {{palu: {{K: 8}}}}
 spans: {{labels: {tofu}/labels.jsonl}}
-eval: {{parts: [forget, retain, real_authors, world_facts], dtype: float32, base: false, position_nll: true,
+eval: {{parts: [forget, retain, real_authors, world_facts], dtype: bfloat16, base: false, position_nll: true,
         max_new_tokens: 8}}
 protocol: {{method: palu, dev: [26, 27], pairs: {{A: [28, 29]}}, lrs: [1.0e-3], epochs: [1, 2], dev_utility_rows: 4,
             perturbed: forget05_perturbed, labels_first_author: 25, n_boot: 200}}

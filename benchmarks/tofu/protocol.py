@@ -78,9 +78,11 @@ def epoch_step(epoch: float, spe: int) -> int:
 
 def eval_overrides(run: Run, pair_dir: Path, epochs: list) -> list[str]:
     """The run config's ``eval`` section of a protocol run: TOFU on the pair's folder after ``epochs``, forget
-    quality against the retain model's evaluation of the same folder."""
+    quality against the retain model's evaluation of the same folder, in the preset's ``eval.dtype`` (a cast copy of
+    the model being trained, scored as ``evaluation/run.py --dtype`` scores the retain model; ``auto``: as trained)."""
     p = run.p
-    return [f"eval.epochs=[{', '.join(str(e) for e in epochs)}]", "eval.suite=tofu",
+    dtype = [] if p["eval"]["dtype"] == "auto" else [f"eval.dtype={p['eval']['dtype']}"]
+    return dtype + [f"eval.epochs=[{', '.join(str(e) for e in epochs)}]", "eval.suite=tofu",
             f"eval.split={run.info['forget_split']}", f"eval.data={pair_dir / 'data'}",
             f"eval.splits=[{', '.join(p['eval']['parts'])}]", f"eval.max_new_tokens={run.max_new}",
             f"eval.max_length={p['max_length']}", f"eval.retain_results={pair_dir / 'eval' / 'retain'}"]
