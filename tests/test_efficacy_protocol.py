@@ -187,6 +187,36 @@ def test_in_run_evaluation_in_bf16_scores_what_the_saved_model_scores_in_bf16(tm
         load_config("launch/configs/mini_tofu/unlearn.yaml", ["eval.dtype=bf16"])
 
 
+def test_fp32_check_reruns_one_grid_point_with_the_fp32_config(tmp_path):
+    """protocol.fp32_check: the named point runs again with its DeepSpeed config (the protocol's own config
+    untouched), evaluated after the last epoch, reported beside the grid's point."""
+    preset = load("efficacy", ["protocol.fp32_check={method: palu, lr: 3.0e-5, ds_config: ds_configs/cpu/zero2.json}",
+                               "ds_config=ds_configs/cpu/bf16.json"])
+    calls = []
+
+    class FakeRun:
+        p, failed = preset, {}
+        info, max_new = {"forget_split": "forget01"}, 80
+        args = type("A", (), {"keep_checkpoints": False})()
+
+        def unlearn(self, stage, spec, target, data, run_dir, lr, extra=(), done=None, labels=None):
+            calls.append((stage, self.p["ds_config"], lr, [e for e in extra if e.startswith("eval.epochs")]))
+            done.parent.mkdir(parents=True)
+            done.write_text(json.dumps({"metrics": {"ks_statistic": 0.2, "forget_quality": 0.3, "model_utility": 0.4}}))
+            return True
+
+    dev = {"dir": tmp_path / "dev", "rows": 40, "labels": tmp_path / "labels.jsonl"}
+    grid = {"palu": [{"lr": 3e-5, "epoch": 10, "ks": 0.25, "mu_rel": 1.0}, {"lr": 3e-5, "epoch": 5, "ks": 0.3}]}
+    run = FakeRun()
+    out = E.stage_fp32_check(run, {"palu": {}}, {"target": tmp_path / "t"}, dev, 0.5, grid)
+    assert calls == [("grid_palu_lr3e-05_fp32", "ds_configs/cpu/zero2.json", 3e-5, ["eval.epochs=[10]"])]
+    assert run.p["ds_config"] == "ds_configs/cpu/bf16.json"
+    assert out["grid"]["ks"] == 0.25 and out["fp32"]["ks"] == 0.2 and out["fp32"]["mu_rel"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match=r"protocol.fp32_check needs \{method, lr, ds_config\}"):
+        E.check_protocol(load("efficacy", ["protocol.fp32_check={method: nosuch, lr: 1.0e-5}"]))
+    assert E.stage_fp32_check(type("R", (), {"p": load("efficacy")})(), {}, {}, dev, 0.5, grid) is None
+
+
 def test_protocol_cost_by_part():
     secs = {"sft_target": 300, "sft_retain": 120, "eval_dev_retain": 60, "precompute_dev-ref-x": 60,
             "grid_palu_lr1e-05": 660, "report_A_npo": 600, "report_A_npo_seed1": 600, "position NLL": 60}
@@ -246,3 +276,8 @@ def test_tiny_protocol_end_to_end_and_resume(tofu, tmp_path):
     assert P.main(["--preset", str(preset), "--out", str(out), "--port", "29871"]) == 0
     again = json.loads((out / "efficacy.json").read_text())
     assert set(again["stage_status"].values()) == {"reused"} and again["numbers"] == rep["numbers"]
+    from benchmarks.tofu.protocol_report import render_markdown
+
+    last = rep["grid"]["palu"][-1]
+    rep["fp32_check"] = {"grid": last, "fp32": {**last, "ks": 0.5}, "ds_config": "x.json"}
+    assert "in fp32 (x.json) -> KS D 0.500" in render_markdown(rep)

@@ -39,7 +39,8 @@ DEFAULTS = {
     # the efficacy protocol (benchmarks/tofu/protocol.py, BENCHMARKS issue 25): set dev to run it instead of the above
     "protocol": {"dev": None, "pairs": {}, "method": None, "lrs": [], "epochs": [], "dev_utility_rows": 20,
                  "perturbed": "forget05_perturbed", "labels_first_author": None, "utility_floor": 0.95,
-                 "seed_rerun": 1, "n_boot": 10000, "fq_goal": 0.5},
+                 "seed_rerun": 1, "n_boot": 10000, "fq_goal": 0.5,
+                 "fp32_check": None},
 }
 
 

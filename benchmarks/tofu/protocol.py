@@ -22,6 +22,7 @@ Parts (each stage cached by :class:`palu_ds.stages.Stages`: an interrupted proto
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import sys
 import time
@@ -59,6 +60,10 @@ def check_protocol(preset: dict) -> None:
     methods = run_specs(preset, 1)
     if cfg["method"] not in methods:
         raise ValueError(f"{where}: protocol.method {cfg['method']!r} is not among the methods {sorted(methods)}")
+    chk = cfg["fp32_check"]
+    if chk and (not isinstance(chk, dict) or set(chk) != {"method", "lr", "ds_config"} or chk["method"] not in methods):
+        raise ValueError(f"{where}: protocol.fp32_check needs {{method, lr, ds_config}} with a method of the list, "
+                         f"got {chk!r}")
     if max(cfg["epochs"]) > preset["unlearn"]["epochs"]:
         raise ValueError(f"{where}: protocol.epochs {cfg['epochs']} go past unlearn.epochs "
                          f"{preset['unlearn']['epochs']}")
@@ -184,6 +189,33 @@ def stage_grid(run: Run, specs: dict, models: dict, dev: dict, target_mu: float)
             points[g["method"]].append(point(m, target_mu, method=g["method"], lr=g["lr"], epoch=e, step=s,
                                              run=g["name"]))
     return points
+
+
+def stage_fp32_check(run: Run, specs: dict, models: dict, dev: dict, target_mu: float, grid: dict) -> dict | None:
+    """``protocol.fp32_check`` (``{method, lr, ds_config}``, for a protocol trained in bf16): that grid point's run
+    again with the fp32 DeepSpeed config, evaluated after its last epoch: ``{"grid": point, "fp32": point}``."""
+    from palu_ds.checkpoint import tag_for
+
+    chk = run.p["protocol"]["fp32_check"]
+    if not chk:
+        return None
+    epoch = max(run.p["protocol"]["epochs"])
+    step, name = epoch_step(epoch, steps_per_epoch(run.p, dev["rows"])), f"{chk['method']}_lr{chk['lr']:g}_fp32"
+    fp32 = copy.copy(run)  # the same stages, another DeepSpeed config
+    fp32.p = {**run.p, "ds_config": chk["ds_config"]}
+    run_dir = dev["dir"] / "unlearn" / name
+    ok = fp32.unlearn(f"grid_{name}", specs[chk["method"]], models["target"], dev["dir"] / "data", run_dir,
+                      float(chk["lr"]), extra=eval_overrides(run, dev["dir"], [epoch]), labels=dev["labels"],
+                      done=run_dir / "eval" / tag_for(step) / "summary.json")
+    drop_model(run, run_dir)
+    if not ok:
+        run.failed[f"fp32 check {name}"] = f"training or its evaluation failed (see logs/grid_{name}.log)"
+        return None
+    m = read_json(run_dir / "eval" / tag_for(step) / "summary.json")["metrics"]
+    same = [p for p in grid.get(chk["method"], []) if p["lr"] == float(chk["lr"]) and p["epoch"] == epoch]
+    return {"grid": same[0] if same else None, "fp32": point(m, target_mu, method=chk["method"], lr=float(chk["lr"]),
+                                                                 epoch=epoch, step=step, run=name),
+            "ds_config": chk["ds_config"]}
 
 
 def stage_reported(run: Run, specs: dict, models: dict, pairs: dict, plan: list[dict]) -> dict[str, dict]:
@@ -363,7 +395,9 @@ def run_parts(run: Run, specs: dict, models: dict, base: Path, pairs: dict, refs
     cfg = run.p["protocol"]
     grid = stage_grid(run, specs, models, pairs["dev"], refs["dev"]["target"]["model_utility"])
     selection = {m: select_point(pts, cfg["utility_floor"]) for m, pts in grid.items() if pts}
-    out = {"grid": grid, "selection": selection}
+    out = {"grid": grid, "selection": selection,
+           "fp32_check": stage_fp32_check(run, specs, models, pairs["dev"], refs["dev"]["target"]["model_utility"],
+                                          grid)}
     if cfg["method"] not in selection or len(selection) < 2:
         run.failed["selection"] = f"the grid left {sorted(selection)}: no comparison with {cfg['method']}"
         return out
