@@ -267,6 +267,25 @@ def stage_runs(run: Run, specs: dict, models: dict, family_lr: dict, results: di
     return done
 
 
+def stage_setup(run: Run, data: dict):
+    """The base model, its tokenizer, the runs (:func:`.specs.run_specs`) and the target / retain models, and
+    ``run.max_new`` (the preset's ``eval.max_new_tokens``, else the target's longest answer + 8):
+    ``(base, tokenizer, specs, models)``, None when an SFT failed."""
+    from transformers import AutoTokenizer
+
+    from palu_ds.data.prompt import answer_ids
+
+    base = stage_base(run, data)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    specs = run_specs(run.p, len(tok))
+    models = stage_models(run, base)
+    if models is None:
+        return None
+    run.max_new = run.p["eval"]["max_new_tokens"] or max(
+        len(answer_ids(tok, r["answer"])) for r in data["files"][data["info"]["target_split"]]) + 8
+    return base, tok, specs, models
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tofu", description="The TOFU unlearning benchmark, one "
                                 "pipeline for every preset: data, SFT target and retain models, every method (and "
@@ -326,18 +345,10 @@ def run_preset(args: argparse.Namespace, argv=None) -> int:
     run = Run(preset, out, args, data["info"])
     D.write_jsonl(out / "data", data["files"])
     print(f"[{preset['report']}] forget {data['info']['forget_split']}: rows {data['info']['rows']}", flush=True)
-    base = stage_base(run, data)
-    from transformers import AutoTokenizer
-
-    from palu_ds.data.prompt import answer_ids
-
-    tok = AutoTokenizer.from_pretrained(str(base))
-    specs = run_specs(preset, len(tok))
-    models = stage_models(run, base)
-    if models is None:
+    setup = stage_setup(run, data)
+    if setup is None:
         return 1
-    run.max_new = preset["eval"]["max_new_tokens"] or max(
-        len(answer_ids(tok, r["answer"])) for r in data["files"][data["info"]["target_split"]]) + 8
+    base, tok, specs, models = setup
     results: dict[str, dict] = {}
     evals = {"retain": models["retain"], **({"base": base} if preset["eval"]["base"] else {}),
              "target": models["target"]}
@@ -371,12 +382,13 @@ def sft_summary(model: Path) -> dict:
     return {"steps": s["steps"], "first_nll": s["first"]["loss/forget"], "last_nll": s["last"]["loss/forget"]}
 
 
-def write_report(run: Run, report: dict) -> None:
-    """``OUT/<report>.json`` (every number, the preset, stage seconds), ``.md`` (tables, goal) and ``.png``."""
+def write_report(run: Run, report: dict, markdown=render_markdown, png=render_png) -> None:
+    """``OUT/<report>.json`` (every number, the preset, stage seconds), ``.md`` (tables, goal) and ``.png``
+    (``markdown`` / ``png``: the renderers, default :mod:`.report`'s)."""
     stem = run.out / run.p["report"]
     write_json(f"{stem}.json", report)
-    md = render_markdown(report)
+    md = markdown(report)
     write_text(f"{stem}.md", md)
-    render_png(report, f"{stem}.png")
+    png(report, f"{stem}.png")
     print("\n" + md)
     print(f"[{run.p['report']}] wrote {stem}.md, .json, .png ({report['wall_seconds'] / 60:.1f} min)")

@@ -28,10 +28,10 @@ import sys
 import time
 from pathlib import Path
 
-from palu_ds.atomic import write_json, write_text
+from palu_ds.atomic import write_json
 
 from . import data as D
-from .pipeline import Run, prepare, read_json, sft_summary, stage_base, stage_models, stage_position_nll
+from .pipeline import Run, prepare, read_json, sft_summary, stage_position_nll, stage_setup, write_report
 from .preset import repo_path
 from .specs import run_specs
 
@@ -358,18 +358,10 @@ def run_protocol(preset: dict, args: argparse.Namespace, argv=None) -> int:
     main = D.build_tofu(tofu, d["split"], d["retain_authors"], d["utility_rows"], extra)
     run = Run(preset, out, args, main["info"])
     D.write_jsonl(out / "data", main["files"])
-    base = stage_base(run, main)
-    from transformers import AutoTokenizer
-
-    from palu_ds.data.prompt import answer_ids
-
-    tok = AutoTokenizer.from_pretrained(str(base))
-    specs = run_specs(preset, len(tok))
-    models = stage_models(run, base)
-    if models is None:
+    setup = stage_setup(run, main)
+    if setup is None:
         return 1
-    run.max_new = preset["eval"]["max_new_tokens"] or max(
-        len(answer_ids(tok, r["answer"])) for r in main["files"][main["info"]["target_split"]]) + 8
+    base, tok, specs, models = setup
     pairs = stage_pairs(run, tofu, main)
     refs = stage_reference_evals(run, pairs, models, base)
     if refs is None:
@@ -383,7 +375,9 @@ def run_protocol(preset: dict, args: argparse.Namespace, argv=None) -> int:
         "pairs": {n: {k: str(v) if isinstance(v, Path) else v for k, v in p.items()} for n, p in pairs.items()},
         "stage_seconds": run.stages.seconds, "stage_status": run.stages.status,
         "cost_minutes": cost_by_part(run.stages.seconds), "wall_seconds": round(time.time() - t_start, 1)})
-    write_protocol_report(run, report)
+    from .protocol_report import render_markdown, render_png
+
+    write_report(run, report, render_markdown, render_png)
     return 0 if not run.failed else 3
 
 
@@ -418,17 +412,3 @@ def run_parts(run: Run, specs: dict, models: dict, base: Path, pairs: dict, refs
     pos = protocol_position_nll(run, pairs, models, base, reported) if run.p["eval"]["position_nll"] else {}
     return {**out, "reported": reported, "best_baseline": best, "numbers": numbers, "verdicts": v,
             "goal": goal(v, palu, cfg["fq_goal"], cfg["utility_floor"]), "position_nll": pos}
-
-
-def write_protocol_report(run: Run, report: dict) -> None:
-    """``OUT/<report>.json`` (every number), ``.md`` (the tables, the decision, the cost) and ``.png`` (the
-    frontier)."""
-    from .protocol_report import render_markdown, render_png
-
-    stem = run.out / run.p["report"]
-    write_json(f"{stem}.json", report)
-    md = render_markdown(report)
-    write_text(f"{stem}.md", md)
-    render_png(report, f"{stem}.png")
-    print("\n" + md)
-    print(f"[{run.p['report']}] wrote {stem}.md, .json, .png ({report['wall_seconds'] / 60:.1f} min)", flush=True)
