@@ -276,6 +276,8 @@ def test_tiny_protocol_end_to_end_and_resume(tofu, tmp_path):
     assert P.main(["--preset", str(preset), "--out", str(out), "--port", "29871"]) == 0
     again = json.loads((out / "efficacy.json").read_text())
     assert set(again["stage_status"].values()) == {"reused"} and again["numbers"] == rep["numbers"]
+    assert set(again["cost_minutes"]) == set(rep["cost_minutes"]) >= {"SFT", "grid", "report", "seed reruns",
+                                                                      "position NLL", "total"}
     from benchmarks.tofu.protocol_report import render_markdown
 
     last = rep["grid"]["palu"][-1]

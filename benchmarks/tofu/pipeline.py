@@ -105,7 +105,7 @@ class Run:
         ok = self.stages.run("precompute_" + str(ref.relative_to(self.out)).replace("/", "-"), self.launch(
             "launch/precompute.py", self.p["configs"]["unlearn"], common + [f"reference.cache_dir={ref}"]),
             done=ref / "manifest.json", inputs=[target / "model.safetensors", data],
-            before=lambda: shutil.rmtree(ref, ignore_errors=True))  # a stale cache is an error otherwise
+            before=lambda: shutil.rmtree(ref, ignore_errors=True), retries=1)  # a stale cache is an error otherwise
         return ref if ok else False
 
     def unlearn(self, stage: str, spec: dict, target: Path, data: Path, run_dir: Path, lr: float, extra=(),

@@ -307,12 +307,14 @@ def protocol_position_nll(run: Run, pairs: dict, models: dict, base: Path, repor
               **{r["name"]: Path(r["snapshot"]) for r in reported.values() if r["pair"] == pair and r["seed"] is None}}
         key = {n: [str(m), (m / "model.safetensors").stat().st_mtime_ns] for n, m in ms.items()
                if (m / "model.safetensors").exists()}
-        cache = pairs[pair]["dir"] / "position_nll.json"
+        cache, secs = pairs[pair]["dir"] / "position_nll.json", run.stages.seconds
         if cache.exists() and read_json(cache).get("key") == key:
             out[pair] = read_json(cache)["nll"]
+            secs["position NLL"] = secs.get("position NLL", 0) + read_json(cache).get("seconds", 0)
             continue
+        before = secs.get("position NLL", 0)
         out[pair] = stage_position_nll(run, {n: ms[n] for n in key}, base, labels=pairs[pair]["labels"])
-        write_json(cache, {"key": key, "nll": out[pair]})
+        write_json(cache, {"key": key, "nll": out[pair], "seconds": round(secs["position NLL"] - before, 1)})
     return out
 
 
