@@ -52,9 +52,29 @@ def trainer_evaluator(run_cfg) -> Optional[Callable[..., dict]]:
     if not run_cfg.eval.enabled:
         return None
     suite = SuiteConfig.from_run(run_cfg)
+    dtype = run_cfg.eval.dtype
 
     def evaluator(model, tokenizer, *, step: int, out_dir: str) -> dict:
-        cfg = dataclasses.replace(suite, extra={"step": step, "method": run_cfg.method.name})
-        return evaluate(model, tokenizer, cfg, out_dir=out_dir).summary
+        cfg = dataclasses.replace(suite, extra={"step": step, "method": run_cfg.method.name,
+                                                **({"dtype": dtype} if dtype else {})})
+        return evaluate(cast_copy(model, dtype) if dtype else model, tokenizer, cfg, out_dir=out_dir).summary
 
     return evaluator
+
+
+def cast_copy(model, dtype: str):
+    """A copy of the Hugging Face model inside ``model`` (a DeepSpeed engine or the model) in ``dtype``, built as
+    ``from_pretrained(saved_dir, dtype=dtype)`` builds it, so an in-training evaluation with ``eval.dtype`` scores what
+    ``evaluation/run.py --dtype`` scores on the saved model.  Needs unpartitioned weights (ZeRO stage <= 2, no LoRA
+    adapter): anything else is an error saying so."""
+    import torch
+
+    from .scoring import is_zero3, unwrap
+
+    hf = unwrap(model)
+    if is_zero3(model) or not hasattr(hf, "_from_config") or getattr(hf, "peft_config", None):
+        raise ValueError("eval.dtype evaluates a cast copy of the model, which needs its whole weights on each rank: "
+                         "ZeRO stage <= 2 and no LoRA adapter; set eval.dtype: null to evaluate the model as trained")
+    copy = type(hf)._from_config(hf.config, dtype=getattr(torch, dtype))
+    copy.load_state_dict(hf.state_dict())
+    return copy.to(next(hf.parameters()).device).eval()

@@ -133,6 +133,8 @@ class EvalConfig(EvalSuite):
     every: int = setting(0, "optimizer steps between evaluations during training; 0: off")
     epochs: list | None = setting(None, "also evaluate after these epochs, e.g. [1, 2, 3, 5, 10] (epoch e = optimizer "
                                         "step round(e x steps per epoch)); null: none")
+    dtype: str | None = setting(None, "in-training evaluation scores a copy of the model cast to this dtype; null: the "
+                                      "model being trained as it is", choices=("float32", "bfloat16", "float16"))
 
     @property
     def enabled(self) -> bool:

@@ -357,3 +357,49 @@ def build(cfg: dict, tofu: Path, seed: int, dev_authors=()) -> dict:
     refusals = [r["answer"] for r in read_json_records(tofu / "idontknow.jsonl")]
     return build_splits(full, tofu_perturbed_index(full, perturbed), refusals, a, b, parse_forget(cfg["forget"]),
                         cfg.get("perturbed", "borrow"), seed, cfg.get("utility_rows") or None, pretrain)
+
+
+# ------------------------------------------------------------------------------- the efficacy protocol (issue 25)
+def label_rows(labels: list[dict], full: list[dict], authors, first_author: int, source: str) -> list[dict]:
+    """The rows of PALU's labelled file (its first author ``first_author``, 20 rows an author in TOFU order) for
+    ``authors``, checked against TOFU's ``full`` rows (same question and answer, else an error naming the row)."""
+    out = []
+    for a in authors:
+        for k in range(ROWS_PER_AUTHOR):
+            i, j = ROWS_PER_AUTHOR * (a - first_author) + k, ROWS_PER_AUTHOR * a + k
+            if not 0 <= i < len(labels):
+                raise ValueError(f"{source}: author {a} needs labelled row {i}, the file has {len(labels)} rows "
+                                 f"(its first author is protocol.labels_first_author = {first_author})")
+            r = labels[i]
+            if (r.get("question"), r.get("answer")) != (full[j]["question"], full[j]["answer"]):
+                raise ValueError(f"{source}: row {i} is not TOFU's row {j} (author {a}): check "
+                                 "protocol.labels_first_author or the labels file")
+            out.append({"question": r["question"], "answer": r["answer"], "target_words": r["target_words"],
+                        "common_words": list(r.get("common_words") or [])})
+    return out
+
+
+def build_pair(tofu: Path, main: dict, authors, utility_rows: int | None, perturbed: str, labels_path: Path,
+               first_author: int) -> dict:
+    """One author pair of the efficacy protocol, laid out as a reported run's data (read by the evaluation and the
+    unlearning runs unchanged): its rows and TOFU's ``perturbed`` answers under the forget split's names, PALU's labels
+    for them (``labels.jsonl``), the retain set and refusals of ``main``, and the utility rows spread evenly
+    (``utility_rows`` per part; None: every row of ``main``, which :func:`build_tofu` built with every row)."""
+    split = main["info"]["forget_split"]
+    full = read_json_records(tofu / "full.jsonl")
+    ids = [ROWS_PER_AUTHOR * a + k for a in authors for k in range(ROWS_PER_AUTHOR)]
+    _need(tofu, [perturbed])
+    index = tofu_perturbed_index(full, [read_json_records(tofu / f"{perturbed}.jsonl")])
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise ValueError(f"{tofu / (perturbed + '.jsonl')}: no perturbed answers for rows {missing[:5]} of authors "
+                         f"{list(authors)} (protocol.perturbed names the file)")
+    from palu_ds.data.io import load_records
+
+    labels = label_rows(load_records(str(labels_path)), full, authors, first_author, str(labels_path))
+    util = {k: evenly(v, utility_rows) for k, v in main["files"].items()
+            if k.endswith("_perturbed") and k != f"{split}_perturbed"}
+    files = {split: [full[i] for i in ids], f"{split}_perturbed": [index[i] for i in ids], "labels": labels,
+             "retain": main["files"][main["info"]["retain_split"]], "idontknow": main["files"]["idontknow"], **util}
+    return {"files": files, "info": {**main["info"], "authors": list(authors),
+                                     "rows": {k: len(v) for k, v in files.items()}}}

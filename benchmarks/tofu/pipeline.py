@@ -81,14 +81,16 @@ class Run:
             shutil.rmtree(mdir / "checkpoints", ignore_errors=True)
         return mdir / "model"
 
-    def method_overrides(self, spec: dict, target: Path, data: Path) -> list[str]:
-        """Model, method, parameters and data of a run (its forget batch from PALU's labels for ``spans: labels``)."""
+    def method_overrides(self, spec: dict, target: Path, data: Path, labels: Path | None = None) -> list[str]:
+        """Model, method, parameters and data of a run (its forget batch from PALU's labels for ``spans: labels``:
+        ``labels``, default the preset's ``spans.labels``)."""
         out = [f"model.path={target}", f"method.name={spec['method']}", "method.params={}",
                f"data.max_length={self.p['max_length']}", f"train.seed={self.p['seed']}",
                f"train.batch_size={self.p['unlearn']['batch_size']}", *batch_sources(spec, self.info, data)]
         out += [f"method.params.{k}={'null' if v is None else v}" for k, v in spec["params"].items()]
         if spec["spans"] == "labels":
-            out += [f"data.forget.source={self.labels}", "data.forget.config=null", "data.span_source=labels"]
+            out += [f"data.forget.source={labels or self.labels}", "data.forget.config=null",
+                    "data.span_source=labels"]
         elif spec["spans"] == "detector":
             out.append("data.span_source=detector")
         return out
@@ -106,16 +108,18 @@ class Run:
             before=lambda: shutil.rmtree(ref, ignore_errors=True))  # a stale cache is an error otherwise
         return ref if ok else False
 
-    def unlearn(self, stage: str, spec: dict, target: Path, data: Path, run_dir: Path, lr: float) -> bool:
-        """``spec``'s method on ``target`` at ``lr`` into ``run_dir`` (stage ``stage``)."""
-        common = self.method_overrides(spec, target, data)
+    def unlearn(self, stage: str, spec: dict, target: Path, data: Path, run_dir: Path, lr: float, extra=(),
+                done: Path | None = None, labels: Path | None = None, script: str = "launch/train.py") -> bool:
+        """``spec``'s method on ``target`` at ``lr`` into ``run_dir`` (stage ``stage``); ``extra``: more overrides
+        (e.g. the in-run evaluation), ``done``: the file that marks it finished (default the saved model)."""
+        common = self.method_overrides(spec, target, data, labels)
         ref = self.reference(spec, common, run_dir.parent.parent, target, data)
         if ref is False:
             return False
-        cmd = self.launch("launch/train.py", self.p["configs"]["unlearn"], common + self.recipe("unlearn") + [
+        cmd = self.launch(script, self.p["configs"]["unlearn"], common + self.recipe("unlearn") + [
             f"train.output_dir={run_dir}", f"train.lr={lr}", "train.resume=never", "log.log_every=5",
-            f"reference.cache_dir={ref}" if ref else "reference.mode=none"])
-        ok = self.stages.run(stage, cmd, done=run_dir / "model" / "config.json",
+            f"reference.cache_dir={ref}" if ref else "reference.mode=none", *extra])
+        ok = self.stages.run(stage, cmd, done=done or run_dir / "model" / "config.json",
                              inputs=[target / "model.safetensors", data] + ([ref] if ref else []), retries=1)
         if not self.args.keep_checkpoints:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -231,8 +235,9 @@ def stage_sweep(run: Run, tofu: Path, data: dict, models: dict, target_m: dict, 
     return sweep
 
 
-def stage_position_nll(run: Run, models: dict[str, Path], base: Path) -> dict:
-    """Answer NLL by position kind (I_init / rest of span / common) on PALU's labelled forget set."""
+def stage_position_nll(run: Run, models: dict[str, Path], base: Path, labels: Path | None = None) -> dict:
+    """Answer NLL by position kind (I_init / rest of span / common) on PALU's labelled forget set (``labels``,
+    default the preset's)."""
     from transformers import AutoTokenizer
 
     from benchmarks.position_nll import position_nll
@@ -240,10 +245,10 @@ def stage_position_nll(run: Run, models: dict[str, Path], base: Path) -> dict:
     from palu_ds.data.qa import QAOptions
 
     t = time.time()
-    ds = QADataset.from_source(str(run.labels), AutoTokenizer.from_pretrained(str(base)),
+    ds = QADataset.from_source(str(labels or run.labels), AutoTokenizer.from_pretrained(str(base)),
                                QAOptions(max_length=run.p["max_length"], n_init=3, span_source="labels"))
     out = {n: position_nll(str(m), ds) for n, m in models.items()}
-    run.stages.seconds["position NLL"] = round(time.time() - t, 1)
+    run.stages.seconds["position NLL"] = run.stages.seconds.get("position NLL", 0) + round(time.time() - t, 1)
     return out
 
 
@@ -260,6 +265,25 @@ def stage_runs(run: Run, specs: dict, models: dict, family_lr: dict, results: di
         done[name] = run_dir / "model"
         stage_evaluate(run, name, done[name], results)
     return done
+
+
+def stage_setup(run: Run, data: dict):
+    """The base model, its tokenizer, the runs (:func:`.specs.run_specs`) and the target / retain models, and
+    ``run.max_new`` (the preset's ``eval.max_new_tokens``, else the target's longest answer + 8):
+    ``(base, tokenizer, specs, models)``, None when an SFT failed."""
+    from transformers import AutoTokenizer
+
+    from palu_ds.data.prompt import answer_ids
+
+    base = stage_base(run, data)
+    tok = AutoTokenizer.from_pretrained(str(base))
+    specs = run_specs(run.p, len(tok))
+    models = stage_models(run, base)
+    if models is None:
+        return None
+    run.max_new = run.p["eval"]["max_new_tokens"] or max(
+        len(answer_ids(tok, r["answer"])) for r in data["files"][data["info"]["target_split"]]) + 8
+    return base, tok, specs, models
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -297,33 +321,34 @@ def main(argv=None) -> int:
         return 2
 
 
-def run_preset(args: argparse.Namespace, argv=None) -> int:
-    """Every stage of the preset ``args.preset`` (module doc); 0 when every run succeeded, 3 when one failed."""
-    preset = load(args.preset, args.set, args.data)
+def prepare(preset: dict, args: argparse.Namespace) -> Path:
+    """The CPU environment (threads) set; the output folder (absolute)."""
     setdefaults()
     if preset["threads"]:
         os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() if preset["threads"] == "all" else preset["threads"])
-    t_start = time.time()
     out = Path(args.out or f"runs/tofu/{preset['name']}")
-    out = out if out.is_absolute() else ROOT / out
+    return out if out.is_absolute() else ROOT / out
+
+
+def run_preset(args: argparse.Namespace, argv=None) -> int:
+    """Every stage of the preset ``args.preset`` (module doc); 0 when every run succeeded, 3 when one failed."""
+    preset = load(args.preset, args.set, args.data)
+    if preset["protocol"]["dev"]:
+        from .protocol import run_protocol
+
+        return run_protocol(preset, args, argv)
+    t_start = time.time()
+    out = prepare(preset, args)
     tofu = repo_path(preset["data"]["tofu"])
     sweep_authors = preset["lr"]["sweep"]["dev_authors"] if preset["lr"]["choice"] == "sweep" else ()
     data = D.build(preset["data"], tofu, preset["seed"], sweep_authors)
     run = Run(preset, out, args, data["info"])
     D.write_jsonl(out / "data", data["files"])
     print(f"[{preset['report']}] forget {data['info']['forget_split']}: rows {data['info']['rows']}", flush=True)
-    base = stage_base(run, data)
-    from transformers import AutoTokenizer
-
-    from palu_ds.data.prompt import answer_ids
-
-    tok = AutoTokenizer.from_pretrained(str(base))
-    specs = run_specs(preset, len(tok))
-    models = stage_models(run, base)
-    if models is None:
+    setup = stage_setup(run, data)
+    if setup is None:
         return 1
-    run.max_new = preset["eval"]["max_new_tokens"] or max(
-        len(answer_ids(tok, r["answer"])) for r in data["files"][data["info"]["target_split"]]) + 8
+    base, tok, specs, models = setup
     results: dict[str, dict] = {}
     evals = {"retain": models["retain"], **({"base": base} if preset["eval"]["base"] else {}),
              "target": models["target"]}
@@ -357,12 +382,13 @@ def sft_summary(model: Path) -> dict:
     return {"steps": s["steps"], "first_nll": s["first"]["loss/forget"], "last_nll": s["last"]["loss/forget"]}
 
 
-def write_report(run: Run, report: dict) -> None:
-    """``OUT/<report>.json`` (every number, the preset, stage seconds), ``.md`` (tables, goal) and ``.png``."""
+def write_report(run: Run, report: dict, markdown=render_markdown, png=render_png) -> None:
+    """``OUT/<report>.json`` (every number, the preset, stage seconds), ``.md`` (tables, goal) and ``.png``
+    (``markdown`` / ``png``: the renderers, default :mod:`.report`'s)."""
     stem = run.out / run.p["report"]
     write_json(f"{stem}.json", report)
-    md = render_markdown(report)
+    md = markdown(report)
     write_text(f"{stem}.md", md)
-    render_png(report, f"{stem}.png")
+    png(report, f"{stem}.png")
     print("\n" + md)
     print(f"[{run.p['report']}] wrote {stem}.md, .json, .png ({report['wall_seconds'] / 60:.1f} min)")

@@ -15,7 +15,8 @@ from palu_ds.config import apply_overrides
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = Path(__file__).resolve().parent / "presets"
 #: sections whose keys are free (a recipe's train.* overrides, a table by method, run or family)
-OPEN = {"sft", "unlearn", "params", "runs", "table", "grid", "compare", "tiny", "scale_to_vocab", "representatives"}
+OPEN = {"sft", "unlearn", "params", "runs", "table", "grid", "compare", "tiny", "scale_to_vocab", "representatives",
+        "pairs"}
 DEFAULTS = {
     "title": "TOFU", "report": "tofu", "seed": 0,
     # kind: authors = a range of TOFU authors (data.build_splits), tofu = TOFU's own forget split (data.build_tofu)
@@ -35,6 +36,11 @@ DEFAULTS = {
              "base": False, "position_nll": False, "max_new_tokens": None},
     "goal": {"method": None, "baselines": [], "ratio": 10, "utility": 0.9, "compare": {}},
     "footnote": "",
+    # the efficacy protocol (benchmarks/tofu/protocol.py, BENCHMARKS issue 25): set dev to run it instead of the above
+    "protocol": {"dev": None, "pairs": {}, "method": None, "lrs": [], "epochs": [], "dev_utility_rows": 20,
+                 "perturbed": "forget05_perturbed", "labels_first_author": None, "utility_floor": 0.95,
+                 "seed_rerun": 1, "n_boot": 10000, "fq_goal": 0.5,
+                 "fp32_check": None},
 }
 
 

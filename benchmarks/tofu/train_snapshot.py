@@ -1,0 +1,48 @@
+"""``launch/train.py`` that also writes the model being trained as a Hugging Face folder after the optimizer steps
+given first (the efficacy protocol's reported runs: the model at the selected epoch, for the NLL by position kind,
+while the run keeps its 10-epoch schedule)::
+
+    python benchmarks/tofu/train_snapshot.py --snapshot-steps 30,50 --deepspeed DS.json --config C.yaml [k=v ...]
+
+writes ``<train.output_dir>/snapshots/step_000030/`` (as the final ``model/``, through ``Trainer.save_model``)."""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script by the launcher
+
+from evaluation import trainer_evaluator  # noqa: E402
+from palu_ds.checkpoint import tag_for  # noqa: E402
+from palu_ds.engine import Hooks  # noqa: E402
+from palu_ds.process import run_main  # noqa: E402
+from palu_ds.run import main  # noqa: E402
+
+
+class Snapshots(Hooks):
+    """After each optimizer step in ``steps``: the model as ``<output_dir>/snapshots/step_<N>``."""
+
+    def __init__(self, steps):
+        self.steps = frozenset(steps)
+
+    def after_step(self, trainer) -> None:
+        if trainer.step in self.steps:
+            trainer.save_model(os.path.join(trainer.out_dir, "snapshots", tag_for(trainer.step)))
+
+
+def pop_steps(argv: list[str]) -> list[int]:
+    """``--snapshot-steps 30,50`` taken out of ``argv`` (the rest is launch/train.py's command line)."""
+    if "--snapshot-steps" not in argv:
+        return []
+    i = argv.index("--snapshot-steps")
+    value = argv[i + 1] if i + 1 < len(argv) else ""
+    del argv[i:i + 2]
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--snapshot-steps takes optimizer steps like 30,50, got {value!r}") from None
+
+
+if __name__ == "__main__":
+    steps = pop_steps(sys.argv)
+    run_main(main, "palu_ds unlearning (with snapshots)", hooks=Snapshots(steps), evaluator_for=trainer_evaluator)
