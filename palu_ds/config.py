@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import yaml
 
 from palu_ds.data.prompt import PromptFormat
+from palu_ds.ds_config import PRECISIONS
 from palu_ds.schedule import SCHEDULERS
 
 
@@ -94,6 +95,9 @@ class TrainConfig:
     answer_only_logits: bool = True  # LM head only where the next token is an answer token (False: full logits)
     head_path: str = "dense"  # dense: the answer rows' logits at once | chunked: head + losses in chunks (issue 17)
     head_chunk_elems: int = 1 << 24  # chunked: logits elements alive at a time (rows = this // vocabulary)
+    # auto (the DeepSpeed config's bf16.enabled; its "auto": bf16 on GPUs, fp32 on CPU) | fp32 | bf16: mixed
+    # precision with fp32 master weights and fp32 losses (ZeRO 1-3: DeepSpeed's bf16; stage 0: autocast; ds_config)
+    precision: str = "auto"
 
 
 @dataclass
@@ -339,7 +343,7 @@ RANGES = [
     ("train.max_steps", "int", 1, None, False, True), ("train.max_grad_norm", "num", 0, None, False, False),
     ("train.save_every", "int", 0, None, False, False), ("train.keep_last", "int", 1, None, False, False),
     ("train.max_nonfinite", "int", 1, None, False, False), ("train.timeout", "num", 0, None, True, False),
-    ("train.head_chunk_elems", "int", 1, None, False, False),
+    ("train.head_chunk_elems", "int", 1, None, False, False), ("train.precision", PRECISIONS, None, None, False, False),
     ("data.max_length", "int", 2, None, False, False), ("data.n_init", "int", 1, None, False, True),
     ("eval.every", "int", 0, None, False, False), ("eval.batch_size", "int", 1, None, False, False),
     ("eval.max_new_tokens", "int", 1, None, False, True), ("eval.max_examples", "int", 1, None, False, True),

@@ -31,7 +31,7 @@ from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 from palu_ds.config import Run
 from palu_ds.data.build import build_datasets, report_spans
 from palu_ds.data.collate import collate
-from palu_ds.ds_config import load_ds_config, zero_stage
+from palu_ds.ds_config import autocast_dtype, load_ds_config, zero_stage
 from palu_ds.monitor import Monitor, peak_memory_bytes, reset_peak_memory
 from palu_ds.sampling import BatchStream
 from palu_ds.schedule import lr_at
@@ -172,6 +172,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.ds_config = load_ds_config(self.ds_config_path, cfg.train, self.world, self.device.type == "cpu")
         self.gas = self.ds_config["gradient_accumulation_steps"]
+        self.autocast = autocast_dtype(self.ds_config)  # bf16 at stage 0: DeepSpeed autocasts the model's forward
+        if self.world == 1 and zero_stage(self.ds_config) in (1, 2):
+            log.warning("ZeRO stage %d on one process partitions nothing and costs time and memory (its flat gradient "
+                        "copies): use a stage-0 config (ds_configs/cpu/zero0.json)", zero_stage(self.ds_config))
         self.out_dir = cfg.train.output_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
         self._setup_data()
@@ -414,7 +418,8 @@ class Trainer:
         if self.cfg.train.head_path == "chunked":  # hidden rows only: logits formed chunk by chunk in the terms
             return lm_head.chunked_logits(lm_head.output_head(self.engine.module), self.head_spec, torch.cat(rows),
                                           answers, self.cfg.train.head_chunk_elems)
-        logits = lm_head.lm_logits(self.engine.module, torch.cat(rows), self.head_spec)
+        with torch.autocast(self.device.type, self.autocast) if self.autocast else nullcontext():  # as the model's
+            logits = lm_head.lm_logits(self.engine.module, torch.cat(rows), self.head_spec)  # own head would run
         parts = logits.split([int(a.sum()) for a in answers.values()])
         return {n: PackedLogits(part, answers[n]) for n, part in zip(micro, parts)}
 
