@@ -233,6 +233,8 @@ class Trainer:
         self.answer_only = cfg.train.answer_only_logits and lm_head.accepts_logits_to_keep(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        if self.world == 1 and zero_stage(self.ds_config) == 0:  # else DeepSpeed flattens every gradient into one
+            self.engine.enable_backward_allreduce = False       # buffer, all-reduces it with itself and copies it back
         if cfg.train.head_path == "chunked" and not self.answer_only:
             raise lm_head.UnsupportedHead(f"train.head_path=chunked: {type(model).__name__}.forward takes no "
                                           "logits_to_keep, so no answer-only hidden states; set train.head_path: dense")
@@ -324,6 +326,7 @@ class Trainer:
         """Forward, the method's terms and objective, backward of one micro-batch (a non-finite loss: a zero)."""
         from palu_ds.methods import StepInputs
 
+        tokens = sum(int(micro[n]["attention_mask"].sum()) for n in self.method.sampled)  # on the host: no device sync
         micro = {n: {key: v.to(self.device) for key, v in b.items()} for n, b in micro.items()}
         ref = {n: self.reference.lookup(n, b) for n, b in micro.items()}
         logits = self._forward(micro)
@@ -335,7 +338,7 @@ class Trainer:
         if not torch.isfinite(loss):  # local decision; all ranks still run backward, so collectives match
             stats.bad = True
             loss = zero_loss(logits)
-        stats.add(terms, sum(int(micro[n]["attention_mask"].sum()) for n in self.method.sampled))
+        stats.add(terms, tokens)
         self.engine.backward(loss)
         self._micro_dual_step(terms, micro, norms)
 
