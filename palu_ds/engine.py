@@ -396,7 +396,10 @@ class Trainer:
 
         ids = torch.cat([widen(micro[n]["input_ids"], pad) for n in names]).to(self.device)
         mask = torch.cat([widen(micro[n]["attention_mask"], 0) for n in names]).to(self.device)
-        return self._packed_logits(micro, ids, mask) if self.answer_only else self._dense_logits(micro, ids, mask)
+        # bf16 at stage 0: one autocast region over the model (DeepSpeed's own nests in it) and the answer-only head,
+        # so the tied head weight is cast once per forward; the loss terms run outside it, in fp32
+        with torch.autocast(self.device.type, self.autocast) if self.autocast else nullcontext():
+            return self._packed_logits(micro, ids, mask) if self.answer_only else self._dense_logits(micro, ids, mask)
 
     def _dense_logits(self, micro: dict[str, dict], ids, mask) -> dict:
         """[B, T, V] logits of each batch (its rows of the concatenated forward, cut to its own width)."""
@@ -421,8 +424,7 @@ class Trainer:
         if self.cfg.train.head_path == "chunked":  # hidden rows only: logits formed chunk by chunk in the terms
             return lm_head.chunked_logits(lm_head.output_head(self.engine.module), self.head_spec, torch.cat(rows),
                                           answers, self.cfg.train.head_chunk_elems)
-        with torch.autocast(self.device.type, self.autocast) if self.autocast else nullcontext():  # as the model's
-            logits = lm_head.lm_logits(self.engine.module, torch.cat(rows), self.head_spec)  # own head would run
+        logits = lm_head.lm_logits(self.engine.module, torch.cat(rows), self.head_spec)
         parts = logits.split([int(a.sum()) for a in answers.values()])
         return {n: PackedLogits(part, answers[n]) for n, part in zip(micro, parts)}
 
