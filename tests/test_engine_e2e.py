@@ -1,4 +1,5 @@
-"""End-to-end: the real CLI (deepspeed launcher, 2 ranks, gloo, fp32) on the tiny model, for every method."""
+"""End-to-end: the real CLI (deepspeed launcher, 2 ranks, gloo, fp32; bf16 where a test says so) on the tiny model, for
+every method."""
 import glob
 import os
 
