@@ -1,17 +1,27 @@
 """Training throughput on the real pretrained model (SmolLM2-135M-Instruct, 134.5M parameters, V = 49,152), all in one
 run so that the numbers are ratios taken on the same machine state:
 
-- the CPU's own limit: the fp32 matmul rate torch reaches on 2048^3 products (2 threads), best of 5;
-- a plain fine-tuning step (transformers + torch AdamW, 2 threads, no DeepSpeed): forward + backward + step of the
-  answer-token NLL on the same batches our runs see (4 forget + 4 retain TOFU rows per step, max 96 tokens);
-- our unlearning step through launch/train.py: palu (precomputed and resident reference), pd_flat, npo on 1 process
-  (2 threads, ZeRO stage 0) and on 2 ranks under ZeRO-3 (1 thread each);
+- the CPU's own limit: the fp32 and bf16 matmul rates torch reaches on 2048^3 products (2 threads), best of 5;
+- a plain fine-tuning step (transformers + torch AdamW with its defaults, 2 threads, no DeepSpeed), fp32 and bf16
+  (torch.autocast): forward + backward + step of the answer-token NLL on the same batches our runs see (4 forget +
+  4 retain TOFU rows per step, max 96 tokens);
+- our unlearning step through launch/train.py for each ``--methods`` (registry names; a method that needs the
+  reference reads it precomputed, ``--resident`` adds its resident-reference run) and each ``--precisions``, on 1
+  process (2 threads, ZeRO stage 0; bf16 = autocast) and on 2 ranks under ZeRO-3 (1 thread each; bf16 = DeepSpeed's);
 
-each reported as training tokens/s (median over the steps after the first two), peak RSS per rank, and the model-FLOPs
-utilisation MFU = 6 x parameters x tokens/s / matmul rate.
+each reported as training tokens/s (median over the steps after the first two), its ratio to the plain step of the
+same precision, peak RSS per rank, and the model-FLOPs utilisation MFU = 6 x parameters x tokens/s / matmul rate of
+the run's precision.
 
     python -m benchmarks.real_model_throughput --tofu ../shared/data/tofu --out runs/bench_real
+    python -m benchmarks.real_model_throughput --steps 2 --methods palu --ranks 1 --out runs/bench_smoke   # smoke
     python -m benchmarks.real_model_throughput --profile --out runs/bench_real_profile   # where a step's time goes
+
+``--profile`` runs torch.profiler over the plain step and over our palu step (1 process, ZeRO stage 0, each
+``--precisions``), with the phases of each step labelled (our step's: data, global counts, forward, LM head,
+reference lookup, loss terms, backward, optimizer step, stats all-reduce, logging), and prints each phase's share of
+the step's self CPU time with its top operators, then the top operators overall (key_averages): relative shares,
+which load on the machine does not distort the way it distorts tokens/s.
 """
 import json
 import math
@@ -24,12 +34,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from benchmarks.output import bench_parser, parse_bench, write_results
 from palu_ds.localrun import cpu_env, launcher_cmd
+from palu_ds.methods import METHODS
 from palu_ds.models import smollm2
+
+PRECISIONS = ("fp32", "bf16")
 
 MATMUL = r"""
 import json, time, torch
-def rate(m, k, n):
-    a, b = torch.randn(m, k), torch.randn(k, n)
+def rate(m, k, n, dtype):
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     best = 1e9
     for _ in range(5):
         t = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t)
@@ -37,122 +50,232 @@ def rate(m, k, n):
 # the model's own products for 768 tokens (8 x 96): q/o, k/v (3 of 9 heads), gate/up, down, the full LM head
 shapes = {"q_proj/o_proj": (768, 576, 576), "k_proj/v_proj": (768, 576, 192), "gate/up_proj": (768, 576, 1536),
           "down_proj": (768, 1536, 576), "lm_head (all positions)": (768, 576, 49152)}
-print("RESULT", json.dumps({"gflops": rate(2048, 2048, 2048), "shapes": {k: rate(*v) for k, v in shapes.items()}}))
+print("RESULT", json.dumps({p: {"gflops": rate(2048, 2048, 2048, d), "shapes": {k: rate(*v, d) for k, v in shapes.items()}}
+                            for p, d in (("fp32", torch.float32), ("bf16", torch.bfloat16))}))
 """
 
-PLAIN = r"""
-import json, statistics, sys, time, torch
+# where a profiled step's time goes: each operator's self CPU time attributed to its innermost "## " phase
+PHASES = r"""
+import collections
+def phase_report(prof, n, top=6):
+    ev = prof.events()
+    total = sum(e.self_cpu_time_total for e in ev)
+    own, ops = collections.Counter(), collections.defaultdict(collections.Counter)
+    for e in ev:
+        p = e.cpu_parent
+        while p is not None and not (p.name.startswith("## ") and p.name != "## step"):
+            p = p.cpu_parent
+        phase = p.name[3:] if p is not None else "(outside a phase)"
+        own[phase] += e.self_cpu_time_total
+        ops[phase][e.name] += e.self_cpu_time_total
+    print(f"PROFILE {total / n / 1e6:.2f} s of self CPU time per step; by phase (share, top operators):")
+    for phase, t in own.most_common():
+        tops = ", ".join(f"{k} {v / total:.1%}" for k, v in ops[phase].most_common(top) if not k.startswith("## "))
+        print(f"PROFILE   {phase:34s} {t / total:6.1%}   {tops}")
+    avg = [e for e in prof.key_averages() if not e.key.startswith("## ")]
+    mm = sum(e.self_cpu_time_total for e in avg if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"))
+    print(f"PROFILE matrix products {mm / total:.0%} of the step's self CPU time; top operators (calls per step):")
+    for e in sorted(avg, key=lambda e: -e.self_cpu_time_total)[:15]:
+        print(f"PROFILE   {e.key:45s} {e.self_cpu_time_total / total:6.1%}  x{e.count // n}")
+"""
+
+PLAIN = PHASES + r"""
+import contextlib, json, statistics, sys, time, torch
+from torch.profiler import profile, record_function
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from palu_ds.batch import shift
 from palu_ds.data import QADataset, QAOptions, collate
 from palu_ds.data.io import load_records
 from palu_ds.monitor import peak_memory_bytes, reset_peak_memory
-model_dir, tofu, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+model_dir, tofu, steps, precision, profiled = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 tok = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 o = QAOptions(max_length=96)
 forget = QADataset(load_records(f"{tofu}/forget01.jsonl"), tok, o)
 retain = QADataset(load_records(f"{tofu}/retain90.jsonl")[:40], tok, o)
-rates = []
+cast = (lambda: torch.autocast("cpu", torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+rates, prof = [], profile()
 reset_peak_memory()
-for s in range(steps):
-    rows = [forget[(4 * s + i) % len(forget)] for i in range(4)] + [retain[(4 * s + i) % len(retain)] for i in range(4)]
-    b = collate(rows, tok.pad_token_id)
-    t = time.perf_counter()
-    lg, lb = shift(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-    loss = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100)
-    opt.zero_grad(); loss.backward(); opt.step()
-    rates.append(int(b["attention_mask"].sum()) / (time.perf_counter() - t))
-print("RESULT", json.dumps({"tokens_per_s": statistics.median(rates[2:]), "peak_rss": peak_memory_bytes()}))
-if len(sys.argv) > 4:  # --profile: where one step's time goes, by operator (self CPU time)
-    from torch.profiler import profile
-    with profile() as prof:
-        b = collate([forget[i] for i in range(4)] + [retain[i] for i in range(4)], tok.pad_token_id)
-        lg, lb = shift(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
-        loss = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100)
-        opt.zero_grad(); loss.backward(); opt.step()
-    ev = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in ev)
-    mm = sum(e.self_cpu_time_total for e in ev if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"))
-    print(f"PROFILE matrix products {mm / total:.0%} of the step's self CPU time; top operators:")
-    for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:12]:
-        print(f"PROFILE {e.key:45s} {e.self_cpu_time_total / total:6.1%}")
+for s in range(steps + profiled):
+    if s == steps:
+        prof.start()
+    with record_function("## step"):
+        with record_function("## data"):
+            rows = [forget[(4 * s + i) % len(forget)] for i in range(4)] + [retain[(4 * s + i) % len(retain)] for i in range(4)]
+            b = collate(rows, tok.pad_token_id)
+        t = time.perf_counter()
+        with record_function("## forward"), cast():
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        with record_function("## loss"):
+            lg, lb = shift(logits.float(), b["labels"])
+            loss = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100)
+        with record_function("## backward"):
+            opt.zero_grad(); loss.backward()
+        with record_function("## optimizer step"):
+            opt.step()
+        rates.append(int(b["attention_mask"].sum()) / (time.perf_counter() - t))
+if profiled:
+    prof.stop()
+    phase_report(prof, profiled)
+print("RESULT", json.dumps({"tokens_per_s": statistics.median(rates[2:steps] or rates[-1:]), "peak_rss": peak_memory_bytes()}))
 """
 
-RUNS = [  # (name, method, reference mode, ranks, DeepSpeed config): each on 1 process (ZeRO-0), then 2 ranks (ZeRO-3)
-    (name, method, mode, ranks, ds)
-    for ranks, ds in ((1, "ds_configs/cpu/zero0.json"), (2, "ds_configs/cpu/zero3.json"))
-    for name, method, mode in (("palu, precomputed", "palu", "precomputed"), ("palu, resident", "palu", "resident"),
-                               ("pd_flat", "pd_flat", "none"), ("npo, precomputed", "npo", "precomputed"))
-]
+# our step through palu_ds.run (what launch/train.py runs), its phases labelled here (benchmark-side wrappers);
+# torch.profiler over optimizer steps WARM+1 .. WARM+N (Hooks: the engine's extension points)
+OURS = PHASES + r"""
+import functools, sys
+from torch.profiler import profile, record_function
+import deepspeed.runtime.engine as ds_engine
+from palu_ds import engine, lm_head, methods
+from palu_ds.reference import readers
+WARM, N = int(sys.argv[1]), int(sys.argv[2])
+def label(owner, attr, tag):
+    f = getattr(owner, attr)
+    @functools.wraps(f)
+    def labelled(*a, **k):
+        with record_function("## " + tag):
+            return f(*a, **k)
+    setattr(owner, attr, labelled)
+for owner, attr, tag in [
+        (engine.Trainer, "train_step", "step"), (engine.Trainer, "_next_micro", "data: next micro-batch"),
+        (engine.Trainer, "_global_counts", "global counts (all-reduce)"), (engine.Trainer, "_forward", "forward"),
+        (lm_head, "lm_logits", "LM head"), (readers.CachedReference, "lookup", "reference lookup"),
+        (readers.ResidentReference, "lookup", "reference lookup"), (methods.Method, "terms", "loss terms"),
+        (methods.Method, "objective", "objective"), (engine.StepStats, "add", "stats add"),
+        (ds_engine.DeepSpeedEngine, "backward", "backward"), (engine.StepStats, "reduce", "stats all-reduce"),
+        (engine.Trainer, "_optimizer_step", "optimizer step"), (engine.Trainer, "_scalars", "scalars"),
+        (engine.Trainer, "_after_step", "after step (log, checkpoint)")]:
+    label(owner, attr, tag)
+prof = profile()
+class Profiled(engine.Hooks):
+    def before_step(self, trainer):
+        if trainer.step == WARM:
+            prof.start()
+    def after_step(self, trainer):
+        if trainer.step == WARM + N:
+            prof.stop()
+            phase_report(prof, N)
+from palu_ds.run import main
+sys.argv = ["train.py"] + sys.argv[3:]
+sys.exit(main("profiled palu_ds step", hooks=Profiled()))
+"""
 
 
-def result(cmd: list[str], threads: int, log: str) -> dict:
+def result(cmd: list[str], threads: int, log: str) -> tuple[dict | None, list[str]]:
+    """The ``RESULT`` JSON (None when the command printed none) and the ``PROFILE`` lines of a subprocess."""
     with open(log, "w") as f:
-        p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(OMP_NUM_THREADS=str(threads)), stdout=subprocess.PIPE, stderr=f, text=True)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode or not lines:
+        p = subprocess.run(cmd, cwd=ROOT, env=cpu_env(OMP_NUM_THREADS=str(threads)), stdout=subprocess.PIPE, stderr=f,
+                           text=True)
+    if p.returncode:
         raise SystemExit(f"{' '.join(cmd[:4])} failed ({p.returncode}); see {log}")
-    return json.loads(lines[-1][7:])
+    lines = p.stdout.splitlines()
+    res = [ln for ln in lines if ln.startswith("RESULT ")]
+    return (json.loads(res[-1][7:]) if res else None), [ln[8:] for ln in lines if ln.startswith("PROFILE ")]
 
 
-def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, ds: str, steps: int) -> dict:
-    args = ["launch/train.py", "--deepspeed", ds, f"model.path={model}", f"data.forget.source={tofu}/forget01.jsonl",
+def train_args(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, precision: str,
+               steps: int) -> list[str]:
+    ds = "ds_configs/cpu/zero0.json" if ranks == 1 else "ds_configs/cpu/zero3.json"
+    return ["--deepspeed", ds, f"model.path={model}", f"data.forget.source={tofu}/forget01.jsonl",
             f"data.retain.source={tofu}/retain90.jsonl", "data.max_length=96", f"method.name={method}",
             f"reference.mode={mode}", "train.batch_size=4", f"train.max_steps={steps}", "train.lr=1e-5",
-            f"train.output_dir={out}", "train.resume=never", "log.log_every=1000"]
-    if method != "palu":
-        args.append("method.params={}")
+            f"train.precision={precision}", f"train.output_dir={out}", "train.resume=never", "log.log_every=1000"] + (
+                [] if "retain" in METHODS[method].batches else ["data.retain=null"])
+
+
+def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, precision: str, steps: int) -> dict:
+    args = train_args(model, tofu, out, method, mode, ranks, precision, steps)
     with open(out + ".log", "w") as f:
-        p = subprocess.run(launcher_cmd(args[0], args[1:], ranks), cwd=ROOT,
+        p = subprocess.run(launcher_cmd("launch/train.py", args, ranks), cwd=ROOT,
                            env=cpu_env(OMP_NUM_THREADS="1" if ranks > 1 else "2"), stdout=f, stderr=f)
     if p.returncode:
-        raise SystemExit(f"{method} ({mode}, {ranks} ranks) failed ({p.returncode}); see {out}.log")
+        raise SystemExit(f"{method} ({mode}, {precision}, {ranks} ranks) failed ({p.returncode}); see {out}.log")
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
-    rates = [n / t for t, n in zip(s["step_seconds"][2:], s["step_tokens"][2:])]
-    return {"tokens_per_s": statistics.median(rates), "peak_rss": s["last"]["memory/peak_bytes"]}
+    rates = [n / t for t, n in zip(s["step_seconds"], s["step_tokens"])]
+    return {"tokens_per_s": statistics.median(rates[2:] or rates[-1:]), "peak_rss": s["last"]["memory/peak_bytes"]}
+
+
+def reference_modes(method: str, resident: bool) -> list[str]:
+    """From the registry: ``none`` for a reference-free method, else precomputed (and resident with --resident)."""
+    m = METHODS[method]
+    if not m.needed_parts(m.hparams({})):
+        return ["none"]
+    return ["precomputed", "resident"] if resident else ["precomputed"]
+
+
+def choices(text: str, valid, what: str) -> list[str]:
+    items = [x for x in text.split(",") if x]
+    bad = [x for x in items if x not in valid]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{what} {bad or text!r}: choose from {', '.join(valid)}")
+    return items
 
 
 def main() -> int:
-    p = bench_parser(__doc__, "runs/bench_real", 8, tofu=True)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tofu", default=os.path.join(ROOT, "..", "shared", "data", "tofu"))
+    p.add_argument("--out", default="runs/bench_real")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first two are warm-up)")
+    unlearning = [n for n, m in METHODS.items() if m.unlearning]
+    p.add_argument("--methods", default="palu,pd_flat,npo", type=lambda s: choices(s, unlearning, "--methods"),
+                   help=f"comma-separated, of: {', '.join(unlearning)}")
+    p.add_argument("--precisions", default="fp32,bf16", type=lambda s: choices(s, PRECISIONS, "--precisions"))
+    p.add_argument("--ranks", default="1,2", type=lambda s: [int(x) for x in choices(s, ("1", "2"), "--ranks")],
+                   help="1: one process, ZeRO stage 0; 2: two ranks, ZeRO-3")
+    p.add_argument("--resident", action="store_true", help="also the resident reference of methods that need one")
     p.add_argument("--matmul-only", action="store_true", help="only the CPU's matmul rates (2048^3, the model's shapes)")
-    p.add_argument("--profile", action="store_true", help="the matmul rates and a torch.profiler breakdown of a plain step")
-    a = parse_bench(p)
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler breakdowns of the plain step and of our palu step, by phase")
+    a = p.parse_args()
+    os.makedirs(a.out, exist_ok=True)
     model, tofu = smollm2(), os.path.abspath(a.tofu)
     from safetensors import safe_open
 
     with safe_open(os.path.join(model, "model.safetensors"), "pt") as f:  # tied: the embedding counted once
         n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    mm = result([sys.executable, "-c", MATMUL], 2, os.path.join(a.out, "matmul.log"))
-    gflops = mm["gflops"]
-    print("fp32 matmul rate at the model's own shapes (768 tokens), GFLOP/s: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in mm["shapes"].items()))
-    if a.matmul_only or a.profile:
-        print(f"2048^3: {gflops:.1f} GFLOP/s")
-        if a.profile:
-            log = os.path.join(a.out, "profile.log")
-            with open(log, "w") as f:
-                p = subprocess.run([sys.executable, "-c", PLAIN, model, tofu, "4", "profile"], cwd=ROOT, env=cpu_env(OMP_NUM_THREADS="2"),
-                                   stdout=subprocess.PIPE, stderr=f, text=True)
-            print("\n".join(ln[8:] for ln in p.stdout.splitlines() if ln.startswith("PROFILE ")))
+    mm, _ = result([sys.executable, "-c", MATMUL], 2, os.path.join(a.out, "matmul.log"))
+    for prec, r in mm.items():
+        print(f"{prec} matmul rate, GFLOP/s: 2048^3 {r['gflops']:.0f}; at the model's own shapes (768 tokens): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in r["shapes"].items()))
+    if a.matmul_only:
         return 0
-    rows = [("plain transformers + AdamW", 1,
-             result([sys.executable, "-c", PLAIN, model, tofu, str(a.steps)], 2, os.path.join(a.out, "plain.log")))]
-    for name, method, mode, ranks, ds in RUNS:
-        out = os.path.join(a.out, f"{method}_{mode}_{ranks}")
-        rows.append((name, ranks, train(model, tofu, out, method, mode, ranks, ds, a.steps)))
-    plain = rows[0][2]["tokens_per_s"]
-    report = {"matmul_gflops": gflops, "matmul_shapes_gflops": mm["shapes"], "params": n_params, "runs": []}
-    print(f"{n_params / 1e6:.1f}M parameters; fp32 matmul (2048^3, 2 threads): {gflops:.1f} GFLOP/s\n")
-    print("| run | ranks | tokens/s | vs plain step | MFU (vs matmul rate) | peak RSS per rank |\n|---|---|---|---|---|---|")
-    for name, ranks, r in rows:
-        mfu = 6 * n_params * r["tokens_per_s"] / (gflops * 1e9)
-        report["runs"].append({"name": name, "ranks": ranks, **r, "vs_plain": r["tokens_per_s"] / plain, "mfu": mfu})
-        print(f"| {name} | {ranks} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / plain:.2f}x | {mfu:.0%} | "
-              f"{r['peak_rss'] / 2**30:.2f} GiB |")
-    write_results(a.out, report)
+    if a.profile:
+        method = "palu" if "palu" in a.methods else a.methods[0]
+        for prec in a.precisions:
+            _, lines = result([sys.executable, "-c", PLAIN, model, tofu, "2", prec, "2"], 2,
+                              os.path.join(a.out, f"profile_plain_{prec}.log"))
+            print(f"\n== plain step, {prec}\n" + "\n".join(lines))
+            out = os.path.join(a.out, f"profile_{method}_{prec}")
+            _, lines = result([sys.executable, "-c", OURS, "2", "2", *train_args(
+                model, tofu, out, method, reference_modes(method, False)[0], 1, prec, 4)], 2, out + ".log")
+            print(f"\n== our {method} step (1 process, ZeRO stage 0), {prec}\n" + "\n".join(lines))
+        return 0
+    report = {"params": n_params, "matmul": mm, "runs": []}
+    plain = {}
+    for prec in a.precisions:
+        plain[prec], _ = result([sys.executable, "-c", PLAIN, model, tofu, str(a.steps), prec, "0"], 2,
+                                os.path.join(a.out, f"plain_{prec}.log"))
+        report["runs"].append({"name": "plain transformers + AdamW", "precision": prec, "ranks": 1, **plain[prec]})
+    for ranks in a.ranks:
+        for method in a.methods:
+            for mode in reference_modes(method, a.resident):
+                for prec in a.precisions:
+                    out = os.path.join(a.out, f"{method}_{mode}_{prec}_{ranks}")
+                    r = train(model, tofu, out, method, mode, ranks, prec, a.steps)
+                    name = method + (f", {mode}" if mode != "none" else "")
+                    report["runs"].append({"name": name, "precision": prec, "ranks": ranks, **r})
+    rows = ["| run | precision | ranks | tokens/s | vs plain step (same precision) | MFU vs fp32 / bf16 matmul rate "
+            "| peak RSS per rank |", "|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        r["vs_plain"] = r["tokens_per_s"] / plain[r["precision"]]["tokens_per_s"]
+        r["mfu"] = {prec: 6 * n_params * r["tokens_per_s"] / (mm[prec]["gflops"] * 1e9) for prec in PRECISIONS}
+        rows.append(f"| {r['name']} | {r['precision']} | {r['ranks']} | {r['tokens_per_s']:.1f} | {r['vs_plain']:.2f}x "
+                    f"| {r['mfu']['fp32']:.0%} / {r['mfu']['bf16']:.0%} | {r['peak_rss'] / 2**30:.2f} GiB |")
+    print(f"\n{n_params / 1e6:.1f}M parameters; matmul 2048^3, 2 threads: fp32 {mm['fp32']['gflops']:.0f}, "
+          f"bf16 {mm['bf16']['gflops']:.0f} GFLOP/s\n")
+    write_results(a.out, report, "\n".join(rows))
     return 0
 
 

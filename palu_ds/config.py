@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from palu_ds.data.qa import QAOptions
+from palu_ds.ds_config import PRECISIONS
 from palu_ds.schedule import SCHEDULERS
 
 
@@ -104,6 +105,9 @@ class TrainConfig:
     head_path: str = setting("dense", "dense: the answer rows' logits at once; chunked: head + losses in chunks",
                              choices=("dense", "chunked"))
     head_chunk_elems: int = setting(1 << 24, "chunked: logits elements alive at a time (rows = this // vocabulary)")
+    precision: str = setting("auto", "auto (the DeepSpeed config's bf16.enabled; its \"auto\": bf16 on GPUs, fp32 on "
+                                     "CPU) | fp32 | bf16: mixed precision with fp32 master weights and fp32 losses "
+                                     "(ZeRO 1-3: DeepSpeed's bf16; stage 0: torch autocast)", choices=PRECISIONS)
 
 
 @dataclass

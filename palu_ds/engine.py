@@ -33,7 +33,7 @@ from palu_ds.card import run_info, write_card
 from palu_ds.config import Run
 from palu_ds.data.build import build_datasets, report_spans
 from palu_ds.data.collate import collate
-from palu_ds.ds_config import load_ds_config, zero_stage
+from palu_ds.ds_config import autocast_dtype, load_ds_config, zero_stage
 from palu_ds.hidden import LayerCapture
 from palu_ds.monitor import Monitor, peak_memory_bytes, reset_peak_memory, start_wandb
 from palu_ds.sampling import BatchStream
@@ -178,6 +178,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.ds_config = load_ds_config(self.ds_config_path, cfg.train, self.world, self.device.type == "cpu")
         self.gas = self.ds_config["gradient_accumulation_steps"]
+        self.autocast = autocast_dtype(self.ds_config)  # bf16 at stage 0: DeepSpeed autocasts the model's forward
+        if self.world == 1 and zero_stage(self.ds_config) in (1, 2):
+            log.warning("ZeRO stage %d on one process partitions nothing and costs time and memory (its flat gradient "
+                        "copies): use a stage-0 config (ds_configs/cpu/zero0.json)", zero_stage(self.ds_config))
         self.out_dir = cfg.train.output_dir
         self.ckpt_root = os.path.join(self.out_dir, "checkpoints")
         self.output_lock = run_folder.lock(self.out_dir)  # held by rank 0 until the process ends
@@ -241,6 +245,8 @@ class Trainer:
         self.answer_only = cfg.train.answer_only_logits and lm_head.accepts_logits_to_keep(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        if self.world == 1 and zero_stage(self.ds_config) == 0:  # else DeepSpeed flattens every gradient into one
+            self.engine.enable_backward_allreduce = False       # buffer, all-reduces it with itself and copies it back
         if cfg.train.head_path == "chunked" and not self.answer_only:
             raise lm_head.UnsupportedHead(f"train.head_path=chunked: {type(model).__name__}.forward takes no "
                                           "logits_to_keep, so no answer-only hidden states; set train.head_path: dense")
@@ -333,6 +339,7 @@ class Trainer:
         """Forward, the method's terms and objective, backward of one micro-batch (a non-finite loss: a zero)."""
         from palu_ds.methods import StepInputs
 
+        tokens = sum(int(micro[n]["attention_mask"].sum()) for n in self.method.sampled)  # on the host: no device sync
         micro = {n: {key: v.to(self.device) for key, v in b.items()} for n, b in micro.items()}
         ref = {n: self.reference.lookup(n, b) for n, b in micro.items()}
         logits = self._forward(micro)
@@ -346,7 +353,7 @@ class Trainer:
         if not torch.isfinite(loss):  # local decision; all ranks still run backward, so collectives match
             stats.bad = True
             loss = zero_loss(logits)
-        stats.add(terms, sum(int(micro[n]["attention_mask"].sum()) for n in self.method.sampled))
+        stats.add(terms, tokens)
         self.engine.backward(loss)
         self._micro_dual_step(terms, micro, norms)
 
@@ -412,7 +419,10 @@ class Trainer:
 
         ids = torch.cat([widen(micro[n]["input_ids"], pad) for n in names]).to(self.device)
         mask = torch.cat([widen(micro[n]["attention_mask"], 0) for n in names]).to(self.device)
-        return self._packed_logits(micro, ids, mask) if self.answer_only else self._dense_logits(micro, ids, mask)
+        # bf16 at stage 0: one autocast region over the model (DeepSpeed's own nests in it) and the answer-only head,
+        # so the tied head weight is cast once per forward; the loss terms run outside it, in fp32
+        with torch.autocast(self.device.type, self.autocast) if self.autocast else nullcontext():
+            return self._packed_logits(micro, ids, mask) if self.answer_only else self._dense_logits(micro, ids, mask)
 
     def _dense_logits(self, micro: dict[str, dict], ids, mask) -> dict:
         """[B, T, V] logits of each batch (its rows of the concatenated forward, cut to its own width)."""

@@ -3,6 +3,7 @@ import glob
 import os
 
 import pytest
+import torch
 
 from palu_ds.config import ConfigError, data_sources, load_config, resolve
 from palu_ds.ds_config import load_ds_config
@@ -33,6 +34,37 @@ def test_every_deepspeed_json_fills_auto(path, world):
     assert ds["optimizer"]["params"]["lr"] == train.lr
 
 
+@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+def test_precision_is_resolved_once_from_train_precision_and_the_json(stage, precision):
+    """The shipped CPU configs say ``"bf16": {"enabled": "auto"}``: train.precision decides (auto: fp32 on CPU).
+    bf16 is DeepSpeed's bf16 under ZeRO and torch autocast at stage 0 (fp32 weights and Adam there); Adam on CPU
+    is torch's fused AdamW."""
+    from palu_ds.ds_config import autocast_dtype
+
+    train = load_config(None, BASE + ["data.retain.source=r", f"train.precision={precision}"]).train
+    ds = load_ds_config(os.path.join(ROOT, "ds_configs", "cpu", f"zero{stage}.json"), train, 1, on_cpu=True)
+    bf16 = precision == "bf16"
+    assert ds["bf16"]["enabled"] is (bf16 and stage > 0)
+    assert autocast_dtype(ds) == (torch.bfloat16 if bf16 and stage == 0 else None)
+    assert ds["optimizer"]["params"]["fused"] is True and ds["optimizer"]["params"]["torch_adam"] is True
+
+
+@pytest.mark.parametrize("given,precision,on_cpu,expect", [
+    ("auto", "auto", False, "bf16"), (True, "auto", True, "bf16"), (False, "auto", False, "fp32"),
+    (True, "bf16", True, "bf16"), ("auto", "fp32", False, "fp32"), (True, "fp32", True, None), (False, "bf16", True, None),
+])
+def test_an_explicit_bf16_setting_that_contradicts_train_precision_is_an_error(given, precision, on_cpu, expect):
+    from palu_ds.ds_config import resolve_precision
+
+    ds = {"bf16": {"enabled": given}}
+    if expect is None:
+        with pytest.raises(ValueError, match=f"train.precision={precision} but the DeepSpeed config sets"):
+            resolve_precision(ds, precision, on_cpu)
+    else:
+        assert resolve_precision(ds, precision, on_cpu) == expect
+
+
 BASE = ["model.path=m", "data.forget.source=f.jsonl"]
 
 
@@ -52,6 +84,7 @@ BASE = ["model.path=m", "data.forget.source=f.jsonl"]
     (["train.scheduler=step", "method.name=sft", "reference.mode=none"], "train.scheduler"),
     (["eval.epochs=[1, 0]", "method.name=sft", "reference.mode=none"], r"eval.epochs must be .* got \[1, 0\]"),
     (["eval.epochs=3", "method.name=sft", "reference.mode=none"], "eval.epochs must be a non-empty list"),
+    (["train.precision=fp16", "method.name=sft", "reference.mode=none"], "train.precision must be auto, fp32 or bf16"),
 ])
 def test_bad_combinations_are_rejected_at_parse_time(overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -8,15 +8,12 @@ writes ``<train.output_dir>/snapshots/step_000030/`` (as the final ``model/``, t
 
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script by the launcher
-
-from evaluation import trainer_evaluator  # noqa: E402
-from palu_ds.checkpoint import tag_for  # noqa: E402
-from palu_ds.engine import Hooks  # noqa: E402
-from palu_ds.process import run_main  # noqa: E402
-from palu_ds.run import main  # noqa: E402
+from evaluation import trainer_evaluator  # installed packages only: the launcher runs this file as a script
+from palu_ds.checkpoint import tag_for
+from palu_ds.engine import Hooks
+from palu_ds.process import run_main
+from palu_ds.run import main
 
 
 class Snapshots(Hooks):
