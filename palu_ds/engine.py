@@ -163,6 +163,7 @@ class Trainer:
         self.model_dir: str | None = None  # where save_model() wrote the final model
         self.last_eval: dict | None = None  # {"step": N, "metrics": evaluator summary}: into the model card
         self.config_changes: dict = {}  # what train.resume=force let differ from the checkpoint's config
+        self.capture = None  # the decoder layer whose output a method reads (Method.hidden_layer), set in setup
         self.output_lock = None
 
     # ------------------------------------------------------------------ setup

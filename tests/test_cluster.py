@@ -383,7 +383,7 @@ def test_sbatch_train_requeue_resume(slurm, mpirun_run, tiny, target, tmp_path_f
         out_log = os.path.join(shared, f"slurm-{job}.out")
 
         def steps_seen():
-            return len(re.findall(r"\[palu_ds r0\] step (\d+) ", read(out_log)))
+            return len(re.findall(r"\[palu_ds r0\] step (\d+)/\d+ ", read(out_log)))  # progress: step N/total | ...
 
         for n, how in enumerate(interruptions, 1):
             done = steps_seen()
@@ -470,7 +470,7 @@ def _kill_rank_one(cmd, env, log_path, find_victim, progress=None, timeout=60.0)
     with open(log_path, "w") as log:
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: p.poll() is not None or "r0] step 3 " in progress(), 300, "step 3")
+        wait_for(lambda: p.poll() is not None or "r0] step 3/" in progress(), 300, "step 3")
         assert p.poll() is None, read(log_path)[-4000:] + progress()[-4000:]
         victim = wait_for(find_victim, 30, "rank 1")
         t = time.time()
