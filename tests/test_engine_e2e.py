@@ -83,8 +83,9 @@ def tb_tags(out):
 
 
 # under ZeRO-2 too, except methods whose terms only take code paths other methods already run there (token
-# log-probs as grad_diff's, per-row reference tensors as palu's KL): ~1 min per run on the test box
-ZERO3_ONLY = {"wga", "satimp", "undial"}
+# log-probs as grad_diff's: grad_ascent, wga, satimp; sequence log-probs as npo's: simnpo; per-row reference tensors
+# as palu's KL: undial): ~1 min per run on the test box
+ZERO3_ONLY = {"grad_ascent", "simnpo", "wga", "satimp", "undial"}
 
 
 @pytest.mark.parametrize("method,stage", [(m, s) for m in UNLEARNING for s in (2, 3)
