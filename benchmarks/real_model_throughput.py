@@ -23,6 +23,7 @@ reference lookup, loss terms, backward, optimizer step, stats all-reduce, loggin
 the step's self CPU time with its top operators, then the top operators overall (key_averages): relative shares,
 which load on the machine does not distort the way it distorts tokens/s.
 """
+import argparse
 import json
 import math
 import os
@@ -214,10 +215,7 @@ def choices(text: str, valid, what: str) -> list[str]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tofu", default=os.path.join(ROOT, "..", "shared", "data", "tofu"))
-    p.add_argument("--out", default="runs/bench_real")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first two are warm-up)")
+    p = bench_parser(__doc__, "runs/bench_real", 8, tofu=True)
     unlearning = [n for n, m in METHODS.items() if m.unlearning]
     p.add_argument("--methods", default="palu,pd_flat,npo", type=lambda s: choices(s, unlearning, "--methods"),
                    help=f"comma-separated, of: {', '.join(unlearning)}")
@@ -228,8 +226,7 @@ def main() -> int:
     p.add_argument("--matmul-only", action="store_true", help="only the CPU's matmul rates (2048^3, the model's shapes)")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler breakdowns of the plain step and of our palu step, by phase")
-    a = p.parse_args()
-    os.makedirs(a.out, exist_ok=True)
+    a = parse_bench(p)
     model, tofu = smollm2(), os.path.abspath(a.tofu)
     from safetensors import safe_open
 
