@@ -18,6 +18,7 @@ import os
 import subprocess
 import tempfile
 
+from benchmarks.output import tb_scalars
 from palu_ds.localrun import cpu_env, launcher_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,18 +51,7 @@ def _last_error(text: str) -> str:
 
 def scalars(out: str, steps: int) -> dict | None:
     """Rank 0's scalars at the last training step, from the run's TensorBoard events (None if it did not get there)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tb = os.path.join(out, "tensorboard")
-    if not os.path.isdir(tb):
-        return None
-    acc = EventAccumulator(tb)
-    acc.Reload()
-    last = {}
-    for tag in acc.Tags()["scalars"]:
-        ev = acc.Scalars(tag)
-        if ev and ev[-1].step == steps:
-            last[tag] = ev[-1].value
+    last = {tag: ev[-1][1] for tag, ev in tb_scalars(out).items() if ev and ev[-1][0] == steps}
     return last if "throughput/tokens_per_s" in last else None
 
 

@@ -38,3 +38,16 @@ def parse_bench(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     return a
+
+
+def tb_scalars(out_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar a run wrote to ``out_dir/tensorboard`` (rank 0's): tag -> [(step, value), ...] in step order;
+    ``{}`` when the run wrote none."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = os.path.join(out_dir, "tensorboard")
+    if not os.path.isdir(tb):
+        return {}
+    acc = EventAccumulator(tb, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

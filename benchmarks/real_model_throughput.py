@@ -11,7 +11,8 @@ run so that the numbers are ratios taken on the same machine state:
 
 each reported as training tokens/s (median over the steps after the first two), its ratio to the plain step of the
 same precision, peak RSS per rank, and the model-FLOPs utilisation MFU = 6 x parameters x tokens/s / matmul rate of
-the run's precision.
+the run's precision; and each bf16 run's loss curve against its fp32 twin's (the objective at every step, from the
+runs' TensorBoard events: the largest and the last relative difference).
 
     python -m benchmarks.real_model_throughput --tofu ../shared/data/tofu --out runs/bench_real
     python -m benchmarks.real_model_throughput --steps 2 --methods palu --ranks 1 --out runs/bench_smoke   # smoke
@@ -33,7 +34,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from benchmarks.output import bench_parser, parse_bench, write_results
+from benchmarks.output import bench_parser, parse_bench, tb_scalars, write_results
 from palu_ds.localrun import cpu_env, launcher_cmd
 from palu_ds.methods import METHODS
 from palu_ds.models import smollm2
@@ -195,7 +196,27 @@ def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, p
     with open(os.path.join(out, "summary.json")) as f:
         s = json.load(f)
     rates = [n / t for t, n in zip(s["step_seconds"], s["step_tokens"])]
-    return {"tokens_per_s": statistics.median(rates[2:] or rates[-1:]), "peak_rss": s["last"]["memory/peak_bytes"]}
+    return {"tokens_per_s": statistics.median(rates[2:] or rates[-1:]), "peak_rss": s["last"]["memory/peak_bytes"],
+            "loss": [v for _, v in tb_scalars(out).get("loss/total", [])]}
+
+
+def loss_agreement(runs: list[dict]) -> list[str]:
+    """bf16's loss curve against fp32's, per method and ranks: the largest relative difference of the objective over
+    the run's steps (issue 29's goal: within 2% over 30 steps)."""
+    lines = []
+    for r in runs:
+        if r["precision"] != "bf16" or not r.get("loss"):
+            continue
+        ref = next((x for x in runs if x["precision"] == "fp32" and (x["name"], x["ranks"]) == (r["name"], r["ranks"])),
+                   None)
+        if ref is None or len(ref.get("loss", [])) != len(r["loss"]):
+            continue
+        rel = [abs(b - f) / max(abs(f), 1e-8) for f, b in zip(ref["loss"], r["loss"])]
+        r["loss_vs_fp32"] = {"max_rel": max(rel), "final_rel": rel[-1], "steps": len(rel)}
+        lines.append(f"{r['name']}, {r['ranks']} rank(s): bf16 objective vs fp32 over {len(rel)} steps: max "
+                     f"{max(rel):.2%}, last step {rel[-1]:.2%} (fp32 {ref['loss'][0]:.4f} -> {ref['loss'][-1]:.4f}, "
+                     f"bf16 {r['loss'][0]:.4f} -> {r['loss'][-1]:.4f})")
+    return lines
 
 
 def reference_modes(method: str, resident: bool) -> list[str]:
@@ -270,9 +291,10 @@ def main() -> int:
         r["mfu"] = {prec: 6 * n_params * r["tokens_per_s"] / (mm[prec]["gflops"] * 1e9) for prec in PRECISIONS}
         rows.append(f"| {r['name']} | {r['precision']} | {r['ranks']} | {r['tokens_per_s']:.1f} | {r['vs_plain']:.2f}x "
                     f"| {r['mfu']['fp32']:.0%} / {r['mfu']['bf16']:.0%} | {r['peak_rss'] / 2**30:.2f} GiB |")
+    agreement = loss_agreement(report["runs"])
     print(f"\n{n_params / 1e6:.1f}M parameters; matmul 2048^3, 2 threads: fp32 {mm['fp32']['gflops']:.0f}, "
           f"bf16 {mm['bf16']['gflops']:.0f} GFLOP/s\n")
-    write_results(a.out, report, "\n".join(rows))
+    write_results(a.out, report, "\n".join(rows + [""] + agreement))
     return 0
 
 
