@@ -40,6 +40,8 @@ from palu_ds.methods import METHODS
 from palu_ds.models import smollm2
 
 PRECISIONS = ("fp32", "bf16")
+#: the DeepSpeed config of a run by its ranks (``--one-process-config`` replaces the first)
+CONFIGS = {1: "ds_configs/cpu/zero0.json", 2: "ds_configs/cpu/zero3.json"}
 
 MATMUL = r"""
 import json, time, torch
@@ -178,8 +180,7 @@ def result(cmd: list[str], threads: int, log: str) -> tuple[dict | None, list[st
 
 def train_args(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, precision: str,
                steps: int) -> list[str]:
-    ds = "ds_configs/cpu/zero0.json" if ranks == 1 else "ds_configs/cpu/zero3.json"
-    return ["--deepspeed", ds, f"model.path={model}", f"data.forget.source={tofu}/forget01.jsonl",
+    return ["--deepspeed", CONFIGS[ranks], f"model.path={model}", f"data.forget.source={tofu}/forget01.jsonl",
             f"data.retain.source={tofu}/retain90.jsonl", "data.max_length=96", f"method.name={method}",
             f"reference.mode={mode}", "train.batch_size=4", f"train.max_steps={steps}", "train.lr=1e-5",
             f"train.precision={precision}", f"train.output_dir={out}", "train.resume=never", "log.log_every=1000"] + (
@@ -243,11 +244,14 @@ def main() -> int:
     p.add_argument("--precisions", default="fp32,bf16", type=lambda s: choices(s, PRECISIONS, "--precisions"))
     p.add_argument("--ranks", default="1,2", type=lambda s: [int(x) for x in choices(s, ("1", "2"), "--ranks")],
                    help="1: one process, ZeRO stage 0; 2: two ranks, ZeRO-3")
+    p.add_argument("--one-process-config", default=CONFIGS[1],
+                   help="the DeepSpeed config of the 1-process runs (e.g. ds_configs/cpu/zero2.json: bf16 = DeepSpeed's)")
     p.add_argument("--resident", action="store_true", help="also the resident reference of methods that need one")
     p.add_argument("--matmul-only", action="store_true", help="only the CPU's matmul rates (2048^3, the model's shapes)")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler breakdowns of the plain step and of our palu step, by phase")
     a = parse_bench(p)
+    CONFIGS[1] = a.one_process_config
     model, tofu = smollm2(), os.path.abspath(a.tofu)
     from safetensors import safe_open
 
@@ -283,7 +287,8 @@ def main() -> int:
                     out = os.path.join(a.out, f"{method}_{mode}_{prec}_{ranks}")
                     r = train(model, tofu, out, method, mode, ranks, prec, a.steps)
                     name = method + (f", {mode}" if mode != "none" else "")
-                    report["runs"].append({"name": name, "precision": prec, "ranks": ranks, **r})
+                    report["runs"].append({"name": name, "precision": prec, "ranks": ranks, "ds_config": CONFIGS[ranks],
+                                           **r})
     rows = ["| run | precision | ranks | tokens/s | vs plain step (same precision) | MFU vs fp32 / bf16 matmul rate "
             "| peak RSS per rank |", "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:

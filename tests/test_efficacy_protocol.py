@@ -187,11 +187,10 @@ def test_in_run_evaluation_in_bf16_scores_what_the_saved_model_scores_in_bf16(tm
         load_config("launch/configs/mini_tofu/unlearn.yaml", ["eval.dtype=bf16"])
 
 
-def test_fp32_check_reruns_one_grid_point_with_the_fp32_config(tmp_path):
-    """protocol.fp32_check: the named point runs again with its DeepSpeed config (the protocol's own config
-    untouched), evaluated after the last epoch, reported beside the grid's point."""
-    preset = load("efficacy", ["protocol.fp32_check={method: palu, lr: 3.0e-5, ds_config: ds_configs/cpu/zero2.json}",
-                               "ds_config=ds_configs/cpu/bf16.json"])
+def test_fp32_check_reruns_one_grid_point_in_fp32(tmp_path):
+    """protocol.fp32_check: the named point of a bf16 protocol runs again with train.precision=fp32 (the protocol's
+    own recipe untouched), evaluated after the last epoch, reported beside the grid's point."""
+    preset = load("efficacy", ["protocol.fp32_check={method: palu, lr: 3.0e-5}", "unlearn.precision=bf16"])
     calls = []
 
     class FakeRun:
@@ -200,7 +199,7 @@ def test_fp32_check_reruns_one_grid_point_with_the_fp32_config(tmp_path):
         args = type("A", (), {"keep_checkpoints": False})()
 
         def unlearn(self, stage, spec, target, data, run_dir, lr, extra=(), done=None, labels=None):
-            calls.append((stage, self.p["ds_config"], lr, [e for e in extra if e.startswith("eval.epochs")]))
+            calls.append((stage, self.p["unlearn"]["precision"], lr, [e for e in extra if e.startswith("eval.epochs")]))
             done.parent.mkdir(parents=True)
             done.write_text(json.dumps({"metrics": {"ks_statistic": 0.2, "forget_quality": 0.3, "model_utility": 0.4}}))
             return True
@@ -209,12 +208,25 @@ def test_fp32_check_reruns_one_grid_point_with_the_fp32_config(tmp_path):
     grid = {"palu": [{"lr": 3e-5, "epoch": 10, "ks": 0.25, "mu_rel": 1.0}, {"lr": 3e-5, "epoch": 5, "ks": 0.3}]}
     run = FakeRun()
     out = E.stage_fp32_check(run, {"palu": {}}, {"target": tmp_path / "t"}, dev, 0.5, grid)
-    assert calls == [("grid_palu_lr3e-05_fp32", "ds_configs/cpu/zero2.json", 3e-5, ["eval.epochs=[10]"])]
-    assert run.p["ds_config"] == "ds_configs/cpu/bf16.json"
+    assert calls == [("grid_palu_lr3e-05_fp32", "fp32", 3e-5, ["eval.epochs=[10]"])]
+    assert run.p["unlearn"]["precision"] == "bf16"
     assert out["grid"]["ks"] == 0.25 and out["fp32"]["ks"] == 0.2 and out["fp32"]["mu_rel"] == pytest.approx(0.8)
-    with pytest.raises(ValueError, match=r"protocol.fp32_check needs \{method, lr, ds_config\}"):
+    with pytest.raises(ValueError, match=r"protocol.fp32_check needs \{method, lr\}"):
         E.check_protocol(load("efficacy", ["protocol.fp32_check={method: nosuch, lr: 1.0e-5}"]))
-    assert E.stage_fp32_check(type("R", (), {"p": load("efficacy")})(), {}, {}, dev, 0.5, grid) is None
+    with pytest.raises(ValueError, match=r"set unlearn.precision: bf16"):
+        E.check_protocol(load("efficacy", ["unlearn.precision=fp32"]))
+    assert E.stage_fp32_check(type("R", (), {"p": load("efficacy", ["protocol.fp32_check=null"])})(), {}, {}, dev,
+                              0.5, grid) is None
+
+
+def test_the_shipped_protocol_trains_in_bf16_and_checks_one_point_in_fp32():
+    """The pre-registration's conditional: bf16 training (issue 29) landed before the first grid run, so every
+    training of the protocol (SFT and unlearning) runs in bf16 and palu at lr 3e-5, 10 epochs, in fp32 beside it."""
+    preset = load("efficacy")
+    assert preset["sft"]["precision"] == preset["unlearn"]["precision"] == "bf16"
+    assert preset["protocol"]["fp32_check"] == {"method": "palu", "lr": 3e-5}
+    assert preset["ds_config"] == "ds_configs/cpu/zero0.json"  # bf16 = autocast: fp32 weights and Adam
+    E.check_protocol(preset)
 
 
 def test_protocol_cost_by_part():
@@ -283,5 +295,5 @@ def test_tiny_protocol_end_to_end_and_resume(tofu, tmp_path):
     from benchmarks.tofu.protocol_report import render_markdown
 
     last = rep["grid"]["palu"][-1]
-    rep["fp32_check"] = {"grid": last, "fp32": {**last, "ks": 0.5}, "ds_config": "x.json"}
-    assert "in fp32 (x.json) -> KS D 0.500" in render_markdown(rep)
+    rep["fp32_check"] = {"grid": last, "fp32": {**last, "ks": 0.5}, "precision": "fp32"}
+    assert "in fp32 -> KS D 0.500" in render_markdown(rep)

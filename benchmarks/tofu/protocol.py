@@ -61,9 +61,10 @@ def check_protocol(preset: dict) -> None:
     if cfg["method"] not in methods:
         raise ValueError(f"{where}: protocol.method {cfg['method']!r} is not among the methods {sorted(methods)}")
     chk = cfg["fp32_check"]
-    if chk and (not isinstance(chk, dict) or set(chk) != {"method", "lr", "ds_config"} or chk["method"] not in methods):
-        raise ValueError(f"{where}: protocol.fp32_check needs {{method, lr, ds_config}} with a method of the list, "
-                         f"got {chk!r}")
+    if chk and (not isinstance(chk, dict) or set(chk) != {"method", "lr"} or chk["method"] not in methods):
+        raise ValueError(f"{where}: protocol.fp32_check needs {{method, lr}} with a method of the list, got {chk!r}")
+    if chk and preset["unlearn"].get("precision") != "bf16":
+        raise ValueError(f"{where}: protocol.fp32_check reruns a bf16 point in fp32: set unlearn.precision: bf16")
     if max(cfg["epochs"]) > preset["unlearn"]["epochs"]:
         raise ValueError(f"{where}: protocol.epochs {cfg['epochs']} go past unlearn.epochs "
                          f"{preset['unlearn']['epochs']}")
@@ -192,8 +193,9 @@ def stage_grid(run: Run, specs: dict, models: dict, dev: dict, target_mu: float)
 
 
 def stage_fp32_check(run: Run, specs: dict, models: dict, dev: dict, target_mu: float, grid: dict) -> dict | None:
-    """``protocol.fp32_check`` (``{method, lr, ds_config}``, for a protocol trained in bf16): that grid point's run
-    again with the fp32 DeepSpeed config, evaluated after its last epoch: ``{"grid": point, "fp32": point}``."""
+    """``protocol.fp32_check`` (``{method, lr}``, for a protocol trained in bf16, ``unlearn.precision: bf16``): that
+    grid point's run again with ``train.precision=fp32`` from the same target, evaluated after its last epoch:
+    ``{"grid": point, "fp32": point}``."""
     from palu_ds.checkpoint import tag_for
 
     chk = run.p["protocol"]["fp32_check"]
@@ -201,8 +203,8 @@ def stage_fp32_check(run: Run, specs: dict, models: dict, dev: dict, target_mu: 
         return None
     epoch = max(run.p["protocol"]["epochs"])
     step, name = epoch_step(epoch, steps_per_epoch(run.p, dev["rows"])), f"{chk['method']}_lr{chk['lr']:g}_fp32"
-    fp32 = copy.copy(run)  # the same stages, another DeepSpeed config
-    fp32.p = {**run.p, "ds_config": chk["ds_config"]}
+    fp32 = copy.copy(run)  # the same stages, the unlearning in fp32
+    fp32.p = {**run.p, "unlearn": {**run.p["unlearn"], "precision": "fp32"}}
     run_dir = dev["dir"] / "unlearn" / name
     ok = fp32.unlearn(f"grid_{name}", specs[chk["method"]], models["target"], dev["dir"] / "data", run_dir,
                       float(chk["lr"]), extra=eval_overrides(run, dev["dir"], [epoch]), labels=dev["labels"],
@@ -215,7 +217,7 @@ def stage_fp32_check(run: Run, specs: dict, models: dict, dev: dict, target_mu: 
     same = [p for p in grid.get(chk["method"], []) if p["lr"] == float(chk["lr"]) and p["epoch"] == epoch]
     return {"grid": same[0] if same else None, "fp32": point(m, target_mu, method=chk["method"], lr=float(chk["lr"]),
                                                                  epoch=epoch, step=step, run=name),
-            "ds_config": chk["ds_config"]}
+            "precision": "fp32"}
 
 
 def stage_reported(run: Run, specs: dict, models: dict, pairs: dict, plan: list[dict]) -> dict[str, dict]:

@@ -41,9 +41,9 @@ def grid_lines(report: dict) -> list[str]:
                          f"{fmt(p['fq'], 'forget_quality')} | {fmt(p['mu'])} | {fmt(p['mu_rel'])} |")
     chk = report.get("fp32_check")
     if chk:
-        lines += ["", f"Precision check ({_pt(chk['fp32'])}, {chk['fp32']['method']}): trained as the protocol -> "
+        lines += ["", f"Precision check ({_pt(chk['fp32'])}, {chk['fp32']['method']}): trained in bf16 as the protocol -> "
                   + (f"KS D {fmt(chk['grid']['ks'])}, utility {fmt(chk['grid']['mu_rel'])}x" if chk["grid"] else "—")
-                  + f"; in fp32 ({chk['ds_config']}) -> KS D {fmt(chk['fp32']['ks'])}, utility "
+                  + f"; in fp32 -> KS D {fmt(chk['fp32']['ks'])}, utility "
                   f"{fmt(chk['fp32']['mu_rel'])}x"]
     lines += ["", "Selection (rule in benchmarks/tofu/rules.py):", ""]
     lines += [f"- {m}: {_pt(s['point'])} (KS D {fmt(s['point']['ks'])}, utility {fmt(s['point']['mu_rel'])}x)"
