@@ -56,7 +56,7 @@ def assert_tied_folder(model_dir):
 def test_it_knows_the_capital_of_france(smollm2):
     from transformers import AutoTokenizer
 
-    from evaluation.scoring import generate_greedy
+    from palu_eval.scoring import generate_greedy
     from palu_ds.data.prompt import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(smollm2)
