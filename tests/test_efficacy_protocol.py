@@ -166,9 +166,9 @@ def test_in_run_evaluation_in_bf16_scores_what_the_saved_model_scores_in_bf16(tm
     import torch
     from transformers import AutoModelForCausalLM
 
-    from palu_eval.api import cast_copy
     from palu_ds.config import ConfigError, load_config
     from palu_ds.tiny import build_model_dir
+    from palu_eval.api import cast_copy
 
     build_model_dir(str(tmp_path), ["a b c d e", "f g h i"], vocab_size=64, hidden=32, layers=2, heads=2,
                     intermediate=64, max_positions=64)

@@ -78,8 +78,8 @@ def test_trainer_evaluator_is_the_engines_callable(env, tmp_path):
     """launch/train.py hands the engine trainer_evaluator(cfg): None when eval.every is 0; a bad eval setting is a
     ConfigError naming eval before any model loads; a call evaluates the run's eval section with the run's prompt
     format, labels summary.json with the step and the method and returns the flat summary."""
-    from palu_eval import trainer_evaluator
     from palu_ds.config import ConfigError, load_config
+    from palu_eval import trainer_evaluator
 
     def cfg(*extra):
         return load_config(None, ["model.path=m", "data.forget.source=f", "data.retain.source=r", *extra])

@@ -92,9 +92,9 @@ def test_cli_forget_quality_against_open_unlearning_log(retain_log, tmp_path):
     """palu_eval/run.py --retain-results TOFU_EVAL.json: forget quality is the KS p-value of our forget truth
     ratios against their retain model's 40, privleak is relative to their retain Min-K AUC (0.470625), and a note
     says the forget sets differ (4 generated rows vs TOFU's 40)."""
-    from palu_eval import run
     from palu_ds.data.synthetic import corpus_texts, write_tofu
     from palu_ds.tiny import make_tiny_model
+    from palu_eval import run
 
     make_tiny_model(tmp_path / "model", corpus_texts())
     data = write_tofu(tmp_path / "tofu", n=4, split="forget01")
