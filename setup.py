@@ -4,9 +4,9 @@ setup(
     name="palu_ds",
     version="0.1.0",
     description="DeepSpeed-based distributed trainer for LLM unlearning (PALU, constrained entropic unlearning, baselines)",
-    # benchmarks/ is not installed (its scripts run from the checkout: python -m benchmarks.<name>); evaluation/ still
-    # is, because launch/train.py and evaluation/run.py import it as a package
-    packages=find_packages(include=["palu_ds", "palu_ds.*", "evaluation", "evaluation.*"]),
+    # benchmarks/ is not installed (its scripts run from the checkout: python -m benchmarks.<name>); palu_eval/ still
+    # is, because launch/train.py and palu_eval/run.py import it as a package
+    packages=find_packages(include=["palu_ds", "palu_ds.*", "palu_eval", "palu_eval.*"]),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
@@ -33,5 +33,5 @@ setup(
     },
     # python -m palu_ds.train / .finetune get their in-training evaluator from this plugin (palu_ds.run.plugin_evaluator)
     entry_points={"console_scripts": ["palu-ds=palu_ds.cli:main"],
-                  "palu_ds.evaluators": ["default=evaluation:trainer_evaluator"]},
+                  "palu_ds.evaluators": ["default=palu_eval:trainer_evaluator"]},
 )

@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from evaluation import SuiteConfig, evaluate
-from evaluation.report import load_summary, render
 from palu_ds.tiny import make_tiny_model
+from palu_eval import SuiteConfig, evaluate
+from palu_eval.report import load_summary, render
 
 
 def tokenizer_texts(data: Path, limit_chars: int = 3_000_000) -> list[str]:

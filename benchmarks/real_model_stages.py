@@ -137,10 +137,10 @@ def main() -> int:
         model, lora, "palu", 2, extra=["model.lora={r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}"])),
         check=lambda: check_model(summary(lora)["model"]))
     tuned = os.path.join(out, f"palu_zero{a.stages.split(',')[0]}", "model")  # the first palu run's model
-    st.run("TOFU evaluation (forget01, 4 rows per part)", ds("evaluation/run.py", [
+    st.run("TOFU evaluation (forget01, 4 rows per part)", ds("palu_eval/run.py", [
         "--model", tuned, "--suite", "tofu", "--split", "forget01", "--data", os.path.abspath(a.tofu),
         "--max-examples", "4", "--max-new-tokens", "24", "--no-forget-quality", "--out", os.path.join(out, "tofu")]))
-    st.run("MUSE evaluation (news, 2 rows per part)", ds("evaluation/run.py", [
+    st.run("MUSE evaluation (news, 2 rows per part)", ds("palu_eval/run.py", [
         "--model", tuned, "--suite", "muse", "--split", "news", "--data", os.path.join(os.path.abspath(a.muse), "news"),
         "--max-examples", "2", "--max-length", "256", "--no-forget-quality", "--out", os.path.join(out, "muse")]))
     return report(st, out)

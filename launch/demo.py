@@ -86,13 +86,13 @@ def tiny_demo(args) -> int:
     for name, model in (("retain", f"{out}/retain/model"), ("target", f"{out}/target/model"),
                         ("palu", f"{out}/palu/model")):
         extra = ["--no-forget-quality"] if name == "retain" else ["--retain-results", f"{out}/eval/retain"]
-        run(stages, f"evaluate {name}", [sys.executable, "evaluation/run.py", "--model", model, "--suite", "tofu",
+        run(stages, f"evaluate {name}", [sys.executable, "palu_eval/run.py", "--model", model, "--suite", "tofu",
                                          "--split", "forget10", "--data", f"{out}/data", "--splits", "forget,retain",
                                          "--max-new-tokens", "48", "--out", f"{out}/eval/{name}", "--name", name,
                                          *extra])
         with open(os.path.join(out, "eval", name, "summary.json")) as f:
             evals[name] = json.load(f)["metrics"]
-    run(stages, "report", [sys.executable, "evaluation/report.py", f"{out}/eval/target", f"{out}/eval/palu",
+    run(stages, "report", [sys.executable, "palu_eval/report.py", f"{out}/eval/target", f"{out}/eval/palu",
                            "--out", f"{out}/eval/report.png"])
     keys = ("forget_quality", "forget/truth_ratio", "forget/rougeL_recall", "forget/prob", "retain/prob", "model_utility")
     print("\n| model | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
@@ -159,7 +159,7 @@ def real_demo(args) -> int:
     data = [os.path.join(REAL_DATA, f"{name}.jsonl") for name in SIDES]
 
     def ask(stage: str, model: str, name: str) -> dict:
-        run(stages, stage, launcher_cmd("evaluation/facts.py", ["--model", model, "--data", *data,
+        run(stages, stage, launcher_cmd("palu_eval/facts.py", ["--model", model, "--data", *data,
                                                                 "--out", f"{out}/facts/{name}.json"], 2, args.port))
         with open(f"{out}/facts/{name}.json", encoding="utf-8") as f:
             return json.load(f)

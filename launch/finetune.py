@@ -3,10 +3,10 @@
 The training data is ``data.forget``; the objective is the answer-token NLL. Installed without a checkout:
 ``deepspeed --module palu_ds.finetune ...`` (palu_ds/finetune.py)."""
 
-from evaluation import trainer_evaluator
 from palu_ds.finetune import DESCRIPTION, FORCED
 from palu_ds.process import run_main
 from palu_ds.run import main
+from palu_eval import trainer_evaluator
 
 if __name__ == "__main__":
     run_main(main, DESCRIPTION, forced=FORCED, evaluator_for=trainer_evaluator)

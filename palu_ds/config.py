@@ -113,7 +113,7 @@ class TrainConfig:
 @dataclass
 class EvalSuite:
     """What one TOFU / MUSE evaluation runs, defined once: the run config's ``eval`` section (:class:`EvalConfig`)
-    and ``evaluation.SuiteConfig`` (which documents each field and validates them) both extend it."""
+    and ``palu_eval.SuiteConfig`` (which documents each field and validates them) both extend it."""
 
     suite: str = setting("tofu", "the suite", choices=("tofu", "muse"))
     split: str = setting("forget10", "TOFU forget split (forget01 / forget05 / forget10) / MUSE corpus (news, books)")
@@ -131,7 +131,7 @@ class EvalSuite:
 @dataclass
 class EvalConfig(EvalSuite):
     """Evaluation during training: every ``every`` optimizer steps, and after each epoch listed in ``epochs``, the
-    engine calls the evaluator its entry point gave it (launch/train.py: ``evaluation.trainer_evaluator``) on every
+    engine calls the evaluator its entry point gave it (launch/train.py: ``palu_eval.trainer_evaluator``) on every
     rank, data split across ranks and merged."""
 
     every: int = setting(0, "optimizer steps between evaluations during training; 0: off")

@@ -148,8 +148,8 @@ class Trainer:
     def __init__(self, run: Run, ds_config_path: str, hooks: Hooks | None = None, evaluator=None):
         self.run, self.cfg, self.method, self.hp = run, run.cfg, run.method, run.hp
         self.ds_config_path, self.hooks = ds_config_path, hooks or Hooks()
-        # evaluator(model, tokenizer, step=, out_dir=) -> summary dict, from the entry point (evaluation's
-        # trainer_evaluator for launch/train.py): the library never imports the evaluation package
+        # evaluator(model, tokenizer, step=, out_dir=) -> summary dict, from the entry point (palu_eval's
+        # trainer_evaluator for launch/train.py): the library never imports the palu_eval package
         if self.cfg.eval.enabled and evaluator is None:
             raise ValueError("eval.every / eval.epochs is set but this entry point gave the trainer no evaluator")
         self.evaluator = evaluator

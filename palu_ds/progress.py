@@ -1,5 +1,5 @@
 """Progress on rank 0, one format for every long loop: training steps (``palu_ds.monitor``), the reference precompute
-(``palu_ds.reference.compute``) and evaluation (``evaluation.scoring``).
+(``palu_ds.reference.compute``) and evaluation (``palu_eval.scoring``).
 
 On a terminal it is a tqdm bar whose postfix is the line below; when the output is not a terminal (SLURM, a log file)
 it is a plain log line every ``every`` updates (and at the end)::

@@ -33,15 +33,16 @@ def launch_args(description: str, default_ds: str | None = None):
     return args
 
 
-#: the entry-point group of in-training evaluators: palu_ds's setup.py registers ``evaluation.trainer_evaluator``
+#: the entry-point group of in-training evaluators: palu_ds's setup.py registers ``palu_eval.trainer_evaluator``
 #: as ``default``; another package may register its own (``[project.entry-points."palu_ds.evaluators"]``)
 EVALUATORS = "palu_ds.evaluators"
 
 
 def plugin_evaluator(cfg, name: str = "default"):
     """The in-training evaluator for ``cfg`` (None when no evaluation runs during training) from the installed
-    plugin ``name`` of :data:`EVALUATORS` -- how ``python -m palu_ds.train`` gets one without the library importing the evaluation
-    package (DESIGN's layering). The plugin is a function ``cfg -> evaluator`` (``evaluation.trainer_evaluator``).
+    plugin ``name`` of :data:`EVALUATORS` -- how ``python -m palu_ds.train`` gets one without the library importing
+    the palu_eval package (DESIGN's layering). The plugin is a function ``cfg -> evaluator``
+    (``palu_eval.trainer_evaluator``).
     None installed is a :class:`ConfigError` before any model loads."""
     if not cfg.eval.enabled:
         return None
@@ -51,7 +52,7 @@ def plugin_evaluator(cfg, name: str = "default"):
     if name not in found:
         raise ConfigError(f"eval.every / eval.epochs need an evaluator, but no {EVALUATORS} entry point named "
                           f"{name!r} is installed (found: {sorted(found) or 'none'}): install palu_ds with its "
-                          "evaluation package (pip install palu_ds, or pip install -e . in a checkout), run "
+                          "palu_eval package (pip install palu_ds, or pip install -e . in a checkout), run "
                           "launch/train.py from a checkout, or set eval.every=0 and eval.epochs=null")
     return found[name].load()(cfg)
 
@@ -61,7 +62,7 @@ def main(description: str, forced: list[str] = (), default_ds: str | None = None
     """Parse, check and resolve the config (errors before any model loads: exit 2), then set up, train, save the
     model and write summary.json. ``hooks``: palu_ds.engine.Hooks (tests inject faults through it).
     ``evaluator_for(cfg)``: the in-training evaluator (or None) for the engine, from the launch script
-    (``evaluation.trainer_evaluator``), so that the library does not import the evaluation package."""
+    (``palu_eval.trainer_evaluator``), so that the library does not import the palu_eval package."""
     args = launch_args(description, default_ds)
     if args is None:
         return 2

@@ -283,7 +283,7 @@ def test_one_bos_policy_for_training_text_and_evaluation_prompts(tokenizer):
     assert tokenizer("a", add_special_tokens=True)["input_ids"][0] != tokenizer.bos_token_id  # no BOS by default
     doc = "Kalo Vomi wrote a book about the sea."
     chunk = TextChunks([doc], tokenizer, max_length=256)[0]["input_ids"]
-    assert encode_text(tokenizer, doc) == chunk  # evaluation/muse.py encodes its prompts with encode_text
+    assert encode_text(tokenizer, doc) == chunk  # palu_eval/muse.py encodes its prompts with encode_text
     bos = tokenizer.bos_token_id
     assert with_bos(tokenizer, [bos, bos, 5]) == [bos, 5] and with_bos(tokenizer, []) == [bos]
 

@@ -161,14 +161,14 @@ def test_efficacy_plan_and_every_run_is_a_valid_run_config(tmp_path):
 
 
 def test_in_run_evaluation_in_bf16_scores_what_the_saved_model_scores_in_bf16(tmp_path):
-    """eval.dtype: the in-training evaluator's cast copy equals evaluation/run.py's ``from_pretrained(dtype=...)`` of
+    """eval.dtype: the in-training evaluator's cast copy equals palu_eval/run.py's ``from_pretrained(dtype=...)`` of
     the saved model, weights and logits bit for bit; a bad eval.dtype is a config error."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from evaluation.api import cast_copy
     from palu_ds.config import ConfigError, load_config
     from palu_ds.tiny import build_model_dir
+    from palu_eval.api import cast_copy
 
     build_model_dir(str(tmp_path), ["a b c d e", "f g h i"], vocab_size=64, hidden=32, layers=2, heads=2,
                     intermediate=64, max_positions=64)

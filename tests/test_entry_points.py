@@ -1,5 +1,5 @@
 """``python -m palu_ds.train`` / ``.finetune`` / ``.precompute``: module entry points of the installed package (no
-checkout), and how they get the in-training evaluator without the library importing evaluation/ (an entry-point
+checkout), and how they get the in-training evaluator without the library importing palu_eval/ (an entry-point
 plugin that setup.py registers). A 2-rank run through ``torchrun -m palu_ds.train`` is in tests/test_engine_e2e.py."""
 import ast
 import importlib.metadata
@@ -31,10 +31,49 @@ def test_module_entry_point_refuses_a_bad_config_before_loading(tmp_path):
     assert p.returncode == 2 and "config error: each item of log.report_to must be wandb" in p.stderr, p.stderr
 
 
-def _setup_entry_points() -> dict:
+def _setup_call() -> ast.Call:
     tree = ast.parse(open(os.path.join(ROOT, "setup.py"), encoding="utf-8").read())
-    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
-    return ast.literal_eval(next(k.value for k in call.keywords if k.arg == "entry_points"))
+    return next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+
+
+def _setup_entry_points() -> dict:
+    return ast.literal_eval(next(k.value for k in _setup_call().keywords if k.arg == "entry_points"))
+
+
+def _setup_packages() -> list[str]:
+    """The packages setup.py installs: its ``find_packages(include=[...])`` run on the checkout."""
+    from setuptools import find_packages
+
+    call = next(k.value for k in _setup_call().keywords if k.arg == "packages")
+    include = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "include"))
+    return find_packages(where=ROOT, include=include)
+
+
+def test_setup_installs_no_generic_top_level_package():
+    """A user's own ``evaluation`` or ``benchmarks`` module must not be shadowed by ours (nor ours by theirs): the
+    installed top-level packages are palu_ds and palu_eval, and every entry point's module is in them and imports."""
+    packages = _setup_packages()
+    top = {p.split(".")[0] for p in packages}
+    assert top == {"palu_ds", "palu_eval"}, packages
+    assert "palu_ds.reference" in packages and "palu_eval" in packages  # subpackages found too
+    for group, specs in _setup_entry_points().items():
+        for spec in specs:
+            module, _, attr = spec.split("=")[1].strip().partition(":")
+            assert module.split(".")[0] in top, f"{group} {spec}: module outside the installed packages"
+            assert callable(getattr(importlib.import_module(module), attr.split(".")[0])), spec
+
+
+def test_the_installed_entry_points_are_setup_pys():
+    """The installed palu_ds distribution declares setup.py's evaluator plugin, and it loads: a stale install (e.g.
+    made before ``evaluation`` became ``palu_eval``) would make ``python -m palu_ds.train`` with eval fail."""
+    declared = sorted(s.replace(" ", "") for s in _setup_entry_points()[EVALUATORS])
+    installed = sorted(f"{ep.name}={ep.value}" for ep in importlib.metadata.distribution("palu_ds").entry_points
+                       if ep.group == EVALUATORS)
+    assert installed == declared, (f"the installed palu_ds declares {installed}, setup.py {declared}: reinstall "
+                                   "it (pip install -e . in the checkout)")
+    from palu_eval import trainer_evaluator
+
+    assert importlib.metadata.entry_points(group=EVALUATORS)["default"].load() is trainer_evaluator
 
 
 def _installed(monkeypatch, specs: list[str]):
@@ -45,7 +84,7 @@ def _installed(monkeypatch, specs: list[str]):
 
 
 def test_the_evaluator_comes_from_the_registered_plugin(monkeypatch):
-    from evaluation import trainer_evaluator
+    from palu_eval import trainer_evaluator
 
     specs = _setup_entry_points()[EVALUATORS]
     _installed(monkeypatch, specs)

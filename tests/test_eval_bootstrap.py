@@ -1,12 +1,12 @@
-"""The efficacy protocol's bootstrap (evaluation/bootstrap.py): KS statistics equal scipy's, the paired difference
+"""The efficacy protocol's bootstrap (palu_eval/bootstrap.py): KS statistics equal scipy's, the paired difference
 and its interval on constructed truth ratios, utility values equal the suite's aggregates."""
 import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 
-from evaluation.bootstrap import ks_statistics, paired_ks_difference, utility_interval, utility_rows
-from evaluation.tofu import UTILITY_PARTS, aggregate_part
-from evaluation.metrics import harmonic_mean
+from palu_eval.bootstrap import ks_statistics, paired_ks_difference, utility_interval, utility_rows
+from palu_eval.tofu import UTILITY_PARTS, aggregate_part
+from palu_eval.metrics import harmonic_mean
 
 
 def test_ks_statistics_equal_scipy_row_by_row():

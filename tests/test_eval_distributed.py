@@ -1,5 +1,6 @@
 """2-rank (gloo, CPU) evaluation equals 1-rank evaluation, for both suites, with an odd number of examples so
-that one rank gets a padding duplicate.  One torchrun launch runs the CLI entry (``evaluation.run.main``) for both suites."""
+that one rank gets a padding duplicate.  One torchrun launch runs the CLI entry (``palu_eval.run.main``) for both
+suites."""
 
 import json
 import math
@@ -8,15 +9,15 @@ import sys
 
 import pytest
 
-from evaluation import run
 from palu_ds.data.synthetic import corpus_texts, write_muse, write_tofu
 from palu_ds.localrun import cpu_env, free_port
 from palu_ds.tiny import make_tiny_model
+from palu_eval import run
 
 DRIVER = """
 import sys
-from evaluation import run
 from palu_ds.dist import init_from_env
+from palu_eval import run
 import torch.distributed as dist
 init_from_env()  # once: main() leaves a group it did not create alone
 common = ["--model", {model!r}, "--max-new-tokens", "8", "--batch-size", "2", "--no-forget-quality"]

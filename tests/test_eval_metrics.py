@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 
-from evaluation import metrics as M
 from palu_ds.dist import gather_records, shard_indices
-from evaluation.tofu import summarize
-from evaluation.config import SuiteConfig
+from palu_eval import metrics as M
+from palu_eval.tofu import summarize
+from palu_eval.config import SuiteConfig
 
 
 def test_probability_and_normalized_probability():
@@ -139,7 +139,7 @@ def test_muse_privleak_is_min_k_and_min_k_pp_has_its_own_key():
     holdout [-3, -1.5] -> AUC 3/4; Min-K++ forget [1, 2] vs holdout [0, 0] -> AUC 1. Retain model: Min-K forget
     [-3, -1] vs holdout [-2, -2] -> 1/2; Min-K++ forget [0, 1] vs holdout [1, 0] -> (0.5 + 0 + 1 + 0.5)/4 = 1/2.
     privleak = ((1 - 3/4) - 1/2) / (1/2) * 100 = -50; privleak_min_k_pp = ((1 - 1) - 1/2) / (1/2) * 100 = -100."""
-    from evaluation.muse import summarize as muse_summarize
+    from palu_eval.muse import summarize as muse_summarize
 
     def recs(mk, pp):
         return [{"index": i, "min_k": a, "min_k_pp": b} for i, (a, b) in enumerate(zip(mk, pp))]

@@ -5,11 +5,11 @@ import functools
 import pytest
 import torch
 
-from evaluation import scoring
-from evaluation.scoring import generate_greedy, score_targets
 from palu_ds.data.synthetic import corpus_texts
 from palu_ds.tiny import CHAT_TEMPLATE, make_tiny_model
 from palu_ds.data.prompt import encode_qa, encode_text, format_prompt
+from palu_eval import scoring
+from palu_eval.scoring import generate_greedy, score_targets
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 
-from evaluation import DataError, MissingRetainResults, SuiteConfig, evaluate
-from evaluation import report, run
 from palu_ds.data.synthetic import corpus_texts, write_muse, write_tofu
 from palu_ds.tiny import make_tiny_model
+from palu_eval import DataError, MissingRetainResults, SuiteConfig, evaluate
+from palu_eval import report, run
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_tofu_cli_retain_then_unlearned(env):
 
 
 def test_missing_retain_results_says_what_to_run(env):
-    with pytest.raises(MissingRetainResults, match=r"evaluation/run.py --model RETAIN_MODEL --suite tofu "
+    with pytest.raises(MissingRetainResults, match=r"palu_eval/run.py --model RETAIN_MODEL --suite tofu "
                                                    r"--split forget10 .*--no-forget-quality --out"):
         _cli(env, "--suite", "tofu", "--split", "forget10", "--data", env["tofu"], "--out", str(env["root"] / "x"))
     with pytest.raises(MissingRetainResults, match="not found"):
@@ -78,8 +78,8 @@ def test_trainer_evaluator_is_the_engines_callable(env, tmp_path):
     """launch/train.py hands the engine trainer_evaluator(cfg): None when eval.every is 0; a bad eval setting is a
     ConfigError naming eval before any model loads; a call evaluates the run's eval section with the run's prompt
     format, labels summary.json with the step and the method and returns the flat summary."""
-    from evaluation import trainer_evaluator
     from palu_ds.config import ConfigError, load_config
+    from palu_eval import trainer_evaluator
 
     def cfg(*extra):
         return load_config(None, ["model.path=m", "data.forget.source=f", "data.retain.source=r", *extra])

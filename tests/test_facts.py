@@ -1,12 +1,12 @@
-"""The fact check of `make demo` (evaluation/facts.py) and its report (launch/demo.py)."""
+"""The fact check of `make demo` (palu_eval/facts.py) and its report (launch/demo.py)."""
 import importlib.util
 import json
 import os
 
 import pytest
 
-from evaluation.facts import check_rows, load_rows, names_key, summarize
 from palu_ds.data.errors import DataError
+from palu_eval.facts import check_rows, load_rows, names_key, summarize
 from tests.e2e import ROOT
 
 _spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "launch", "demo.py"))

@@ -1,5 +1,5 @@
 """The layering of README.md ("Layers, each importing only from those below it"): the library (palu_ds) imports
-nothing from evaluation or benchmarks, and no file puts a folder on sys.path (palu_ds and evaluation are installed
+nothing from palu_eval or benchmarks, and no file puts a folder on sys.path (palu_ds and palu_eval are installed
 with ``pip install -e``; benchmarks run from the checkout as ``python -m benchmarks.<name>``)."""
 import ast
 import os
@@ -21,14 +21,14 @@ def _imported(path):
             yield node.module
 
 
-def test_the_library_never_imports_evaluation_or_benchmarks():
+def test_the_library_never_imports_palu_eval_or_benchmarks():
     upward = [(os.path.relpath(p, ROOT), m) for p in _py_files("palu_ds") for m in _imported(p)
-              if m.split(".")[0] in ("evaluation", "benchmarks")]
+              if m.split(".")[0] in ("palu_eval", "benchmarks")]
     assert not upward, f"palu_ds imports from a layer above it: {upward}"
 
 
 def test_no_sys_path_insert():
-    found = [os.path.relpath(p, ROOT) for p in _py_files("palu_ds", "evaluation", "benchmarks", "launch", "scripts",
+    found = [os.path.relpath(p, ROOT) for p in _py_files("palu_ds", "palu_eval", "benchmarks", "launch", "scripts",
                                                          "tests")
              if "sys.path.insert" in open(p, encoding="utf-8").read() and not p.endswith("test_layers.py")]
     assert not found, f"sys.path.insert in {found}: import through the installed package instead"

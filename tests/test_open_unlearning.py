@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from scipy.stats import ks_2samp
 
-from evaluation import MissingRetainResults, SuiteConfig
-from evaluation import metrics as M
-from evaluation import open_unlearning as OU
-from evaluation.config import load_retain_results
-from evaluation.tofu import summarize
+from palu_eval import MissingRetainResults, SuiteConfig
+from palu_eval import metrics as M
+from palu_eval import open_unlearning as OU
+from palu_eval.config import load_retain_results
+from palu_eval.tofu import summarize
 
 FIX = Path(__file__).parent / "fixtures" / "open_unlearning"
 
@@ -89,12 +89,12 @@ def test_retain_results_accepts_open_unlearning_log(retain_log):
 
 
 def test_cli_forget_quality_against_open_unlearning_log(retain_log, tmp_path):
-    """evaluation/run.py --retain-results TOFU_EVAL.json: forget quality is the KS p-value of our forget truth
+    """palu_eval/run.py --retain-results TOFU_EVAL.json: forget quality is the KS p-value of our forget truth
     ratios against their retain model's 40, privleak is relative to their retain Min-K AUC (0.470625), and a note
     says the forget sets differ (4 generated rows vs TOFU's 40)."""
-    from evaluation import run
     from palu_ds.data.synthetic import corpus_texts, write_tofu
     from palu_ds.tiny import make_tiny_model
+    from palu_eval import run
 
     make_tiny_model(tmp_path / "model", corpus_texts())
     data = write_tofu(tmp_path / "tofu", n=4, split="forget01")

@@ -56,8 +56,8 @@ def assert_tied_folder(model_dir):
 def test_it_knows_the_capital_of_france(smollm2):
     from transformers import AutoTokenizer
 
-    from evaluation.scoring import generate_greedy
     from palu_ds.data.prompt import encode_prompt
+    from palu_eval.scoring import generate_greedy
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     model = assert_tied_folder(smollm2)

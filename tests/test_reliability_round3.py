@@ -223,7 +223,7 @@ def eval_env(tmp_path_factory):
 def _evaluate(env, model, *extra):
     from e2e import ROOT, cpu_env
 
-    cmd = [sys.executable, "evaluation/run.py", "--model", model, "--suite", "tofu", "--split", "forget10", "--data",
+    cmd = [sys.executable, "palu_eval/run.py", "--model", model, "--suite", "tofu", "--split", "forget10", "--data",
            env["tofu"], "--no-forget-quality", "--max-new-tokens", "4", "--out", str(env["root"] / "out"), *extra]
     return subprocess.run(cmd, cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
 

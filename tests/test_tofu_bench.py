@@ -112,9 +112,9 @@ def test_build_splits_borrow_writes_tofu_style_files(full, tmp_path):
     assert back == files["forget20_perturbed"]
     assert json.loads(open(paths["idontknow"]).readline()) == {"answer": "I don't know."}
     # the CLIs read them back through their own loaders
-    from evaluation.data import load_tofu
-    from evaluation.tofu import PERTURBED
     from palu_ds.data.io import load_records
+    from palu_eval.data import load_tofu
+    from palu_eval.tofu import PERTURBED
 
     assert len(load_tofu(str(tmp_path), "forget20_perturbed", PERTURBED)) == 20
     assert len(load_records(str(tmp_path), "retain80")) == 80

@@ -19,7 +19,7 @@ inputs and outputs are unchanged; ``--fresh`` redoes all):
 2. the base model (a folder, ``palu-ds fetch-model``, or a tiny Llama built in ``OUT/base``); the target = SFT on its
    split, the retain model = the same recipe on the retain split (``launch/finetune.py``), both cached in
    ``OUT/models/<name>-<sha256 of base, rows, recipe>``;
-3. ``evaluation/run.py`` (TOFU suite, the preset's parts) of the retain model, the base (``eval.base``) and the
+3. ``palu_eval/run.py`` (TOFU suite, the preset's parts) of the retain model, the base (``eval.base``) and the
    target; forget quality = KS test against the retain model's forget truth ratios;
 4. one learning rate per method family (``Method.family``): the preset's table, the SFT lr, or the development sweep
    (:mod:`.sweep`: its rule; ``OUT/dev``);

@@ -130,15 +130,15 @@ class Run:
         """TOFU evaluation (``parts``, default the preset's) of ``model`` on ``data`` into ``out``; forget quality
         against ``retain_eval`` (None: the retain model itself, no forget quality).  Its metrics, or None."""
         e, ranks = self.p["eval"], self.p["eval"]["ranks"]
-        cmd = [sys.executable, "evaluation/run.py"] if ranks <= 1 else [
+        cmd = [sys.executable, "palu_eval/run.py"] if ranks <= 1 else [
             sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-            "--master_port", str(self.args.port + 1), "evaluation/run.py"]
+            "--master_port", str(self.args.port + 1), "palu_eval/run.py"]
         cmd += ["--model", str(model), "--suite", "tofu", "--split", self.info["forget_split"], "--data", str(data),
                 "--splits", ",".join(parts or e["parts"]), "--dtype", e["dtype"], "--max-new-tokens",
                 str(self.max_new), "--max-length", str(self.p["max_length"]), "--out", str(out), "--name", out.name]
         cmd += ["--no-forget-quality"] if retain_eval is None else ["--retain-results", str(retain_eval)]
         inputs = [model / "model.safetensors", data / f"{self.info['forget_split']}_perturbed.jsonl"]
-        # one retry: evaluation/run.py under torchrun sometimes aborts at exit after writing its results
+        # one retry: palu_eval/run.py under torchrun sometimes aborts at exit after writing its results
         if not self.stages.run(stage, cmd, done=out / "summary.json",
                                inputs=inputs + ([retain_eval] if retain_eval else []), retries=1):
             return None

@@ -15,7 +15,7 @@ Parts (each stage cached by :class:`palu_ds.stages.Stages`: an interrupted proto
 4. each reported pair: every method at its selected lr, the same schedule, evaluated inside the run after its selected
    epoch only (and its model written then, :mod:`.train_snapshot`, for the NLL by position kind);
 5. seed reruns of PALU's and the best baseline's selected points (:func:`.rules.best_baseline`) on each pair;
-6. bootstrap intervals (:mod:`evaluation.bootstrap`) and :func:`.rules.decide` per baseline;
+6. bootstrap intervals (:mod:`palu_eval.bootstrap`) and :func:`.rules.decide` per baseline;
 7. ``OUT/<report>.json`` / ``.md`` / ``.png`` (:mod:`.protocol_report`).
 """
 
@@ -85,7 +85,7 @@ def epoch_step(epoch: float, spe: int) -> int:
 def eval_overrides(run: Run, pair_dir: Path, epochs: list) -> list[str]:
     """The run config's ``eval`` section of a protocol run: TOFU on the pair's folder after ``epochs``, forget
     quality against the retain model's evaluation of the same folder, in the preset's ``eval.dtype`` (a cast copy of
-    the model being trained, scored as ``evaluation/run.py --dtype`` scores the retain model; ``auto``: as trained)."""
+    the model being trained, scored as ``palu_eval/run.py --dtype`` scores the retain model; ``auto``: as trained)."""
     p = run.p
     dtype = [] if p["eval"]["dtype"] == "auto" else [f"eval.dtype={p['eval']['dtype']}"]
     return dtype + [f"eval.epochs=[{', '.join(str(e) for e in epochs)}]", "eval.suite=tofu",
@@ -255,9 +255,9 @@ def truth_ratios(results: str | Path) -> tuple[dict, list[float]]:
 def pair_numbers(pair_dir: Path, runs: dict[str, dict], n_boot: int) -> tuple[dict, dict]:
     """Every reported run of one pair (and the retain model) with a bootstrap interval of its KS D (a paired bootstrap
     of its truth ratios and the retain model's: D_model - D_retain, D_retain = 0) and of its utility and relative
-    utility (:func:`evaluation.bootstrap.utility_interval`, the target on the same rows): ``({name: numbers},
+    utility (:func:`palu_eval.bootstrap.utility_interval`, the target on the same rows): ``({name: numbers},
     {name: forget truth ratios, "retain": ...})``."""
-    from evaluation.bootstrap import paired_ks_difference, utility_interval
+    from palu_eval.bootstrap import paired_ks_difference, utility_interval
 
     target, _ = truth_ratios(pair_dir / "eval" / "target" / "results.json")
     retain, tr_r = truth_ratios(pair_dir / "eval" / "retain" / "results.json")
@@ -278,7 +278,7 @@ def verdicts(numbers: dict, trs: dict, selection: dict, best: dict, cfg: dict) -
     """The decision rule (:func:`.rules.decide`) for each baseline: D_B - D_PALU with a paired bootstrap over the
     forget rows (PALU's, B's and the retain model's truth ratios resampled together), the seed-rerun difference
     (PALU's seed-1 run in place of its seed-0 run; for the pair's best baseline its seed-1 run too)."""
-    from evaluation.bootstrap import paired_ks_difference
+    from palu_eval.bootstrap import paired_ks_difference
 
     from .rules import decide
 

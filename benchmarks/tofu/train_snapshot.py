@@ -9,11 +9,11 @@ writes ``<train.output_dir>/snapshots/step_000030/`` (as the final ``model/``, t
 import os
 import sys
 
-from evaluation import trainer_evaluator  # installed packages only: the launcher runs this file as a script
 from palu_ds.checkpoint import tag_for
 from palu_ds.engine import Hooks
 from palu_ds.process import run_main
 from palu_ds.run import main
+from palu_eval import trainer_evaluator  # installed packages only: the launcher runs this file as a script
 
 
 class Snapshots(Hooks):

@@ -5,7 +5,7 @@ Hub names go through ``datasets.load_dataset(name, config, split=...)`` (e.g. ``
 ``save_to_disk`` folders (``dataset_info.json`` + ``state.json`` + arrow files, or a ``DatasetDict`` with
 ``dataset_dict.json``; e.g. PALU's ``forget01_with_common_words_gpt``) go through ``datasets.load_from_disk``;
 local files are read directly so that a malformed line is reported with its line number.  Training data
-(:func:`load_records`) and the evaluation suites (``evaluation.data``) read through here.
+(:func:`load_records`) and the evaluation suites (``palu_eval.data``) read through here.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The TOFU suite (Maini et al. 2024; metric definitions as in ``locuslab/tofu`` and open-unlearning, see
-:mod:`evaluation.metrics`).
+:mod:`palu_eval.metrics`).
 
 Parts (``--splits``) and their files (TOFU configs):
 

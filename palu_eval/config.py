@@ -37,7 +37,7 @@ class SuiteConfig(EvalSuite):
     * ``k``: Min-K% / Min-K%++ fraction (0.4 as in open-unlearning's and MUSE's configs).
     * ``retain_results``: results JSON (or its folder) of the same suite run on the retain model; for TOFU also
       open-unlearning's ``TOFU_EVAL.json`` of the retain model (its ``retain_logs_path``), see
-      :mod:`evaluation.open_unlearning`.
+      :mod:`palu_eval.open_unlearning`.
     * ``prompt``: how a question and its answers become tokens (:class:`palu_ds.data.prompt.PromptFormat`: chat
       template as open-unlearning applies it, system prompt, date string) -- the same as the model was trained with.
     * ``forget_quality``: False omits the retain-relative metrics (forget quality, PrivLeak) instead of raising
@@ -107,7 +107,7 @@ def as_suite_config(cfg: Any) -> SuiteConfig:
 
 def retain_command(cfg: SuiteConfig) -> str:
     data = f" --data {cfg.data}" if cfg.data else ""
-    return (f"python evaluation/run.py --model RETAIN_MODEL --suite {cfg.suite} --split {cfg.split}{data} "
+    return (f"python palu_eval/run.py --model RETAIN_MODEL --suite {cfg.suite} --split {cfg.split}{data} "
             f"--no-forget-quality --out RETAIN_EVAL_DIR")
 
 

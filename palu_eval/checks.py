@@ -1,4 +1,4 @@
-"""What ``evaluation/run.py`` refuses, each with the path and what is wrong (exit 2, no traceback): a model path that
+"""What ``palu_eval/run.py`` refuses, each with the path and what is wrong (exit 2, no traceback): a model path that
 is missing, a file, an empty folder, a folder without ``config.json`` (a data folder, say) or without weights, a
 weight file that does not read (truncated, corrupt); weights holding NaN/inf; scores holding NaN/inf."""
 

@@ -6,7 +6,7 @@ Two questions, each answered from the per-example records of ``results.json`` (`
   statistic D of each model's forget truth ratios against the retain model's, and the difference ``D_A - D_B``
   with a *paired* bootstrap over forget rows: one resample of row indices picks the same rows of A, B and the retain
   model, so what the three share (the rows' difficulty) cancels.
-- :func:`utility_interval`: TOFU's model utility (harmonic mean of 9 values, :mod:`evaluation.tofu`) and its ratio
+- :func:`utility_interval`: TOFU's model utility (harmonic mean of 9 values, :mod:`palu_eval.tofu`) and its ratio
   to the target's on the same rows, with a bootstrap over rows within each utility part.
 
 Intervals are percentile intervals (Efron & Tibshirani, *An Introduction to the Bootstrap*, 1993, ch. 13).
@@ -18,8 +18,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from evaluation.metrics import harmonic_mean
-from evaluation.tofu import UTILITY_METRICS, UTILITY_PARTS
+from palu_eval.metrics import harmonic_mean
+from palu_eval.tofu import UTILITY_METRICS, UTILITY_PARTS
 
 N_BOOT = 10_000
 
@@ -79,7 +79,7 @@ _ROW_VALUE = {
 
 def utility_rows(examples: Mapping[str, list[dict]]) -> dict[str, np.ndarray]:
     """Each of TOFU's 9 utility values as per-row contributions whose mean is the value
-    (:func:`evaluation.tofu.aggregate_part`): ``prob`` (normalized over the options on real_authors / world_facts),
+    (:func:`palu_eval.tofu.aggregate_part`): ``prob`` (normalized over the options on real_authors / world_facts),
     ``rougeL_recall``, and ``max(0, 1 - R)`` for the truth ratio R. Keys ``"<part>/<metric>"``."""
     missing = [p for p in UTILITY_PARTS if not examples.get(p)]
     if missing:

@@ -1,9 +1,9 @@
 """Compare runs at a glance: a PNG (TOFU: forget quality on a log scale vs model utility, one point per run;
 per-metric bars for every run) and a markdown table beside it.
 
-    python evaluation/report.py runs/eval/npo runs/eval/palu runs/eval/retain --out runs/eval/report.png
+    python palu_eval/report.py runs/eval/npo runs/eval/palu runs/eval/retain --out runs/eval/report.png
 
-Each argument is a ``summary.json`` or a folder holding one (written by ``evaluation/run.py``).  The table goes to
+Each argument is a ``summary.json`` or a folder holding one (written by ``palu_eval/run.py``).  The table goes to
 the same path with ``.md``.
 """
 
@@ -40,7 +40,7 @@ def load_summary(path: str | Path) -> dict:
         p = p / "summary.json"
     if not p.is_file():
         raise FileNotFoundError(f"{p} not found: pass summary.json files (or their folders) written by "
-                                f"evaluation/run.py --out DIR")
+                                f"palu_eval/run.py --out DIR")
     s = json.loads(p.read_text())
     s.setdefault("name", p.parent.name)
     return s

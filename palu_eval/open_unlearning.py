@@ -14,7 +14,7 @@ retain            ``retain_Q_A_Prob``, ``retain_Q_A_PARA_Prob``, ``retain_Q_A_PE
 real_authors      ``ra_Q_A_Prob``, ``ra_Q_A_PERT_Prob``, ``ra_Q_A_ROUGE`` (normalized prob recomputed)
 world_facts       ``wf_*`` as real_authors
 holdout           ``mia_min_k.holdout``
-truth_ratio       recomputed from the answers' avg losses with :func:`evaluation.metrics.truth_ratio`
+truth_ratio       recomputed from the answers' avg losses with :func:`palu_eval.metrics.truth_ratio`
                   (their ``*_Truth_Ratio`` / ``forget_truth_ratio`` ``score`` is kept as ``ou_truth_ratio``)
 min_k             minus their score (open-unlearning's Min-K% score is a loss: ``-mean(lowest k log-probs)``)
 ================  =====================================================================================
@@ -142,7 +142,7 @@ def tofu_eval_as_results(obj: dict, split: str, path: str) -> dict:
 
 
 def mia_auc_from_log(entry: dict) -> float:
-    """Our :func:`evaluation.metrics.mia_auc` on an open-unlearning MIA entry (``{"forget", "holdout"}``), whose
+    """Our :func:`palu_eval.metrics.mia_auc` on an open-unlearning MIA entry (``{"forget", "holdout"}``), whose
     scores are loss-like (higher = non-member), so negated."""
     f = [-float(v["score"]) for _, v in _by_index(entry, "forget", "mia")]
     h = [-float(v["score"]) for _, v in _by_index(entry, "holdout", "mia")]

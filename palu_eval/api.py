@@ -1,4 +1,4 @@
-"""The one entry point for an in-memory model: :func:`evaluate` (used by ``evaluation/run.py``), and
+"""The one entry point for an in-memory model: :func:`evaluate` (used by ``palu_eval/run.py``), and
 :func:`trainer_evaluator`, the callable the entry points hand the engine (the library never imports this package)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from .results import EvalOutput
 
 def evaluate(model, tokenizer, suite_cfg: Any, *, out_dir=None, **overrides) -> EvalOutput:
     """Run the TOFU or MUSE suite on ``model`` (a Hugging Face causal LM, or a DeepSpeed engine / DDP wrapper
-    around one) and return an :class:`~evaluation.results.EvalOutput` (``.summary`` is a flat dict of metrics,
+    around one) and return an :class:`~palu_eval.results.EvalOutput` (``.summary`` is a flat dict of metrics,
     ``.examples`` the per-example records).
 
-    ``suite_cfg``: a :class:`~evaluation.config.SuiteConfig`, a dict or a dataclass with its field names;
+    ``suite_cfg``: a :class:`~palu_eval.config.SuiteConfig`, a dict or a dataclass with its field names;
     ``overrides`` replace fields (e.g. ``max_examples=50``).  Call it on EVERY rank when torch.distributed is
     initialized: examples are split across ranks and gathered, and every rank gets the full output.  With
     ``out_dir``, rank 0 writes ``results.json`` and ``summary.json`` there.  The model is put in eval mode and its
@@ -65,7 +65,7 @@ def trainer_evaluator(run_cfg) -> Optional[Callable[..., dict]]:
 def cast_copy(model, dtype: str):
     """A copy of the Hugging Face model inside ``model`` (a DeepSpeed engine or the model) in ``dtype``, built as
     ``from_pretrained(saved_dir, dtype=dtype)`` builds it, so an in-training evaluation with ``eval.dtype`` scores what
-    ``evaluation/run.py --dtype`` scores on the saved model.  Needs unpartitioned weights (ZeRO stage <= 2, no LoRA
+    ``palu_eval/run.py --dtype`` scores on the saved model.  Needs unpartitioned weights (ZeRO stage <= 2, no LoRA
     adapter): anything else is an error saying so."""
     import torch
 

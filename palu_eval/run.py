@@ -2,13 +2,13 @@
 
 Single process::
 
-    python evaluation/run.py --model DIR --suite tofu --split forget10 --data ../shared/data/tofu \\
+    python palu_eval/run.py --model DIR --suite tofu --split forget10 --data ../shared/data/tofu \\
         --retain-results runs/eval/retain/results.json --out runs/eval/my_run
 
 Data-parallel (torchrun or the DeepSpeed launcher; each rank holds the model, examples are split and gathered)::
 
-    deepspeed --num_gpus 2 evaluation/run.py --model DIR --suite muse --split news --no-forget-quality --out DIR
-    torchrun --nproc_per_node 2 evaluation/run.py ...
+    deepspeed --num_gpus 2 palu_eval/run.py --model DIR --suite muse --split news --no-forget-quality --out DIR
+    torchrun --nproc_per_node 2 palu_eval/run.py ...
 
 First evaluate the retain model with ``--no-forget-quality`` and pass its ``results.json`` as ``--retain-results``
 for forget quality (TOFU) and PrivLeak (TOFU, MUSE).  For TOFU, ``--retain-results`` also takes open-unlearning's
@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from evaluation.checks import BadInput, check_finite_weights, check_model_path
-from evaluation.config import MUSE_PARTS, TOFU_PARTS, SuiteConfig
 from palu_ds.data.prompt import PromptFormat
+from palu_eval.checks import BadInput, check_finite_weights, check_model_path
+from palu_eval.config import MUSE_PARTS, TOFU_PARTS, SuiteConfig
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,7 +101,7 @@ def _evaluate(args, watchdog) -> dict:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from evaluation.api import evaluate
+    from palu_eval.api import evaluate
 
     started_here = not (dist.is_available() and dist.is_initialized()) and ranks.init_from_env()
     rank, world = ranks.rank(), ranks.world()
@@ -118,7 +118,7 @@ def _evaluate(args, watchdog) -> dict:
     except (OSError, ValueError) as e:  # what the model check cannot see (a hub name, a broken config.json)
         raise BadInput(f"--model {args.model}: does not load ({type(e).__name__}: {str(e)[:300]})") from None
     check_finite_weights(model, args.model)
-    out = evaluate(model, tokenizer, cfg)  # the suites refuse non-finite scores (evaluation.checks)
+    out = evaluate(model, tokenizer, cfg)  # the suites refuse non-finite scores (palu_eval.checks)
     if watchdog is not None:
         watchdog.disarm()  # done in time: the two JSONs are written whole
     out.meta.update({"name": args.name or Path(args.out).name, "model": args.model, "world_size": world,
@@ -137,7 +137,7 @@ def _evaluate(args, watchdog) -> dict:
 
 def cli() -> int:
     """The command line: :func:`main` returns the summary (for callers in Python); the process status is 0, or 2 with
-    the path and what is wrong for input it refuses (:mod:`evaluation.checks`)."""
+    the path and what is wrong for input it refuses (:mod:`palu_eval.checks`)."""
     try:
         main()
     except BadInput as e:

@@ -1,9 +1,9 @@
-"""TOFU and MUSE evaluation for palu_ds: metrics, batched/distributed scoring, CLI (``evaluation/run.py``) and
-report (``evaluation/report.py``).
+"""TOFU and MUSE evaluation for palu_ds: metrics, batched/distributed scoring, CLI (``palu_eval/run.py``) and
+report (``palu_eval/report.py``).
 
 In-training use::
 
-    from evaluation import evaluate, SuiteConfig
+    from palu_eval import evaluate, SuiteConfig
     out = evaluate(model, tokenizer, SuiteConfig(suite="tofu", split="forget10", data="data/tofu",
                                                  splits=("forget", "retain"), forget_quality=False))
     out.summary["forget/prob"], out.summary["model_utility"]

@@ -3,12 +3,12 @@
 Each row of a QA file has ``question``, ``answer`` (a reference answer) and ``key``: a regular expression (``|`` for
 alternatives, matched case-insensitively at a word start) that a correct answer contains, e.g. ``"Charles Dickens"``
 or ``"seven|7"``. Per row: the greedy answer (``max_new_tokens``), whether it names the key (``correct``), and the
-probability of the reference answer (teacher-forced, the TOFU ``prob`` of :mod:`evaluation.metrics`). Per file:
+probability of the reference answer (teacher-forced, the TOFU ``prob`` of :mod:`palu_eval.metrics`). Per file:
 ``accuracy`` (fraction correct) and ``prob`` (mean). Questions are formatted as in training
 (:mod:`palu_ds.data.prompt`, chat template as open-unlearning applies it). Data-parallel when launched on several
 ranks (rows split, records gathered)::
 
-    python evaluation/facts.py --model DIR --data forget.jsonl retain.jsonl --out facts.json
+    python palu_eval/facts.py --model DIR --data forget.jsonl retain.jsonl --out facts.json
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import json
 import re
 from pathlib import Path
 
-from evaluation import metrics as M
-from evaluation.scoring import generate_greedy, pad_id_of, score_targets
 from palu_ds.atomic import write_json
 from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat, encode_qa
 from palu_ds.dist import gather_records, is_main, rank, shard_indices, world
+from palu_eval import metrics as M
+from palu_eval.scoring import generate_greedy, pad_id_of, score_targets
 
 
 def names_key(text: str, key: str) -> bool:
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     from transformers import AutoTokenizer
 
     from palu_ds.dist import init_from_env
-    from evaluation.run import load_model
+    from palu_eval.run import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
