@@ -236,12 +236,11 @@ def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: li
     }
     if pre:
         files["pretrain"] = [_qa(i, r) for i, r in author_rows(full, pre)]
-    info = {"authors": [a, b], "forget_pct": pct, "forget_authors": forget_a, "retain_authors": retain_a,
-            "forget_split": forget_name, "retain_split": retain_name, "target_split": "full", "perturbed": mode,
-            "pretrain_authors": list(pretrain) if pretrain else None,
-            "rows": {k: len(v) for k, v in files.items()},
-            "tofu_perturbed_rows_in_range": sum(1 for i, _ in rows if i in tofu_perturbed)}
-    return {"files": files, "info": info}
+    return with_rows(files, {
+        "authors": [a, b], "forget_pct": pct, "forget_authors": forget_a, "retain_authors": retain_a,
+        "forget_split": forget_name, "retain_split": retain_name, "target_split": "full", "perturbed": mode,
+        "pretrain_authors": list(pretrain) if pretrain else None,
+        "tofu_perturbed_rows_in_range": sum(1 for i, _ in rows if i in tofu_perturbed)})
 
 
 def write_jsonl(folder: str | Path, files: dict[str, list[dict]]) -> dict[str, str]:
@@ -317,11 +316,24 @@ def build_tofu(tofu: Path, split: str, retain_authors: int | None, utility_rows:
            for p in ("real_authors", "world_facts")},
         "idontknow": read_json_records(tofu / "idontknow.jsonl"),
     }
-    info = {"split": split, "forget_split": split, "retain_split": "retain", "target_split": "target",
-            "forget_authors": list(range(first_forget, first_forget + n_forget_authors)),
-            "retain_authors": len(retain) // ROWS_PER_AUTHOR, "dev_authors": list(dev_authors),
-            "rows": {k: len(v) for k, v in files.items()}}
-    return {"files": files, "info": info}
+    return with_rows(files, {"split": split, "forget_split": split, "retain_split": "retain", "target_split": "target",
+                             "forget_authors": list(range(first_forget, first_forget + n_forget_authors)),
+                             "retain_authors": len(retain) // ROWS_PER_AUTHOR, "dev_authors": list(dev_authors)})
+
+
+def forget_files(full: list[dict], ids: list[int], split: str, sources: list[Path], what: str) -> dict:
+    """Rows ``ids`` of ``full`` as the forget split ``split`` and, as ``<split>_perturbed``, TOFU's perturbed records
+    for them from the files ``sources``; a row none of them covers is an error naming ``what`` (whose rows)."""
+    index = tofu_perturbed_index(full, [read_json_records(p) for p in sources])
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise ValueError(f"{', '.join(map(str, sources))}: no perturbed answers for rows {missing[:5]} of {what}")
+    return {split: [full[i] for i in ids], f"{split}_perturbed": [index[i] for i in ids]}
+
+
+def with_rows(files: dict, info: dict) -> dict:
+    """A builder's result: ``{"files", "info"}``, the info with the row count of each file."""
+    return {"files": files, "info": {**info, "rows": {k: len(v) for k, v in files.items()}}}
 
 
 def build_dev(tofu: Path, main: dict) -> dict:
@@ -331,15 +343,9 @@ def build_dev(tofu: Path, main: dict) -> dict:
     info, split = main["info"], main["info"]["forget_split"]
     full = read_json_records(tofu / "full.jsonl")
     ids = dev_row_ids(len(full), len(main["files"][split]), info["retain_authors"], info["dev_authors"])
-    sources = sorted(tofu.glob("forget*_perturbed.jsonl"))
-    index = tofu_perturbed_index(full, [read_json_records(p) for p in sources])
-    missing = [i for i in ids if i not in index]
-    if missing:
-        raise ValueError(f"{tofu}: no perturbed answers for rows {missing[:5]}... of the development authors "
-                         f"{info['dev_authors']} in {', '.join(p.name for p in sources)}")
-    files = {**{k: v for k, v in main["files"].items() if k != info["target_split"]}, split: [full[i] for i in ids],
-             f"{split}_perturbed": [index[i] for i in ids]}
-    return {"files": files, "info": {**info, "rows": {k: len(v) for k, v in files.items()}}}
+    dev = forget_files(full, ids, split, sorted(tofu.glob("forget*_perturbed.jsonl")),
+                       f"the development authors {info['dev_authors']}")
+    return with_rows({**{k: v for k, v in main["files"].items() if k != info["target_split"]}, **dev}, info)
 
 
 def build(cfg: dict, tofu: Path, seed: int, dev_authors=()) -> dict:
@@ -385,21 +391,16 @@ def build_pair(tofu: Path, main: dict, authors, utility_rows: int | None, pertur
     unlearning runs unchanged): its rows and TOFU's ``perturbed`` answers under the forget split's names, PALU's labels
     for them (``labels.jsonl``), the retain set and refusals of ``main``, and the utility rows spread evenly
     (``utility_rows`` per part; None: every row of ``main``, which :func:`build_tofu` built with every row)."""
+    from palu_ds.data.io import load_records
+
     split = main["info"]["forget_split"]
     full = read_json_records(tofu / "full.jsonl")
     ids = [ROWS_PER_AUTHOR * a + k for a in authors for k in range(ROWS_PER_AUTHOR)]
     _need(tofu, [perturbed])
-    index = tofu_perturbed_index(full, [read_json_records(tofu / f"{perturbed}.jsonl")])
-    missing = [i for i in ids if i not in index]
-    if missing:
-        raise ValueError(f"{tofu / (perturbed + '.jsonl')}: no perturbed answers for rows {missing[:5]} of authors "
-                         f"{list(authors)} (protocol.perturbed names the file)")
-    from palu_ds.data.io import load_records
-
+    pair = forget_files(full, ids, split, [tofu / f"{perturbed}.jsonl"],
+                        f"authors {list(authors)} (protocol.perturbed names the file)")
     labels = label_rows(load_records(str(labels_path)), full, authors, first_author, str(labels_path))
     util = {k: evenly(v, utility_rows) for k, v in main["files"].items()
             if k.endswith("_perturbed") and k != f"{split}_perturbed"}
-    files = {split: [full[i] for i in ids], f"{split}_perturbed": [index[i] for i in ids], "labels": labels,
-             "retain": main["files"][main["info"]["retain_split"]], "idontknow": main["files"]["idontknow"], **util}
-    return {"files": files, "info": {**main["info"], "authors": list(authors),
-                                     "rows": {k: len(v) for k, v in files.items()}}}
+    return with_rows({**pair, "labels": labels, "retain": main["files"][main["info"]["retain_split"]],
+                      "idontknow": main["files"]["idontknow"], **util}, {**main["info"], "authors": list(authors)})

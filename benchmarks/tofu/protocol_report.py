@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import fmt, metrics_table
+from .report import fmt, metrics_table, position_nll_lines, sft_lines
 
 REF_COLS = [("forget_quality", "forget quality"), ("ks_statistic", "KS D"), ("forget/prob", "forget prob"),
             ("forget/rougeL_recall", "forget ROUGE-L"), ("model_utility", "utility")]
@@ -22,8 +22,7 @@ def _pt(p: dict) -> str:
 
 
 def reference_lines(report: dict) -> list[str]:
-    lines = [f"- {n} SFT: answer NLL {v['first_nll']:.3f} -> {v['last_nll']:.3f} in {v['steps']} steps"
-             + ("" if v["memorized"] else " (WARNING: not memorized, >= 0.1)") for n, v in report["sft"].items()]
+    lines = sft_lines(report["sft"])
     for pair, ms in report["references"].items():
         lines += ["", f"Reference models on {pair} (authors {report['pairs'][pair]['authors']}):", "",
                   metrics_table(list(ms.items()), REF_COLS)]
@@ -93,10 +92,7 @@ def render_markdown(report: dict) -> str:
              "new tokens.", ""]
     lines += reference_lines(report) + grid_lines(report) + pair_lines(report) + decision_lines(report)
     for pair, rows in (report.get("position_nll") or {}).items():
-        kinds = ("I_init", "rest of span", "common")
-        lines += ["", f"Answer NLL (nats/token) by position kind on pair {pair} (PALU's labels, N = 3):", "",
-                  "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-        lines += [f"| {n} | " + " | ".join(f"{r[k]:.2f}" for k in kinds) + " |" for n, r in rows.items()]
+        lines += position_nll_lines(f"on pair {pair}", rows)
     lines += ["", p["footnote"]] if p["footnote"] else []
     lines += [f"- FAILED {n}: {e}" for n, e in report.get("failed", {}).items()]
     cost = dict(report["cost_minutes"])
