@@ -3,7 +3,7 @@
     python -m benchmarks.tofu --preset mini --out runs/mini_tofu/a0-40_f10_s0   # ~12 min on 2 quiet CPU cores
     python -m benchmarks.tofu --preset real --out runs/tofu_real                # 88 min from scratch on 2 CPU cores
     python -m benchmarks.tofu --preset my_experiment.yaml --set sft.epochs=6    # a preset of your own
-    python -m benchmarks.tofu --preset efficacy --out runs/efficacy             # issue 25's protocol (.protocol), ~5.5 h
+    python -m benchmarks.tofu --preset efficacy --out runs/efficacy             # issue 25's protocol, ~5.5 h
 
 A preset (``presets/*.yaml``, schema in :mod:`.preset`) names the data, the base model, the split, the recipes, the
 methods and their grid: ``mini`` = a range of TOFU authors and a tiny Llama trained from scratch on their text,

@@ -267,7 +267,7 @@ def tokenizer_texts(files: dict[str, list[dict]], forget_name: str) -> list[str]
 
 
 # ------------------------------------------------------------------------------------- kind: tofu (the real preset)
-def _need(tofu: Path, names) -> None:
+def need(tofu: Path, names) -> None:
     missing = [n for n in names if not (tofu / f"{n}.jsonl").exists()]
     if missing:
         raise FileNotFoundError(f"{tofu}: missing {', '.join(n + '.jsonl' for n in missing)} (TOFU's files; the "
@@ -289,7 +289,7 @@ def dev_row_ids(n_full: int, n_forget: int, retain_authors: int, dev_authors) ->
 def build_tofu(tofu: Path, split: str, retain_authors: int | None, utility_rows: int | None, dev_authors=()) -> dict:
     """TOFU's ``split`` forgotten; retain = the first ``retain_authors`` authors (None: TOFU's whole retain split);
     the target learns retain + ``dev_authors`` (for the sweep) + forget; utility rows spread evenly (None: all)."""
-    _need(tofu, ["full", split, f"{split}_perturbed", "retain_perturbed", "real_authors_perturbed",
+    need(tofu, ["full", split, f"{split}_perturbed", "retain_perturbed", "real_authors_perturbed",
                  "world_facts_perturbed", "idontknow"])
     full = read_json_records(tofu / "full.jsonl")
     forget = read_json_records(tofu / f"{split}.jsonl")
@@ -353,7 +353,7 @@ def build(cfg: dict, tofu: Path, seed: int, dev_authors=()) -> dict:
     if cfg["kind"] == "tofu":
         return build_tofu(tofu, cfg["split"], cfg.get("retain_authors"), cfg.get("utility_rows") or None,
                           dev_authors)
-    _need(tofu, ["full", "idontknow"])
+    need(tofu, ["full", "idontknow"])
     full = read_json_records(tofu / "full.jsonl")
     n = len(full) // ROWS_PER_AUTHOR
     a, b = parse_authors(str(cfg["authors"]), n)
@@ -363,44 +363,3 @@ def build(cfg: dict, tofu: Path, seed: int, dev_authors=()) -> dict:
     refusals = [r["answer"] for r in read_json_records(tofu / "idontknow.jsonl")]
     return build_splits(full, tofu_perturbed_index(full, perturbed), refusals, a, b, parse_forget(cfg["forget"]),
                         cfg.get("perturbed", "borrow"), seed, cfg.get("utility_rows") or None, pretrain)
-
-
-# ------------------------------------------------------------------------------- the efficacy protocol (issue 25)
-def label_rows(labels: list[dict], full: list[dict], authors, first_author: int, source: str) -> list[dict]:
-    """The rows of PALU's labelled file (its first author ``first_author``, 20 rows an author in TOFU order) for
-    ``authors``, checked against TOFU's ``full`` rows (same question and answer, else an error naming the row)."""
-    out = []
-    for a in authors:
-        for k in range(ROWS_PER_AUTHOR):
-            i, j = ROWS_PER_AUTHOR * (a - first_author) + k, ROWS_PER_AUTHOR * a + k
-            if not 0 <= i < len(labels):
-                raise ValueError(f"{source}: author {a} needs labelled row {i}, the file has {len(labels)} rows "
-                                 f"(its first author is protocol.labels_first_author = {first_author})")
-            r = labels[i]
-            if (r.get("question"), r.get("answer")) != (full[j]["question"], full[j]["answer"]):
-                raise ValueError(f"{source}: row {i} is not TOFU's row {j} (author {a}): check "
-                                 "protocol.labels_first_author or the labels file")
-            out.append({"question": r["question"], "answer": r["answer"], "target_words": r["target_words"],
-                        "common_words": list(r.get("common_words") or [])})
-    return out
-
-
-def build_pair(tofu: Path, main: dict, authors, utility_rows: int | None, perturbed: str, labels_path: Path,
-               first_author: int) -> dict:
-    """One author pair of the efficacy protocol, laid out as a reported run's data (read by the evaluation and the
-    unlearning runs unchanged): its rows and TOFU's ``perturbed`` answers under the forget split's names, PALU's labels
-    for them (``labels.jsonl``), the retain set and refusals of ``main``, and the utility rows spread evenly
-    (``utility_rows`` per part; None: every row of ``main``, which :func:`build_tofu` built with every row)."""
-    from palu_ds.data.io import load_records
-
-    split = main["info"]["forget_split"]
-    full = read_json_records(tofu / "full.jsonl")
-    ids = [ROWS_PER_AUTHOR * a + k for a in authors for k in range(ROWS_PER_AUTHOR)]
-    _need(tofu, [perturbed])
-    pair = forget_files(full, ids, split, [tofu / f"{perturbed}.jsonl"],
-                        f"authors {list(authors)} (protocol.perturbed names the file)")
-    labels = label_rows(load_records(str(labels_path)), full, authors, first_author, str(labels_path))
-    util = {k: evenly(v, utility_rows) for k, v in main["files"].items()
-            if k.endswith("_perturbed") and k != f"{split}_perturbed"}
-    return with_rows({**pair, "labels": labels, "retain": main["files"][main["info"]["retain_split"]],
-                      "idontknow": main["files"]["idontknow"], **util}, {**main["info"], "authors": list(authors)})

@@ -27,8 +27,10 @@ import sys
 from pathlib import Path
 
 from palu_ds.atomic import write_json
+from palu_ds.data.io import load_records, read_json_records
 
 from . import data as D
+from .data import ROWS_PER_AUTHOR
 from .pipeline import Run, read_json, setup, sft_summary, stage_evaluate, stage_position_nll, write_report
 from .preset import repo_path
 from .report import minutes_by_part
@@ -113,6 +115,45 @@ def report_plan(selection: dict, cfg: dict, best: dict | None = None) -> list[di
     return out
 
 
+# ------------------------------------------------------------------------------------------------ the data
+def label_rows(labels: list[dict], full: list[dict], authors, first_author: int, source: str) -> list[dict]:
+    """The rows of PALU's labelled file (its first author ``first_author``, 20 rows an author in TOFU order) for
+    ``authors``, checked against TOFU's ``full`` rows (same question and answer, else an error naming the row)."""
+    out = []
+    for a in authors:
+        for k in range(ROWS_PER_AUTHOR):
+            i, j = ROWS_PER_AUTHOR * (a - first_author) + k, ROWS_PER_AUTHOR * a + k
+            if not 0 <= i < len(labels):
+                raise ValueError(f"{source}: author {a} needs labelled row {i}, the file has {len(labels)} rows "
+                                 f"(its first author is protocol.labels_first_author = {first_author})")
+            r = labels[i]
+            if (r.get("question"), r.get("answer")) != (full[j]["question"], full[j]["answer"]):
+                raise ValueError(f"{source}: row {i} is not TOFU's row {j} (author {a}): check "
+                                 "protocol.labels_first_author or the labels file")
+            out.append({"question": r["question"], "answer": r["answer"], "target_words": r["target_words"],
+                        "common_words": list(r.get("common_words") or [])})
+    return out
+
+
+def build_pair(tofu: Path, main: dict, authors, utility_rows: int | None, perturbed: str, labels_path: Path,
+               first_author: int) -> dict:
+    """One author pair of the efficacy protocol, laid out as a reported run's data (read by the evaluation and the
+    unlearning runs unchanged): its rows and TOFU's ``perturbed`` answers under the forget split's names, PALU's labels
+    for them (``labels.jsonl``), the retain set and refusals of ``main``, and the utility rows spread evenly
+    (``utility_rows`` per part; None: every row of ``main``, which :func:`build_tofu` built with every row)."""
+    split = main["info"]["forget_split"]
+    full = read_json_records(tofu / "full.jsonl")
+    ids = [ROWS_PER_AUTHOR * a + k for a in authors for k in range(ROWS_PER_AUTHOR)]
+    D.need(tofu, [perturbed])
+    pair = D.forget_files(full, ids, split, [tofu / f"{perturbed}.jsonl"],
+                        f"authors {list(authors)} (protocol.perturbed names the file)")
+    labels = label_rows(load_records(str(labels_path)), full, authors, first_author, str(labels_path))
+    util = {k: D.evenly(v, utility_rows) for k, v in main["files"].items()
+            if k.endswith("_perturbed") and k != f"{split}_perturbed"}
+    return D.with_rows({**pair, "labels": labels, "retain": main["files"][main["info"]["retain_split"]],
+                      "idontknow": main["files"]["idontknow"], **util}, {**main["info"], "authors": list(authors)})
+
+
 # ------------------------------------------------------------------------------------------------ the stages
 def stage_pairs(run: Run, tofu: Path, main: dict) -> dict[str, dict]:
     """``OUT/<pair>/data`` for ``dev`` and each reported pair (:func:`.data.build_pair`); ``{pair: {"dir", "rows",
@@ -122,7 +163,7 @@ def stage_pairs(run: Run, tofu: Path, main: dict) -> dict[str, dict]:
     out = {}
     for name, authors in {"dev": cfg["dev"], **cfg["pairs"]}.items():
         rows = cfg["dev_utility_rows"] if name == "dev" else None
-        d = D.build_pair(tofu, main, authors, rows, cfg["perturbed"], labels, cfg["labels_first_author"])
+        d = build_pair(tofu, main, authors, rows, cfg["perturbed"], labels, cfg["labels_first_author"])
         D.write_jsonl(run.out / name / "data", d["files"])
         out[name] = {"dir": run.out / name, "rows": len(d["files"][main["info"]["forget_split"]]),
                      "authors": list(authors), "labels": run.out / name / "data" / "labels.jsonl",
