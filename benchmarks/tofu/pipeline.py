@@ -328,26 +328,34 @@ def main(argv=None) -> int:
 
 
 def run_preset(args: argparse.Namespace, argv=None) -> int:
-    """Every stage of the preset ``args.preset`` (module doc); 0 when every run succeeded, 3 when one failed."""
+    """The preset ``args.preset``: its data, :func:`setup`, then the stages of the runner (:func:`run_stages`) or,
+    for a preset with a ``protocol`` section, of the efficacy protocol (:func:`.protocol.run_protocol`); 0 when
+    every run succeeded, 3 when one failed, 1 when it could not go on."""
     preset = load(args.preset, args.set, args.data)
     if preset["protocol"]["dev"]:
-        from .protocol import run_protocol
-
-        return run_protocol(preset, args, argv)
-    tofu = repo_path(preset["data"]["tofu"])
-    sweep_authors = preset["lr"]["sweep"]["dev_authors"] if preset["lr"]["choice"] == "sweep" else ()
-    data = D.build(preset["data"], tofu, preset["seed"], sweep_authors)
+        from .protocol import protocol_data as data_of, run_protocol as stages
+    else:
+        data_of, stages = runner_data, run_stages
+    data = data_of(preset)
     started = setup(preset, args, data)
-    if started is None:
-        return 1
-    run, base, tok, specs, models = started
-    results: dict[str, dict] = {}
+    return 1 if started is None else stages(*started, data, argv)
+
+
+def runner_data(preset: dict) -> dict:
+    """The runner's data (:func:`.data.build`), with the development authors when the lr is swept."""
+    sweep_authors = preset["lr"]["sweep"]["dev_authors"] if preset["lr"]["choice"] == "sweep" else ()
+    return D.build(preset["data"], repo_path(preset["data"]["tofu"]), preset["seed"], sweep_authors)
+
+
+def run_stages(run: Run, base: Path, tok, specs: dict, models: dict, data: dict, argv=None) -> int:
+    """Stages 3 to 7 (module doc) after :func:`setup`."""
+    preset, results = run.p, {}
     evals = {"retain": models["retain"], **({"base": base} if preset["eval"]["base"] else {}),
              "target": models["target"]}
     for name, model in evals.items():
         if not stage_evaluate(run, name, model, results) and name in ("retain", "target"):
             return 1  # every forget quality needs the retain model's; the sweep and mu_rel the target's
-    family_lr, sweep = learning_rates(run, tofu, data, models, results, specs)
+    family_lr, sweep = learning_rates(run, repo_path(preset["data"]["tofu"]), data, models, results, specs)
     if family_lr is None:
         return 1
     evals.update(stage_runs(run, specs, models, family_lr, results))

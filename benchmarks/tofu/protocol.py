@@ -21,7 +21,6 @@ Parts (each stage cached by :class:`palu_ds.stages.Stages`: an interrupted proto
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from palu_ds.data.io import load_records, read_json_records
 
 from . import data as D
 from .data import ROWS_PER_AUTHOR
-from .pipeline import Run, read_json, setup, sft_summary, stage_evaluate, stage_position_nll, write_report
+from .pipeline import Run, read_json, sft_summary, stage_evaluate, stage_position_nll, write_report
 from .preset import repo_path
 from .report import minutes_by_part
 from .specs import run_specs
@@ -365,19 +364,20 @@ def sft_checks(models: dict[str, Path]) -> dict:
     return out
 
 
-def run_protocol(preset: dict, args: argparse.Namespace, argv=None) -> int:
-    """Every part of the protocol (module doc); 0 when every run succeeded, 3 when one failed, 1 when it cannot go
-    on (an SFT or a reference evaluation failed)."""
+def protocol_data(preset: dict) -> dict:
+    """The protocol checked (:func:`check_protocol`); the target's data: TOFU's split, the retain authors and every
+    protocol author (:func:`protocol_authors`) outside the split."""
     check_protocol(preset)
-    cfg, tofu, d = preset["protocol"], repo_path(preset["data"]["tofu"]), preset["data"]
+    tofu, d = repo_path(preset["data"]["tofu"]), preset["data"]
     main = D.build_tofu(tofu, d["split"], d["retain_authors"], d["utility_rows"])
-    extra = [a for a in protocol_authors(cfg) if a not in main["info"]["forget_authors"]]
-    main = D.build_tofu(tofu, d["split"], d["retain_authors"], d["utility_rows"], extra)
-    started = setup(preset, args, main)
-    if started is None:
-        return 1
-    run, base, tok, specs, models = started
-    pairs = stage_pairs(run, tofu, main)
+    extra = [a for a in protocol_authors(preset["protocol"]) if a not in main["info"]["forget_authors"]]
+    return D.build_tofu(tofu, d["split"], d["retain_authors"], d["utility_rows"], extra)
+
+
+def run_protocol(run: Run, base: Path, tok, specs: dict, models: dict, main: dict, argv=None) -> int:
+    """Every part of the protocol after :func:`.pipeline.setup` (module doc); 0 when every run succeeded, 3 when one
+    failed, 1 when it cannot go on (a reference evaluation failed)."""
+    pairs = stage_pairs(run, repo_path(run.p["data"]["tofu"]), main)
     refs = stage_reference_evals(run, pairs, models, base)
     if refs is None:
         return 1
