@@ -15,6 +15,7 @@ from pathlib import Path
 
 from palu_ds.atomic import write_json, write_text
 from palu_ds.localrun import launcher_cmd, setdefaults
+from palu_ds.process import refusing
 from palu_ds.stages import Stages
 
 from . import data as D
@@ -319,12 +320,8 @@ def learning_rates(run: Run, tofu: Path, data: dict, models: dict, results: dict
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run_preset(args, argv)
-    except (ValueError, FileNotFoundError) as e:  # a bad preset or data file, named by the message
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = parse_args(argv)  # a bad preset or data file: its message, status 2
+    return refusing(lambda: run_preset(args, argv), (ValueError, FileNotFoundError))
 
 
 def run_preset(args: argparse.Namespace, argv=None) -> int:
