@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 NAMES = {"prob": "prob", "rougeL_recall": "ROUGE-L", "truth_ratio": "TR"}
@@ -161,11 +162,23 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines + _cost_lines(report)) + "\n"
 
 
-def _plot_panel(ax, title: str, names: list[str], report: dict) -> None:
+@contextmanager
+def figure(path: str | Path, panels: int, width: float, height: float):
+    """``panels`` matplotlib axes side by side (no display needed), the figure saved to ``path`` after the block."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False)
+    yield axes[0], plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_panel(ax, title: str, names: list[str], report: dict, colors: list[str]) -> None:
     res, specs = report["results"], report["specs"]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels_at: dict = {}
     for i, n in enumerate(names):
         m = res.get(n, {})
@@ -200,18 +213,10 @@ def _plot_panel(ax, title: str, names: list[str], report: dict) -> None:
 
 
 def render_png(report: dict, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     specs = report["specs"]
     groups = [("methods", [n for n, s in specs.items() if s["group"] == "method"]),
               ("ablations", [n for n, s in specs.items() if s.get("ablation")])]
     groups = [(t, ns) for t, ns in groups if ns]
-    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 5.5), squeeze=False)
-    for ax, (title, names) in zip(axes[0], groups):
-        _plot_panel(ax, title, names, report)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, len(groups), 7, 5.5) as (axes, colors):
+        for ax, (title, names) in zip(axes, groups):
+            _plot_panel(ax, title, names, report, colors)
