@@ -155,7 +155,7 @@ def build_pair(tofu: Path, main: dict, authors, utility_rows: int | None, pertur
 
 # ------------------------------------------------------------------------------------------------ the stages
 def stage_pairs(run: Run, tofu: Path, main: dict) -> dict[str, dict]:
-    """``OUT/<pair>/data`` for ``dev`` and each reported pair (:func:`.data.build_pair`); ``{pair: {"dir", "rows",
+    """``OUT/<pair>/data`` for ``dev`` and each reported pair (:func:`build_pair`); ``{pair: {"dir", "rows",
     "authors", "labels"}}``."""
     cfg = run.p["protocol"]
     labels = repo_path(run.p["spans"]["labels"])
