@@ -126,14 +126,13 @@ class Run:
                  parts=None) -> dict | None:
         """TOFU evaluation (``parts``, default the preset's) of ``model`` on ``data`` into ``out``; forget quality
         against ``retain_eval`` (None: the retain model itself, no forget quality).  Its metrics, or None."""
-        e, ranks = self.p["eval"], self.p["eval"]["ranks"]
-        cmd = [sys.executable, "evaluation/run.py"] if ranks <= 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-            "--master_port", str(self.args.port + 1), "evaluation/run.py"]
-        cmd += ["--model", str(model), "--suite", "tofu", "--split", self.info["forget_split"], "--data", str(data),
-                "--splits", ",".join(parts or e["parts"]), "--dtype", e["dtype"], "--max-new-tokens",
-                str(self.max_new), "--max-length", str(self.p["max_length"]), "--out", str(out), "--name", out.name]
-        cmd += ["--no-forget-quality"] if retain_eval is None else ["--retain-results", str(retain_eval)]
+        e = self.p["eval"]
+        cmd = launcher_cmd("evaluation/run.py", [
+            "--model", str(model), "--suite", "tofu", "--split", self.info["forget_split"], "--data", str(data),
+            "--splits", ",".join(parts or e["parts"]), "--dtype", e["dtype"], "--max-new-tokens", str(self.max_new),
+            "--max-length", str(self.p["max_length"]), "--out", str(out), "--name", out.name,
+            *(["--no-forget-quality"] if retain_eval is None else ["--retain-results", str(retain_eval)])],
+            e["ranks"], self.args.port + 1, torchrun=True)
         inputs = [model / "model.safetensors", data / f"{self.info['forget_split']}_perturbed.jsonl"]
         # one retry: evaluation/run.py under torchrun sometimes aborts at exit after writing its results
         if not self.stages.run(stage, cmd, done=out / "summary.json",
