@@ -92,7 +92,7 @@ def render_markdown(report: dict) -> str:
              "new tokens.", ""]
     lines += reference_lines(report) + grid_lines(report) + pair_lines(report) + decision_lines(report)
     for pair, rows in (report.get("position_nll") or {}).items():
-        lines += position_nll_lines(f"on pair {pair}", rows)
+        lines += position_nll_lines(f"by position kind on pair {pair}", rows)
     lines += ["", p["footnote"]] if p["footnote"] else []
     lines += [f"- FAILED {n}: {e}" for n, e in report.get("failed", {}).items()]
     cost = dict(report["cost_minutes"])

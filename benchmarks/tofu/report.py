@@ -94,10 +94,10 @@ def sft_lines(sft: dict) -> list[str]:
             + ("" if v.get("memorized", True) else " (WARNING: not memorized, >= 0.1)") for n, v in sft.items()]
 
 
-def position_nll_lines(where: str, rows: dict) -> list[str]:
-    """The table of answer NLL by position kind, ``rows`` = ``{model: {kind: nll}}``."""
+def position_nll_lines(what: str, rows: dict) -> list[str]:
+    """The table of answer NLL by position kind (``what``: on which rows), ``rows`` = ``{model: {kind: nll}}``."""
     kinds = ("I_init", "rest of span", "common")
-    return ["", f"Answer NLL (nats/token) {where} by position kind (PALU's labels, N = 3):", "",
+    return ["", f"Answer NLL (nats/token) {what} (PALU's labels, N = 3):", "",
             "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)] + [
         f"| {n} | " + " | ".join(f"{r[k]:.2f}" for k in kinds) + " |" for n, r in rows.items()]
 
@@ -157,7 +157,7 @@ def render_markdown(report: dict) -> str:
         lines.append(sweep_markdown(report["sweep"]))
     lines += [preset["footnote"], ""] if preset["footnote"] else []
     lines += sft_lines(report.get("sft", {})) + _goal_lines(report)
-    lines += position_nll_lines("on the forget set", report["position_nll"]) if report.get("position_nll") else []
+    lines += position_nll_lines("on the forget set by position kind", report["position_nll"]) if report.get("position_nll") else []
     lines += [f"- FAILED {n}: {e}" for n, e in report.get("failed", {}).items()]
     return "\n".join(lines + _cost_lines(report)) + "\n"
 
