@@ -236,7 +236,7 @@ def choices(text: str, valid, what: str) -> list[str]:
     return items
 
 
-def main() -> int:
+def parse_args():
     p = bench_parser(__doc__, "runs/bench_real", 8, tofu=True)
     unlearning = [n for n, m in METHODS.items() if m.unlearning]
     p.add_argument("--methods", default="palu,pd_flat,npo", type=lambda s: choices(s, unlearning, "--methods"),
@@ -250,7 +250,24 @@ def main() -> int:
     p.add_argument("--matmul-only", action="store_true", help="only the CPU's matmul rates (2048^3, the model's shapes)")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler breakdowns of the plain step and of our palu step, by phase")
-    a = parse_bench(p)
+    return parse_bench(p)
+
+
+def profile(a, model: str, tofu: str) -> None:
+    """``--profile``: torch.profiler breakdowns of the plain step and of our step of one method, by phase."""
+    method = "palu" if "palu" in a.methods else a.methods[0]
+    for prec in a.precisions:
+        _, lines = result([sys.executable, "-c", PLAIN, model, tofu, "2", prec, "2"], 2,
+                          os.path.join(a.out, f"profile_plain_{prec}.log"))
+        print(f"\n== plain step, {prec}\n" + "\n".join(lines))
+        out = os.path.join(a.out, f"profile_{method}_{prec}")
+        _, lines = result([sys.executable, "-c", OURS, "2", "2", *train_args(
+            model, tofu, out, method, reference_modes(method, False)[0], 1, prec, 4)], 2, out + ".log")
+        print(f"\n== our {method} step (1 process, ZeRO stage 0), {prec}\n" + "\n".join(lines))
+
+
+def main() -> int:
+    a = parse_args()
     CONFIGS[1] = a.one_process_config
     model, tofu = smollm2(), os.path.abspath(a.tofu)
     from safetensors import safe_open
@@ -264,15 +281,7 @@ def main() -> int:
     if a.matmul_only:
         return 0
     if a.profile:
-        method = "palu" if "palu" in a.methods else a.methods[0]
-        for prec in a.precisions:
-            _, lines = result([sys.executable, "-c", PLAIN, model, tofu, "2", prec, "2"], 2,
-                              os.path.join(a.out, f"profile_plain_{prec}.log"))
-            print(f"\n== plain step, {prec}\n" + "\n".join(lines))
-            out = os.path.join(a.out, f"profile_{method}_{prec}")
-            _, lines = result([sys.executable, "-c", OURS, "2", "2", *train_args(
-                model, tofu, out, method, reference_modes(method, False)[0], 1, prec, 4)], 2, out + ".log")
-            print(f"\n== our {method} step (1 process, ZeRO stage 0), {prec}\n" + "\n".join(lines))
+        profile(a, model, tofu)
         return 0
     report = {"params": n_params, "matmul": mm, "runs": []}
     plain = {}

@@ -22,6 +22,7 @@ import time
 
 from palu_ds.atomic import write_jsonl
 from palu_ds.localrun import launcher_cmd
+from palu_ds.process import refusing
 from palu_ds.stages import Stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,11 +197,7 @@ def main() -> int:
     p.add_argument("--ds", default="ds_configs/cpu/zero2.json")
     p.add_argument("--port", type=int, default=29611)
     args = p.parse_args()
-    try:
-        return tiny_demo(args) if args.tiny else real_demo(args)
-    except StageFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return refusing(lambda: tiny_demo(args) if args.tiny else real_demo(args), StageFailed, status=1)
 
 
 if __name__ == "__main__":

@@ -69,12 +69,10 @@ def cmd_model(args) -> int:
     """import-model / fetch-model: print the HF folder, or the error (exit 2)."""
     from palu_ds.models import ModelImportError, fetch, import_gguf
 
-    try:
-        print(import_gguf(args.gguf, args.out) if args.cmd == "import-model" else fetch(args.name, args.cache))
-    except ModelImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from palu_ds.process import refusing
+
+    return refusing(lambda: print(import_gguf(args.gguf, args.out) if args.cmd == "import-model"
+                                  else fetch(args.name, args.cache)), ModelImportError)
 
 
 def cmd_estimate_memory(args) -> int:

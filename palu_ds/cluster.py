@@ -23,6 +23,7 @@ import re
 import sys
 
 from palu_ds.atomic import write_text
+from palu_ds.process import refusing
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 _REPEAT = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
@@ -145,22 +146,21 @@ def main(argv=None) -> int:
     h.add_argument("--nodelist", help="default: $SLURM_JOB_NODELIST")
     h.add_argument("--slots", type=int, help="slots per host (default: GPUs on the node, else tasks per node)")
     args = p.parse_args(argv)
-    try:
-        if args.cmd == "expand":
-            print("\n".join(expand_nodelist(args.nodelist)))
-            return 0
-        env = dict(os.environ)
-        if args.nodelist:
-            env["SLURM_JOB_NODELIST"] = args.nodelist
-        if args.slots:
-            env["PALU_SLOTS_PER_NODE"] = str(args.slots)
-        lay = slurm_layout(env)
-        write_hostfile(args.out, lay["hosts"], lay["slots"])
-        print(lay["master_addr"], lay["master_port"])
-        return 0
-    except (HostlistError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return refusing(lambda: _command(args), (HostlistError, ValueError, RuntimeError))
+
+
+def _command(args) -> None:
+    if args.cmd == "expand":
+        print("\n".join(expand_nodelist(args.nodelist)))
+        return
+    env = dict(os.environ)
+    if args.nodelist:
+        env["SLURM_JOB_NODELIST"] = args.nodelist
+    if args.slots:
+        env["PALU_SLOTS_PER_NODE"] = str(args.slots)
+    lay = slurm_layout(env)
+    write_hostfile(args.out, lay["hosts"], lay["slots"])
+    print(lay["master_addr"], lay["master_port"])
 
 
 if __name__ == "__main__":

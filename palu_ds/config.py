@@ -13,28 +13,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import yaml
 
 from palu_ds.data.qa import QAOptions
 from palu_ds.ds_config import PRECISIONS
 from palu_ds.schedule import SCHEDULERS
+from palu_ds.settings import check_choices, setting
 
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the key and what to do."""
-
-
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Callable | None = None,
-            choices: tuple | None = None):
-    """A config field with its one-line meaning (``help``) and, for a fixed set of values, its ``choices`` (checked
-    by :func:`validate_config`); both are printed by ``palu-ds config`` (palu_ds.config_doc)."""
-    meta = {"help": help, **({"choices": tuple(choices)} if choices else {})}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -314,7 +305,7 @@ def validate_config(cfg: RunConfig, run: "Run | None" = None) -> None:
                           "`palu-ds import-model FILE.gguf OUT_DIR` and set model.path=OUT_DIR")
     if not cfg.data.forget.source:
         raise ConfigError("data.forget.source is empty: give the forget (or fine-tuning) data")
-    _check_choices(cfg, "")
+    check_choices(cfg, "", ConfigError)
     _check_ranges(cfg)
     epochs = cfg.eval.epochs
     if epochs is not None and (not isinstance(epochs, list) or not epochs or not all(
@@ -462,22 +453,6 @@ def _check(key: str, v, kind, low, high, open_low: bool, nullable: bool) -> None
                           + f", got {v!r}")
     if high is not None and v > high:
         raise ConfigError(f"{key} must be <= {high}, got {v!r}")
-
-
-def _check_choices(node, path: str) -> None:
-    """Every field with ``choices`` (:func:`setting`) holds one of them (a list: each item), through every section."""
-    for f in dataclasses.fields(node):
-        v, key = getattr(node, f.name), f"{path}.{f.name}".lstrip(".")
-        if dataclasses.is_dataclass(v):
-            _check_choices(v, key)
-        choices = f.metadata.get("choices")
-        if choices and v is not None:
-            bad = [x for x in (v if isinstance(v, list) else [v]) if x not in choices]
-            if bad:
-                names = [str(c) for c in choices]
-                either = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
-                raise ConfigError(f"{'each item of ' if isinstance(v, list) else ''}{key} must be {either}, "
-                                  f"got {bad[0]!r}")
 
 
 def _check_trackers(cfg: RunConfig) -> None:

@@ -1,5 +1,5 @@
 """The configuration reference, generated: every key of the run config (type, default, allowed values, meaning) from
-the typed config (:mod:`palu_ds.config`: the dataclasses, their :func:`~palu_ds.config.setting` help and choices, the
+the typed config (:mod:`palu_ds.config`: the dataclasses, their :func:`~palu_ds.settings.setting` help and choices, the
 numeric ``RANGES``), and every method's hyper-parameters (defaults, ranges, source) from the registry
 (:mod:`palu_ds.methods`). ``palu-ds config`` prints it; ``docs/config.md`` is this text (a test fails when stale).
 """

@@ -358,6 +358,11 @@ class Trainer:
         self.engine.backward(loss)
         self._micro_dual_step(terms, micro, norms)
 
+    @property
+    def ds_skipped(self) -> int:
+        """DeepSpeed's own count of updates it skipped (its overflow check; 0 where the engine keeps none)."""
+        return getattr(self.engine, "skipped_steps", 0)
+
     def _optimizer_step(self, bad: bool) -> tuple[float, bool]:
         """The update with this step's scheduled lr; a non-finite step changes nothing the optimizer owns. Also
         returns whether DeepSpeed skipped the update itself (a non-finite gradient: its overflow check, agreed over
@@ -365,11 +370,11 @@ class Trainer:
         lr = 0.0 if bad else lr_at(self.step, self.cfg.train, self.total_steps)
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
-        ds_skipped = getattr(self.engine, "skipped_steps", 0)
+        ds_skipped = self.ds_skipped
         with skipped_update(self.engine) if bad else nullcontext():  # skip: Adam's state does not move either
             self.engine.step()
         self.step += 1
-        return lr, getattr(self.engine, "skipped_steps", 0) > ds_skipped
+        return lr, self.ds_skipped > ds_skipped
 
     def _count_step(self, step: StepStats, overflow: bool = False) -> None:
         """Skipped-step bookkeeping (a non-finite loss, or DeepSpeed's own overflow skip: one streak rule); a finite
@@ -399,7 +404,7 @@ class Trainer:
             scalars["dual/slack"] = step.terms.get(self.method.constraint, float("nan")) - self.dual.epsilon
         scalars.update({"lr": lr, "throughput/tokens_per_s": step.tokens / seconds,
                         "memory/peak_bytes": float(peak_memory_bytes()), "skipped_steps": float(self.skipped),
-                        "deepspeed_skipped_steps": float(getattr(self.engine, "skipped_steps", 0))})
+                        "deepspeed_skipped_steps": float(self.ds_skipped)})
         gn = self.engine.get_global_grad_norm()
         if gn is not None:
             scalars["grad/norm"] = float(gn)
@@ -505,7 +510,7 @@ class Trainer:
             path = self.save_checkpoint()
             raise FloatingPointError(
                 f"{self.consecutive_bad} optimizer steps in a row had a non-finite loss term or gradient (step "
-                f"{self.step}; DeepSpeed's own overflow skips so far: {getattr(self.engine, 'skipped_steps', 0)}); "
+                f"{self.step}; DeepSpeed's own overflow skips so far: {self.ds_skipped}); "
                 f"stopped with a checkpoint at {path}. Lower train.lr, check the data, or raise "
                 "train.max_nonfinite.")
         if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
@@ -592,7 +597,7 @@ class Trainer:
         report, and the seconds and tokens of each step."""
         data = {"steps": self.step, "first": self.first_scalars, "last": self.last_scalars,
                 "model": self.model_dir, "skipped_steps": self.skipped, "world_size": self.world,
-                "deepspeed_skipped_steps": getattr(self.engine, "skipped_steps", 0),
+                "deepspeed_skipped_steps": self.ds_skipped,
                 "peak_memory_bytes_per_rank": self.peak_memory, "spans": self.span_info,
                 "config_changes": self.config_changes,
                 "step_seconds": [round(t, 5) for t, _ in self.step_times],

@@ -56,13 +56,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launcher_cmd(script: str, args: list[str] = (), nproc: int = 2, port: int | None = None) -> list[str]:
-    """``deepspeed --num_gpus N --master_port P script args`` (N > 1; on CPU, N processes) or ``python script args``
-    (one process), with this interpreter."""
+def launcher_cmd(script: str, args: list[str] = (), nproc: int = 2, port: int | None = None,
+                 torchrun: bool = False) -> list[str]:
+    """``deepspeed --num_gpus N --master_port P script args`` (N > 1; on CPU, N processes; ``torchrun``: ``torchrun
+    --nproc_per_node N --master_port P script args``) or ``python script args`` (one process), with this
+    interpreter."""
     if nproc <= 1:
         return [sys.executable, script, *args]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
-            str(port if port is not None else free_port()), script, *args]
+    port = str(port if port is not None else free_port())
+    if torchrun:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
+                script, *args]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", port,
+            script, *args]
 
 
 def main(argv: list[str]) -> None:

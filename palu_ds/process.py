@@ -29,6 +29,16 @@ def exit_status(code) -> int:
     return 1
 
 
+def refusing(fn: Callable[[], object], refused: type | tuple, status: int = 2):
+    """``fn()`` (None: 0); an exception of ``refused`` (input the command refuses, its message naming what is wrong
+    and what to do) is printed as ``error: <message>`` on stderr instead of a traceback, and gives ``status``."""
+    try:
+        return fn() or 0
+    except refused as e:
+        print(f"error: {e}", file=sys.stderr)
+        return status
+
+
 def run_main(main: Callable[..., object], *args, **kwargs) -> None:
     """Call ``main(*args, **kwargs)`` and end the process with its status, skipping interpreter teardown."""
     try:

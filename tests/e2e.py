@@ -1,14 +1,16 @@
 """Helpers for the end-to-end tests: run the real launch scripts (deepspeed launcher, 2 ranks, gloo, fp32 on CPU).
 The CPU environment, free port and launcher command are palu_ds.localrun's (re-exported here for the tests)."""
+import contextlib
 import glob
 import json
 import os
 import subprocess
+import sys
 
 from palu_ds.localrun import cpu_env, free_port, launcher_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-__all__ = ["ROOT", "cpu_env", "free_port", "launch", "summary", "answer_nll", "state", "wandb_run"]
+__all__ = ["ROOT", "cpu_env", "free_port", "launch", "summary", "answer_nll", "state", "wandb_run", "folder_held"]
 
 
 def launch(script: str, args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 600,
@@ -23,6 +25,21 @@ def launch(script: str, args: list[str], nproc: int = 2, env: dict | None = None
     leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     assert not leaked, f"{' '.join(cmd)} left DeepSpeed's shm all-reduce buffers behind: {leaked}"
     return p
+
+
+@contextlib.contextmanager
+def folder_held(out: str):
+    """Another process holds ``out``'s run lock (palu_ds.run_folder.OutputLock) while the block runs; yields its pid.
+    Killed afterwards: the kernel drops its flock, as for a crashed run."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from palu_ds.run_folder import OutputLock; "
+                               f"OutputLock({out!r}).acquire(); print('held', flush=True); time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def summary(out_dir: str) -> dict:

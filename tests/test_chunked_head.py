@@ -179,18 +179,24 @@ def test_fused_gradients_follow_the_loss_actually_back_propagated():
     assert fused_step(lambda t, obj: t["forget"] * 0.0 + t["retain"])["recomputed_rows"] == n_retain
 
 
-def test_chunks_bound_the_logits_alive_in_forward_and_backward():
+def _head_rows_and_recorder():
+    """A float64 head, 23 hidden rows (requiring grad) with targets, and ``(seen, fn)``: ``fn`` = ``row_logps`` that
+    records the rows of each chunk it is given in ``seen``."""
     g = torch.Generator().manual_seed(3)
     head = torch.nn.Linear(D, V).double()
-    w, b = head.weight.detach().clone().requires_grad_(True), head.bias.detach().clone()  # plain tensors work too
     h = torch.randn(23, D, dtype=torch.float64, generator=g, requires_grad=True)
-    y = torch.randint(0, V, (23,), generator=g)
     seen = []
 
     def fn(z, t):
         seen.append(z.shape[0])
         return L.row_logps(z, t)
 
+    return head, h, torch.randint(0, V, (23,), generator=g), seen, fn
+
+
+def test_chunks_bound_the_logits_alive_in_forward_and_backward():
+    head, h, y, seen, fn = _head_rows_and_recorder()
+    w, b = head.weight.detach().clone().requires_grad_(True), head.bias.detach().clone()  # plain tensors work too
     out = chunked_rows(fn, h, w, b, HeadSpec("x"), 5 * V, y)
     (out * torch.arange(23.0, dtype=torch.float64)).sum().backward()  # per-row upstream gradients
     assert chunk_rows(V, 5 * V) == 5 and seen == [5, 5, 5, 5, 3] * 2  # forward, then the recompute in backward
@@ -204,17 +210,8 @@ def test_chunks_bound_the_logits_alive_in_forward_and_backward():
 
 def test_fused_chunks_bound_the_logits_and_run_once():
     """Fused (a mean NLL through within_head): each chunk's logits are formed once, in forward, never again."""
-    g = torch.Generator().manual_seed(3)
-    head = torch.nn.Linear(D, V).double()
-    h = torch.randn(23, D, dtype=torch.float64, generator=g, requires_grad=True)
-    y = torch.randint(0, V, (23,), generator=g)
+    head, h, y, seen, fn = _head_rows_and_recorder()
     answer = torch.ones(1, 23, dtype=torch.bool)
-    seen = []
-
-    def fn(z, t):
-        seen.append(z.shape[0])
-        return L.row_logps(z, t)
-
     lg = chunked_logits(head, HeadSpec("x"), h, {"forget": answer}, 5 * V)
     loss = within_head(lg, lambda d: -L.aggregate_loss(L.map_rows(d["forget"], answer, fn, y), None, 23.0))
     loss.backward()

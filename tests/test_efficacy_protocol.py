@@ -105,17 +105,17 @@ def tofu(tmp_path):
 def test_pairs_hold_their_authors_labels_and_utility_rows(tofu):
     main = M.build_tofu(tofu, "forget01", 3, None, (25, 26, 27))
     assert len(main["files"]["target"]) == 60 + 60 + 40  # retain + the other protocol authors + forget01
-    dev = M.build_pair(tofu, main, [26, 27], 4, "forget05_perturbed", tofu / "labels.jsonl", 25)["files"]
+    dev = E.build_pair(tofu, main, [26, 27], 4, "forget05_perturbed", tofu / "labels.jsonl", 25)["files"]
     assert [r["question"] for r in dev["forget01"]] == [f"Q{a}.{k}?" for a in (26, 27) for k in range(20)]
     assert dev["forget01_perturbed"][0]["perturbed_answer"] == ["B26.0."]
     assert dev["labels"][0]["question"] == "Q26.0?" and len(dev["labels"]) == 40
     assert len(dev["retain_perturbed"]) == len(dev["world_facts_perturbed"]) == 4 and len(dev["retain"]) == 60
-    full = M.build_pair(tofu, main, [28, 29], None, "forget05_perturbed", tofu / "labels.jsonl", 25)["files"]
+    full = E.build_pair(tofu, main, [28, 29], None, "forget05_perturbed", tofu / "labels.jsonl", 25)["files"]
     assert len(full["retain_perturbed"]) == 60 and len(full["real_authors_perturbed"]) == 30
     with pytest.raises(ValueError, match="row 20 is not TOFU's row 540"):
-        M.build_pair(tofu, main, [27], None, "forget05_perturbed", tofu / "labels.jsonl", 26)
+        E.build_pair(tofu, main, [27], None, "forget05_perturbed", tofu / "labels.jsonl", 26)
     with pytest.raises(ValueError, match=r"no perturbed answers for rows \[400"):
-        M.build_pair(tofu, main, [20], None, "forget05_perturbed", tofu / "labels.jsonl", 25)
+        E.build_pair(tofu, main, [20], None, "forget05_perturbed", tofu / "labels.jsonl", 25)
 
 
 def test_efficacy_plan_and_every_run_is_a_valid_run_config(tmp_path):

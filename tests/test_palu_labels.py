@@ -95,7 +95,7 @@ def test_span_source_reported_at_start_up(tokenizer, caplog):
         assert report_spans(labelled, METHODS["palu_pd"])["source"] == "labels"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert report_spans(labelled, METHODS["npo"]) is None
-    with pytest.raises(ValueError, match="span_source must be one of"):
+    with pytest.raises(ValueError, match="data.span_source must be auto, labels, detector, model or none, got 'label'"):
         QAOptions(span_source="label")
 
 

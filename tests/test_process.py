@@ -5,13 +5,24 @@ import textwrap
 
 import pytest
 
-from palu_ds.process import exit_status
+from palu_ds.process import exit_status, refusing
 from tests.e2e import ROOT
 
 
 @pytest.mark.parametrize("code,status", [(None, 0), (0, 0), (3, 3), (143, 143), (True, 1), (False, 0), (256, 0)])
 def test_exit_status_matches_sys_exit(code, status):
     assert exit_status(code) == status
+
+
+def test_refusing_prints_a_refused_input_and_gives_its_status(capsys):
+    assert refusing(lambda: 3, ValueError) == 3 and refusing(lambda: None, ValueError) == 0
+
+    def bad():
+        raise FileNotFoundError("data/x.jsonl: no such file; pass --data")
+    assert refusing(bad, (ValueError, FileNotFoundError), status=1) == 1
+    assert capsys.readouterr().err == "error: data/x.jsonl: no such file; pass --data\n"
+    with pytest.raises(KeyError):  # not refused input: a crash, with its traceback
+        refusing(lambda: {}["k"], ValueError)
 
 
 def _run(body: str) -> subprocess.CompletedProcess:

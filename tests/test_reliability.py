@@ -399,20 +399,13 @@ def test_two_ranks_resume_from_the_previous_checkpoint_when_an_optimizer_file_is
         f.truncate(os.path.getsize(opt) // 2)
     # (issue 26) while another process holds the folder, both ranks are refused before anything is touched
     import socket
-    import subprocess
-    import sys
 
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from palu_ds.run_folder import OutputLock; "
-                               f"OutputLock({out!r}).acquire(); print('held', flush=True); time.sleep(600)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    from e2e import folder_held
+
+    with folder_held(out) as pid:
         p = launch("launch/train.py", args + ["train.max_steps=6"], check=False)
-        assert p.returncode == 2 and f"(host {socket.gethostname()}, pid {holder.pid}," in p.stderr, p.stderr[-3000:]
+        assert p.returncode == 2 and f"(host {socket.gethostname()}, pid {pid}," in p.stderr, p.stderr[-3000:]
         assert os.path.isfile(os.path.join(os.path.dirname(opt), "COMPLETE"))  # not even verified yet
-    finally:
-        holder.kill()
-        holder.wait()
     p = launch("launch/train.py", args + ["train.max_steps=6"])
     text = p.stdout + p.stderr
     assert f"checkpoint {os.path.dirname(opt)} is broken: {opt} has" in text, text[-4000:]

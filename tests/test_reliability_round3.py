@@ -104,7 +104,7 @@ def test_one_run_per_folder_resume_refuses_changes_and_broken_checkpoints_stop(t
     import glob
     import socket
 
-    from e2e import launch, summary
+    from e2e import folder_held, launch, summary
 
     out = str(tmp_path / "run")
     dup = tmp_path / "dup.yaml"
@@ -122,18 +122,11 @@ def test_one_run_per_folder_resume_refuses_changes_and_broken_checkpoints_stop(t
                            "train.batch_size=4", "train.save_every=1", "train.keep_last=2", *extra)
         return launch("launch/train.py", args, nproc=1, check=False, timeout=300)
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from palu_ds.run_folder import OutputLock; "
-                               f"OutputLock({out!r}).acquire(); print('held', flush=True); time.sleep(600)"],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with folder_held(out) as pid:  # afterwards killed, as a crashed run: the kernel drops its flock
         p = cli("train.max_steps=2")
         assert p.returncode == 2, p.stderr[-3000:]
-        assert f"is in use by another run (host {socket.gethostname()}, pid {holder.pid}," in p.stderr
+        assert f"is in use by another run (host {socket.gethostname()}, pid {pid}," in p.stderr
         assert "Traceback" not in p.stderr and not os.path.exists(os.path.join(out, "checkpoints"))
-    finally:
-        holder.kill()  # a crashed holder: the kernel drops its flock
-        holder.wait()
     p = cli("train.max_steps=2")
     assert p.returncode == 0, p.stderr[-3000:]
     first = summary(out)

@@ -61,4 +61,8 @@ def test_launcher_command():
     cmd = launcher_cmd("launch/train.py", ["a=1"], 2, 29999)
     assert cmd == [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29999",
                    "launch/train.py", "a=1"]
+    assert launcher_cmd("palu_eval/run.py", ["a=1"], 2, 29999, torchrun=True) == [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29999",
+        "palu_eval/run.py", "a=1"]
+    assert launcher_cmd("palu_eval/run.py", ["a=1"], 1, torchrun=True) == [sys.executable, "palu_eval/run.py", "a=1"]
     assert 0 < free_port() < 65536

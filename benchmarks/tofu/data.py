@@ -236,12 +236,11 @@ def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: li
     }
     if pre:
         files["pretrain"] = [_qa(i, r) for i, r in author_rows(full, pre)]
-    info = {"authors": [a, b], "forget_pct": pct, "forget_authors": forget_a, "retain_authors": retain_a,
-            "forget_split": forget_name, "retain_split": retain_name, "target_split": "full", "perturbed": mode,
-            "pretrain_authors": list(pretrain) if pretrain else None,
-            "rows": {k: len(v) for k, v in files.items()},
-            "tofu_perturbed_rows_in_range": sum(1 for i, _ in rows if i in tofu_perturbed)}
-    return {"files": files, "info": info}
+    return with_rows(files, {
+        "authors": [a, b], "forget_pct": pct, "forget_authors": forget_a, "retain_authors": retain_a,
+        "forget_split": forget_name, "retain_split": retain_name, "target_split": "full", "perturbed": mode,
+        "pretrain_authors": list(pretrain) if pretrain else None,
+        "tofu_perturbed_rows_in_range": sum(1 for i, _ in rows if i in tofu_perturbed)})
 
 
 def write_jsonl(folder: str | Path, files: dict[str, list[dict]]) -> dict[str, str]:
@@ -268,7 +267,7 @@ def tokenizer_texts(files: dict[str, list[dict]], forget_name: str) -> list[str]
 
 
 # ------------------------------------------------------------------------------------- kind: tofu (the real preset)
-def _need(tofu: Path, names) -> None:
+def need(tofu: Path, names) -> None:
     missing = [n for n in names if not (tofu / f"{n}.jsonl").exists()]
     if missing:
         raise FileNotFoundError(f"{tofu}: missing {', '.join(n + '.jsonl' for n in missing)} (TOFU's files; the "
@@ -290,7 +289,7 @@ def dev_row_ids(n_full: int, n_forget: int, retain_authors: int, dev_authors) ->
 def build_tofu(tofu: Path, split: str, retain_authors: int | None, utility_rows: int | None, dev_authors=()) -> dict:
     """TOFU's ``split`` forgotten; retain = the first ``retain_authors`` authors (None: TOFU's whole retain split);
     the target learns retain + ``dev_authors`` (for the sweep) + forget; utility rows spread evenly (None: all)."""
-    _need(tofu, ["full", split, f"{split}_perturbed", "retain_perturbed", "real_authors_perturbed",
+    need(tofu, ["full", split, f"{split}_perturbed", "retain_perturbed", "real_authors_perturbed",
                  "world_facts_perturbed", "idontknow"])
     full = read_json_records(tofu / "full.jsonl")
     forget = read_json_records(tofu / f"{split}.jsonl")
@@ -317,11 +316,24 @@ def build_tofu(tofu: Path, split: str, retain_authors: int | None, utility_rows:
            for p in ("real_authors", "world_facts")},
         "idontknow": read_json_records(tofu / "idontknow.jsonl"),
     }
-    info = {"split": split, "forget_split": split, "retain_split": "retain", "target_split": "target",
-            "forget_authors": list(range(first_forget, first_forget + n_forget_authors)),
-            "retain_authors": len(retain) // ROWS_PER_AUTHOR, "dev_authors": list(dev_authors),
-            "rows": {k: len(v) for k, v in files.items()}}
-    return {"files": files, "info": info}
+    return with_rows(files, {"split": split, "forget_split": split, "retain_split": "retain", "target_split": "target",
+                             "forget_authors": list(range(first_forget, first_forget + n_forget_authors)),
+                             "retain_authors": len(retain) // ROWS_PER_AUTHOR, "dev_authors": list(dev_authors)})
+
+
+def forget_files(full: list[dict], ids: list[int], split: str, sources: list[Path], what: str) -> dict:
+    """Rows ``ids`` of ``full`` as the forget split ``split`` and, as ``<split>_perturbed``, TOFU's perturbed records
+    for them from the files ``sources``; a row none of them covers is an error naming ``what`` (whose rows)."""
+    index = tofu_perturbed_index(full, [read_json_records(p) for p in sources])
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise ValueError(f"{', '.join(map(str, sources))}: no perturbed answers for rows {missing[:5]} of {what}")
+    return {split: [full[i] for i in ids], f"{split}_perturbed": [index[i] for i in ids]}
+
+
+def with_rows(files: dict, info: dict) -> dict:
+    """A builder's result: ``{"files", "info"}``, the info with the row count of each file."""
+    return {"files": files, "info": {**info, "rows": {k: len(v) for k, v in files.items()}}}
 
 
 def build_dev(tofu: Path, main: dict) -> dict:
@@ -331,15 +343,9 @@ def build_dev(tofu: Path, main: dict) -> dict:
     info, split = main["info"], main["info"]["forget_split"]
     full = read_json_records(tofu / "full.jsonl")
     ids = dev_row_ids(len(full), len(main["files"][split]), info["retain_authors"], info["dev_authors"])
-    sources = sorted(tofu.glob("forget*_perturbed.jsonl"))
-    index = tofu_perturbed_index(full, [read_json_records(p) for p in sources])
-    missing = [i for i in ids if i not in index]
-    if missing:
-        raise ValueError(f"{tofu}: no perturbed answers for rows {missing[:5]}... of the development authors "
-                         f"{info['dev_authors']} in {', '.join(p.name for p in sources)}")
-    files = {**{k: v for k, v in main["files"].items() if k != info["target_split"]}, split: [full[i] for i in ids],
-             f"{split}_perturbed": [index[i] for i in ids]}
-    return {"files": files, "info": {**info, "rows": {k: len(v) for k, v in files.items()}}}
+    dev = forget_files(full, ids, split, sorted(tofu.glob("forget*_perturbed.jsonl")),
+                       f"the development authors {info['dev_authors']}")
+    return with_rows({**{k: v for k, v in main["files"].items() if k != info["target_split"]}, **dev}, info)
 
 
 def build(cfg: dict, tofu: Path, seed: int, dev_authors=()) -> dict:
@@ -347,7 +353,7 @@ def build(cfg: dict, tofu: Path, seed: int, dev_authors=()) -> dict:
     if cfg["kind"] == "tofu":
         return build_tofu(tofu, cfg["split"], cfg.get("retain_authors"), cfg.get("utility_rows") or None,
                           dev_authors)
-    _need(tofu, ["full", "idontknow"])
+    need(tofu, ["full", "idontknow"])
     full = read_json_records(tofu / "full.jsonl")
     n = len(full) // ROWS_PER_AUTHOR
     a, b = parse_authors(str(cfg["authors"]), n)
@@ -357,49 +363,3 @@ def build(cfg: dict, tofu: Path, seed: int, dev_authors=()) -> dict:
     refusals = [r["answer"] for r in read_json_records(tofu / "idontknow.jsonl")]
     return build_splits(full, tofu_perturbed_index(full, perturbed), refusals, a, b, parse_forget(cfg["forget"]),
                         cfg.get("perturbed", "borrow"), seed, cfg.get("utility_rows") or None, pretrain)
-
-
-# ------------------------------------------------------------------------------- the efficacy protocol (issue 25)
-def label_rows(labels: list[dict], full: list[dict], authors, first_author: int, source: str) -> list[dict]:
-    """The rows of PALU's labelled file (its first author ``first_author``, 20 rows an author in TOFU order) for
-    ``authors``, checked against TOFU's ``full`` rows (same question and answer, else an error naming the row)."""
-    out = []
-    for a in authors:
-        for k in range(ROWS_PER_AUTHOR):
-            i, j = ROWS_PER_AUTHOR * (a - first_author) + k, ROWS_PER_AUTHOR * a + k
-            if not 0 <= i < len(labels):
-                raise ValueError(f"{source}: author {a} needs labelled row {i}, the file has {len(labels)} rows "
-                                 f"(its first author is protocol.labels_first_author = {first_author})")
-            r = labels[i]
-            if (r.get("question"), r.get("answer")) != (full[j]["question"], full[j]["answer"]):
-                raise ValueError(f"{source}: row {i} is not TOFU's row {j} (author {a}): check "
-                                 "protocol.labels_first_author or the labels file")
-            out.append({"question": r["question"], "answer": r["answer"], "target_words": r["target_words"],
-                        "common_words": list(r.get("common_words") or [])})
-    return out
-
-
-def build_pair(tofu: Path, main: dict, authors, utility_rows: int | None, perturbed: str, labels_path: Path,
-               first_author: int) -> dict:
-    """One author pair of the efficacy protocol, laid out as a reported run's data (read by the evaluation and the
-    unlearning runs unchanged): its rows and TOFU's ``perturbed`` answers under the forget split's names, PALU's labels
-    for them (``labels.jsonl``), the retain set and refusals of ``main``, and the utility rows spread evenly
-    (``utility_rows`` per part; None: every row of ``main``, which :func:`build_tofu` built with every row)."""
-    split = main["info"]["forget_split"]
-    full = read_json_records(tofu / "full.jsonl")
-    ids = [ROWS_PER_AUTHOR * a + k for a in authors for k in range(ROWS_PER_AUTHOR)]
-    _need(tofu, [perturbed])
-    index = tofu_perturbed_index(full, [read_json_records(tofu / f"{perturbed}.jsonl")])
-    missing = [i for i in ids if i not in index]
-    if missing:
-        raise ValueError(f"{tofu / (perturbed + '.jsonl')}: no perturbed answers for rows {missing[:5]} of authors "
-                         f"{list(authors)} (protocol.perturbed names the file)")
-    from palu_ds.data.io import load_records
-
-    labels = label_rows(load_records(str(labels_path)), full, authors, first_author, str(labels_path))
-    util = {k: evenly(v, utility_rows) for k, v in main["files"].items()
-            if k.endswith("_perturbed") and k != f"{split}_perturbed"}
-    files = {split: [full[i] for i in ids], f"{split}_perturbed": [index[i] for i in ids], "labels": labels,
-             "retain": main["files"][main["info"]["retain_split"]], "idontknow": main["files"]["idontknow"], **util}
-    return {"files": files, "info": {**main["info"], "authors": list(authors),
-                                     "rows": {k: len(v) for k, v in files.items()}}}

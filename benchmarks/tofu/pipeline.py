@@ -15,7 +15,7 @@ from pathlib import Path
 
 from palu_ds.atomic import write_json, write_text
 from palu_ds.localrun import launcher_cmd, setdefaults
-from palu_ds.methods import get_method
+from palu_ds.process import refusing
 from palu_ds.stages import Stages
 
 from . import data as D
@@ -39,13 +39,6 @@ def content_key(*parts) -> str:
     return h.hexdigest()[:16]
 
 
-def drop_shm_buffers(port: int) -> None:
-    """DeepSpeed's CPU shared-memory allreduce leaves ``/dev/shm/deepspeed_allreduce_buffer_*_<addr>_<port>_<rank>``
-    (66 MB a rank) behind after every launch (deepspeedai/DeepSpeed#4115); remove the ones of our own port."""
-    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{os.environ.get('MASTER_ADDR', '*')}_{port}_*"):
-        f.unlink(missing_ok=True)
-
-
 class Run:
     """One invocation: the preset, the output folder, the stage runner, the data's info, and the commands every model
     goes through (SFT, reference, unlearning, evaluation)."""
@@ -55,6 +48,7 @@ class Run:
         self.stages = Stages(out, args.fresh, tag=preset["report"], cwd=ROOT)
         self.labels = repo_path(preset["spans"]["labels"])
         self.failed: dict[str, str] = {}
+        self.t0 = time.time()
 
     def launch(self, script: str, config: str, overrides: list[str]) -> list[str]:
         """``script`` on the preset's ranks (the deepspeed launcher above one) with its DeepSpeed config."""
@@ -63,6 +57,11 @@ class Run:
 
     def recipe(self, section: str) -> list[str]:
         return [f"train.{k}={v}" for k, v in self.p[section].items()]
+
+    def drop(self, folder: Path) -> None:
+        """``folder`` (a run's checkpoints, a model no one reads) removed unless ``--keep-checkpoints``."""
+        if not self.args.keep_checkpoints:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def sft(self, name: str, base: Path, base_digest: str, split: str, epochs=None) -> Path | None:
         """SFT of ``base`` on ``OUT/data/<split>.jsonl`` into ``OUT/models/<name>-<key>``, key = sha256 of (base,
@@ -77,8 +76,7 @@ class Run:
             f"train.output_dir={mdir}", *recipe])
         if not self.stages.run(f"sft_{name}", cmd, done=mdir / "model" / "config.json"):
             return None
-        if not self.args.keep_checkpoints:
-            shutil.rmtree(mdir / "checkpoints", ignore_errors=True)
+        self.drop(mdir / "checkpoints")
         return mdir / "model"
 
     def method_overrides(self, spec: dict, target: Path, data: Path, labels: Path | None = None) -> list[str]:
@@ -121,22 +119,20 @@ class Run:
             f"reference.cache_dir={ref}" if ref else "reference.mode=none", *extra])
         ok = self.stages.run(stage, cmd, done=done or run_dir / "model" / "config.json",
                              inputs=[target / "model.safetensors", data] + ([ref] if ref else []), retries=1)
-        if not self.args.keep_checkpoints:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        self.drop(run_dir / "checkpoints")
         return ok
 
     def evaluate(self, stage: str, model: Path, data: Path, out: Path, retain_eval: Path | None,
                  parts=None) -> dict | None:
         """TOFU evaluation (``parts``, default the preset's) of ``model`` on ``data`` into ``out``; forget quality
         against ``retain_eval`` (None: the retain model itself, no forget quality).  Its metrics, or None."""
-        e, ranks = self.p["eval"], self.p["eval"]["ranks"]
-        cmd = [sys.executable, "palu_eval/run.py"] if ranks <= 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-            "--master_port", str(self.args.port + 1), "palu_eval/run.py"]
-        cmd += ["--model", str(model), "--suite", "tofu", "--split", self.info["forget_split"], "--data", str(data),
-                "--splits", ",".join(parts or e["parts"]), "--dtype", e["dtype"], "--max-new-tokens",
-                str(self.max_new), "--max-length", str(self.p["max_length"]), "--out", str(out), "--name", out.name]
-        cmd += ["--no-forget-quality"] if retain_eval is None else ["--retain-results", str(retain_eval)]
+        e = self.p["eval"]
+        cmd = launcher_cmd("palu_eval/run.py", [
+            "--model", str(model), "--suite", "tofu", "--split", self.info["forget_split"], "--data", str(data),
+            "--splits", ",".join(parts or e["parts"]), "--dtype", e["dtype"], "--max-new-tokens", str(self.max_new),
+            "--max-length", str(self.p["max_length"]), "--out", str(out), "--name", out.name,
+            *(["--no-forget-quality"] if retain_eval is None else ["--retain-results", str(retain_eval)])],
+            e["ranks"], self.args.port + 1, torchrun=True)
         inputs = [model / "model.safetensors", data / f"{self.info['forget_split']}_perturbed.jsonl"]
         # one retry: palu_eval/run.py under torchrun sometimes aborts at exit after writing its results
         if not self.stages.run(stage, cmd, done=out / "summary.json",
@@ -188,12 +184,14 @@ def stage_models(run: Run, base: Path) -> dict[str, Path] | None:
     return models
 
 
-def stage_evaluate(run: Run, name: str, model: Path, results: dict) -> bool:
-    """``eval_<name>`` (forget quality against the retain model's, except for the retain model itself)."""
-    out = run.out / "eval"
-    m = run.evaluate(f"eval_{name}", model, run.out / "data", out / name, None if name == "retain" else out / "retain")
+def stage_evaluate(run: Run, name: str, model: Path, results: dict, pair: str | None = None) -> bool:
+    """``eval_[<pair>_]<name>``: ``model`` on ``OUT/[<pair>/]data`` into ``results[name]`` (forget quality against
+    the retain model's on the same folder, except for the retain model itself); False (named in ``run.failed``)
+    when it failed."""
+    d, stage = (run.out / pair, f"eval_{pair}_{name}") if pair else (run.out, f"eval_{name}")
+    m = run.evaluate(stage, model, d / "data", d / "eval" / name, None if name == "retain" else d / "eval" / "retain")
     if m is None:
-        run.failed[name] = f"evaluation failed (see logs/eval_{name}.log)"
+        run.failed[f"{pair} {name}" if pair else name] = f"evaluation failed (see logs/{stage}.log)"
         return False
     results[name] = m
     return True
@@ -267,14 +265,22 @@ def stage_runs(run: Run, specs: dict, models: dict, family_lr: dict, results: di
     return done
 
 
-def stage_setup(run: Run, data: dict):
-    """The base model, its tokenizer, the runs (:func:`.specs.run_specs`) and the target / retain models, and
-    ``run.max_new`` (the preset's ``eval.max_new_tokens``, else the target's longest answer + 8):
-    ``(base, tokenizer, specs, models)``, None when an SFT failed."""
+def setup(preset: dict, args: argparse.Namespace, data: dict):
+    """The CPU environment (threads), the output folder (``--out``, default ``runs/tofu/<preset>``) with ``data``
+    written to ``OUT/data``, the base model, its tokenizer, the runs (:func:`.specs.run_specs`), the target / retain
+    models and ``run.max_new`` (the preset's ``eval.max_new_tokens``, else the target's longest answer + 8):
+    ``(run, base, tokenizer, specs, models)``, None when an SFT failed."""
     from transformers import AutoTokenizer
 
     from palu_ds.data.prompt import answer_ids
 
+    setdefaults()
+    if preset["threads"]:
+        os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() if preset["threads"] == "all" else preset["threads"])
+    out = Path(args.out or f"runs/tofu/{preset['name']}")
+    run = Run(preset, out if out.is_absolute() else ROOT / out, args, data["info"])
+    D.write_jsonl(run.out / "data", data["files"])
+    print(f"[{preset['report']}] forget {run.info['forget_split']}: rows {run.info['rows']}", flush=True)
     base = stage_base(run, data)
     tok = AutoTokenizer.from_pretrained(str(base))
     specs = run_specs(run.p, len(tok))
@@ -283,7 +289,7 @@ def stage_setup(run: Run, data: dict):
         return None
     run.max_new = run.p["eval"]["max_new_tokens"] or max(
         len(answer_ids(tok, r["answer"])) for r in data["files"][data["info"]["target_split"]]) + 8
-    return base, tok, specs, models
+    return run, base, tok, specs, models
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -313,68 +319,50 @@ def learning_rates(run: Run, tofu: Path, data: dict, models: dict, results: dict
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return run_preset(args, argv)
-    except (ValueError, FileNotFoundError) as e:  # a bad preset or data file, named by the message
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-def prepare(preset: dict, args: argparse.Namespace) -> Path:
-    """The CPU environment (threads) set; the output folder (absolute)."""
-    setdefaults()
-    if preset["threads"]:
-        os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() if preset["threads"] == "all" else preset["threads"])
-    out = Path(args.out or f"runs/tofu/{preset['name']}")
-    return out if out.is_absolute() else ROOT / out
+    args = parse_args(argv)  # a bad preset or data file: its message, status 2
+    return refusing(lambda: run_preset(args, argv), (ValueError, FileNotFoundError))
 
 
 def run_preset(args: argparse.Namespace, argv=None) -> int:
-    """Every stage of the preset ``args.preset`` (module doc); 0 when every run succeeded, 3 when one failed."""
+    """The preset ``args.preset``: its data, :func:`setup`, then the stages of the runner (:func:`run_stages`) or,
+    for a preset with a ``protocol`` section, of the efficacy protocol (:func:`.protocol.run_protocol`); 0 when
+    every run succeeded, 3 when one failed, 1 when it could not go on."""
     preset = load(args.preset, args.set, args.data)
     if preset["protocol"]["dev"]:
-        from .protocol import run_protocol
+        from .protocol import protocol_data as data_of, run_protocol as stages
+    else:
+        data_of, stages = runner_data, run_stages
+    data = data_of(preset)
+    started = setup(preset, args, data)
+    return 1 if started is None else stages(*started, data, argv)
 
-        return run_protocol(preset, args, argv)
-    t_start = time.time()
-    out = prepare(preset, args)
-    tofu = repo_path(preset["data"]["tofu"])
+
+def runner_data(preset: dict) -> dict:
+    """The runner's data (:func:`.data.build`), with the development authors when the lr is swept."""
     sweep_authors = preset["lr"]["sweep"]["dev_authors"] if preset["lr"]["choice"] == "sweep" else ()
-    data = D.build(preset["data"], tofu, preset["seed"], sweep_authors)
-    run = Run(preset, out, args, data["info"])
-    D.write_jsonl(out / "data", data["files"])
-    print(f"[{preset['report']}] forget {data['info']['forget_split']}: rows {data['info']['rows']}", flush=True)
-    setup = stage_setup(run, data)
-    if setup is None:
-        return 1
-    base, tok, specs, models = setup
-    results: dict[str, dict] = {}
+    return D.build(preset["data"], repo_path(preset["data"]["tofu"]), preset["seed"], sweep_authors)
+
+
+def run_stages(run: Run, base: Path, tok, specs: dict, models: dict, data: dict, argv=None) -> int:
+    """Stages 3 to 7 (module doc) after :func:`setup`."""
+    preset, results = run.p, {}
     evals = {"retain": models["retain"], **({"base": base} if preset["eval"]["base"] else {}),
              "target": models["target"]}
     for name, model in evals.items():
         if not stage_evaluate(run, name, model, results) and name in ("retain", "target"):
             return 1  # every forget quality needs the retain model's; the sweep and mu_rel the target's
-    family_lr, sweep = learning_rates(run, tofu, data, models, results, specs)
+    family_lr, sweep = learning_rates(run, repo_path(preset["data"]["tofu"]), data, models, results, specs)
     if family_lr is None:
         return 1
     evals.update(stage_runs(run, specs, models, family_lr, results))
     add_relative(results)
     pos = stage_position_nll(run, {n: m for n, m in evals.items() if n in results}, base) \
         if preset["eval"]["position_nll"] and run.labels else {}
-    report = {
-        "command": " ".join(["python", "-m", "benchmarks.tofu", *(argv if argv is not None else sys.argv[1:])]),
-        "preset": preset, "base_model": str(base), "data": data["info"], "vocab_size": len(tok),
+    return write_report(run, argv, base, tok, specs, models, {
         "family_lr": family_lr, "default_lr": preset["lr"]["value"] or preset["sft"]["lr"],
-        "unlearn_lr": {n: run_lr(s, preset, family_lr) for n, s in specs.items()}, "max_new_tokens": run.max_new,
-        "sft_models": {n: str(m.parent) for n, m in models.items()},
-        "sft": {n: sft_summary(m) for n, m in models.items()}, "sweep": sweep, "specs": specs, "results": results,
-        "failed": run.failed, "goal": goal_check(results, preset["goal"]) if preset["goal"]["method"] else {},
-        "position_nll": pos, "stage_seconds": run.stages.seconds, "stage_status": run.stages.status,
-        "wall_seconds": round(time.time() - t_start, 1)}
-    drop_shm_buffers(args.port)
-    write_report(run, report)
-    return 0 if not run.failed else 3
+        "unlearn_lr": {n: run_lr(s, preset, family_lr) for n, s in specs.items()},
+        "sft": {n: sft_summary(m) for n, m in models.items()}, "sweep": sweep, "results": results,
+        "goal": goal_check(results, preset["goal"]) if preset["goal"]["method"] else {}, "position_nll": pos})
 
 
 def sft_summary(model: Path) -> dict:
@@ -382,9 +370,16 @@ def sft_summary(model: Path) -> dict:
     return {"steps": s["steps"], "first_nll": s["first"]["loss/forget"], "last_nll": s["last"]["loss/forget"]}
 
 
-def write_report(run: Run, report: dict, markdown=render_markdown, png=render_png) -> None:
-    """``OUT/<report>.json`` (every number, the preset, stage seconds), ``.md`` (tables, goal) and ``.png``
-    (``markdown`` / ``png``: the renderers, default :mod:`.report`'s)."""
+def write_report(run: Run, argv, base: Path, tok, specs: dict, models: dict, numbers: dict, markdown=render_markdown,
+                 png=render_png) -> int:
+    """``OUT/<report>.json`` (``numbers`` with the command, the preset, the models, the runs, the failures and the
+    stage seconds), ``.md`` (tables, goal) and ``.png`` (``markdown`` / ``png``: the renderers, default
+    :mod:`.report`'s); 0 when every run succeeded, 3 when one failed."""
+    report = {"command": " ".join(["python", "-m", "benchmarks.tofu", *(sys.argv[1:] if argv is None else argv)]),
+              "preset": run.p, "base_model": str(base), "data": run.info, "vocab_size": len(tok),
+              "max_new_tokens": run.max_new, "sft_models": {n: str(m.parent) for n, m in models.items()},
+              "specs": specs, **numbers, "failed": run.failed, "stage_seconds": run.stages.seconds,
+              "stage_status": run.stages.status, "wall_seconds": round(time.time() - run.t0, 1)}
     stem = run.out / run.p["report"]
     write_json(f"{stem}.json", report)
     md = markdown(report)
@@ -392,3 +387,4 @@ def write_report(run: Run, report: dict, markdown=render_markdown, png=render_pn
     png(report, f"{stem}.png")
     print("\n" + md)
     print(f"[{run.p['report']}] wrote {stem}.md, .json, .png ({report['wall_seconds'] / 60:.1f} min)")
+    return 0 if not run.failed else 3

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import yaml
 
-from palu_ds.config import apply_overrides
+from palu_ds.config import apply_overrides, read_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+#: keys with a fixed set of values
+CHOICES = {("data", "kind"): ("authors", "tofu"), ("lr", "choice"): ("rule", "table", "sweep")}
 PRESETS = Path(__file__).resolve().parent / "presets"
 #: sections whose keys are free (a recipe's train.* overrides, a table by method, run or family)
 OPEN = {"sft", "unlearn", "params", "runs", "table", "grid", "compare", "tiny", "scale_to_vocab", "representatives",
@@ -75,20 +77,19 @@ def repo_path(p: str | None) -> Path | None:
 def load(name: str, overrides=(), data: str | None = None) -> dict:
     """The preset ``name`` merged over :data:`DEFAULTS`, ``overrides`` applied; the data folder checked."""
     path = preset_path(name)
+    raw = read_yaml(str(path))  # errors name the file, the line and the key (a key given twice too)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         raw = apply_overrides(raw, list(overrides))
-    except (yaml.YAMLError, ValueError) as e:
+    except (yaml.YAMLError, ValueError) as e:  # a --set value that is not YAML, a key that is not a section
         raise ValueError(f"{path}: {e}") from None
     preset = _merge(DEFAULTS, raw, str(path))
     if data:
         preset["data"]["tofu"] = data
     if not preset["data"]["tofu"]:
         raise ValueError(f"{path}: data.tofu is not set: name the folder of TOFU's jsonl files (or pass --data)")
-    if preset["data"]["kind"] not in ("authors", "tofu"):
-        raise ValueError(f"{path}: data.kind must be authors or tofu, got {preset['data']['kind']!r}")
-    if preset["lr"]["choice"] not in ("rule", "table", "sweep"):
-        raise ValueError(f"{path}: lr.choice must be rule, table or sweep, got {preset['lr']['choice']!r}")
+    for (section, key), values in CHOICES.items():
+        if preset[section][key] not in values:
+            raise ValueError(f"{path}: {section}.{key} must be one of {values}, got {preset[section][key]!r}")
     if preset["lr"]["choice"] == "sweep" and not preset["lr"]["sweep"]["dev_authors"]:
         raise ValueError(f"{path}: lr.choice sweep needs lr.sweep.dev_authors (authors outside forget and retain)")
     if sum(bool(preset["model"][k]) for k in ("path", "fetch", "tiny")) != 1:

@@ -21,18 +21,18 @@ Parts (each stage cached by :class:`palu_ds.stages.Stages`: an interrupted proto
 
 from __future__ import annotations
 
-import argparse
 import copy
-import shutil
 import sys
-import time
 from pathlib import Path
 
 from palu_ds.atomic import write_json
+from palu_ds.data.io import load_records, read_json_records
 
 from . import data as D
-from .pipeline import Run, prepare, read_json, sft_summary, stage_position_nll, stage_setup, write_report
+from .data import ROWS_PER_AUTHOR
+from .pipeline import Run, read_json, sft_summary, stage_evaluate, stage_position_nll, write_report
 from .preset import repo_path
+from .report import minutes_by_part
 from .specs import run_specs
 
 SNAPSHOT_SCRIPT = "benchmarks/tofu/train_snapshot.py"
@@ -115,16 +115,55 @@ def report_plan(selection: dict, cfg: dict, best: dict | None = None) -> list[di
     return out
 
 
+# ------------------------------------------------------------------------------------------------ the data
+def label_rows(labels: list[dict], full: list[dict], authors, first_author: int, source: str) -> list[dict]:
+    """The rows of PALU's labelled file (its first author ``first_author``, 20 rows an author in TOFU order) for
+    ``authors``, checked against TOFU's ``full`` rows (same question and answer, else an error naming the row)."""
+    out = []
+    for a in authors:
+        for k in range(ROWS_PER_AUTHOR):
+            i, j = ROWS_PER_AUTHOR * (a - first_author) + k, ROWS_PER_AUTHOR * a + k
+            if not 0 <= i < len(labels):
+                raise ValueError(f"{source}: author {a} needs labelled row {i}, the file has {len(labels)} rows "
+                                 f"(its first author is protocol.labels_first_author = {first_author})")
+            r = labels[i]
+            if (r.get("question"), r.get("answer")) != (full[j]["question"], full[j]["answer"]):
+                raise ValueError(f"{source}: row {i} is not TOFU's row {j} (author {a}): check "
+                                 "protocol.labels_first_author or the labels file")
+            out.append({"question": r["question"], "answer": r["answer"], "target_words": r["target_words"],
+                        "common_words": list(r.get("common_words") or [])})
+    return out
+
+
+def build_pair(tofu: Path, main: dict, authors, utility_rows: int | None, perturbed: str, labels_path: Path,
+               first_author: int) -> dict:
+    """One author pair of the efficacy protocol, laid out as a reported run's data (read by the evaluation and the
+    unlearning runs unchanged): its rows and TOFU's ``perturbed`` answers under the forget split's names, PALU's labels
+    for them (``labels.jsonl``), the retain set and refusals of ``main``, and the utility rows spread evenly
+    (``utility_rows`` per part; None: every row of ``main``, which :func:`build_tofu` built with every row)."""
+    split = main["info"]["forget_split"]
+    full = read_json_records(tofu / "full.jsonl")
+    ids = [ROWS_PER_AUTHOR * a + k for a in authors for k in range(ROWS_PER_AUTHOR)]
+    D.need(tofu, [perturbed])
+    pair = D.forget_files(full, ids, split, [tofu / f"{perturbed}.jsonl"],
+                        f"authors {list(authors)} (protocol.perturbed names the file)")
+    labels = label_rows(load_records(str(labels_path)), full, authors, first_author, str(labels_path))
+    util = {k: D.evenly(v, utility_rows) for k, v in main["files"].items()
+            if k.endswith("_perturbed") and k != f"{split}_perturbed"}
+    return D.with_rows({**pair, "labels": labels, "retain": main["files"][main["info"]["retain_split"]],
+                      "idontknow": main["files"]["idontknow"], **util}, {**main["info"], "authors": list(authors)})
+
+
 # ------------------------------------------------------------------------------------------------ the stages
 def stage_pairs(run: Run, tofu: Path, main: dict) -> dict[str, dict]:
-    """``OUT/<pair>/data`` for ``dev`` and each reported pair (:func:`.data.build_pair`); ``{pair: {"dir", "rows",
+    """``OUT/<pair>/data`` for ``dev`` and each reported pair (:func:`build_pair`); ``{pair: {"dir", "rows",
     "authors", "labels"}}``."""
     cfg = run.p["protocol"]
     labels = repo_path(run.p["spans"]["labels"])
     out = {}
     for name, authors in {"dev": cfg["dev"], **cfg["pairs"]}.items():
         rows = cfg["dev_utility_rows"] if name == "dev" else None
-        d = D.build_pair(tofu, main, authors, rows, cfg["perturbed"], labels, cfg["labels_first_author"])
+        d = build_pair(tofu, main, authors, rows, cfg["perturbed"], labels, cfg["labels_first_author"])
         D.write_jsonl(run.out / name / "data", d["files"])
         out[name] = {"dir": run.out / name, "rows": len(d["files"][main["info"]["forget_split"]]),
                      "authors": list(authors), "labels": run.out / name / "data" / "labels.jsonl",
@@ -137,18 +176,9 @@ def stage_reference_evals(run: Run, pairs: dict, models: dict, base: Path) -> di
     pair's folder: ``{pair: {model: metrics}}``; None when one failed."""
     evals = {"retain": models["retain"], "target": models["target"],
              **({"base": base} if run.p["eval"]["base"] else {})}
-    out = {}
-    for pair, p in pairs.items():
-        out[pair] = {}
-        for name, model in evals.items():
-            d = p["dir"]
-            m = run.evaluate(f"eval_{pair}_{name}", model, d / "data", d / "eval" / name,
-                             None if name == "retain" else d / "eval" / "retain")
-            if m is None:
-                run.failed[f"{pair} {name}"] = f"evaluation failed (see logs/eval_{pair}_{name}.log)"
-                return None
-            out[pair][name] = m
-    return out
+    out = {pair: {} for pair in pairs}
+    ok = all(stage_evaluate(run, name, model, out[pair], pair) for pair in pairs for name, model in evals.items())
+    return out if ok else None
 
 
 def point(metrics: dict, target_mu: float, **labels) -> dict:
@@ -158,37 +188,38 @@ def point(metrics: dict, target_mu: float, **labels) -> dict:
             "mu_rel": mu / target_mu if mu is not None and target_mu else None}
 
 
-def drop_model(run: Run, run_dir: Path) -> None:
-    """The final (10-epoch) model of a protocol run is not used: removed unless --keep-checkpoints."""
-    if not run.args.keep_checkpoints:
-        shutil.rmtree(run_dir / "model", ignore_errors=True)
+def evaluated_run(run: Run, stage: str, spec: dict, target: Path, where: dict, name: str, lr: float, epochs: list,
+                  failed: str, extra=(), **script) -> dict | None:
+    """``spec`` at ``lr`` on the pair folder ``where`` (its data and labels) into ``<pair>/unlearn/<name>``,
+    evaluated inside the run after ``epochs`` (``extra``: more overrides; ``script``: another train script):
+    ``{epoch: (step, metrics)}``; None, named in ``run.failed[failed]``, when it failed.  Its final model is not
+    used: removed unless --keep-checkpoints."""
+    from palu_ds.checkpoint import tag_for
+
+    run_dir, spe = where["dir"] / "unlearn" / name, steps_per_epoch(run.p, where["rows"])
+    steps = {e: epoch_step(e, spe) for e in epochs}
+    summary = {e: run_dir / "eval" / tag_for(s) / "summary.json" for e, s in steps.items()}
+    ok = run.unlearn(stage, spec, target, where["dir"] / "data", run_dir, lr, labels=where["labels"],
+                     extra=eval_overrides(run, where["dir"], epochs) + list(extra), done=summary[max(epochs)], **script)
+    Run.drop(run, run_dir / "model")
+    if not ok:
+        run.failed[failed] = f"training or its evaluation failed (see logs/{stage}.log)"
+        return None
+    return {e: (steps[e], read_json(summary[e])["metrics"]) for e in epochs}
 
 
 def stage_grid(run: Run, specs: dict, models: dict, dev: dict, target_mu: float) -> dict[str, list[dict]]:
     """Every grid run on the development authors, evaluated in the run after ``protocol.epochs``: ``{method:
     [point]}`` (a failed run is named in ``run.failed`` and gives no points)."""
-    from palu_ds.checkpoint import tag_for
-
-    cfg, d = run.p["protocol"], dev["dir"]
     if not target_mu:
-        raise ValueError(f"the target's utility on the development rows is {target_mu} ({d / 'eval' / 'target'}): "
-                         "relative utility is undefined; check the SFT and the utility rows")
-    spe = steps_per_epoch(run.p, dev["rows"])
+        raise ValueError(f"the target's utility on the development rows is {target_mu} ({dev['dir'] / 'eval'}"
+                         "/target): relative utility is undefined; check the SFT and the utility rows")
     points: dict[str, list[dict]] = {m: [] for m in specs}
     for g in grid_plan(run.p):
-        run_dir = d / "unlearn" / g["name"]
-        steps = {e: epoch_step(e, spe) for e in cfg["epochs"]}
-        ok = run.unlearn(f"grid_{g['name']}", specs[g["method"]], models["target"], d / "data", run_dir, g["lr"],
-                         extra=eval_overrides(run, d, cfg["epochs"]), labels=dev["labels"],
-                         done=run_dir / "eval" / tag_for(max(steps.values())) / "summary.json")
-        drop_model(run, run_dir)
-        if not ok:
-            run.failed[f"grid {g['name']}"] = f"training or its evaluation failed (see logs/grid_{g['name']}.log)"
-            continue
-        for e, s in steps.items():
-            m = read_json(run_dir / "eval" / tag_for(s) / "summary.json")["metrics"]
-            points[g["method"]].append(point(m, target_mu, method=g["method"], lr=g["lr"], epoch=e, step=s,
-                                             run=g["name"]))
+        res = evaluated_run(run, f"grid_{g['name']}", specs[g["method"]], models["target"], dev, g["name"], g["lr"],
+                            run.p["protocol"]["epochs"], f"grid {g['name']}")
+        points[g["method"]] += [point(m, target_mu, method=g["method"], lr=g["lr"], epoch=e, step=s, run=g["name"])
+                                for e, (s, m) in (res or {}).items()]
     return points
 
 
@@ -196,24 +227,17 @@ def stage_fp32_check(run: Run, specs: dict, models: dict, dev: dict, target_mu: 
     """``protocol.fp32_check`` (``{method, lr}``, for a protocol trained in bf16, ``unlearn.precision: bf16``): that
     grid point's run again with ``train.precision=fp32`` from the same target, evaluated after its last epoch:
     ``{"grid": point, "fp32": point}``."""
-    from palu_ds.checkpoint import tag_for
-
     chk = run.p["protocol"]["fp32_check"]
     if not chk:
         return None
-    epoch = max(run.p["protocol"]["epochs"])
-    step, name = epoch_step(epoch, steps_per_epoch(run.p, dev["rows"])), f"{chk['method']}_lr{chk['lr']:g}_fp32"
+    epoch, name = max(run.p["protocol"]["epochs"]), f"{chk['method']}_lr{chk['lr']:g}_fp32"
     fp32 = copy.copy(run)  # the same stages, the unlearning in fp32
     fp32.p = {**run.p, "unlearn": {**run.p["unlearn"], "precision": "fp32"}}
-    run_dir = dev["dir"] / "unlearn" / name
-    ok = fp32.unlearn(f"grid_{name}", specs[chk["method"]], models["target"], dev["dir"] / "data", run_dir,
-                      float(chk["lr"]), extra=eval_overrides(run, dev["dir"], [epoch]), labels=dev["labels"],
-                      done=run_dir / "eval" / tag_for(step) / "summary.json")
-    drop_model(run, run_dir)
-    if not ok:
-        run.failed[f"fp32 check {name}"] = f"training or its evaluation failed (see logs/grid_{name}.log)"
+    res = evaluated_run(fp32, f"grid_{name}", specs[chk["method"]], models["target"], dev, name, float(chk["lr"]),
+                        [epoch], f"fp32 check {name}")
+    if res is None:
         return None
-    m = read_json(run_dir / "eval" / tag_for(step) / "summary.json")["metrics"]
+    step, m = res[epoch]
     same = [p for p in grid.get(chk["method"], []) if p["lr"] == float(chk["lr"]) and p["epoch"] == epoch]
     return {"grid": same[0] if same else None, "fp32": point(m, target_mu, method=chk["method"], lr=float(chk["lr"]),
                                                                  epoch=epoch, step=step, run=name),
@@ -229,19 +253,14 @@ def stage_reported(run: Run, specs: dict, models: dict, pairs: dict, plan: list[
     for r in plan:
         p = pairs[r["pair"]]
         step = epoch_step(r["epoch"], steps_per_epoch(run.p, p["rows"]))
-        run_dir, stage = p["dir"] / "unlearn" / r["name"], f"report_{r['pair']}_{r['name']}"
-        extra = eval_overrides(run, p["dir"], [r["epoch"]]) + ["--snapshot-steps", str(step)]
-        extra += [f"train.seed={r['seed']}"] if r["seed"] is not None else []
-        ev = run_dir / "eval" / tag_for(step)
-        ok = run.unlearn(stage, specs[r["method"]], models["target"], p["dir"] / "data", run_dir, r["lr"],
-                         extra=extra, labels=p["labels"], done=ev / "summary.json", script=SNAPSHOT_SCRIPT)
-        drop_model(run, run_dir)
-        if not ok:
-            run.failed[f"{r['pair']} {r['name']}"] = f"training or its evaluation failed (see logs/{stage}.log)"
-            continue
-        out[f"{r['pair']}/{r['name']}"] = {**r, "step": step, "metrics": read_json(ev / "summary.json")["metrics"],
-                                           "results": str(ev / "results.json"),
-                                           "snapshot": str(run_dir / "snapshots" / tag_for(step))}
+        extra = ["--snapshot-steps", str(step)] + ([f"train.seed={r['seed']}"] if r["seed"] is not None else [])
+        res = evaluated_run(run, f"report_{r['pair']}_{r['name']}", specs[r["method"]], models["target"], p,
+                            r["name"], r["lr"], [r["epoch"]], f"{r['pair']} {r['name']}", extra, script=SNAPSHOT_SCRIPT)
+        if res is not None:
+            run_dir = p["dir"] / "unlearn" / r["name"]
+            out[f"{r['pair']}/{r['name']}"] = {**r, "step": step, "metrics": res[r["epoch"]][1],
+                                               "results": str(run_dir / "eval" / tag_for(step) / "results.json"),
+                                               "snapshot": str(run_dir / "snapshots" / tag_for(step))}
     return out
 
 
@@ -321,21 +340,17 @@ def protocol_position_nll(run: Run, pairs: dict, models: dict, base: Path, repor
 
 
 def cost_by_part(stage_seconds: dict[str, float]) -> dict[str, float]:
-    """Minutes by part of the protocol from each stage's own seconds (reused stages as measured when they ran):
-    ``{"SFT", "reference evaluations", "references (precompute)", "grid", "report", "seed reruns", "position NLL",
-    "total"}``.  Example: ``{"sft_target": 300, "grid_palu_lr1e-05": 660, "report_A_npo_seed1": 600}`` ->
-    ``{"SFT": 5.0, "grid": 11.0, "seed reruns": 10.0, "total": 26.0}``."""
-    parts: dict[str, float] = {}
-    for stage, sec in stage_seconds.items():
+    """:func:`.report.minutes_by_part` of the protocol: ``{"SFT", "reference evaluations", "references
+    (precompute)", "grid", "report", "seed reruns", "position NLL", "total"}``.  Example: ``{"sft_target": 300,
+    "grid_palu_lr1e-05": 660, "report_A_npo_seed1": 600}`` -> ``{"SFT": 5.0, "grid": 11.0, "seed reruns": 10.0,
+    "total": 26.0}``."""
+    def part(stage: str) -> str:
         head = stage.split("_", 1)[0]
-        part = {"sft": "SFT", "eval": "reference evaluations", "precompute": "references (precompute)",
-                "grid": "grid"}.get(head, stage)
         if head == "report":
-            part = "seed reruns" if "_seed" in stage else "report"
-        parts[part] = parts.get(part, 0.0) + sec / 60
-    out = {k: round(v, 1) for k, v in parts.items()}
-    out["total"] = round(sum(stage_seconds.values()) / 60, 1)
-    return out
+            return "seed reruns" if "_seed" in stage else "report"
+        return {"sft": "SFT", "eval": "reference evaluations", "precompute": "references (precompute)",
+                "grid": "grid"}.get(head, stage)
+    return minutes_by_part(stage_seconds, part)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -351,38 +366,30 @@ def sft_checks(models: dict[str, Path]) -> dict:
     return out
 
 
-def run_protocol(preset: dict, args: argparse.Namespace, argv=None) -> int:
-    """Every part of the protocol (module doc); 0 when every run succeeded, 3 when one failed, 1 when it cannot go
-    on (an SFT or a reference evaluation failed)."""
+def protocol_data(preset: dict) -> dict:
+    """The protocol checked (:func:`check_protocol`); the target's data: TOFU's split, the retain authors and every
+    protocol author (:func:`protocol_authors`) outside the split."""
     check_protocol(preset)
-    t_start, out = time.time(), prepare(preset, args)
-    cfg, tofu, d = preset["protocol"], repo_path(preset["data"]["tofu"]), preset["data"]
+    tofu, d = repo_path(preset["data"]["tofu"]), preset["data"]
     main = D.build_tofu(tofu, d["split"], d["retain_authors"], d["utility_rows"])
-    extra = [a for a in protocol_authors(cfg) if a not in main["info"]["forget_authors"]]
-    main = D.build_tofu(tofu, d["split"], d["retain_authors"], d["utility_rows"], extra)
-    run = Run(preset, out, args, main["info"])
-    D.write_jsonl(out / "data", main["files"])
-    setup = stage_setup(run, main)
-    if setup is None:
-        return 1
-    base, tok, specs, models = setup
-    pairs = stage_pairs(run, tofu, main)
+    extra = [a for a in protocol_authors(preset["protocol"]) if a not in main["info"]["forget_authors"]]
+    return D.build_tofu(tofu, d["split"], d["retain_authors"], d["utility_rows"], extra)
+
+
+def run_protocol(run: Run, base: Path, tok, specs: dict, models: dict, main: dict, argv=None) -> int:
+    """Every part of the protocol after :func:`.pipeline.setup` (module doc); 0 when every run succeeded, 3 when one
+    failed, 1 when it cannot go on (a reference evaluation failed)."""
+    pairs = stage_pairs(run, repo_path(run.p["data"]["tofu"]), main)
     refs = stage_reference_evals(run, pairs, models, base)
     if refs is None:
         return 1
     report = run_parts(run, specs, models, base, pairs, refs)
-    report.update({
-        "command": " ".join(["python", "-m", "benchmarks.tofu", *(argv if argv is not None else sys.argv[1:])]),
-        "preset": preset, "base_model": str(base), "data": main["info"], "vocab_size": len(tok),
-        "max_new_tokens": run.max_new, "sft_models": {n: str(m.parent) for n, m in models.items()},
-        "sft": sft_checks(models), "references": refs, "specs": specs, "failed": run.failed,
-        "pairs": {n: {k: str(v) if isinstance(v, Path) else v for k, v in p.items()} for n, p in pairs.items()},
-        "stage_seconds": run.stages.seconds, "stage_status": run.stages.status,
-        "cost_minutes": cost_by_part(run.stages.seconds), "wall_seconds": round(time.time() - t_start, 1)})
+    report.update({"sft": sft_checks(models), "references": refs, "cost_minutes": cost_by_part(run.stages.seconds),
+                   "pairs": {n: {k: str(v) if isinstance(v, Path) else v for k, v in p.items()}
+                             for n, p in pairs.items()}})
     from .protocol_report import render_markdown, render_png
 
-    write_report(run, report, render_markdown, render_png)
-    return 0 if not run.failed else 3
+    return write_report(run, argv, base, tok, specs, models, report, render_markdown, render_png)
 
 
 def run_parts(run: Run, specs: dict, models: dict, base: Path, pairs: dict, refs: dict) -> dict:

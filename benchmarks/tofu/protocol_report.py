@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import fmt, metrics_table
+from .report import figure, fmt, metrics_table, position_nll_lines, sft_lines
 
 REF_COLS = [("forget_quality", "forget quality"), ("ks_statistic", "KS D"), ("forget/prob", "forget prob"),
             ("forget/rougeL_recall", "forget ROUGE-L"), ("model_utility", "utility")]
@@ -22,8 +22,7 @@ def _pt(p: dict) -> str:
 
 
 def reference_lines(report: dict) -> list[str]:
-    lines = [f"- {n} SFT: answer NLL {v['first_nll']:.3f} -> {v['last_nll']:.3f} in {v['steps']} steps"
-             + ("" if v["memorized"] else " (WARNING: not memorized, >= 0.1)") for n, v in report["sft"].items()]
+    lines = sft_lines(report["sft"])
     for pair, ms in report["references"].items():
         lines += ["", f"Reference models on {pair} (authors {report['pairs'][pair]['authors']}):", "",
                   metrics_table(list(ms.items()), REF_COLS)]
@@ -93,10 +92,7 @@ def render_markdown(report: dict) -> str:
              "new tokens.", ""]
     lines += reference_lines(report) + grid_lines(report) + pair_lines(report) + decision_lines(report)
     for pair, rows in (report.get("position_nll") or {}).items():
-        kinds = ("I_init", "rest of span", "common")
-        lines += ["", f"Answer NLL (nats/token) by position kind on pair {pair} (PALU's labels, N = 3):", "",
-                  "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-        lines += [f"| {n} | " + " | ".join(f"{r[k]:.2f}" for k in kinds) + " |" for n, r in rows.items()]
+        lines += position_nll_lines(f"by position kind on pair {pair}", rows)
     lines += ["", p["footnote"]] if p["footnote"] else []
     lines += [f"- FAILED {n}: {e}" for n, e in report.get("failed", {}).items()]
     cost = dict(report["cost_minutes"])
@@ -106,7 +102,7 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _panel(ax, title: str, colors: dict, retain_mu: float | None, floor: float) -> None:
+def _panel(ax, title: str, retain_mu: float | None, floor: float) -> None:
     if retain_mu is not None:
         ax.scatter([retain_mu], [0.0], marker="*", s=180, color="gold", edgecolor="black", zorder=5,
                    label="retain model (ideal)")
@@ -118,29 +114,25 @@ def _panel(ax, title: str, colors: dict, retain_mu: float | None, floor: float) 
 
 
 def render_png(report: dict, path: str | Path) -> None:
-    import matplotlib
+    floor, pairs = report["preset"]["protocol"]["utility_floor"], list(report.get("numbers", {}))
+    with figure(path, 1 + len(pairs), 6, 5) as (axes, cycle):
+        colors = {m: cycle[i % len(cycle)] for i, m in enumerate(report["grid"])}
+        _frontier(report, axes, pairs, colors, floor)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    methods = list(report["grid"])
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colors = {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}
-    floor = report["preset"]["protocol"]["utility_floor"]
-    pairs = list(report.get("numbers", {}))
-    fig, axes = plt.subplots(1, 1 + len(pairs), figsize=(6 * (1 + len(pairs)), 5), squeeze=False)
-    dev = report["references"]["dev"]
-    ax = axes[0][0]
+def _frontier(report: dict, axes, pairs: list[str], colors: dict, floor: float) -> None:
+    """The grid on the development authors (first panel), each reported pair's selected points with intervals."""
+    dev, ax = report["references"]["dev"], axes[0]
     for m, pts in report["grid"].items():
         ax.scatter([p["mu_rel"] for p in pts], [p["ks"] for p in pts], s=[12 + 4 * p["epoch"] for p in pts],
                    color=colors[m], alpha=0.6, label=m)
         s = report["selection"].get(m)
         if s:
             ax.scatter([s["point"]["mu_rel"]], [s["point"]["ks"]], s=120, facecolor="none", edgecolor="black")
-    _panel(ax, "development authors: every grid point (size = epochs; circled = selected)", colors,
+    _panel(ax, "development authors: every grid point (size = epochs; circled = selected)",
            dev["retain"]["model_utility"] / dev["target"]["model_utility"], floor)
     ax.legend(fontsize=6)
-    for ax, pair in zip(axes[0][1:], pairs):
+    for ax, pair in zip(axes[1:], pairs):
         for name, n in report["numbers"][pair].items():
             if name == "retain" or n.get("mu_rel") is None:
                 continue
@@ -149,9 +141,5 @@ def render_png(report: dict, path: str | Path) -> None:
             yerr = [[max(0.0, n["ks"] - k[0])], [max(0.0, k[1] - n["ks"])]]  # a percentile interval may miss the point
             ax.errorbar([n["mu_rel"]], [n["ks"]], xerr=xerr, yerr=yerr, fmt="o" if n.get("seed") is None else "s",
                         color=colors.get(n["method"], "black"), capsize=3, label=name)
-        _panel(ax, f"pair {pair}: selected points, 95% intervals", colors,
-               report["numbers"][pair]["retain"]["mu_rel"], floor)
+        _panel(ax, f"pair {pair}: selected points, 95% intervals", report["numbers"][pair]["retain"]["mu_rel"], floor)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 NAMES = {"prob": "prob", "rougeL_recall": "ROUGE-L", "truth_ratio": "TR"}
@@ -62,31 +63,43 @@ def goal_check(results: dict[str, dict], goal: dict) -> dict:
     return out
 
 
-def cost_by_part(stage_seconds: dict[str, float], specs: dict[str, dict]) -> dict[str, float]:
-    """Minutes from scratch by part, from each stage's own seconds (a reused stage keeps the seconds it took):
-    ``SFT``, ``development sweep``, ``references`` (the shared precomputes), ``methods`` / ``ablations`` (each run's
-    unlearning and evaluation),
-    ``base, retain, target evaluation``, the others by stage name, and ``total``.  Example: ``{"sft_target": 300,
-    "unlearn_palu": 200, "eval_palu": 130}`` with palu a method -> ``{"SFT": 5.0, "methods": 5.5, "total": 10.5}``."""
+def minutes_by_part(stage_seconds: dict[str, float], part_of) -> dict[str, float]:
+    """Minutes from scratch by ``part_of(stage)``, from each stage's own seconds (a reused stage keeps the seconds it
+    took), rounded to 0.1, and ``total``."""
     parts: dict[str, float] = {}
     for stage, sec in stage_seconds.items():
+        parts[part_of(stage)] = parts.get(part_of(stage), 0.0) + sec / 60
+    return {**{k: round(v, 1) for k, v in parts.items()}, "total": round(sum(stage_seconds.values()) / 60, 1)}
+
+
+def cost_by_part(stage_seconds: dict[str, float], specs: dict[str, dict]) -> dict[str, float]:
+    """:func:`minutes_by_part` of the runner: ``SFT``, ``development sweep``, ``references`` (the shared
+    precomputes), ``methods`` / ``ablations`` (each run's unlearning and evaluation), ``base, retain, target
+    evaluation``, the others by stage name.  Example: ``{"sft_target": 300, "unlearn_palu": 200, "eval_palu": 130}``
+    with palu a method -> ``{"SFT": 5.0, "methods": 5.5, "total": 10.5}``."""
+    def part(stage: str) -> str:
         run = stage.split("_", 1)[1] if stage.startswith(("unlearn_", "eval_")) else None
         if "sweep" in stage or stage.startswith("precompute_dev"):
-            part = "development sweep"
-        elif stage.startswith("sft_"):
-            part = "SFT"
-        elif stage.startswith("precompute_"):
-            part = "references"
-        elif run in specs:
-            part = specs[run]["group"] + "s"
-        elif run in ("base", "retain", "target"):
-            part = "base, retain, target evaluation"
-        else:
-            part = stage
-        parts[part] = parts.get(part, 0.0) + sec / 60
-    parts = {k: round(v, 1) for k, v in parts.items()}
-    parts["total"] = round(sum(stage_seconds.values()) / 60, 1)
-    return parts
+            return "development sweep"
+        if stage.startswith(("sft_", "precompute_")):
+            return "SFT" if stage.startswith("sft_") else "references"
+        if run in specs:
+            return specs[run]["group"] + "s"
+        return "base, retain, target evaluation" if run in ("base", "retain", "target") else stage
+    return minutes_by_part(stage_seconds, part)
+
+
+def sft_lines(sft: dict) -> list[str]:
+    return [f"- {n} SFT: answer NLL {v['first_nll']:.3f} -> {v['last_nll']:.3f} in {v['steps']} steps"
+            + ("" if v.get("memorized", True) else " (WARNING: not memorized, >= 0.1)") for n, v in sft.items()]
+
+
+def position_nll_lines(what: str, rows: dict) -> list[str]:
+    """The table of answer NLL by position kind (``what``: on which rows), ``rows`` = ``{model: {kind: nll}}``."""
+    kinds = ("I_init", "rest of span", "common")
+    return ["", f"Answer NLL (nats/token) {what} (PALU's labels, N = 3):", "",
+            "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)] + [
+        f"| {n} | " + " | ".join(f"{r[k]:.2f}" for k in kinds) + " |" for n, r in rows.items()]
 
 
 def lr_text(report: dict) -> str:
@@ -143,24 +156,29 @@ def render_markdown(report: dict) -> str:
 
         lines.append(sweep_markdown(report["sweep"]))
     lines += [preset["footnote"], ""] if preset["footnote"] else []
-    lines += [f"- {n} SFT: answer NLL {v['first_nll']:.3f} -> {v['last_nll']:.3f} in {v['steps']} steps"
-              for n, v in report.get("sft", {}).items()]
-    lines += _goal_lines(report)
-    pos = report.get("position_nll") or {}
-    if pos:
-        kinds = ("I_init", "rest of span", "common")
-        lines += ["", "Answer NLL (nats/token) on the forget set by position kind (PALU's labels, N = 3):", "",
-                  "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-        lines += [f"| {n} | " + " | ".join(f"{r[k]:.2f}" for k in kinds) + " |" for n, r in pos.items()]
+    lines += sft_lines(report.get("sft", {})) + _goal_lines(report)
+    lines += position_nll_lines("on the forget set by position kind", report["position_nll"]) if report.get("position_nll") else []
     lines += [f"- FAILED {n}: {e}" for n, e in report.get("failed", {}).items()]
     return "\n".join(lines + _cost_lines(report)) + "\n"
 
 
-def _plot_panel(ax, title: str, names: list[str], report: dict) -> None:
+@contextmanager
+def figure(path: str | Path, panels: int, width: float, height: float):
+    """``panels`` matplotlib axes side by side (no display needed), the figure saved to ``path`` after the block."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, height), squeeze=False)
+    yield axes[0], plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_panel(ax, title: str, names: list[str], report: dict, colors: list[str]) -> None:
     res, specs = report["results"], report["specs"]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     labels_at: dict = {}
     for i, n in enumerate(names):
         m = res.get(n, {})
@@ -195,18 +213,10 @@ def _plot_panel(ax, title: str, names: list[str], report: dict) -> None:
 
 
 def render_png(report: dict, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     specs = report["specs"]
     groups = [("methods", [n for n, s in specs.items() if s["group"] == "method"]),
               ("ablations", [n for n, s in specs.items() if s.get("ablation")])]
     groups = [(t, ns) for t, ns in groups if ns]
-    fig, axes = plt.subplots(1, len(groups), figsize=(7 * len(groups), 5.5), squeeze=False)
-    for ax, (title, names) in zip(axes[0], groups):
-        _plot_panel(ax, title, names, report)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, len(groups), 7, 5.5) as (axes, colors):
+        for ax, (title, names) in zip(axes, groups):
+            _plot_panel(ax, title, names, report, colors)

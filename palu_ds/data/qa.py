@@ -6,9 +6,10 @@ token masks ``sens_mask`` (I_init) and ``common_mask`` described in :mod:`palu_d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from palu_ds.batch import IGNORE_INDEX
 from palu_ds.data.errors import DataError, at
@@ -17,6 +18,7 @@ from palu_ds.data.io import load_records
 from palu_ds.data.prompt import DEFAULT_FORMAT, PromptFormat, encode_pair, uses_chat
 from palu_ds.data.spans import (check_offsets, detect_spans, model_spans, parse_target_words, split_init_common,
                                 token_mask_from_spans)
+from palu_ds.settings import check_choices, setting
 
 log = logging.getLogger(__name__)
 
@@ -29,26 +31,21 @@ class QAOptions:
     """How to read and label a QA dataset: declared once, the ``data`` section of a run config extends it
     (palu_ds.config.DataConfig)."""
 
-    question_key: str = field(default="question", metadata={"help": "the question field of a QA row"})
-    answer_key: str = field(default="answer", metadata={"help": "the answer field of a QA row"})
-    spans_key: str = field(default="target_words", metadata={"help": "the field of a row's labelled sensitive spans"})
-    max_length: int = field(default=256, metadata={
-        "help": "longest tokenized example (prompt + answer); longer ones are cut"})
-    n_init: int | None = field(default=3, metadata={
-        "help": "I_init = the first n_init tokens of each sensitive span; null: whole spans (set by method.params.N "
-                "when given)"})
-    span_source: str = field(default="auto", metadata={
-        "help": "the forget set's spans: auto (labels when present, else detector) | labels | detector | model | none",
-        "choices": SPAN_SOURCES})
-    span_model: str | None = field(default=None, metadata={
-        "help": "a transformers token-classification model for span_source: model"})
-    prompt: PromptFormat = field(default=DEFAULT_FORMAT, metadata={
-        "help": "how QA becomes tokens for training, precompute and in-training evaluation (the tokenizer's chat "
-                "template as open-unlearning applies it)"})
+    question_key: str = setting("question", "the question field of a QA row")
+    answer_key: str = setting("answer", "the answer field of a QA row")
+    spans_key: str = setting("target_words", "the field of a row's labelled sensitive spans")
+    max_length: int = setting(256, "longest tokenized example (prompt + answer); longer ones are cut")
+    n_init: int | None = setting(3, "I_init = the first n_init tokens of each sensitive span; null: whole spans (set "
+                                    "by method.params.N when given)")
+    span_source: str = setting("auto", "the forget set's spans: auto (labels when present, else detector) | labels | "
+                                       "detector | model | none", choices=SPAN_SOURCES)
+    span_model: str | None = setting(None, "a transformers token-classification model for span_source: model")
+    prompt: PromptFormat = setting(DEFAULT_FORMAT, "how QA becomes tokens for training, precompute and in-training "
+                                                   "evaluation (the tokenizer's chat template as open-unlearning "
+                                                   "applies it)")
 
-    def __post_init__(self):
-        if self.span_source not in SPAN_SOURCES:
-            raise ValueError(f"data.span_source must be one of {SPAN_SOURCES}, got {self.span_source!r}")
+    def __post_init__(self):  # its own fields only: the run config checks its sections in validate_config
+        check_choices(self, "data", fields=dataclasses.fields(QAOptions))
 
 
 class QADataset(ExampleDataset):
