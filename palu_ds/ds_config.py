@@ -15,12 +15,17 @@ JSON's ``bf16`` section is always turned off, for two reasons:
 * stage 0: DeepSpeed's own bf16 keeps bf16 gradients and accumulates in bf16;
 * ZeRO 1-3 (issue 29): DeepSpeed's bf16 needs the model in bf16 before ``deepspeed.initialize``, so its fp32 master
   partitions are made from bf16-rounded weights: every master starts exactly on the bf16 grid, and the bf16 copy the
-  forward runs on moves only once a master has drifted half a bf16 ulp (|w| / 512), about 50 Adam steps at lr 1e-5
-  for |w| ~ 0.15. The masters did accumulate every update (measured on SmolLM2, ZeRO-3, 8 npo steps: master change
-  cosine 0.99 with fp32's, same norm), but the forward saw 7.7% of the weights move and the objective fell 16.3 ->
-  12.7 where fp32's fell to 4.3. Under autocast each product rounds the fp32 weight afresh, whose sub-bf16 part is
-  kept, so small updates flip a rounding in proportion to their size and the products follow the weights on
-  average (the same 8 steps at stage 0: 16.3 -> 6.9, fp32 6.3). The saved model is the fp32 weights.
+  forward runs on moves only once a master has drifted half a bf16 ulp (|w|/512 to |w|/256), about 50 Adam steps
+  at lr 1e-5 for |w| ~ 0.15. The masters did accumulate every update (SmolLM2, 2-rank ZeRO-3, npo, lr 1e-5, 8
+  steps: master change cosine 0.97 with fp32's, same norm), but the forward saw 7.7% of the weights move and the
+  objective fell 16.3 -> 12.7 where fp32's fell to 4.3. Under autocast each product rounds the fp32 weight
+  afresh, whose sub-bf16 part is kept, so small updates flip a rounding in proportion to their size and the
+  products follow the weights on average: the same run now falls 16.3 -> 4.6, its weight change at cosine 0.997
+  with fp32's. The saved model is the fp32 weights. Test: tests/test_engine_e2e.py::
+  test_bf16_under_zero3_moves_the_weights_as_fp32_does. (A checkpoint stored in bf16 starts on the grid either way;
+  its products then lag as any bf16 training's do, while the norms and embeddings, fp32 under autocast, do not.)
+  Memory: under ZeRO-3 the fp32 partitions are the masters (no bf16 partition beside them); under ZeRO 1-2 each
+  rank holds fp32 weights and gradients, not bf16 ones.
 
 The loss terms take bf16 logits and compute in fp32 (palu_ds.losses); the engine runs them outside autocast.
 """
