@@ -7,7 +7,7 @@ run so that the numbers are ratios taken on the same machine state:
   4 retain TOFU rows per step, max 96 tokens);
 - our unlearning step through launch/train.py for each ``--methods`` (registry names; a method that needs the
   reference reads it precomputed, ``--resident`` adds its resident-reference run) and each ``--precisions``, on 1
-  process (2 threads, ZeRO stage 0; bf16 = autocast) and on 2 ranks under ZeRO-3 (1 thread each; bf16 = DeepSpeed's);
+  process (2 threads, ZeRO stage 0) and on 2 ranks under ZeRO-3 (1 thread each); bf16 = autocast at both;
 
 each reported as training tokens/s (median over the steps after the first two), its ratio to the plain step of the
 same precision, peak RSS per rank, and the model-FLOPs utilisation MFU = 6 x parameters x tokens/s / matmul rate of

@@ -97,8 +97,8 @@ class TrainConfig:
                              choices=("dense", "chunked"))
     head_chunk_elems: int = setting(1 << 24, "chunked: logits elements alive at a time (rows = this // vocabulary)")
     precision: str = setting("auto", "auto (the DeepSpeed config's bf16.enabled; its \"auto\": bf16 on GPUs, fp32 on "
-                                     "CPU) | fp32 | bf16: mixed precision with fp32 master weights and fp32 losses "
-                                     "(ZeRO 1-3: DeepSpeed's bf16; stage 0: torch autocast)", choices=PRECISIONS)
+                                     "CPU) | fp32 | bf16: torch autocast at every ZeRO stage (fp32 weights, which are "
+                                     "the master weights; bf16 products; fp32 losses)", choices=PRECISIONS)
 
 
 @dataclass

@@ -7,12 +7,25 @@ of a loop over tensors; 7x faster on a 108M-parameter step, 2 threads).
 Precision is decided here, once (:func:`resolve_precision`), from ``train.precision`` and the JSON's
 ``bf16.enabled``: ``"auto"`` in the JSON follows ``train.precision``; ``train.precision: auto`` follows the JSON
 (its ``"auto"``: bf16 on an accelerator, fp32 on CPU); an explicit JSON value that contradicts an explicit
-``train.precision`` is an error. bf16 keeps fp32 master weights and fp32 optimizer state in both forms it takes:
+``train.precision`` is an error. bf16 is ``torch_autocast`` (bf16) at every ZeRO stage: the weights stay fp32 and
+are themselves the master weights (ZeRO partitions them; Adam's state and the accumulated gradients are fp32), only
+the matrix products (and, under ZeRO, the Linear weights' all-gathers and gradient reductions) run in bf16. The
+JSON's ``bf16`` section is always turned off, for two reasons:
 
-* ZeRO stage 1-3: DeepSpeed's ``bf16`` section (bf16 weights and activations; ZeRO holds the fp32 master
-  partitions and Adam's state);
-* stage 0: ``torch_autocast`` (bf16) -- DeepSpeed's own stage-0 bf16 keeps bf16 gradients and accumulates in bf16;
-  under autocast the weights, their gradients and Adam stay fp32 and only the matrix products run in bf16.
+* stage 0: DeepSpeed's own bf16 keeps bf16 gradients and accumulates in bf16;
+* ZeRO 1-3 (issue 29): DeepSpeed's bf16 needs the model in bf16 before ``deepspeed.initialize``, so its fp32 master
+  partitions are made from bf16-rounded weights: every master starts exactly on the bf16 grid, and the bf16 copy the
+  forward runs on moves only once a master has drifted half a bf16 ulp (|w|/512 to |w|/256), about 50 Adam steps
+  at lr 1e-5 for |w| ~ 0.15. The masters did accumulate every update (SmolLM2, 2-rank ZeRO-3, npo, lr 1e-5, 8
+  steps: master change cosine 0.97 with fp32's, same norm), but the forward saw 7.7% of the weights move and the
+  objective fell 16.3 -> 12.7 where fp32's fell to 4.3. Under autocast each product rounds the fp32 weight
+  afresh, whose sub-bf16 part is kept, so small updates flip a rounding in proportion to their size and the
+  products follow the weights on average: the same run now falls 16.3 -> 4.6, its weight change at cosine 0.997
+  with fp32's. The saved model is the fp32 weights. Test: tests/test_engine_e2e.py::
+  test_bf16_under_zero3_moves_the_weights_as_fp32_does. (A checkpoint stored in bf16 starts on the grid either way;
+  its products then lag as any bf16 training's do, while the norms and embeddings, fp32 under autocast, do not.)
+  Memory: under ZeRO-3 the fp32 partitions are the masters (no bf16 partition beside them); under ZeRO 1-2 each
+  rank holds fp32 weights and gradients, not bf16 ones.
 
 The loss terms take bf16 logits and compute in fp32 (palu_ds.losses); the engine runs them outside autocast.
 """
@@ -68,11 +81,9 @@ def fill_ds_config(ds: dict, train, world: int, on_cpu: bool) -> dict:
         params["torch_adam"] = True
         if "foreach" not in params:
             params.setdefault("fused", True)
-    bf16 = resolve_precision(ds, getattr(train, "precision", "auto"), on_cpu) == "bf16"
-    if bf16 and zero_stage(ds) == 0:  # autocast: fp32 weights, gradients and Adam; bf16 matrix products
+    if resolve_precision(ds, getattr(train, "precision", "auto"), on_cpu) == "bf16":  # at every stage (docstring)
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", **ds.get("torch_autocast", {})}
-        bf16 = False
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": False}
     sect = ds.get("fp16")
     if sect is not None and _is_auto(sect.get("enabled", "auto")):
         sect["enabled"] = False

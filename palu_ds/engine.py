@@ -179,7 +179,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.ds_config = load_ds_config(self.ds_config_path, cfg.train, self.world, self.device.type == "cpu")
         self.gas = self.ds_config["gradient_accumulation_steps"]
-        self.autocast = autocast_dtype(self.ds_config)  # bf16 at stage 0: DeepSpeed autocasts the model's forward
+        self.autocast = autocast_dtype(self.ds_config)  # bf16: DeepSpeed autocasts the model's forward
         if self.world == 1 and zero_stage(self.ds_config) in (1, 2):
             log.warning("ZeRO stage %d on one process partitions nothing and costs time and memory (its flat gradient "
                         "copies): use a stage-0 config (ds_configs/cpu/zero0.json)", zero_stage(self.ds_config))
@@ -425,7 +425,7 @@ class Trainer:
 
         ids = torch.cat([widen(micro[n]["input_ids"], pad) for n in names]).to(self.device)
         mask = torch.cat([widen(micro[n]["attention_mask"], 0) for n in names]).to(self.device)
-        # bf16 at stage 0: one autocast region over the model (DeepSpeed's own nests in it) and the answer-only head,
+        # bf16: one autocast region over the model (DeepSpeed's own nests in it) and the answer-only head,
         # so the tied head weight is cast once per forward; the loss terms run outside it, in fp32
         with torch.autocast(self.device.type, self.autocast) if self.autocast else nullcontext():
             return self._packed_logits(micro, ids, mask) if self.answer_only else self._dense_logits(micro, ids, mask)

@@ -30,7 +30,7 @@ def test_every_deepspeed_json_fills_auto(path, world):
     train = load_config(os.path.join(ROOT, "launch", "configs", "demo.yaml")).train
     ds = load_ds_config(path, train, world, on_cpu="cpu" in path)
     assert ds["train_batch_size"] == train.batch_size * train.grad_accum * world
-    assert "auto" not in str(ds)
+    assert "'auto'" not in str(ds)  # no value left "auto" (the key torch_autocast is not one)
     assert ds["optimizer"]["params"]["lr"] == train.lr
 
 
@@ -38,15 +38,16 @@ def test_every_deepspeed_json_fills_auto(path, world):
 @pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
 def test_precision_is_resolved_once_from_train_precision_and_the_json(stage, precision):
     """The shipped CPU configs say ``"bf16": {"enabled": "auto"}``: train.precision decides (auto: fp32 on CPU).
-    bf16 is DeepSpeed's bf16 under ZeRO and torch autocast at stage 0 (fp32 weights and Adam there); Adam on CPU
-    is torch's fused AdamW."""
+    bf16 is torch autocast at every stage (fp32 weights, which are the master weights, and fp32 Adam; DeepSpeed's
+    ``bf16`` section is off: under ZeRO its fp32 masters would start from bf16-rounded weights, issue 29); Adam on
+    CPU is torch's fused AdamW."""
     from palu_ds.ds_config import autocast_dtype
 
     train = load_config(None, BASE + ["data.retain.source=r", f"train.precision={precision}"]).train
     ds = load_ds_config(os.path.join(ROOT, "ds_configs", "cpu", f"zero{stage}.json"), train, 1, on_cpu=True)
     bf16 = precision == "bf16"
-    assert ds["bf16"]["enabled"] is (bf16 and stage > 0)
-    assert autocast_dtype(ds) == (torch.bfloat16 if bf16 and stage == 0 else None)
+    assert ds["bf16"]["enabled"] is False
+    assert autocast_dtype(ds) == (torch.bfloat16 if bf16 else None)
     assert ds["optimizer"]["params"]["fused"] is True and ds["optimizer"]["params"]["torch_adam"] is True
 
 
