@@ -224,8 +224,8 @@ class Trainer:
         cfg = self.cfg
         # transformers loads under deepspeed.zero.Init while this object lives (ZeRO-3); no device_map here.
         self._hf_ds = HfDeepSpeedConfig(self.ds_config) if zero_stage(self.ds_config) == 3 else None
-        dtype = torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype,
+        # fp32 in every precision: bf16 is autocast, the fp32 weights are the master weights (palu_ds.ds_config)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32,
                                                      trust_remote_code=cfg.model.trust_remote_code)
         model.config.use_cache = False
         if cfg.model.gradient_checkpointing:

@@ -136,7 +136,7 @@ def load_reference_model(cfg, ds_config):
     from palu_ds.ds_config import zero_stage
 
     path = cfg.reference.model  # resolved (palu_ds.config.resolve): model.path unless set
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    dtype = torch.float32  # as the trained model: bf16 is autocast over fp32 weights (palu_ds.ds_config)
     if zero_stage(ds_config) == 3:
         inf_cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
         inf_cfg["zero_optimization"] = {k: v for k, v in ds_config["zero_optimization"].items()
