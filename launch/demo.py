@@ -106,6 +106,7 @@ def tiny_demo(args) -> int:
 
 REAL_DATA = os.path.join(ROOT, "launch", "data", "real_facts")
 SIDES = ("forget", "retain", "holdout")  # holdout: never trained on (does it keep what it was not shown?)
+DEV = "dev"  # development questions: asked only by --select (choosing the settings), never in the report
 
 
 def known_rows(results: dict, name: str) -> list[dict]:

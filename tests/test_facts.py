@@ -34,13 +34,25 @@ def test_bad_rows_are_named(tmp_path):
 
 def test_shipped_facts_are_valid_and_labelled():
     """Every shipped row loads, its key names its own answer, and its label is the key's first alternative."""
-    for name in demo.SIDES:
+    for name in (*demo.SIDES, demo.DEV):
         rows = load_rows(os.path.join(demo.REAL_DATA, f"{name}.jsonl"))
         assert rows
         for r in rows:
             assert names_key(r["answer"], r["key"]), r
             (w,) = r["target_words"]
             assert r["answer"][w["start"]:w["end"]] == w["word"] == r["key"].split("|")[0]
+
+
+def test_dev_questions_are_apart_from_the_reported_ones():
+    """The development questions (chosen on by ``demo.py --select``) share no question and no fact with forget, retain
+    or holdout: no development key names a reported answer and no reported key names a development answer."""
+    reported = [r for name in demo.SIDES for r in load_rows(os.path.join(demo.REAL_DATA, f"{name}.jsonl"))]
+    dev = load_rows(os.path.join(demo.REAL_DATA, f"{demo.DEV}.jsonl"))
+    assert len(dev) >= 10 and len({r["question"] for r in dev}) == len(dev)
+    assert not {r["question"] for r in dev} & {r["question"] for r in reported}
+    for d in dev:
+        for r in reported:
+            assert not names_key(r["answer"], d["key"]) and not names_key(d["answer"], r["key"]), (d["key"], r["key"])
 
 
 def test_check_rows_on_a_model(tiny):
