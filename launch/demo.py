@@ -314,6 +314,8 @@ def select_settings(args) -> int:
             extra = [*shared, *(f"{k}={v}" for k, v in settings.items()),
                      f"train.resume={'never' if j == 0 else 'auto'}"]  # a later step count extends the run
             train = f"train {name} (2 ranks)"
+            if j == 0 and not os.path.exists(answers):  # a fresh run: no checkpoint of an earlier one to extend
+                shutil.rmtree(f"{run_dir}/checkpoints", ignore_errors=True)
             run(stages, train, deepspeed("launch/train.py", args.ds, REAL_CONFIG,
                                          unlearn_overrides(base, out, run_dir, extra), args.port), done=answers)
             after = ask(stages, args, out, f"ask {name} (2 ranks)", f"{run_dir}/model", name, SELECTED)
