@@ -11,6 +11,9 @@
     python launch/demo.py --out runs/demo          # the real model (make demo)
     python launch/demo.py --tiny --out runs/demo   # the fast synthetic pipeline: generated TOFU-style data, a tiny
                                                    # Llama trained from scratch, PALU, TOFU evaluation (tests use it)
+    python launch/demo.py --select --out runs/demo_select  # how the real demo's settings were chosen: a small grid
+                                                   # scored on development questions (launch/data/real_facts/dev.jsonl)
+                                                   # that the report never shows, by the rule in BENCHMARKS.md
 """
 import argparse
 import json
@@ -20,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from palu_ds.atomic import write_jsonl
+from palu_ds.atomic import write_json, write_jsonl, write_text
 from palu_ds.localrun import launcher_cmd
 from palu_ds.process import refusing
 from palu_ds.stages import Stages
@@ -38,8 +41,8 @@ def pipeline(out: str) -> Stages:
     return Stages(out, fresh=True, tag="demo", echo=True, cwd=ROOT)
 
 
-def run(stages: Stages, stage: str, cmd: list[str]) -> None:
-    if not stages.run(stage, cmd):
+def run(stages: Stages, stage: str, cmd: list[str], done=None) -> None:
+    if not stages.run(stage, cmd, done=done):
         raise StageFailed(f"{stage} failed: see {stages.logs}")
 
 
@@ -107,6 +110,7 @@ def tiny_demo(args) -> int:
 
 REAL_DATA = os.path.join(ROOT, "launch", "data", "real_facts")
 SIDES = ("forget", "retain", "holdout")  # holdout: never trained on (does it keep what it was not shown?)
+DEV = "dev"  # development questions: asked only by --select (choosing the settings), never in the report
 
 
 def known_rows(results: dict, name: str) -> list[dict]:
@@ -147,40 +151,65 @@ def report(before: dict, after: dict, kept: dict) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", all_scores
 
 
-def real_demo(args) -> int:
-    """SmolLM2-135M-Instruct forgets who wrote the Shakespeare / Dickens / Orwell books and keeps the rest."""
-    out = os.path.abspath(args.out)
-    stages = pipeline(out)
+REAL_CONFIG = "launch/configs/real_facts.yaml"
+TRAINED = ("forget", "retain")  # the training sets (the rows of each the base model knows)
+
+
+def fetch_base(stages: Stages) -> str:
+    """The base model's folder (palu-ds fetch-model smollm2, cached after the first run), timed as a stage."""
     t = time.time()
     print("\n=== fetch SmolLM2-135M-Instruct (palu-ds fetch-model smollm2; cached after the first run)", flush=True)
     fetched = subprocess.run([sys.executable, "-m", "palu_ds.cli", "fetch-model", "smollm2"], cwd=ROOT, check=True,
                              stdout=subprocess.PIPE, text=True)
-    base = fetched.stdout.strip().splitlines()[-1]
     stages.seconds["fetch model"] = round(time.time() - t, 1)
-    data = [os.path.join(REAL_DATA, f"{name}.jsonl") for name in SIDES]
+    return fetched.stdout.strip().splitlines()[-1]
 
-    def ask(stage: str, model: str, name: str) -> dict:
-        run(stages, stage, launcher_cmd("palu_eval/facts.py", ["--model", model, "--data", *data,
-                                                                "--out", f"{out}/facts/{name}.json"], 2, args.port))
-        with open(f"{out}/facts/{name}.json", encoding="utf-8") as f:
-            return json.load(f)
 
-    before = ask("ask the base model (2 ranks)", base, "before")
-    kept = {name: known_rows(before, name) for name in SIDES}
+def ask(stages: Stages, args, out: str, stage: str, model: str, name: str, sides) -> dict:
+    """``model``'s answers to the questions of ``sides`` (2 ranks), kept in ``OUT/facts/<name>.json`` (a stage that
+    is reused when that file and its command are unchanged, unless the pipeline is fresh)."""
+    path = f"{out}/facts/{name}.json"
+    data = [os.path.join(REAL_DATA, f"{side}.jsonl") for side in sides]
+    run(stages, stage, launcher_cmd("palu_eval/facts.py", ["--model", model, "--data", *data, "--out", path], 2,
+                                    args.port), done=path)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def training_data(before: dict, out: str, sides) -> dict | None:
+    """The rows of ``sides`` the base model knows; the forget and retain ones written as the training sets in
+    ``OUT/data``. None (with the error printed) when there is nothing to unlearn or nothing to keep."""
+    kept = {name: known_rows(before, name) for name in sides}
     if not kept["forget"] or not kept["retain"]:
         print(f"error: the base model answered {len(kept['forget'])} forget and {len(kept['retain'])} retain "
               "questions correctly: nothing to unlearn or nothing to keep", file=sys.stderr)
-        return 1
-    for name in ("forget", "retain"):  # the training sets
+        return None
+    for name in TRAINED:
         write_jsonl(f"{out}/data/{name}.jsonl", kept[name])
-    overrides = [f"model.path={base}", f"data.forget.source={out}/data/forget.jsonl",
-                 f"data.retain.source={out}/data/retain.jsonl", f"train.output_dir={out}/palu", "train.resume=never"]
+    return kept
+
+
+def unlearn_overrides(base: str, out: str, run_dir: str, extra=()) -> list[str]:
+    """The config overrides of an unlearning run (or its precompute) on the training sets of ``out``."""
+    return [f"model.path={base}", f"data.forget.source={out}/data/forget.jsonl",
+            f"data.retain.source={out}/data/retain.jsonl", f"train.output_dir={run_dir}", *extra]
+
+
+def real_demo(args) -> int:
+    """SmolLM2-135M-Instruct forgets who wrote the Shakespeare / Dickens / Orwell books and keeps the rest."""
+    out = os.path.abspath(args.out)
+    stages = pipeline(out)
+    base = fetch_base(stages)
+    before = ask(stages, args, out, "ask the base model (2 ranks)", base, "before", SIDES)
+    kept = training_data(before, out, SIDES)
+    if kept is None:
+        return 1
+    overrides = unlearn_overrides(base, out, f"{out}/palu", ["train.resume=never"])
     shutil.rmtree(os.path.join(out, "palu", "reference_cache"), ignore_errors=True)  # another run's cache
-    cfg = "launch/configs/real_facts.yaml"
-    run(stages, "precompute reference (2 ranks)", deepspeed("launch/precompute.py", args.ds, cfg, overrides,
+    run(stages, "precompute reference (2 ranks)", deepspeed("launch/precompute.py", args.ds, REAL_CONFIG, overrides,
                                                              args.port))
-    run(stages, "PALU unlearning (2 ranks)", deepspeed("launch/train.py", args.ds, cfg, overrides, args.port))
-    after = ask("ask the unlearned model (2 ranks)", f"{out}/palu/model", "after")
+    run(stages, "PALU unlearning (2 ranks)", deepspeed("launch/train.py", args.ds, REAL_CONFIG, overrides, args.port))
+    after = ask(stages, args, out, "ask the unlearned model (2 ranks)", f"{out}/palu/model", "after", SIDES)
     text, s = report(before, after, kept)
     with open(f"{out}/report.md", "w", encoding="utf-8") as f:
         f.write("# make demo: what SmolLM2-135M-Instruct states before and after PALU unlearning\n" + text)
@@ -190,14 +219,139 @@ def real_demo(args) -> int:
     return 0
 
 
+# --select: the demo's settings chosen on the development questions (BENCHMARKS.md, "Choosing the demo's settings on
+# development questions", written before any selection run). Each run of the grid is a set of config overrides on
+# REAL_CONFIG, measured after each step count of SELECT_STEPS (a later count extends the same run from its
+# checkpoint: the lr schedule is constant).
+SELECT_RUNS = ({"train.lr": 5e-5, "method.params.alpha": 3.0}, {"train.lr": 5e-5, "method.params.alpha": 10.0},
+               {"train.lr": 2.5e-5, "method.params.alpha": 3.0}, {"train.lr": 2.5e-5, "method.params.alpha": 10.0})
+SELECT_STEPS = (5, 10)
+KEEP = 0.9  # retain kept share a point needs to be eligible (and the goal's share for retain and holdout)
+SELECTED = (*TRAINED, DEV)  # what --select asks: the holdout is never asked there
+
+
+def point_name(settings: dict) -> str:
+    """A point's folder / stage name: ``{"train.lr": 5e-5, "train.max_steps": 5}`` -> ``"lr5e-05_max_steps5"``."""
+    return "_".join(f"{k.rsplit('.', 1)[-1]}{v:g}" for k, v in settings.items())
+
+
+def score_point(settings: dict, order: int, before: dict, after: dict, kept: dict) -> dict:
+    """One grid point: the share of the known questions of each side still stated after unlearning, and the mean
+    probability of the development reference answers."""
+    s = {name: scores(paired(before, after, kept, name)) for name in SELECTED}
+    return {"settings": settings, "order": order, **{name: s[name]["correct_after"] for name in SELECTED},
+            "dev_prob": s[DEV]["prob_after"], "questions": {name: len(kept[name]) for name in SELECTED}}
+
+
+def choose(points: list[dict], keep: float = KEEP) -> dict:
+    """The selection rule (BENCHMARKS.md): eligible = forget stated by 0% and retain kept >= ``keep``; among them the
+    highest development share; ties: fewer steps, lower lr, higher mean development probability, grid order. No
+    eligible point: the lowest forget share, then the highest retain share, then the highest development share (same
+    ties). Returns ``{"point", "eligible", "reason"}``.
+
+    >>> pts = [{"settings": {"train.lr": 5e-5, "train.max_steps": s}, "order": i, "forget": f, "retain": 1.0,
+    ...         "dev": d, "dev_prob": 0.5} for i, (s, f, d) in enumerate([(5, 0.2, 1.0), (10, 0.0, 0.8)])]
+    >>> choose(pts)["point"]["settings"]["train.max_steps"], choose(pts)["eligible"]
+    (10, True)
+    """
+    if not points:
+        raise ValueError("choose needs at least one measured grid point")
+
+    def ties(p):
+        return p["settings"]["train.max_steps"], p["settings"]["train.lr"], -p["dev_prob"], p["order"]
+
+    eligible = [p for p in points if p["forget"] == 0 and p["retain"] >= keep]
+    if eligible:
+        return {"point": min(eligible, key=lambda p: (-p[DEV], *ties(p))), "eligible": True,
+                "reason": f"the highest development share among the {len(eligible)} points with forget 0% and "
+                          f"retain >= {keep:.0%}"}
+    return {"point": min(points, key=lambda p: (p["forget"], -p["retain"], -p[DEV], *ties(p))), "eligible": False,
+            "reason": f"no point has forget 0% and retain >= {keep:.0%}: the lowest forget share, then the highest "
+                      "retain and development shares"}
+
+
+def selection_markdown(points: list[dict], choice: dict, not_run: list[dict]) -> str:
+    """The grid's table (shares of the known questions still stated; never the development questions themselves)."""
+    keys = list(points[0]["settings"]) if points else []
+    n = points[0]["questions"] if points else {}
+    lines = ["# make demo: settings chosen on the development questions (launch/demo.py --select)", "",
+             f"Rule (BENCHMARKS.md): {choice['reason']}.", "",
+             "| " + " | ".join(keys) + f" | forget stated ({n.get('forget')}) | retain kept ({n.get('retain')}) | "
+             f"development kept ({n.get(DEV)}) | development probability | seconds (train + ask) | |",
+             "|" + "---|" * (len(keys) + 6)]
+    for p in points:
+        mark = "**chosen**" if p is choice["point"] else ""
+        lines.append("| " + " | ".join(f"{p['settings'][k]:g}" for k in keys) + f" | {p['forget']:.0%} | "
+                     f"{p['retain']:.0%} | {p[DEV]:.0%} | {p['dev_prob']:.3f} | {p.get('seconds', 0):.0f} | {mark} |")
+    if not_run:
+        lines += ["", "Not run (budget): " + ", ".join(point_name(s) for s in not_run)]
+    return "\n".join(lines) + "\n"
+
+
+def select_settings(args) -> int:
+    """Run the grid on forget + retain with the development questions as the scored holdout, apply the rule and
+    write ``OUT/selection.json`` and ``OUT/selection.md``. The base model's answers and the reference are computed
+    once; every stage is reused on a rerun (an interrupted selection resumes)."""
+    out = os.path.abspath(args.out)
+    stages = Stages(out, tag="demo --select", echo=True, cwd=ROOT)
+    base = fetch_base(stages)
+    before = ask(stages, args, out, "ask the base model (2 ranks)", base, "before", SELECTED)
+    kept = training_data(before, out, SELECTED)
+    if kept is None:
+        return 1
+    cache = f"{out}/reference_cache"
+    shared = [f"reference.cache_dir={cache}"]
+    run(stages, "precompute reference (2 ranks)", deepspeed(
+        "launch/precompute.py", args.ds, REAL_CONFIG, unlearn_overrides(base, out, f"{out}/precompute", shared),
+        args.port), done=f"{cache}/manifest.json")
+    runs = SELECT_RUNS[:args.select_runs]
+    points, not_run = [], [{**r, "train.max_steps": s} for r in SELECT_RUNS[len(runs):] for s in SELECT_STEPS]
+    for i, grid_run in enumerate(runs):
+        run_dir = f"{out}/grid/{point_name(grid_run)}"
+        for j, steps in enumerate(SELECT_STEPS):
+            settings = {**grid_run, "train.max_steps": steps}
+            name = point_name(settings)
+            answers = f"{out}/facts/{name}.json"
+            extra = [*shared, *(f"{k}={v}" for k, v in settings.items()),
+                     f"train.resume={'never' if j == 0 else 'auto'}"]  # a later step count extends the run
+            train = f"train {name} (2 ranks)"
+            if j == 0 and not os.path.exists(answers):  # a fresh run: no checkpoint of an earlier one to extend
+                shutil.rmtree(f"{run_dir}/checkpoints", ignore_errors=True)
+            run(stages, train, deepspeed("launch/train.py", args.ds, REAL_CONFIG,
+                                         unlearn_overrides(base, out, run_dir, extra), args.port), done=answers)
+            after = ask(stages, args, out, f"ask {name} (2 ranks)", f"{run_dir}/model", name, SELECTED)
+            point = score_point(settings, i * len(SELECT_STEPS) + j, before, after, kept)
+            point["seconds"] = stages.seconds.get(train, 0) + stages.seconds.get(f"ask {name} (2 ranks)", 0)
+            points.append(point)
+        shutil.rmtree(f"{run_dir}/checkpoints", ignore_errors=True)  # ~1.6 GB a run; its model is kept
+    choice = choose(points)
+    write_json(f"{out}/selection.json", {"choice": choice, "points": points, "not_run": not_run,
+                                         "stage_seconds": stages.seconds})
+    text = selection_markdown(points, choice, not_run)
+    write_text(f"{out}/selection.md", text)
+    print(text)
+    print(json.dumps({"chosen": choice["point"]["settings"], "eligible": choice["eligible"],
+                      "selection": f"{out}/selection.md"}, indent=1))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--tiny", action="store_true", help="the fast synthetic pipeline (a tiny model from scratch)")
     p.add_argument("--ds", default="ds_configs/cpu/zero2.json")
     p.add_argument("--port", type=int, default=29611)
+    p.add_argument("--select", action="store_true", help="choose the demo's settings on the development questions "
+                                                         "(the grid and rule of BENCHMARKS.md); writes OUT/selection.*")
+    p.add_argument("--select-runs", type=int, default=len(SELECT_RUNS), metavar="N",
+                   help="--select: only the first N runs of the grid (the rule's budget clause)")
     args = p.parse_args()
-    return refusing(lambda: tiny_demo(args) if args.tiny else real_demo(args), StageFailed, status=1)
+    if args.select and args.tiny:
+        p.error("--select chooses the real demo's settings; it does not combine with --tiny")
+    if not 1 <= args.select_runs <= len(SELECT_RUNS):
+        p.error(f"--select-runs must be 1..{len(SELECT_RUNS)} (the grid's runs), got {args.select_runs}")
+    return refusing(lambda: tiny_demo(args) if args.tiny else select_settings(args) if args.select else real_demo(args),
+                    StageFailed, status=1)
 
 
 if __name__ == "__main__":

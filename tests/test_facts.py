@@ -34,13 +34,25 @@ def test_bad_rows_are_named(tmp_path):
 
 def test_shipped_facts_are_valid_and_labelled():
     """Every shipped row loads, its key names its own answer, and its label is the key's first alternative."""
-    for name in demo.SIDES:
+    for name in (*demo.SIDES, demo.DEV):
         rows = load_rows(os.path.join(demo.REAL_DATA, f"{name}.jsonl"))
         assert rows
         for r in rows:
             assert names_key(r["answer"], r["key"]), r
             (w,) = r["target_words"]
             assert r["answer"][w["start"]:w["end"]] == w["word"] == r["key"].split("|")[0]
+
+
+def test_dev_questions_are_apart_from_the_reported_ones():
+    """The development questions (chosen on by ``demo.py --select``) share no question and no fact with forget, retain
+    or holdout: no development key names a reported answer and no reported key names a development answer."""
+    reported = [r for name in demo.SIDES for r in load_rows(os.path.join(demo.REAL_DATA, f"{name}.jsonl"))]
+    dev = load_rows(os.path.join(demo.REAL_DATA, f"{demo.DEV}.jsonl"))
+    assert len(dev) >= 10 and len({r["question"] for r in dev}) == len(dev)
+    assert not {r["question"] for r in dev} & {r["question"] for r in reported}
+    for d in dev:
+        for r in reported:
+            assert not names_key(r["answer"], d["key"]) and not names_key(d["answer"], r["key"]), (d["key"], r["key"])
 
 
 def test_check_rows_on_a_model(tiny):
@@ -79,3 +91,63 @@ def test_demo_keeps_known_rows_and_reports_before_after():
     s = demo.scores(pairs)
     assert s == pytest.approx({"correct_before": 1.0, "correct_after": 0.0, "prob_before": 0.5, "prob_after": 0.1})
     assert len(pairs) == n - 1 and pairs[0][1]["generated"] == "I do not know."
+
+
+def _point(order, steps, lr, forget, retain, dev, dev_prob=0.5):
+    return {"settings": {"train.lr": lr, "method.params.alpha": 3.0, "train.max_steps": steps}, "order": order,
+            "forget": forget, "retain": retain, demo.DEV: dev, "dev_prob": dev_prob,
+            "questions": {"forget": 6, "retain": 16, demo.DEV: 10}}
+
+
+def test_selection_rule_eligible_then_dev_then_ties():
+    """--select's rule (BENCHMARKS.md): only forget 0% and retain >= 90% are eligible; the highest development share
+    wins; ties go to fewer steps, then the lower lr, then the higher development probability, then grid order."""
+    pts = [_point(0, 5, 5e-5, 0.17, 1.0, 1.0),   # best dev, but still states a forget fact
+           _point(1, 10, 5e-5, 0.0, 0.875, 1.0),  # retain below 90%
+           _point(2, 10, 5e-5, 0.0, 1.0, 0.8),
+           _point(3, 5, 2.5e-5, 0.0, 0.9375, 0.6)]
+    c = demo.choose(pts)
+    assert c["eligible"] and c["point"]["order"] == 2 and "2 points" in c["reason"]
+    tied = [_point(0, 10, 2.5e-5, 0.0, 1.0, 0.8), _point(1, 5, 5e-5, 0.0, 1.0, 0.8, 0.4),
+            _point(2, 5, 2.5e-5, 0.0, 1.0, 0.8, 0.3), _point(3, 5, 2.5e-5, 0.0, 1.0, 0.8, 0.6)]
+    assert demo.choose(tied)["point"]["order"] == 3  # fewer steps, lower lr, higher probability
+    none = [_point(0, 5, 5e-5, 0.33, 1.0, 1.0), _point(1, 10, 5e-5, 0.17, 0.8, 0.5), _point(2, 10, 1e-4, 0.17, 0.9, 0.2)]
+    c = demo.choose(none)
+    assert not c["eligible"] and c["point"]["order"] == 2 and "no point" in c["reason"]
+    with pytest.raises(ValueError, match="at least one"):
+        demo.choose([])
+
+
+def test_selection_scores_known_questions_and_names_points():
+    """A point's shares count only the questions the base model knew; the table shows shares, never a development
+    question; the point name is the settings' short keys and values."""
+    def result(name, correct):
+        rows = load_rows(os.path.join(demo.REAL_DATA, f"{name}.jsonl"))[:len(correct)]
+        return {"records": [{"index": i, "question": r["question"], "key": r["key"], "correct": c, "generated": "",
+                             "prob": 0.9 if c else 0.1} for i, (r, c) in enumerate(zip(rows, correct))]}
+
+    before = {"forget": result("forget", [True, True, False]), "retain": result("retain", [True, True]),
+              demo.DEV: result(demo.DEV, [True, True, True, False])}
+    after = {"forget": result("forget", [False, False, True]), "retain": result("retain", [True, True]),
+             demo.DEV: result(demo.DEV, [True, False, True, True])}
+    kept = {name: demo.known_rows(before, name) for name in demo.SELECTED}
+    settings = {"train.lr": 5e-5, "method.params.alpha": 10.0, "train.max_steps": 5}
+    p = demo.score_point(settings, 0, before, after, kept)
+    assert (p["forget"], p["retain"], p[demo.DEV]) == (0.0, 1.0, pytest.approx(2 / 3))
+    assert p["questions"] == {"forget": 2, "retain": 2, demo.DEV: 3}
+    assert demo.point_name(settings) == "lr5e-05_alpha10_max_steps5"
+    text = demo.selection_markdown([p], demo.choose([p]), [])
+    assert "**chosen**" in text and "| 67% |" in text
+    assert not any(r["question"] in text for r in load_rows(os.path.join(demo.REAL_DATA, f"{demo.DEV}.jsonl")))
+
+
+def test_select_grid_points_are_valid_configs():
+    """Every point of --select's grid is a valid run config on the demo's config (the keys exist, values in range)."""
+    from palu_ds.config import load_config
+
+    for grid_run in demo.SELECT_RUNS:
+        for steps in demo.SELECT_STEPS:
+            settings = {**grid_run, "train.max_steps": steps}
+            cfg = load_config(os.path.join(ROOT, demo.REAL_CONFIG), [f"{k}={v}" for k, v in settings.items()])
+            assert (cfg.train.lr, cfg.method.params["alpha"], cfg.train.max_steps) == (
+                grid_run["train.lr"], grid_run["method.params.alpha"], steps)
