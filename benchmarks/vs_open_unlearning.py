@@ -201,6 +201,9 @@ def ou_run(method: str, nproc: int, model: str, chat: bool, py: str, a, tag: str
                     # its DeepSpeed builds its own CPU ops (shm all-reduce, Adam) from its own sources: in palu_ds's
                     # extensions folder they would replace palu_ds's builds with another version's
                     TORCH_EXTENSIONS_DIR=os.path.join(os.path.dirname(os.path.dirname(py)), "torch_extensions"))
+    for f in os.listdir(run_dir):  # the model it saves at the end (~0.5 GiB a SmolLM2 run), never read here
+        if f.endswith((".safetensors", ".bin")):
+            os.remove(os.path.join(run_dir, f))
     if not os.path.isfile(times):
         return {"exit": rc or 1, "log": run_dir + ".log"}
     with open(times) as f:
