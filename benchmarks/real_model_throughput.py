@@ -41,8 +41,7 @@ from palu_ds.methods import METHODS
 from palu_ds.models import smollm2
 
 PRECISIONS = ("fp32", "bf16")
-#: the DeepSpeed config of a run by its ranks (``--one-process-config`` replaces the first)
-CONFIGS = {1: "ds_configs/cpu/zero0.json", 2: "ds_configs/cpu/zero3.json"}
+ONE_PROCESS, TWO_RANKS = "ds_configs/cpu/zero0.json", "ds_configs/cpu/zero3.json"  # the runs' DeepSpeed configs
 
 MATMUL = r"""
 import json, time, torch
@@ -179,17 +178,18 @@ def result(cmd: list[str], threads: int, log: str) -> tuple[dict | None, list[st
     return (json.loads(res[-1][7:]) if res else None), [ln[8:] for ln in lines if ln.startswith("PROFILE ")]
 
 
-def train_args(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, precision: str,
+def train_args(model: str, tofu: str, out: str, method: str, mode: str, ds: str, precision: str,
                steps: int) -> list[str]:
-    return ["--deepspeed", CONFIGS[ranks], f"model.path={model}", f"data.forget.source={tofu}/forget01.jsonl",
+    return ["--deepspeed", ds, f"model.path={model}", f"data.forget.source={tofu}/forget01.jsonl",
             f"data.retain.source={tofu}/retain90.jsonl", "data.max_length=96", f"method.name={method}",
             f"reference.mode={mode}", "train.batch_size=4", f"train.max_steps={steps}", "train.lr=1e-5",
             f"train.precision={precision}", f"train.output_dir={out}", "train.resume=never", "log.log_every=1000"] + (
                 [] if "retain" in METHODS[method].batches else ["data.retain=null"])
 
 
-def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, precision: str, steps: int) -> dict:
-    args = train_args(model, tofu, out, method, mode, ranks, precision, steps)
+def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, ds: str, precision: str,
+          steps: int) -> dict:
+    args = train_args(model, tofu, out, method, mode, ds, precision, steps)
     with open(out + ".log", "w") as f:
         p = subprocess.run(launcher_cmd("launch/train.py", args, ranks), cwd=ROOT,
                            env=cpu_env(OMP_NUM_THREADS="1" if ranks > 1 else "2"), stdout=f, stderr=f)
@@ -247,8 +247,8 @@ def parse_args():
     p.add_argument("--precisions", default="fp32,bf16", type=lambda s: choices(s, PRECISIONS, "--precisions"))
     p.add_argument("--ranks", default="1,2", type=lambda s: [int(x) for x in choices(s, ("1", "2"), "--ranks")],
                    help="1: one process, ZeRO stage 0; 2: two ranks, ZeRO-3")
-    p.add_argument("--one-process-config", default=CONFIGS[1],
-                   help="the DeepSpeed config of the 1-process runs (e.g. ds_configs/cpu/zero2.json: bf16 = DeepSpeed's)")
+    p.add_argument("--one-process-config", default=ONE_PROCESS,
+                   help="the DeepSpeed config of the 1-process runs (e.g. ds_configs/cpu/zero2.json)")
     p.add_argument("--resident", action="store_true", help="also the resident reference of methods that need one")
     p.add_argument("--matmul-only", action="store_true", help="only the CPU's matmul rates (2048^3, the model's shapes)")
     p.add_argument("--profile", action="store_true",
@@ -265,13 +265,13 @@ def profile(a, model: str, tofu: str) -> None:
         print(f"\n== plain step, {prec}\n" + "\n".join(lines))
         out = os.path.join(a.out, f"profile_{method}_{prec}")
         _, lines = result([sys.executable, "-c", OURS, "2", "2", *train_args(
-            model, tofu, out, method, reference_modes(method, False)[0], 1, prec, 4)], 2, out + ".log")
-        print(f"\n== our {method} step (1 process, ZeRO stage 0), {prec}\n" + "\n".join(lines))
+            model, tofu, out, method, reference_modes(method, False)[0], a.one_process_config, prec, 4)], 2,
+            out + ".log")
+        print(f"\n== our {method} step (1 process, {a.one_process_config}), {prec}\n" + "\n".join(lines))
 
 
 def main() -> int:
     a = parse_args()
-    CONFIGS[1] = a.one_process_config
     model, tofu = smollm2(), os.path.abspath(a.tofu)
     from safetensors import safe_open
 
@@ -297,9 +297,10 @@ def main() -> int:
             for mode in reference_modes(method, a.resident):
                 for prec in a.precisions:
                     out = os.path.join(a.out, f"{method}_{mode}_{prec}_{ranks}")
-                    r = train(model, tofu, out, method, mode, ranks, prec, a.steps)
+                    ds = a.one_process_config if ranks == 1 else TWO_RANKS
+                    r = train(model, tofu, out, method, mode, ranks, ds, prec, a.steps)
                     name = method + (f", {mode}" if mode != "none" else "")
-                    report["runs"].append({"name": name, "precision": prec, "ranks": ranks, "ds_config": CONFIGS[ranks],
+                    report["runs"].append({"name": name, "precision": prec, "ranks": ranks, "ds_config": ds,
                                            **r})
     rows = ["| run | precision | ranks | tokens/s | vs plain step (same precision) | MFU vs fp32 / bf16 matmul rate "
             "| peak RSS per rank |", "|---|---|---|---|---|---|---|"]

@@ -197,6 +197,7 @@ def test_fp32_check_reruns_one_grid_point_in_fp32(tmp_path):
         p, failed = preset, {}
         info, max_new = {"forget_split": "forget01"}, 80
         args = type("A", (), {"keep_checkpoints": False})()
+        drop = P.Run.drop  # the real one: the run's unused model removed
 
         def unlearn(self, stage, spec, target, data, run_dir, lr, extra=(), done=None, labels=None):
             calls.append((stage, self.p["unlearn"]["precision"], lr, [e for e in extra if e.startswith("eval.epochs")]))

@@ -201,7 +201,7 @@ def evaluated_run(run: Run, stage: str, spec: dict, target: Path, where: dict, n
     summary = {e: run_dir / "eval" / tag_for(s) / "summary.json" for e, s in steps.items()}
     ok = run.unlearn(stage, spec, target, where["dir"] / "data", run_dir, lr, labels=where["labels"],
                      extra=eval_overrides(run, where["dir"], epochs) + list(extra), done=summary[max(epochs)], **script)
-    Run.drop(run, run_dir / "model")
+    run.drop(run_dir / "model")
     if not ok:
         run.failed[failed] = f"training or its evaluation failed (see logs/{stage}.log)"
         return None
