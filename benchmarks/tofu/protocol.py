@@ -143,9 +143,8 @@ def build_pair(tofu: Path, main: dict, authors, utility_rows: int | None, pertur
     (``utility_rows`` per part; None: every row of ``main``, which :func:`build_tofu` built with every row)."""
     split = main["info"]["forget_split"]
     full = read_json_records(tofu / "full.jsonl")
-    ids = [ROWS_PER_AUTHOR * a + k for a in authors for k in range(ROWS_PER_AUTHOR)]
     D.need(tofu, [perturbed])
-    pair = D.forget_files(full, ids, split, [tofu / f"{perturbed}.jsonl"],
+    pair = D.forget_files(full, D.author_ids(authors), split, [tofu / f"{perturbed}.jsonl"],
                         f"authors {list(authors)} (protocol.perturbed names the file)")
     labels = label_rows(load_records(str(labels_path)), full, authors, first_author, str(labels_path))
     util = {k: D.evenly(v, utility_rows) for k, v in main["files"].items()
