@@ -375,9 +375,10 @@ def protocol_data(preset: dict) -> dict:
     return D.build_tofu(tofu, d["split"], d["retain_authors"], d["utility_rows"], extra)
 
 
-def run_protocol(run: Run, base: Path, tok, specs: dict, models: dict, main: dict, argv=None) -> int:
+def run_protocol(run: Run, main: dict) -> int:
     """Every part of the protocol after :func:`.pipeline.setup` (module doc); 0 when every run succeeded, 3 when one
     failed, 1 when it cannot go on (a reference evaluation failed)."""
+    base, specs, models = run.base, run.specs, run.models
     pairs = stage_pairs(run, repo_path(run.p["data"]["tofu"]), main)
     refs = stage_reference_evals(run, pairs, models, base)
     if refs is None:
@@ -388,7 +389,7 @@ def run_protocol(run: Run, base: Path, tok, specs: dict, models: dict, main: dic
                              for n, p in pairs.items()}})
     from .protocol_report import render_markdown, render_png
 
-    return write_report(run, argv, base, tok, specs, models, report, render_markdown, render_png)
+    return write_report(run, report, render_markdown, render_png)
 
 
 def run_parts(run: Run, specs: dict, models: dict, base: Path, pairs: dict, refs: dict) -> dict:
