@@ -360,8 +360,9 @@ def write_report(run: Run, numbers: dict, markdown=render_markdown, png=render_p
     argv = sys.argv[1:] if run.argv is None else run.argv
     report = {"command": " ".join(["python", "-m", "benchmarks.tofu", *argv]), "preset": run.p,
               "base_model": str(run.base), "data": run.info, "vocab_size": len(run.tok), "max_new_tokens": run.max_new,
-              "sft_models": {n: str(m.parent) for n, m in run.models.items()}, "specs": run.specs, **numbers, "failed": run.failed, "stage_seconds": run.stages.seconds,
-              "stage_status": run.stages.status, "wall_seconds": round(time.time() - run.t0, 1)}
+              "sft_models": {n: str(m.parent) for n, m in run.models.items()}, "specs": run.specs, **numbers,
+              "failed": run.failed, "stage_seconds": run.stages.seconds, "stage_status": run.stages.status,
+              "wall_seconds": round(time.time() - run.t0, 1)}
     stem = run.out / run.p["report"]
     write_json(f"{stem}.json", report)
     md = markdown(report)
