@@ -94,26 +94,18 @@ class Run:
             out.append("data.span_source=detector")
         return out
 
-    def reference(self, spec: dict, common: list[str], root: Path, target: Path, data: Path) -> Path | None | bool:
-        """The run's reference cache, shared by every run of the same key (``launch/precompute.py`` once per target);
-        None: the method needs none; False: the precompute failed."""
-        rel = reference_dir(spec)
-        if rel is None:
-            return None
-        ref = root / rel
-        ok = self.stages.run("precompute_" + str(ref.relative_to(self.out)).replace("/", "-"), self.launch(
-            "launch/precompute.py", self.p["configs"]["unlearn"], common + [f"reference.cache_dir={ref}"]),
-            done=ref / "manifest.json", inputs=[target / "model.safetensors", data],
-            before=lambda: shutil.rmtree(ref, ignore_errors=True))  # a stale cache is an error otherwise
-        return ref if ok else False
-
     def unlearn(self, stage: str, spec: dict, target: Path, data: Path, run_dir: Path, lr: float, extra=(),
                 done: Path | None = None, labels: Path | None = None, script: str = "launch/train.py") -> bool:
-        """``spec``'s method on ``target`` at ``lr`` into ``run_dir`` (stage ``stage``); ``extra``: more overrides
-        (e.g. the in-run evaluation), ``done``: the file that marks it finished (default the saved model)."""
-        common = self.method_overrides(spec, target, data, labels)
-        ref = self.reference(spec, common, run_dir.parent.parent, target, data)
-        if ref is False:
+        """``spec``'s method on ``target`` at ``lr`` into ``run_dir`` (stage ``stage``) after its reference cache
+        (``launch/precompute.py`` once per target, shared by the runs of one key); ``extra``: more overrides (e.g. the
+        in-run evaluation), ``done``: the file that marks it finished (default the saved model)."""
+        common, rel = self.method_overrides(spec, target, data, labels), reference_dir(spec)
+        ref = run_dir.parent.parent / rel if rel else None
+        precompute = self.launch("launch/precompute.py", self.p["configs"]["unlearn"],
+                                 common + [f"reference.cache_dir={ref}"])
+        if ref and not self.stages.run("precompute_" + str(ref.relative_to(self.out)).replace("/", "-"), precompute,
+                                       done=ref / "manifest.json", inputs=[target / "model.safetensors", data],
+                                       before=lambda: shutil.rmtree(ref, ignore_errors=True)):  # stale: refused
             return False
         cmd = self.launch(script, self.p["configs"]["unlearn"], common + self.recipe("unlearn") + [
             f"train.output_dir={run_dir}", f"train.lr={lr}", "train.resume=never", "log.log_every=5",

@@ -23,17 +23,13 @@ def _spec(method: str, params: dict, spans: str | None, vocab: int, preset: dict
             "family": m.family, "group": group}
 
 
-def unlearning_methods(preset: dict) -> list[str]:
-    """The preset's ``methods``: ``all`` = every unlearning method of the registry, in its order."""
-    if preset["methods"] == "all":
-        return [m.name for m in registry.METHODS.values() if m.unlearning]
-    return list(preset["methods"])
-
-
 def run_specs(preset: dict, vocab: int) -> dict[str, dict]:
     """``{run: {"method", "params", "spans", "family", "group"[, "ablation"]}}``: the methods, the preset's extra
     ``runs`` and the ablations (an ablation equal to its method's main run is that run, labelled)."""
-    specs = {m: _spec(m, {}, None, vocab, preset, "method") for m in unlearning_methods(preset)}
+    methods = preset["methods"]
+    if methods == "all":  # every unlearning method of the registry, in its order
+        methods = [m.name for m in registry.METHODS.values() if m.unlearning]
+    specs = {m: _spec(m, {}, None, vocab, preset, "method") for m in methods}
     for name, r in preset["runs"].items():
         specs[name] = _spec(r["method"], r.get("params", {}), r.get("spans"), vocab, preset, "method")
     method = preset["ablations"]["method"]
