@@ -1,10 +1,7 @@
-"""Stage 1, the data, from TOFU's files (pure functions, tests/test_tofu_bench.py), written as JSON lines: ``kind:
-authors`` (the mini preset) = a range of TOFU authors, its last ``forget`` share forgotten, with TOFU-style splits and
-perturbed answers (:func:`build_splits`); ``kind: tofu`` (the real preset) = TOFU's own forget split against its first
-R authors (:func:`build_tofu`), and the development authors of the learning-rate sweep (:func:`build_dev`).
-
-Every builder returns ``{"files": {name: rows}, "info": {...}}`` whose info names the ``forget_split``, the
-``retain_split`` (the retain model's SFT rows) and the ``target_split`` (the target's)."""
+"""Stage 1, the data, from TOFU's files (pure functions), written as JSON lines: :func:`build_splits` (``kind:
+authors``), :func:`build_tofu` (``kind: tofu``) and :func:`build_dev` (the lr sweep's development authors) each return
+``{"files": {name: rows}, "info"}``, the info naming the ``forget_split``, the ``retain_split`` (the retain model's SFT
+rows) and the ``target_split`` (the target's)."""
 
 from __future__ import annotations
 

@@ -94,10 +94,9 @@ def sft_lines(sft: dict) -> list[str]:
 
 def position_nll_lines(what: str, rows: dict) -> list[str]:
     """The table of answer NLL by position kind (``what``: on which rows), ``rows`` = ``{model: {kind: nll}}``."""
-    kinds = ("I_init", "rest of span", "common")
-    return ["", f"Answer NLL (nats/token) {what} (PALU's labels, N = 3):", "",
-            "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)] + [
-        f"| {n} | " + " | ".join(f"{r[k]:.2f}" for k in kinds) + " |" for n, r in rows.items()]
+    from benchmarks.position_nll import nll_table
+
+    return ["", f"Answer NLL (nats/token) {what} (PALU's labels, N = 3):", "", *nll_table(rows).splitlines()]
 
 
 def lr_text(report: dict) -> str:

@@ -1,7 +1,6 @@
-"""The runs of a preset, derived from the registry (palu_ds.methods): each method's parameters (a paper default
-scaled to the vocabulary where the preset says so), its learning-rate family (``Method.family``), whether it reads
-spans (``Method.uses_spans``), the data of each of its batches (``Method.batches``) and the reference cache it shares
-with runs of equal ``Method.reference_key``.  Nothing here names a method: a method added to the registry runs."""
+"""The runs of a preset, derived from the registry (palu_ds.methods): parameters (paper defaults, scaled to the
+vocabulary where the preset says so), ``Method.family``, ``.uses_spans``, ``.batches`` and ``.reference_key`` (runs of
+equal keys share a reference cache).  Nothing here names a method: a method added to the registry runs."""
 
 from __future__ import annotations
 
