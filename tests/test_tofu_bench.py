@@ -321,9 +321,9 @@ def test_sweep_unlearns_the_reported_target_and_compares_with_its_utility(tofu, 
     class FakeRun:
         out, p = tmp_path / "out", preset
 
-        def evaluate(self, stage, model, data_dir, out, retain_eval, parts=None):
+        def evaluate(self, stage, model, folder, name, parts=None):
             calls.append(("eval", stage, model, parts))
-            assert (data_dir / "forget01.jsonl").read_text().count("\n") == 40
+            assert (folder / "data" / "forget01.jsonl").read_text().count("\n") == 40
             if stage in ("sweep_eval_retain", "sweep_eval_target"):
                 return {"forget_quality": 1e-4}
             lr = float(stage.rsplit("_lr", 1)[1])

@@ -115,11 +115,12 @@ class Run:
         self.drop(run_dir / "checkpoints")
         return ok
 
-    def evaluate(self, stage: str, model: Path, data: Path, out: Path, retain_eval: Path | None,
-                 parts=None) -> dict | None:
-        """TOFU evaluation (``parts``, default the preset's) of ``model`` on ``data`` into ``out``; forget quality
-        against ``retain_eval`` (None: the retain model itself, no forget quality).  Its metrics, or None."""
-        e = self.p["eval"]
+    def evaluate(self, stage: str, model: Path, folder: Path, name: str, parts=None) -> dict | None:
+        """TOFU evaluation (``parts``, default the preset's) of ``model`` on ``folder/data`` into
+        ``folder/eval/<name>``, forget quality against ``folder/eval/retain`` (none for the retain model itself).  Its
+        metrics, or None."""
+        e, data, out = self.p["eval"], folder / "data", folder / "eval" / name
+        retain_eval = None if name == "retain" else folder / "eval" / "retain"
         cmd = launcher_cmd("palu_eval/run.py", [
             "--model", str(model), "--suite", "tofu", "--split", self.info["forget_split"], "--data", str(data),
             "--splits", ",".join(parts or e["parts"]), "--dtype", e["dtype"], "--max-new-tokens", str(self.max_new),
@@ -181,7 +182,7 @@ def stage_evaluate(run: Run, name: str, model: Path, results: dict, pair: str | 
     """``eval_[<pair>_]<name>``: ``model`` on ``OUT/[<pair>/]data`` into ``results[name]``, forget quality against
     the retain model's there; False (named in ``run.failed``) when it failed."""
     d, stage = (run.out / pair, f"eval_{pair}_{name}") if pair else (run.out, f"eval_{name}")
-    m = run.evaluate(stage, model, d / "data", d / "eval" / name, None if name == "retain" else d / "eval" / "retain")
+    m = run.evaluate(stage, model, d, name)
     if m is None:
         run.failed[f"{pair} {name}" if pair else name] = f"evaluation failed (see logs/{stage}.log)"
         return False
@@ -194,10 +195,8 @@ def stage_sweep(run: Run, tofu: Path, data: dict, models: dict, target_m: dict, 
     ``OUT/dev/sweep.json``; None when a stage failed."""
     cfg, out = run.p["lr"]["sweep"], run.out / "dev"
     D.write_jsonl(out / "data", D.build_dev(tofu, data)["files"])
-    retain = run.evaluate("sweep_eval_retain", models["retain"], out / "data", out / "eval" / "retain", None,
-                          parts=["forget"])
-    dev_t = run.evaluate("sweep_eval_target", models["target"], out / "data", out / "eval" / "target",
-                         out / "eval" / "retain", parts=["forget"])
+    retain = run.evaluate("sweep_eval_retain", models["retain"], out, "retain", parts=["forget"])
+    dev_t = run.evaluate("sweep_eval_target", models["target"], out, "target", parts=["forget"])
     if retain is None or dev_t is None:
         return None
     target = {**dev_t, "model_utility": target_m["model_utility"]}
@@ -211,8 +210,7 @@ def stage_sweep(run: Run, tofu: Path, data: dict, models: dict, target_m: dict, 
             if not run.unlearn(f"sweep_{name}", specs[rep], models["target"], out / "data", out / "unlearn" / name,
                                lr):
                 return None
-            m = run.evaluate(f"sweep_eval_{name}", out / "unlearn" / name / "model", out / "data",
-                             out / "eval" / name, out / "eval" / "retain")
+            m = run.evaluate(f"sweep_eval_{name}", out / "unlearn" / name / "model", out, name)
             if m is None:
                 return None
             by_lr[lr] = {rep: {**m, "mu_rel": m["model_utility"] / target["model_utility"]}}
