@@ -229,6 +229,7 @@ def test_presets_load_and_bad_presets_are_named(tmp_path):
                       ("model: {tiny: {layers: 1}}", "data.tofu is not set"),
                       ("data: {tofu: d}\nmodel: {tiny: {layers: 1}, fetch: smollm2}", "exactly one of path, fetch, tiny"),
                       ("data: {tofu: d}\nmodel: {tiny: {layers: 1}}\nlr: {choice: sweep}", "needs lr.sweep.dev_authors"),
+                      ("data: {tofu: d, perturbed: both}\nmodel: {tiny: {layers: 1}}", "data.perturbed must be one of"),
                       ("data: [", "bad.yaml")):
         bad.write_text(text)
         with pytest.raises(ValueError, match=msg):

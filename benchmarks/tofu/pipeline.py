@@ -264,8 +264,7 @@ def setup(preset: dict, args: argparse.Namespace, data: dict, argv=None) -> Run 
     setdefaults()
     if preset["threads"]:
         os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() if preset["threads"] == "all" else preset["threads"])
-    out = Path(args.out or f"runs/tofu/{preset['name']}")
-    run = Run(preset, out if out.is_absolute() else ROOT / out, args, data["info"], argv)
+    run = Run(preset, ROOT / (args.out or f"runs/tofu/{preset['name']}"), args, data["info"], argv)
     D.write_jsonl(run.out / "data", data["files"])
     print(f"[{preset['report']}] forget {run.info['forget_split']}: rows {run.info['rows']}", flush=True)
     run.base = stage_base(run, data)

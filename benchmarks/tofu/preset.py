@@ -72,7 +72,7 @@ def preset_path(name: str) -> Path:
 
 def repo_path(p: str | None) -> Path | None:
     """A preset path: absolute, or relative to the repository root."""
-    return None if p is None else Path(p) if Path(p).is_absolute() else ROOT / p
+    return None if p is None else ROOT / p
 
 
 def load(name: str, overrides=(), data: str | None = None) -> dict:

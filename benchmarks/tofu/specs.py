@@ -34,14 +34,11 @@ def run_specs(preset: dict, vocab: int) -> dict[str, dict]:
     method = preset["ablations"]["method"]
     for param, values in preset["ablations"]["grid"].items():
         for v in values:
-            value = vocab if v == "vocab" else v
-            spec = _spec(method, {param: value}, None, vocab, preset, "ablation")
-            main, m = specs.get(method), registry.get_method(method)
+            spec = _spec(method, {param: vocab if v == "vocab" else v}, None, vocab, preset, "ablation")
+            main, m, tag = specs.get(method), registry.get_method(method), "all" if v in ("vocab", None) else v
             same = main is not None and m.hparams(main["params"]) == m.hparams(spec["params"])
-            name = method if same else f"{method}_{param}{'all' if v in ('vocab', None) else v}"
-            spec = specs.setdefault(name, spec)
-            spec.setdefault("ablation", []).append(f"{param}={'all' if v in ('vocab', None) else v}"
-                                                   + (f" (={vocab})" if v == "vocab" else ""))
+            spec = specs.setdefault(method if same else f"{method}_{param}{tag}", spec)
+            spec.setdefault("ablation", []).append(f"{param}={tag}" + (f" (={vocab})" if v == "vocab" else ""))
     return specs
 
 
