@@ -50,6 +50,12 @@ def position_nll(model_dir: str, dataset: QADataset, batch_size: int = 16) -> di
     return {k: sums[k] / max(1, counts[k]) for k in KINDS} | {f"n_{k}": counts[k] for k in KINDS}
 
 
+def nll_table(rows: dict[str, dict]) -> str:
+    """The markdown table of :func:`position_nll`'s numbers, one row per model."""
+    return "\n".join(["| model | " + " | ".join(KINDS) + " |", "|---|" + "---|" * len(KINDS)]
+                     + [f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in KINDS) + " |" for name, r in rows.items()])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="a data folder (TOFU layout) or a .json/.jsonl file")
@@ -70,9 +76,7 @@ def main(argv=None) -> int:
     first = next(iter(rows.values()))
     print(f"answer NLL (nats/token) by position kind, {len(ds)} examples; tokens: "
           + ", ".join(f"{k} {first['n_' + k]}" for k in KINDS))
-    print("| model | " + " | ".join(KINDS) + " |\n|---|" + "---|" * len(KINDS))
-    for name, r in rows.items():
-        print(f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in KINDS) + " |")
+    print(nll_table(rows))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -229,6 +229,7 @@ def test_presets_load_and_bad_presets_are_named(tmp_path):
                       ("model: {tiny: {layers: 1}}", "data.tofu is not set"),
                       ("data: {tofu: d}\nmodel: {tiny: {layers: 1}, fetch: smollm2}", "exactly one of path, fetch, tiny"),
                       ("data: {tofu: d}\nmodel: {tiny: {layers: 1}}\nlr: {choice: sweep}", "needs lr.sweep.dev_authors"),
+                      ("data: {tofu: d, perturbed: both}\nmodel: {tiny: {layers: 1}}", "data.perturbed must be one of"),
                       ("data: [", "bad.yaml")):
         bad.write_text(text)
         with pytest.raises(ValueError, match=msg):
@@ -321,9 +322,9 @@ def test_sweep_unlearns_the_reported_target_and_compares_with_its_utility(tofu, 
     class FakeRun:
         out, p = tmp_path / "out", preset
 
-        def evaluate(self, stage, model, data_dir, out, retain_eval, parts=None):
+        def evaluate(self, stage, model, folder, name, parts=None):
             calls.append(("eval", stage, model, parts))
-            assert (data_dir / "forget01.jsonl").read_text().count("\n") == 40
+            assert (folder / "data" / "forget01.jsonl").read_text().count("\n") == 40
             if stage in ("sweep_eval_retain", "sweep_eval_target"):
                 return {"forget_quality": 1e-4}
             lr = float(stage.rsplit("_lr", 1)[1])

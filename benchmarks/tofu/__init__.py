@@ -6,21 +6,17 @@
     python -m benchmarks.tofu --preset efficacy --out runs/efficacy             # issue 25's protocol, ~5.5 h
 
 A preset (``presets/*.yaml``, schema in :mod:`.preset`) names the data, the base model, the split, the recipes, the
-methods and their grid: ``mini`` = a range of TOFU authors and a tiny Llama trained from scratch on their text,
-``real`` = TOFU forget01 on SmolLM2-135M-Instruct with PALU's labelled spans and a learning-rate sweep.
-
-Stages (each a command run by :class:`palu_ds.stages.Stages`: timed, logged in ``OUT/logs``, reused when its command,
-inputs and outputs are unchanged; ``--fresh`` redoes all):
+methods and their grid.  Stages (each a command run by :class:`palu_ds.stages.Stages`: timed, logged in ``OUT/logs``,
+reused when its command, inputs and outputs are unchanged; ``--fresh`` redoes all):
 
 1. data in ``OUT/data`` (:mod:`.data`);
 2. the base model (a folder, ``palu-ds fetch-model``, or a tiny Llama in ``OUT/base``); the target and the retain
-   model = SFT on their splits (``launch/finetune.py``), cached in ``OUT/models/<name>-<sha256 of base, rows, recipe>``;
+   model = SFT on their splits, cached in ``OUT/models/<name>-<sha256 of base, rows, recipe>``;
 3. ``palu_eval/run.py`` of the retain model, the base (``eval.base``) and the target (forget quality = KS test
    against the retain model's forget truth ratios);
 4. one learning rate per ``Method.family``: the preset's table, the SFT lr, or the development sweep (:mod:`.sweep`);
-5. every run (:mod:`.specs`, read from the registry: no method is named here): its reference cache (one per
-   reference key, shared), ``launch/train.py`` and its evaluation;
+5. every run (:mod:`.specs`, from the registry): its reference cache (shared per reference key), ``launch/train.py``
+   and its evaluation;
 6. with ``eval.position_nll``: answer NLL by position kind on PALU's labelled forget set;
-7. ``OUT/<report>.md`` (tables, goal), ``.json`` (every number, the preset, stage seconds), ``.png`` (forget quality
-   vs model utility).
+7. ``OUT/<report>.md`` (tables, goal), ``.json`` (every number, the preset, stage seconds), ``.png`` (:mod:`.report`).
 """

@@ -1,10 +1,7 @@
-"""Stage 1, the data, from TOFU's files (pure functions, tests/test_tofu_bench.py), written as JSON lines: ``kind:
-authors`` (the mini preset) = a range of TOFU authors, its last ``forget`` share forgotten, with TOFU-style splits and
-perturbed answers (:func:`build_splits`); ``kind: tofu`` (the real preset) = TOFU's own forget split against its first
-R authors (:func:`build_tofu`), and the development authors of the learning-rate sweep (:func:`build_dev`).
-
-Every builder returns ``{"files": {name: rows}, "info": {...}}`` whose info names the ``forget_split``, the
-``retain_split`` (the retain model's SFT rows) and the ``target_split`` (the target's)."""
+"""Stage 1, the data, from TOFU's files (pure functions), written as JSON lines: :func:`build_splits` (``kind:
+authors``), :func:`build_tofu` (``kind: tofu``) and :func:`build_dev` (the lr sweep's development authors) each return
+``{"files": {name: rows}, "info"}``, the info naming the ``forget_split``, the ``retain_split`` (the retain model's SFT
+rows) and the ``target_split`` (the target's)."""
 
 from __future__ import annotations
 
@@ -12,10 +9,10 @@ import functools
 import json
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 from palu_ds.atomic import write_text
-
 from palu_ds.data.io import read_json_records
 
 ROWS_PER_AUTHOR = 20
@@ -56,8 +53,13 @@ def split_authors(a: int, b: int, pct: int) -> tuple[list[int], list[int]]:
     return authors[:-n_forget], authors[-n_forget:]
 
 
+def author_ids(authors) -> list[int]:
+    """Row numbers of the given authors in TOFU's ``full.jsonl``: author i = rows 20i .. 20i+19, in order."""
+    return [ROWS_PER_AUTHOR * a + k for a in authors for k in range(ROWS_PER_AUTHOR)]
+
+
 def author_rows(full: list[dict], authors: list[int]) -> list[tuple[int, dict]]:
-    """``(row index, row)`` of the given authors, author i = rows 20i .. 20i+19, in order."""
+    """``(row index, row)`` of the given authors (:func:`author_ids`), in order."""
     out = []
     for i in authors:
         lo, hi = ROWS_PER_AUTHOR * i, ROWS_PER_AUTHOR * (i + 1)
@@ -73,16 +75,9 @@ def split_names(pct: int) -> tuple[str, str]:
 
 
 def tofu_perturbed_index(full: list[dict], perturbed_files: list[list[dict]]) -> dict[int, dict]:
-    """Row index of ``full`` -> TOFU's perturbed record for it, matched on (question, answer)."""
-    by_qa: dict[tuple[str, str], list[int]] = {}
-    for i, r in enumerate(full):
-        by_qa.setdefault((r["question"], r["answer"]), []).append(i)
-    out = {}
-    for rows in perturbed_files:
-        for r in rows:
-            for i in by_qa.get((r["question"], r["answer"]), []):
-                out[i] = r
-    return out
+    """Row index of ``full`` -> TOFU's perturbed record for it, matched on (question, answer) (the last file wins)."""
+    by_qa = {(r["question"], r["answer"]): r for rows in perturbed_files for r in rows}
+    return {i: by_qa[qa] for i, r in enumerate(full) if (qa := (r["question"], r["answer"])) in by_qa}
 
 
 _CAPS = re.compile(r"[A-Z][\w\-]*(?:'[A-Za-z]+)?(?:\s+[A-Z][\w\-]*(?:'[A-Za-z]+)?)+")
@@ -92,8 +87,6 @@ _WORDS = re.compile(r"[\w\-]+")
 def author_name(rows: list[dict]) -> str | None:
     """The author's name: the run of >= 2 capitalised words (possessive dropped) found in the most of the author's
     questions, the longest on ties; None when no run occurs in two questions."""
-    from collections import Counter
-
     counts: Counter = Counter()
     for r in rows:
         seen = set()
@@ -129,35 +122,30 @@ def rename(text: str, src: str | None, dst: str | None) -> str:
 
 
 def borrowed_perturbations(idx: int, row: dict, donors: list[tuple[int, dict]], names: dict[int, str | None],
-                           seed: int, n: int = N_PERTURBED) -> list[str]:
-    """``n`` plausible false answers: for each donor author (``donors``: rows of authors outside the range), its row
-    whose question is closest to ``row``'s (Jaccard of :func:`question_words`); the ``n`` closest donors' answers,
-    renamed to this author (:func:`rename`).  Ties are broken by a generator seeded with ``(seed, idx)``."""
+                           seed: int) -> list[str]:
+    """``N_PERTURBED`` plausible false answers: for each donor author (``donors``: rows of authors outside the
+    range), its row whose question is closest to ``row``'s (Jaccard of :func:`question_words`); the closest donors'
+    answers, renamed to this author (:func:`rename`).  Ties are broken by a generator seeded with ``(seed, idx)``."""
     me = idx // ROWS_PER_AUTHOR
     mine = question_words(row["question"], names.get(me))
-    best: dict[int, tuple[float, int, dict]] = {}
+    best: dict[int, tuple[float, dict]] = {}
     for j, r in donors:
         a = j // ROWS_PER_AUTHOR
-        if a == me:
-            continue
         theirs = question_words(r["question"], names.get(a))
         sim = len(mine & theirs) / max(1, len(mine | theirs))
-        if a not in best or sim > best[a][0]:
-            best[a] = (sim, j, r)
+        if a != me and (a not in best or sim > best[a][0]):
+            best[a] = (sim, r)
     rng = random.Random(f"mini_tofu:{seed}:{idx}")  # the name of the first version: the same answers as its runs
-    ranked = sorted(best.items(), key=lambda kv: (-kv[1][0], rng.random()))
     out: list[str] = []
-    for a, (_, _, r) in ranked:
+    for a, (_, r) in sorted(best.items(), key=lambda kv: (-kv[1][0], rng.random())):
         text = rename(r["answer"], names.get(a), names.get(me))
         if text != row["answer"] and text not in out:
             out.append(text)
-        if len(out) == n:
+        if len(out) == N_PERTURBED:
             break
     if not out:
         raise ValueError(f"row {idx}: no donor answers")
-    while len(out) < n:  # fewer than n donor authors: repeat (the truth ratio averages over them)
-        out.append(out[len(out) % len(out)])
-    return out
+    return out + out[:1] * (N_PERTURBED - len(out))  # fewer donor authors: repeat (the truth ratio averages them)
 
 
 def evenly(items: list, k: int | None) -> list:
@@ -171,6 +159,11 @@ def _qa(idx: int, r: dict) -> dict:
     return {"question": r["question"], "answer": r["answer"], "author": idx // ROWS_PER_AUTHOR, "row": idx}
 
 
+def _perturbed(idx: int, r: dict, para: str, false: list[str], question: str, source: str) -> dict:
+    return {**_qa(idx, r), "paraphrased_answer": para, "perturbed_answer": false, "paraphrased_question": question,
+            "perturbed_source": source}
+
+
 def _borrowed(full: list[dict], a: int, b: int, pre: list[int], seed: int):
     """``rows -> perturbed rows`` of ``data.perturbed borrow``: false answers of the authors outside a..b-1 and the
     pre-training authors (:func:`borrowed_perturbations`)."""
@@ -180,17 +173,14 @@ def _borrowed(full: list[dict], a: int, b: int, pre: list[int], seed: int):
                          f"data.pretrain): {a}:{b} leaves {len(outside)}, it needs {N_PERTURBED}")
     donors = author_rows(full, outside)
     names = {i: author_name(full[ROWS_PER_AUTHOR * i: ROWS_PER_AUTHOR * (i + 1)]) for i in [*range(a, b), *outside]}
-    return lambda part: [{**_qa(idx, r), "paraphrased_answer": r["answer"],
-                          "perturbed_answer": borrowed_perturbations(idx, r, donors, names, seed),
-                          "paraphrased_question": r["question"], "perturbed_source": "borrow"} for idx, r in part]
+    return lambda part: [_perturbed(idx, r, r["answer"], borrowed_perturbations(idx, r, donors, names, seed),
+                                    r["question"], "borrow") for idx, r in part]
 
 
 def _tofu_rows(tofu_perturbed: dict[int, dict]):
     """``rows -> perturbed rows`` of ``data.perturbed tofu``: TOFU's own, for the rows it covers."""
-    return lambda part: [{**_qa(idx, r), "paraphrased_answer": t["paraphrased_answer"],
-                          "perturbed_answer": list(t["perturbed_answer"]),
-                          "paraphrased_question": t.get("paraphrased_question", r["question"]),
-                          "perturbed_source": "tofu"} for idx, r in part
+    return lambda part: [_perturbed(idx, r, t["paraphrased_answer"], list(t["perturbed_answer"]),
+                                    t.get("paraphrased_question", r["question"]), "tofu") for idx, r in part
                          if (t := tofu_perturbed.get(idx)) is not None]
 
 
@@ -204,21 +194,17 @@ def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: li
     ``retain_eval_rows`` rows spread evenly over the kept authors (TOFU's holds 400 of its 3,600 retain rows).
     ``pretrain=(P, Q)``: the QA of authors P..Q-1 (outside the range) go to a ``pretrain`` file, and those authors
     give no perturbed answers (a model pre-trained on them would know the "false" answers)."""
-    if mode not in ("borrow", "tofu"):
-        raise ValueError(f"data.perturbed must be borrow or tofu, got {mode!r}")
     retain_a, forget_a = split_authors(a, b, pct)
     forget_name, retain_name = split_names(pct)
-    rows = author_rows(full, list(range(a, b)))
-    forget_rows, retain_rows = author_rows(full, forget_a), author_rows(full, retain_a)
+    rows, forget_rows, retain_rows = (author_rows(full, x) for x in (list(range(a, b)), forget_a, retain_a))
     pre = list(range(*pretrain)) if pretrain else []
     if pre and (pre[0] < b and a < pre[-1] + 1):
         raise ValueError(f"data.pretrain {pretrain[0]}:{pretrain[1]} overlaps data.authors {a}:{b}")
-
     perturbed = _borrowed(full, a, b, pre, seed) if mode == "borrow" else _tofu_rows(tofu_perturbed)
     forget_pert = perturbed(forget_rows)
     if mode == "tofu":  # subsample among the covered rows
         retain_pert = evenly(perturbed(retain_rows), retain_eval_rows)
-    else:
+    else:  # only the kept rows get (costly) built answers
         retain_pert = perturbed(evenly(retain_rows, retain_eval_rows))
     if not forget_pert:
         raise ValueError(f"data.perturbed tofu: TOFU has no perturbed answers for the forget authors {forget_a[0]}.."
@@ -226,14 +212,9 @@ def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: li
                          "range")
     if not retain_pert:
         raise ValueError("data.perturbed tofu: TOFU has no perturbed answers for any retain author of this range")
-    files = {
-        "full": [_qa(i, r) for i, r in rows],
-        forget_name: [_qa(i, r) for i, r in forget_rows],
-        retain_name: [_qa(i, r) for i, r in retain_rows],
-        f"{forget_name}_perturbed": forget_pert,
-        "retain_perturbed": retain_pert,
-        "idontknow": [{"answer": t} for t in refusals],
-    }
+    files = {"full": [_qa(i, r) for i, r in rows], forget_name: [_qa(i, r) for i, r in forget_rows],
+             retain_name: [_qa(i, r) for i, r in retain_rows], f"{forget_name}_perturbed": forget_pert,
+             "retain_perturbed": retain_pert, "idontknow": [{"answer": t} for t in refusals]}
     if pre:
         files["pretrain"] = [_qa(i, r) for i, r in author_rows(full, pre)]
     return with_rows(files, {
@@ -244,13 +225,13 @@ def build_splits(full: list[dict], tofu_perturbed: dict[int, dict], refusals: li
 
 
 def write_jsonl(folder: str | Path, files: dict[str, list[dict]]) -> dict[str, str]:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Each file as ``folder/<name>.jsonl``; an unchanged file is not rewritten (its mtime keeps stages reused)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
     out = {}
     for name, rows in files.items():
-        p = folder / f"{name}.jsonl"
+        p = Path(folder) / f"{name}.jsonl"
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        if not p.exists() or p.read_text(encoding="utf-8") != text:  # unchanged files keep their mtime (reuse)
+        if not p.exists() or p.read_text(encoding="utf-8") != text:
             write_text(p, text)
         out[name] = str(p)
     return out
@@ -283,16 +264,17 @@ def dev_row_ids(n_full: int, n_forget: int, retain_authors: int, dev_authors) ->
         raise ValueError(f"development authors {list(dev_authors)} overlap the retain authors 0..{retain_authors - 1} "
                          f"or the forget authors {forget_first}..{n_full // ROWS_PER_AUTHOR - 1} ({clash}): the "
                          "sweep needs authors that neither the retain model nor the reported forget set holds")
-    return [ROWS_PER_AUTHOR * a + k for a in dev_authors for k in range(ROWS_PER_AUTHOR)]
+    return author_ids(dev_authors)
 
 
 def build_tofu(tofu: Path, split: str, retain_authors: int | None, utility_rows: int | None, dev_authors=()) -> dict:
     """TOFU's ``split`` forgotten; retain = the first ``retain_authors`` authors (None: TOFU's whole retain split);
     the target learns retain + ``dev_authors`` (for the sweep) + forget; utility rows spread evenly (None: all)."""
-    need(tofu, ["full", split, f"{split}_perturbed", "retain_perturbed", "real_authors_perturbed",
-                 "world_facts_perturbed", "idontknow"])
-    full = read_json_records(tofu / "full.jsonl")
-    forget = read_json_records(tofu / f"{split}.jsonl")
+    names = ["full", split, f"{split}_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed",
+             "idontknow"]
+    need(tofu, names)
+    full, forget, forget_pert, retain_pert, real, world, refusals = (read_json_records(tofu / f"{n}.jsonl")
+                                                                      for n in names)
     n_forget_authors = len(forget) // ROWS_PER_AUTHOR
     first_forget = len(full) // ROWS_PER_AUTHOR - n_forget_authors
     if full[ROWS_PER_AUTHOR * first_forget:] != forget:
@@ -305,17 +287,13 @@ def build_tofu(tofu: Path, split: str, retain_authors: int | None, utility_rows:
                          "retain")
     retain = full[:ROWS_PER_AUTHOR * (first_forget if retain_authors is None else retain_authors)]
     dev = [full[i] for i in dev_row_ids(len(full), len(forget), retain_authors, dev_authors)] if dev_authors else []
-    pert_index = tofu_perturbed_index(full, [read_json_records(tofu / "retain_perturbed.jsonl")])
-    forget_pert = read_json_records(tofu / f"{split}_perturbed.jsonl")
     if [(r["question"], r["answer"]) for r in forget_pert] != [(r["question"], r["answer"]) for r in forget]:
         raise ValueError(f"{tofu / (split + '_perturbed.jsonl')}: its rows are not those of {split}.jsonl")
-    files = {
-        "target": retain + dev + forget, "retain": retain, split: forget, f"{split}_perturbed": forget_pert,
-        "retain_perturbed": evenly([pert_index[i] for i in range(len(retain)) if i in pert_index], utility_rows),
-        **{f"{p}_perturbed": evenly(read_json_records(tofu / f"{p}_perturbed.jsonl"), utility_rows)
-           for p in ("real_authors", "world_facts")},
-        "idontknow": read_json_records(tofu / "idontknow.jsonl"),
-    }
+    pert_index = tofu_perturbed_index(full, [retain_pert])
+    files = {"target": retain + dev + forget, "retain": retain, split: forget, f"{split}_perturbed": forget_pert,
+             "retain_perturbed": evenly([pert_index[i] for i in range(len(retain)) if i in pert_index], utility_rows),
+             "real_authors_perturbed": evenly(real, utility_rows), "world_facts_perturbed": evenly(world, utility_rows),
+             "idontknow": refusals}
     return with_rows(files, {"split": split, "forget_split": split, "retain_split": "retain", "target_split": "target",
                              "forget_authors": list(range(first_forget, first_forget + n_forget_authors)),
                              "retain_authors": len(retain) // ROWS_PER_AUTHOR, "dev_authors": list(dev_authors)})
@@ -337,9 +315,8 @@ def with_rows(files: dict, info: dict) -> dict:
 
 
 def build_dev(tofu: Path, main: dict) -> dict:
-    """The development run's files, laid out as the reported run's (the development authors' rows and TOFU's
-    perturbed answers under the forget split's names, so the evaluation reads them unchanged); every other file as
-    the reported run's (the target is shared, so its SFT rows are not a development file)."""
+    """The development run's files: the reported run's (but the target's SFT rows: the target is shared), with the
+    development authors' rows and TOFU's perturbed answers under the forget split's names (read unchanged)."""
     info, split = main["info"], main["info"]["forget_split"]
     full = read_json_records(tofu / "full.jsonl")
     ids = dev_row_ids(len(full), len(main["files"][split]), info["retain_authors"], info["dev_authors"])
@@ -351,15 +328,13 @@ def build_dev(tofu: Path, main: dict) -> dict:
 def build(cfg: dict, tofu: Path, seed: int, dev_authors=()) -> dict:
     """The run's data from the preset's ``data`` section (``kind``: authors | tofu)."""
     if cfg["kind"] == "tofu":
-        return build_tofu(tofu, cfg["split"], cfg.get("retain_authors"), cfg.get("utility_rows") or None,
-                          dev_authors)
+        return build_tofu(tofu, cfg["split"], cfg["retain_authors"], cfg["utility_rows"] or None, dev_authors)
     need(tofu, ["full", "idontknow"])
     full = read_json_records(tofu / "full.jsonl")
-    n = len(full) // ROWS_PER_AUTHOR
-    a, b = parse_authors(str(cfg["authors"]), n)
-    pretrain = parse_authors(str(cfg["pretrain"]), n) if cfg.get("pretrain") else None
+    a, b = parse_authors(str(cfg["authors"]), len(full) // ROWS_PER_AUTHOR)
+    pretrain = parse_authors(str(cfg["pretrain"]), len(full) // ROWS_PER_AUTHOR) if cfg["pretrain"] else None
     perturbed = [read_json_records(tofu / f"{p}.jsonl") for p in ("retain_perturbed", "forget01_perturbed",
                  "forget05_perturbed", "forget10_perturbed") if (tofu / f"{p}.jsonl").exists()]
     refusals = [r["answer"] for r in read_json_records(tofu / "idontknow.jsonl")]
     return build_splits(full, tofu_perturbed_index(full, perturbed), refusals, a, b, parse_forget(cfg["forget"]),
-                        cfg.get("perturbed", "borrow"), seed, cfg.get("utility_rows") or None, pretrain)
+                        cfg["perturbed"], seed, cfg["utility_rows"] or None, pretrain)

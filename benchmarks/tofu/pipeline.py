@@ -40,11 +40,12 @@ def content_key(*parts) -> str:
 
 
 class Run:
-    """One invocation: the preset, the output folder, the stage runner, the data's info, and the commands every model
-    goes through (SFT, reference, unlearning, evaluation)."""
+    """One invocation: the preset, the output folder, the stage runner, the data's info, the commands every model
+    goes through (SFT, reference, unlearning, evaluation) and, after :func:`setup`, the base model, its tokenizer,
+    the runs and the SFT models."""
 
-    def __init__(self, preset: dict, out: Path, args: argparse.Namespace, info: dict):
-        self.p, self.out, self.args, self.info = preset, out, args, info
+    def __init__(self, preset: dict, out: Path, args: argparse.Namespace, info: dict, argv=None):
+        self.p, self.out, self.args, self.info, self.argv = preset, out, args, info, argv
         self.stages = Stages(out, args.fresh, tag=preset["report"], cwd=ROOT)
         self.labels = repo_path(preset["spans"]["labels"])
         self.failed: dict[str, str] = {}
@@ -93,26 +94,18 @@ class Run:
             out.append("data.span_source=detector")
         return out
 
-    def reference(self, spec: dict, common: list[str], root: Path, target: Path, data: Path) -> Path | None | bool:
-        """The run's reference cache, shared by every run of the same key (``launch/precompute.py`` once per target);
-        None: the method needs none; False: the precompute failed."""
-        rel = reference_dir(spec)
-        if rel is None:
-            return None
-        ref = root / rel
-        ok = self.stages.run("precompute_" + str(ref.relative_to(self.out)).replace("/", "-"), self.launch(
-            "launch/precompute.py", self.p["configs"]["unlearn"], common + [f"reference.cache_dir={ref}"]),
-            done=ref / "manifest.json", inputs=[target / "model.safetensors", data],
-            before=lambda: shutil.rmtree(ref, ignore_errors=True))  # a stale cache is an error otherwise
-        return ref if ok else False
-
     def unlearn(self, stage: str, spec: dict, target: Path, data: Path, run_dir: Path, lr: float, extra=(),
                 done: Path | None = None, labels: Path | None = None, script: str = "launch/train.py") -> bool:
-        """``spec``'s method on ``target`` at ``lr`` into ``run_dir`` (stage ``stage``); ``extra``: more overrides
-        (e.g. the in-run evaluation), ``done``: the file that marks it finished (default the saved model)."""
-        common = self.method_overrides(spec, target, data, labels)
-        ref = self.reference(spec, common, run_dir.parent.parent, target, data)
-        if ref is False:
+        """``spec``'s method on ``target`` at ``lr`` into ``run_dir`` (stage ``stage``) after its reference cache
+        (``launch/precompute.py`` once per target, shared by the runs of one key); ``extra``: more overrides (e.g. the
+        in-run evaluation), ``done``: the file that marks it finished (default the saved model)."""
+        common, rel = self.method_overrides(spec, target, data, labels), reference_dir(spec)
+        ref = run_dir.parent.parent / rel if rel else None
+        precompute = self.launch("launch/precompute.py", self.p["configs"]["unlearn"],
+                                 common + [f"reference.cache_dir={ref}"])
+        if ref and not self.stages.run("precompute_" + str(ref.relative_to(self.out)).replace("/", "-"), precompute,
+                                       done=ref / "manifest.json", inputs=[target / "model.safetensors", data],
+                                       before=lambda: shutil.rmtree(ref, ignore_errors=True)):  # stale: refused
             return False
         cmd = self.launch(script, self.p["configs"]["unlearn"], common + self.recipe("unlearn") + [
             f"train.output_dir={run_dir}", f"train.lr={lr}", "train.resume=never", "log.log_every=5",
@@ -122,11 +115,12 @@ class Run:
         self.drop(run_dir / "checkpoints")
         return ok
 
-    def evaluate(self, stage: str, model: Path, data: Path, out: Path, retain_eval: Path | None,
-                 parts=None) -> dict | None:
-        """TOFU evaluation (``parts``, default the preset's) of ``model`` on ``data`` into ``out``; forget quality
-        against ``retain_eval`` (None: the retain model itself, no forget quality).  Its metrics, or None."""
-        e = self.p["eval"]
+    def evaluate(self, stage: str, model: Path, folder: Path, name: str, parts=None) -> dict | None:
+        """TOFU evaluation (``parts``, default the preset's) of ``model`` on ``folder/data`` into
+        ``folder/eval/<name>``, forget quality against ``folder/eval/retain`` (none for the retain model itself).  Its
+        metrics, or None."""
+        e, data, out = self.p["eval"], folder / "data", folder / "eval" / name
+        retain_eval = None if name == "retain" else folder / "eval" / "retain"
         cmd = launcher_cmd("palu_eval/run.py", [
             "--model", str(model), "--suite", "tofu", "--split", self.info["forget_split"], "--data", str(data),
             "--splits", ",".join(parts or e["parts"]), "--dtype", e["dtype"], "--max-new-tokens", str(self.max_new),
@@ -185,11 +179,10 @@ def stage_models(run: Run, base: Path) -> dict[str, Path] | None:
 
 
 def stage_evaluate(run: Run, name: str, model: Path, results: dict, pair: str | None = None) -> bool:
-    """``eval_[<pair>_]<name>``: ``model`` on ``OUT/[<pair>/]data`` into ``results[name]`` (forget quality against
-    the retain model's on the same folder, except for the retain model itself); False (named in ``run.failed``)
-    when it failed."""
+    """``eval_[<pair>_]<name>``: ``model`` on ``OUT/[<pair>/]data`` into ``results[name]``, forget quality against
+    the retain model's there; False (named in ``run.failed``) when it failed."""
     d, stage = (run.out / pair, f"eval_{pair}_{name}") if pair else (run.out, f"eval_{name}")
-    m = run.evaluate(stage, model, d / "data", d / "eval" / name, None if name == "retain" else d / "eval" / "retain")
+    m = run.evaluate(stage, model, d, name)
     if m is None:
         run.failed[f"{pair} {name}" if pair else name] = f"evaluation failed (see logs/{stage}.log)"
         return False
@@ -198,15 +191,12 @@ def stage_evaluate(run: Run, name: str, model: Path, results: dict, pair: str | 
 
 
 def stage_sweep(run: Run, tofu: Path, data: dict, models: dict, target_m: dict, specs: dict) -> dict | None:
-    """The learning-rate sweep (benchmarks/tofu/sweep.py) from the reported target: the retain model's and the
-    target's forget part on the development authors, then each family's representative at each lr of the grid;
-    written to ``OUT/dev/sweep.json``; None when a stage failed."""
+    """The learning-rate sweep (:mod:`.sweep`) on the development authors from the reported target, written to
+    ``OUT/dev/sweep.json``; None when a stage failed."""
     cfg, out = run.p["lr"]["sweep"], run.out / "dev"
     D.write_jsonl(out / "data", D.build_dev(tofu, data)["files"])
-    retain = run.evaluate("sweep_eval_retain", models["retain"], out / "data", out / "eval" / "retain", None,
-                          parts=["forget"])
-    dev_t = run.evaluate("sweep_eval_target", models["target"], out / "data", out / "eval" / "target",
-                         out / "eval" / "retain", parts=["forget"])
+    retain = run.evaluate("sweep_eval_retain", models["retain"], out, "retain", parts=["forget"])
+    dev_t = run.evaluate("sweep_eval_target", models["target"], out, "target", parts=["forget"])
     if retain is None or dev_t is None:
         return None
     target = {**dev_t, "model_utility": target_m["model_utility"]}
@@ -220,8 +210,7 @@ def stage_sweep(run: Run, tofu: Path, data: dict, models: dict, target_m: dict, 
             if not run.unlearn(f"sweep_{name}", specs[rep], models["target"], out / "data", out / "unlearn" / name,
                                lr):
                 return None
-            m = run.evaluate(f"sweep_eval_{name}", out / "unlearn" / name / "model", out / "data",
-                             out / "eval" / name, out / "eval" / "retain")
+            m = run.evaluate(f"sweep_eval_{name}", out / "unlearn" / name / "model", out, name)
             if m is None:
                 return None
             by_lr[lr] = {rep: {**m, "mu_rel": m["model_utility"] / target["model_utility"]}}
@@ -265,11 +254,9 @@ def stage_runs(run: Run, specs: dict, models: dict, family_lr: dict, results: di
     return done
 
 
-def setup(preset: dict, args: argparse.Namespace, data: dict):
-    """The CPU environment (threads), the output folder (``--out``, default ``runs/tofu/<preset>``) with ``data``
-    written to ``OUT/data``, the base model, its tokenizer, the runs (:func:`.specs.run_specs`), the target / retain
-    models and ``run.max_new`` (the preset's ``eval.max_new_tokens``, else the target's longest answer + 8):
-    ``(run, base, tokenizer, specs, models)``, None when an SFT failed."""
+def setup(preset: dict, args: argparse.Namespace, data: dict, argv=None) -> Run | None:
+    """Stages 1 and 2: threads, ``OUT`` and its data, ``run.base``, ``.tok``, ``.specs``, ``.models`` (the SFT models)
+    and ``.max_new``; None when an SFT failed."""
     from transformers import AutoTokenizer
 
     from palu_ds.data.prompt import answer_ids
@@ -277,19 +264,18 @@ def setup(preset: dict, args: argparse.Namespace, data: dict):
     setdefaults()
     if preset["threads"]:
         os.environ["OMP_NUM_THREADS"] = str(os.cpu_count() if preset["threads"] == "all" else preset["threads"])
-    out = Path(args.out or f"runs/tofu/{preset['name']}")
-    run = Run(preset, out if out.is_absolute() else ROOT / out, args, data["info"])
+    run = Run(preset, ROOT / (args.out or f"runs/tofu/{preset['name']}"), args, data["info"], argv)
     D.write_jsonl(run.out / "data", data["files"])
     print(f"[{preset['report']}] forget {run.info['forget_split']}: rows {run.info['rows']}", flush=True)
-    base = stage_base(run, data)
-    tok = AutoTokenizer.from_pretrained(str(base))
-    specs = run_specs(run.p, len(tok))
-    models = stage_models(run, base)
-    if models is None:
+    run.base = stage_base(run, data)
+    run.tok = AutoTokenizer.from_pretrained(str(run.base))
+    run.specs = run_specs(run.p, len(run.tok))
+    run.models = stage_models(run, run.base)
+    if run.models is None:
         return None
     run.max_new = run.p["eval"]["max_new_tokens"] or max(
-        len(answer_ids(tok, r["answer"])) for r in data["files"][data["info"]["target_split"]]) + 8
-    return run, base, tok, specs, models
+        len(answer_ids(run.tok, r["answer"])) for r in data["files"][data["info"]["target_split"]]) + 8
+    return run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -307,58 +293,45 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def learning_rates(run: Run, tofu: Path, data: dict, models: dict, results: dict, specs: dict):
-    """``(family_lr, sweep)``: the preset's table, the development sweep's choice, or ``{}`` (the rule lr)."""
-    lr = run.p["lr"]
-    if lr["choice"] == "table":
-        return dict(lr["table"]), None
-    if lr["choice"] == "rule":
-        return {}, None
-    sweep = stage_sweep(run, tofu, data, models, results["target"], specs)
-    return (None, None) if sweep is None else ({f: v["choice"]["lr"] for f, v in sweep["families"].items()}, sweep)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)  # a bad preset or data file: its message, status 2
     return refusing(lambda: run_preset(args, argv), (ValueError, FileNotFoundError))
 
 
 def run_preset(args: argparse.Namespace, argv=None) -> int:
-    """The preset ``args.preset``: its data, :func:`setup`, then the stages of the runner (:func:`run_stages`) or,
-    for a preset with a ``protocol`` section, of the efficacy protocol (:func:`.protocol.run_protocol`); 0 when
-    every run succeeded, 3 when one failed, 1 when it could not go on."""
+    """The preset's data, :func:`setup`, then :func:`run_stages` or, for a preset with a ``protocol`` section,
+    :func:`.protocol.run_protocol`; 0 when every run succeeded, 3 when one failed, 1 when it could not go on."""
     preset = load(args.preset, args.set, args.data)
     if preset["protocol"]["dev"]:
-        from .protocol import protocol_data as data_of, run_protocol as stages
-    else:
-        data_of, stages = runner_data, run_stages
-    data = data_of(preset)
-    started = setup(preset, args, data)
-    return 1 if started is None else stages(*started, data, argv)
+        from .protocol import protocol_data, run_protocol as stages
+
+        data = protocol_data(preset)
+    else:  # the development authors of the lr sweep learned by the target too
+        stages, sweep = run_stages, (preset["lr"]["sweep"]["dev_authors"] if preset["lr"]["choice"] == "sweep" else ())
+        data = D.build(preset["data"], repo_path(preset["data"]["tofu"]), preset["seed"], sweep)
+    run = setup(preset, args, data, argv)
+    return 1 if run is None else stages(run, data)
 
 
-def runner_data(preset: dict) -> dict:
-    """The runner's data (:func:`.data.build`), with the development authors when the lr is swept."""
-    sweep_authors = preset["lr"]["sweep"]["dev_authors"] if preset["lr"]["choice"] == "sweep" else ()
-    return D.build(preset["data"], repo_path(preset["data"]["tofu"]), preset["seed"], sweep_authors)
-
-
-def run_stages(run: Run, base: Path, tok, specs: dict, models: dict, data: dict, argv=None) -> int:
+def run_stages(run: Run, data: dict) -> int:
     """Stages 3 to 7 (module doc) after :func:`setup`."""
-    preset, results = run.p, {}
+    preset, results, base, specs, models = run.p, {}, run.base, run.specs, run.models
     evals = {"retain": models["retain"], **({"base": base} if preset["eval"]["base"] else {}),
              "target": models["target"]}
     for name, model in evals.items():
         if not stage_evaluate(run, name, model, results) and name in ("retain", "target"):
             return 1  # every forget quality needs the retain model's; the sweep and mu_rel the target's
-    family_lr, sweep = learning_rates(run, repo_path(preset["data"]["tofu"]), data, models, results, specs)
-    if family_lr is None:
-        return 1
+    family_lr, sweep = (dict(preset["lr"]["table"]) if preset["lr"]["choice"] == "table" else {}), None
+    if preset["lr"]["choice"] == "sweep":
+        sweep = stage_sweep(run, repo_path(preset["data"]["tofu"]), data, models, results["target"], specs)
+        if sweep is None:
+            return 1
+        family_lr = {f: v["choice"]["lr"] for f, v in sweep["families"].items()}
     evals.update(stage_runs(run, specs, models, family_lr, results))
     add_relative(results)
     pos = stage_position_nll(run, {n: m for n, m in evals.items() if n in results}, base) \
         if preset["eval"]["position_nll"] and run.labels else {}
-    return write_report(run, argv, base, tok, specs, models, {
+    return write_report(run, {
         "family_lr": family_lr, "default_lr": preset["lr"]["value"] or preset["sft"]["lr"],
         "unlearn_lr": {n: run_lr(s, preset, family_lr) for n, s in specs.items()},
         "sft": {n: sft_summary(m) for n, m in models.items()}, "sweep": sweep, "results": results,
@@ -370,16 +343,15 @@ def sft_summary(model: Path) -> dict:
     return {"steps": s["steps"], "first_nll": s["first"]["loss/forget"], "last_nll": s["last"]["loss/forget"]}
 
 
-def write_report(run: Run, argv, base: Path, tok, specs: dict, models: dict, numbers: dict, markdown=render_markdown,
-                 png=render_png) -> int:
-    """``OUT/<report>.json`` (``numbers`` with the command, the preset, the models, the runs, the failures and the
-    stage seconds), ``.md`` (tables, goal) and ``.png`` (``markdown`` / ``png``: the renderers, default
-    :mod:`.report`'s); 0 when every run succeeded, 3 when one failed."""
-    report = {"command": " ".join(["python", "-m", "benchmarks.tofu", *(sys.argv[1:] if argv is None else argv)]),
-              "preset": run.p, "base_model": str(base), "data": run.info, "vocab_size": len(tok),
-              "max_new_tokens": run.max_new, "sft_models": {n: str(m.parent) for n, m in models.items()},
-              "specs": specs, **numbers, "failed": run.failed, "stage_seconds": run.stages.seconds,
-              "stage_status": run.stages.status, "wall_seconds": round(time.time() - run.t0, 1)}
+def write_report(run: Run, numbers: dict, markdown=render_markdown, png=render_png) -> int:
+    """``OUT/<report>.json`` (``numbers`` and the settings, models, runs, failures, stage seconds), ``.md`` and
+    ``.png`` by the renderers ``markdown`` / ``png``; 0 when every run succeeded, 3 when one failed."""
+    argv = sys.argv[1:] if run.argv is None else run.argv
+    report = {"command": " ".join(["python", "-m", "benchmarks.tofu", *argv]), "preset": run.p,
+              "base_model": str(run.base), "data": run.info, "vocab_size": len(run.tok), "max_new_tokens": run.max_new,
+              "sft_models": {n: str(m.parent) for n, m in run.models.items()}, "specs": run.specs, **numbers,
+              "failed": run.failed, "stage_seconds": run.stages.seconds, "stage_status": run.stages.status,
+              "wall_seconds": round(time.time() - run.t0, 1)}
     stem = run.out / run.p["report"]
     write_json(f"{stem}.json", report)
     md = markdown(report)

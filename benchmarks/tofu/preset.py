@@ -14,7 +14,8 @@ from palu_ds.config import apply_overrides, read_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 #: keys with a fixed set of values
-CHOICES = {("data", "kind"): ("authors", "tofu"), ("lr", "choice"): ("rule", "table", "sweep")}
+CHOICES = {("data", "kind"): ("authors", "tofu"), ("data", "perturbed"): ("borrow", "tofu"),
+           ("lr", "choice"): ("rule", "table", "sweep")}
 PRESETS = Path(__file__).resolve().parent / "presets"
 #: sections whose keys are free (a recipe's train.* overrides, a table by method, run or family)
 OPEN = {"sft", "unlearn", "params", "runs", "table", "grid", "compare", "tiny", "scale_to_vocab", "representatives",
@@ -71,7 +72,7 @@ def preset_path(name: str) -> Path:
 
 def repo_path(p: str | None) -> Path | None:
     """A preset path: absolute, or relative to the repository root."""
-    return None if p is None else Path(p) if Path(p).is_absolute() else ROOT / p
+    return None if p is None else ROOT / p
 
 
 def load(name: str, overrides=(), data: str | None = None) -> dict:

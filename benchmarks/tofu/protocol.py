@@ -143,9 +143,8 @@ def build_pair(tofu: Path, main: dict, authors, utility_rows: int | None, pertur
     (``utility_rows`` per part; None: every row of ``main``, which :func:`build_tofu` built with every row)."""
     split = main["info"]["forget_split"]
     full = read_json_records(tofu / "full.jsonl")
-    ids = [ROWS_PER_AUTHOR * a + k for a in authors for k in range(ROWS_PER_AUTHOR)]
     D.need(tofu, [perturbed])
-    pair = D.forget_files(full, ids, split, [tofu / f"{perturbed}.jsonl"],
+    pair = D.forget_files(full, D.author_ids(authors), split, [tofu / f"{perturbed}.jsonl"],
                         f"authors {list(authors)} (protocol.perturbed names the file)")
     labels = label_rows(load_records(str(labels_path)), full, authors, first_author, str(labels_path))
     util = {k: D.evenly(v, utility_rows) for k, v in main["files"].items()
@@ -376,9 +375,10 @@ def protocol_data(preset: dict) -> dict:
     return D.build_tofu(tofu, d["split"], d["retain_authors"], d["utility_rows"], extra)
 
 
-def run_protocol(run: Run, base: Path, tok, specs: dict, models: dict, main: dict, argv=None) -> int:
+def run_protocol(run: Run, main: dict) -> int:
     """Every part of the protocol after :func:`.pipeline.setup` (module doc); 0 when every run succeeded, 3 when one
     failed, 1 when it cannot go on (a reference evaluation failed)."""
+    base, specs, models = run.base, run.specs, run.models
     pairs = stage_pairs(run, repo_path(run.p["data"]["tofu"]), main)
     refs = stage_reference_evals(run, pairs, models, base)
     if refs is None:
@@ -389,7 +389,7 @@ def run_protocol(run: Run, base: Path, tok, specs: dict, models: dict, main: dic
                              for n, p in pairs.items()}})
     from .protocol_report import render_markdown, render_png
 
-    return write_report(run, argv, base, tok, specs, models, report, render_markdown, render_png)
+    return write_report(run, report, render_markdown, render_png)
 
 
 def run_parts(run: Run, specs: dict, models: dict, base: Path, pairs: dict, refs: dict) -> dict:

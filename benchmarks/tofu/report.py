@@ -73,10 +73,8 @@ def minutes_by_part(stage_seconds: dict[str, float], part_of) -> dict[str, float
 
 
 def cost_by_part(stage_seconds: dict[str, float], specs: dict[str, dict]) -> dict[str, float]:
-    """:func:`minutes_by_part` of the runner: ``SFT``, ``development sweep``, ``references`` (the shared
-    precomputes), ``methods`` / ``ablations`` (each run's unlearning and evaluation), ``base, retain, target
-    evaluation``, the others by stage name.  Example: ``{"sft_target": 300, "unlearn_palu": 200, "eval_palu": 130}``
-    with palu a method -> ``{"SFT": 5.0, "methods": 5.5, "total": 10.5}``."""
+    """:func:`minutes_by_part` of the runner: SFT, development sweep, references (the shared precomputes), methods /
+    ablations (a run's unlearning and evaluation), base, retain, target evaluation; the others by stage name."""
     def part(stage: str) -> str:
         run = stage.split("_", 1)[1] if stage.startswith(("unlearn_", "eval_")) else None
         if "sweep" in stage or stage.startswith("precompute_dev"):
@@ -96,10 +94,9 @@ def sft_lines(sft: dict) -> list[str]:
 
 def position_nll_lines(what: str, rows: dict) -> list[str]:
     """The table of answer NLL by position kind (``what``: on which rows), ``rows`` = ``{model: {kind: nll}}``."""
-    kinds = ("I_init", "rest of span", "common")
-    return ["", f"Answer NLL (nats/token) {what} (PALU's labels, N = 3):", "",
-            "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)] + [
-        f"| {n} | " + " | ".join(f"{r[k]:.2f}" for k in kinds) + " |" for n, r in rows.items()]
+    from benchmarks.position_nll import nll_table
+
+    return ["", f"Answer NLL (nats/token) {what} (PALU's labels, N = 3):", "", *nll_table(rows).splitlines()]
 
 
 def lr_text(report: dict) -> str:
@@ -108,8 +105,9 @@ def lr_text(report: dict) -> str:
     for fam, lr in report["family_lr"].items():
         by_lr.setdefault(lr, []).append(fam)
     fams = ", ".join(f"{lr:g} ({', '.join(f)})" for lr, f in by_lr.items())
-    return (fams + f"; other families {report['default_lr']:g}" if fams else f"{report['default_lr']:g} for every run") \
-        + f" (lr.choice {report['preset']['lr']['choice']})"
+    default = report["default_lr"]
+    text = f"{fams}; other families {default:g}" if fams else f"{default:g} for every run"
+    return f"{text} (lr.choice {report['preset']['lr']['choice']})"
 
 
 def _goal_lines(report: dict) -> list[str]:
@@ -157,7 +155,8 @@ def render_markdown(report: dict) -> str:
         lines.append(sweep_markdown(report["sweep"]))
     lines += [preset["footnote"], ""] if preset["footnote"] else []
     lines += sft_lines(report.get("sft", {})) + _goal_lines(report)
-    lines += position_nll_lines("on the forget set by position kind", report["position_nll"]) if report.get("position_nll") else []
+    if report.get("position_nll"):
+        lines += position_nll_lines("on the forget set by position kind", report["position_nll"])
     lines += [f"- FAILED {n}: {e}" for n, e in report.get("failed", {}).items()]
     return "\n".join(lines + _cost_lines(report)) + "\n"
 
@@ -177,26 +176,28 @@ def figure(path: str | Path, panels: int, width: float, height: float):
     plt.close(fig)
 
 
+def _point(m: dict) -> tuple[float, float] | None:
+    """``(utility, forget quality)`` of a result (floored for the log scale), None when one is missing."""
+    if m.get("forget_quality") is None or m.get("model_utility") is None:
+        return None
+    return m["model_utility"], max(m["forget_quality"], 1e-300)
+
+
 def _plot_panel(ax, title: str, names: list[str], report: dict, colors: list[str]) -> None:
     res, specs = report["results"], report["specs"]
     labels_at: dict = {}
     for i, n in enumerate(names):
-        m = res.get(n, {})
-        if m.get("forget_quality") is None or m.get("model_utility") is None:
+        if (xy := _point(res.get(n, {}))) is None:
             continue
         label = n if specs[n]["group"] == "method" or title == "methods" else ", ".join(specs[n]["ablation"])
-        fq = max(m["forget_quality"], 1e-300)
-        ax.scatter(m["model_utility"], fq, s=60, color=colors[i % len(colors)], zorder=3, label=label)
-        labels_at.setdefault((round(m["model_utility"], 2), round(math.log10(fq))), []).append(
-            (m["model_utility"], fq, label))
+        ax.scatter(*xy, s=60, color=colors[i % len(colors)], zorder=3, label=label)
+        labels_at.setdefault((round(xy[0], 2), round(math.log10(xy[1]))), []).append((xy, label))
     for group in labels_at.values():  # coincident points (e.g. all at the KS floor) share one label
-        ax.annotate(" / ".join(g[2] for g in group), group[0][:2], textcoords="offset points", xytext=(5, 4),
+        ax.annotate(" / ".join(g[1] for g in group), group[0][0], textcoords="offset points", xytext=(5, 4),
                     fontsize=7)
     for n, mk, c in (("target", "X", "black"), ("base", "P", "gray")):
-        m = res.get(n, {})
-        if m.get("forget_quality") is not None and m.get("model_utility") is not None:
-            ax.scatter(m["model_utility"], max(m["forget_quality"], 1e-300), marker=mk, s=90, color=c, zorder=4,
-                       label=n)
+        if (xy := _point(res.get(n, {}))) is not None:
+            ax.scatter(*xy, marker=mk, s=90, color=c, zorder=4, label=n)
     r, mu_t = res.get("retain", {}), res.get("target", {}).get("model_utility")
     if r.get("model_utility") is not None:
         ax.scatter(r["model_utility"], 1.0, marker="*", s=160, color="gold", edgecolor="black", zorder=4,

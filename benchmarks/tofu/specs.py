@@ -1,7 +1,6 @@
-"""The runs of a preset, derived from the registry (palu_ds.methods): each method's parameters (a paper default
-scaled to the vocabulary where the preset says so), its learning-rate family (``Method.family``), whether it reads
-spans (``Method.uses_spans``), the data of each of its batches (``Method.batches``) and the reference cache it shares
-with runs of equal ``Method.reference_key``.  Nothing here names a method: a method added to the registry runs."""
+"""The runs of a preset, derived from the registry (palu_ds.methods): parameters (paper defaults, scaled to the
+vocabulary where the preset says so), ``Method.family``, ``.uses_spans``, ``.batches`` and ``.reference_key`` (runs of
+equal keys share a reference cache).  Nothing here names a method: a method added to the registry runs."""
 
 from __future__ import annotations
 
@@ -23,30 +22,23 @@ def _spec(method: str, params: dict, spans: str | None, vocab: int, preset: dict
             "family": m.family, "group": group}
 
 
-def unlearning_methods(preset: dict) -> list[str]:
-    """The preset's ``methods``: ``all`` = every unlearning method of the registry, in its order."""
-    if preset["methods"] == "all":
-        return [m.name for m in registry.METHODS.values() if m.unlearning]
-    return list(preset["methods"])
-
-
 def run_specs(preset: dict, vocab: int) -> dict[str, dict]:
     """``{run: {"method", "params", "spans", "family", "group"[, "ablation"]}}``: the methods, the preset's extra
     ``runs`` and the ablations (an ablation equal to its method's main run is that run, labelled)."""
-    specs = {m: _spec(m, {}, None, vocab, preset, "method") for m in unlearning_methods(preset)}
+    methods = preset["methods"]
+    if methods == "all":  # every unlearning method of the registry, in its order
+        methods = [m.name for m in registry.METHODS.values() if m.unlearning]
+    specs = {m: _spec(m, {}, None, vocab, preset, "method") for m in methods}
     for name, r in preset["runs"].items():
         specs[name] = _spec(r["method"], r.get("params", {}), r.get("spans"), vocab, preset, "method")
     method = preset["ablations"]["method"]
     for param, values in preset["ablations"]["grid"].items():
         for v in values:
-            value = vocab if v == "vocab" else v
-            spec = _spec(method, {param: value}, None, vocab, preset, "ablation")
-            main, m = specs.get(method), registry.get_method(method)
+            spec = _spec(method, {param: vocab if v == "vocab" else v}, None, vocab, preset, "ablation")
+            main, m, tag = specs.get(method), registry.get_method(method), "all" if v in ("vocab", None) else v
             same = main is not None and m.hparams(main["params"]) == m.hparams(spec["params"])
-            name = method if same else f"{method}_{param}{'all' if v in ('vocab', None) else v}"
-            spec = specs.setdefault(name, spec)
-            spec.setdefault("ablation", []).append(f"{param}={'all' if v in ('vocab', None) else v}"
-                                                   + (f" (={vocab})" if v == "vocab" else ""))
+            spec = specs.setdefault(method if same else f"{method}_{param}{tag}", spec)
+            spec.setdefault("ablation", []).append(f"{param}={tag}" + (f" (={vocab})" if v == "vocab" else ""))
     return specs
 
 

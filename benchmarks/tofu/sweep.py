@@ -26,14 +26,8 @@ def grid(sft_lr: float, factors) -> list[float]:
 
 
 def choose_lr(by_lr: dict[float, dict[str, dict]], target_utility: float, floor: float = 0.9) -> dict:
-    """``by_lr`` = ``{lr: {run: metrics}}`` of one family on the development authors; returns ``{"lr", "reason",
-    "scores": {lr: {"fq_gmean", "mu_rel"}}}`` by the module's rule.
-
-    >>> r = choose_lr({1e-4: {"npo": {"forget_quality": 0.5, "model_utility": 0.8}},
-    ...                2e-4: {"npo": {"forget_quality": 0.9, "model_utility": 0.5}}}, target_utility=0.8)
-    >>> r["lr"], r["reason"]
-    (0.0001, 'highest forget quality at utility >= 0.9x')
-    """
+    """The module's choice from ``by_lr`` = ``{lr: {run: metrics}}`` of one family on the development authors:
+    ``{"lr", "reason", "scores": {lr: {"fq_gmean", "mu_rel"}}}`` (tests/test_tofu_bench.py has worked cases)."""
     if not by_lr or not target_utility:
         raise ValueError("choose_lr needs at least one swept lr and the development target's utility")
     scores = {}
