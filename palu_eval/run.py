@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from palu_ds.data.prompt import PromptFormat
+from palu_ds.process import refusing, run_main
 from palu_eval.checks import BadInput, check_finite_weights, check_model_path
 from palu_eval.config import MUSE_PARTS, TOFU_PARTS, SuiteConfig
 
@@ -138,15 +138,8 @@ def _evaluate(args, watchdog) -> dict:
 def cli() -> int:
     """The command line: :func:`main` returns the summary (for callers in Python); the process status is 0, or 2 with
     the path and what is wrong for input it refuses (:mod:`palu_eval.checks`)."""
-    try:
-        main()
-    except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return refusing(lambda: main() and 0, BadInput)  # main returns the summary; the status is 0
 
 
 if __name__ == "__main__":
-    from palu_ds.process import run_main
-
     run_main(cli)
