@@ -230,6 +230,33 @@ def test_the_shipped_protocol_trains_in_bf16_and_checks_one_point_in_fp32():
     E.check_protocol(preset)
 
 
+def test_snapshot_hook_saves_at_its_steps_and_ends_the_run_after_the_last(tmp_path):
+    """benchmarks/tofu/train_snapshot.py: the model is written after each listed step, and the run's total_steps is
+    cut to the last of them there (a reported run trains no step past its selected epoch); no steps: no cut."""
+    from benchmarks.tofu.train_snapshot import Snapshots, pop_steps
+
+    class FakeTrainer:
+        out_dir, step, total_steps, saved = str(tmp_path), 0, 100, []
+
+        def save_model(self, path):
+            self.saved.append(path)
+
+    argv = ["train.py", "--snapshot-steps", "10,30", "--deepspeed", "d.json"]
+    hook, t = Snapshots(pop_steps(argv)), FakeTrainer()
+    assert argv == ["train.py", "--deepspeed", "d.json"]
+    for t.step in range(1, 31):
+        assert t.total_steps == 100
+        hook.after_step(t)
+    assert t.saved == [str(tmp_path / "snapshots" / "step_000010"), str(tmp_path / "snapshots" / "step_000030")]
+    assert t.total_steps == 30
+    idle = FakeTrainer()
+    idle.step = 100
+    Snapshots([]).after_step(idle)
+    assert idle.total_steps == 100
+    with pytest.raises(SystemExit, match="--snapshot-steps takes optimizer steps like 30,50"):
+        pop_steps(["x", "--snapshot-steps", "ten"])
+
+
 def test_protocol_cost_by_part():
     secs = {"sft_target": 300, "sft_retain": 120, "eval_dev_retain": 60, "precompute_dev-ref-x": 60,
             "grid_palu_lr1e-05": 660, "report_A_npo": 600, "report_A_npo_seed1": 600, "position NLL": 60}

@@ -1,10 +1,12 @@
 """``launch/train.py`` that also writes the model being trained as a Hugging Face folder after the optimizer steps
 given first (the efficacy protocol's reported runs: the model at the selected epoch, for the NLL by position kind,
-while the run keeps its 10-epoch schedule)::
+while the run keeps its 10-epoch schedule), and stops after the last of them (the rest of the schedule is never
+used: the steps up to there and their evaluations are those of the whole run)::
 
     python benchmarks/tofu/train_snapshot.py --snapshot-steps 30,50 --deepspeed DS.json --config C.yaml [k=v ...]
 
-writes ``<train.output_dir>/snapshots/step_000030/`` (as the final ``model/``, through ``Trainer.save_model``)."""
+writes ``<train.output_dir>/snapshots/step_000030/`` (as the final ``model/``, through ``Trainer.save_model``) and
+ends after step 50 with its final checkpoint and model."""
 
 import os
 import sys
@@ -17,7 +19,8 @@ from palu_eval import trainer_evaluator  # installed packages only: the launcher
 
 
 class Snapshots(Hooks):
-    """After each optimizer step in ``steps``: the model as ``<output_dir>/snapshots/step_<N>``."""
+    """After each optimizer step in ``steps``: the model as ``<output_dir>/snapshots/step_<N>``; after the last one
+    the run ends (``total_steps`` cut there: the learning-rate schedule of the steps taken is unchanged)."""
 
     def __init__(self, steps):
         self.steps = frozenset(steps)
@@ -25,6 +28,8 @@ class Snapshots(Hooks):
     def after_step(self, trainer) -> None:
         if trainer.step in self.steps:
             trainer.save_model(os.path.join(trainer.out_dir, "snapshots", tag_for(trainer.step)))
+        if self.steps and trainer.step >= max(self.steps):
+            trainer.total_steps = trainer.step
 
 
 def pop_steps(argv: list[str]) -> list[int]:
