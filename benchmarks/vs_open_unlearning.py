@@ -120,14 +120,16 @@ def build_model(tofu: str, out: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- one run each
-def timed(cmd: list[str], threads: int, log: str, cwd: str = ROOT, **env) -> tuple[int, int]:
-    """Exit code and the peak RSS (bytes) of the largest process ``cmd`` waited for."""
+def timed(cmd: list[str], threads: int, log: str, cwd: str = ROOT, **env) -> tuple[int, int, str]:
+    """Exit code, the peak RSS (bytes) of the largest process ``cmd`` waited for, and its malloc (jemalloc where
+    the environment preloads it, else glibc)."""
+    env = cpu_env(OMP_NUM_THREADS=str(threads), **env)
     with open(log, "w") as f:
         p = subprocess.run([sys.executable, "-c", MAXRSS, *cmd], cwd=cwd, stdout=subprocess.PIPE, stderr=f, text=True,
-                           env=cpu_env(OMP_NUM_THREADS=str(threads), **env))
+                           env=env)
         f.write(p.stdout)
     kb = int(p.stdout.strip().split("MAXRSS_KB")[-1]) if "MAXRSS_KB" in p.stdout else 0
-    return p.returncode, kb * 1024
+    return p.returncode, kb * 1024, "jemalloc" if "jemalloc" in env.get("LD_PRELOAD", "") else "glibc"
 
 
 def medians(seconds: list[float], tokens: list[float]) -> dict:
@@ -147,13 +149,13 @@ def palu_run(method: str, nproc: int, model: str, a, tag: str) -> dict:
             "train.save_every=0", "log.log_every=100",
             f"reference.mode={'none' if m.is_reference_free else 'precomputed'}",
             f"reference.cache_dir={os.path.join(a.out, 'cache', os.path.basename(model), method)}"]
-    rc, rss = timed(launcher_cmd("launch/train.py", args, nproc, free_port()), 1 if nproc > 1 else 2,
-                    run_dir + ".log")
+    rc, rss, malloc = timed(launcher_cmd("launch/train.py", args, nproc, free_port()), 1 if nproc > 1 else 2,
+                            run_dir + ".log")
     if rc != 0:
         return {"exit": rc, "log": run_dir + ".log"}
     with open(os.path.join(run_dir, "summary.json")) as f:
         s = json.load(f)
-    return {"exit": 0, "peak_rss_mib": rss / 2 ** 20, **medians(s["step_seconds"], s["step_tokens"])}
+    return {"exit": 0, "peak_rss_mib": rss / 2 ** 20, "malloc": malloc, **medians(s["step_seconds"], s["step_tokens"])}
 
 
 def ou_overrides(peer: str, peer_args: dict, model: str, chat: bool, a, out_dir: str) -> list[str]:
@@ -195,7 +197,8 @@ def ou_run(method: str, nproc: int, model: str, chat: bool, py: str, a, tag: str
                driver, *args]
     else:
         cmd = [py, driver, *args]
-    rc, rss = timed(cmd, 1 if nproc > 1 else 2, run_dir + ".log", cwd=run_dir, OU_DIR=a.open_unlearning,
+    rc, rss, malloc = timed(cmd, 1 if nproc > 1 else 2, run_dir + ".log", cwd=run_dir, OU_DIR=a.open_unlearning,
+                    PALU_DS_MALLOC=a.ou_malloc,  # as its users run it: its launchers preload no allocator
                     OU_TIMES=times, PYTHONPATH=os.path.join(a.open_unlearning, "src"),
                     LOCAL_SIZE=str(nproc),  # its DeepSpeed 0.15's CPU accelerator asks numactl for it otherwise
                     # its DeepSpeed builds its own CPU ops (shm all-reduce, Adam) from its own sources: in palu_ds's
@@ -214,7 +217,7 @@ def ou_run(method: str, nproc: int, model: str, chat: bool, py: str, a, tag: str
             toks = [x + y for x, y in zip(toks, json.load(f)["step_tokens"])]
     if len(t["step_seconds"]) < a.steps:
         return {"exit": rc or 1, "log": run_dir + ".log"}
-    return {"exit": 0, "peak_rss_mib": rss / 2 ** 20, **medians(t["step_seconds"], toks)}
+    return {"exit": 0, "peak_rss_mib": rss / 2 ** 20, "malloc": malloc, **medians(t["step_seconds"], toks)}
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -230,8 +233,12 @@ def main() -> int:
     p.add_argument("--workloads", default="smol,tiny,tiny2", help=f"of {sorted(WORKLOADS)}")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--ou-malloc", choices=("system", "jemalloc"), default="system",
+                   help="open-unlearning's allocator: system (default, as its launchers run it) or jemalloc (what "
+                        "palu_ds's CPU environment preloads where installed, palu_ds.localrun)")
     a = p.parse_args()
     a.open_unlearning, a.tofu, a.out = (os.path.abspath(x) for x in (a.open_unlearning, a.tofu, a.out))
+    a.venv = a.venv and os.path.abspath(a.venv)  # open-unlearning runs in its checkout
     if not os.path.isfile(os.path.join(a.open_unlearning, "src", "train.py")):
         raise SystemExit(f"--open-unlearning {a.open_unlearning}: no src/train.py (clone github.com/locuslab/"
                          f"open-unlearning and check out {OU_COMMIT})")
@@ -287,8 +294,10 @@ def table(rows: list[dict]) -> str:
         mr, orss = stat("palu_ds", "peak_rss_mib"), stat("open_unlearning", "peak_rss_mib")
         ratio = statistics.median(x["palu_ds"]["tokens_per_s"] / x["open_unlearning"]["tokens_per_s"] for x in ok)
         lines.append(f"| {w} | {method} | {sel[0]['peer']} | {mt[0]:.0f} ({mt[1]:.0f}-{mt[2]:.0f}) | "
-                     f"{ot[0]:.0f} ({ot[1]:.0f}-{ot[2]:.0f}) | {ratio:.2f}x | {mr[0] / 1024:.2f} GiB | "
-                     f"{orss[0] / 1024:.2f} GiB | {(mr[0] - orss[0]) / 1024:+.2f} GiB | {len(ok)} |")
+                     f"{ot[0]:.0f} ({ot[1]:.0f}-{ot[2]:.0f}) | {ratio:.2f}x | {mr[0] / 1024:.2f} GiB "
+                     f"({ok[0]['palu_ds'].get('malloc', 'glibc')}) | {orss[0] / 1024:.2f} GiB "
+                     f"({ok[0]['open_unlearning'].get('malloc', 'glibc')}) | {(mr[0] - orss[0]) / 1024:+.2f} GiB | "
+                     f"{len(ok)} |")
     return "\n".join(lines)
 
 

@@ -1,5 +1,5 @@
-"""Running on this machine's CPUs: one home for the DeepSpeed/gloo CPU settings, a free port and the launcher
-command, used by ``make``, the tests, the demo and the benchmarks.
+"""Running on this machine's CPUs: one home for the DeepSpeed/gloo CPU settings, the memory allocator, a free port
+and the launcher command, used by ``make``, the tests, the demo and the benchmarks.
 
 The library itself leaves the environment alone, so that it runs unchanged on GPUs; whoever starts processes on CPUs
 takes the settings from here::
@@ -11,6 +11,8 @@ takes the settings from here::
 
 from __future__ import annotations
 
+import ctypes.util
+import functools
 import os
 import socket
 import sys
@@ -22,6 +24,42 @@ CPU_ENV = {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFN
            "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
 #: set by a launcher for its children: a child process started from a rank must not inherit them
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+#: ``PALU_DS_MALLOC``: ``auto`` (default: jemalloc where the system has it), ``jemalloc`` (required), ``system``
+MALLOC_VAR, MALLOC_CHOICES = "PALU_DS_MALLOC", ("auto", "jemalloc", "system")
+#: allocators a user may already preload (then left alone)
+ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+@functools.lru_cache(maxsize=1)
+def jemalloc() -> str | None:
+    """The system's jemalloc (``apt install libjemalloc2``) as a library name ``LD_PRELOAD`` takes, or None."""
+    return ctypes.util.find_library("jemalloc")
+
+
+def set_malloc(env) -> None:
+    """Put jemalloc in front of ``env``'s ``LD_PRELOAD`` (the processes started with ``env`` get it), per
+    ``PALU_DS_MALLOC``: ``auto`` where the system has it and ``LD_PRELOAD`` names no allocator yet, ``jemalloc``
+    required, ``system`` takes jemalloc out (glibc's malloc).  Why: glibc's malloc keeps the 2-6 MiB activation and
+    gradient blocks a training step frees as heap, jemalloc reuses them (SmolLM2, grad_diff: peak RSS 3.90 ->
+    3.48 GiB; BENCHMARKS, issue 29).  Example, on a machine with libjemalloc2: ``{"LD_PRELOAD": "libfoo.so"}`` ->
+    ``{"LD_PRELOAD": "libjemalloc.so.2:libfoo.so"}``.  A ``PALU_DS_MALLOC`` outside auto/jemalloc/system, or
+    ``jemalloc`` on a machine without it: ValueError, ``env`` unchanged."""
+    choice = env.get(MALLOC_VAR) or "auto"
+    if choice not in MALLOC_CHOICES:
+        raise ValueError(f"{MALLOC_VAR}={choice!r}: choose one of {', '.join(MALLOC_CHOICES)}")
+    entries = [x for x in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if x]
+    lib = jemalloc()
+    if choice == "system":
+        entries = [x for x in entries if "jemalloc" not in x]
+    elif not any(a in x for x in entries for a in ALLOCATORS):
+        if lib is None and choice == "jemalloc":
+            raise ValueError(f"{MALLOC_VAR}=jemalloc but the system has no jemalloc: install it (apt install "
+                             f"libjemalloc2) or set {MALLOC_VAR}=auto")
+        entries = [lib] * (lib is not None) + entries
+    if entries:
+        env["LD_PRELOAD"] = ":".join(entries)
+    else:
+        env.pop("LD_PRELOAD", None)
 
 
 def torch_extensions_dir() -> str:
@@ -31,21 +69,24 @@ def torch_extensions_dir() -> str:
 
 
 def setdefaults(env=None) -> None:
-    """Fill the CPU settings (and the extensions folder) into ``env`` (default ``os.environ``) where not set."""
+    """Fill the CPU settings (and the extensions folder) into ``env`` (default ``os.environ``) where not set, and
+    jemalloc into its ``LD_PRELOAD`` (:func:`set_malloc`)."""
     env = os.environ if env is None else env
     for k, v in CPU_ENV.items():
         env.setdefault(k, v)
     env.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+    set_malloc(env)
 
 
 def cpu_env(**extra: str) -> dict:
     """The environment of a child process: this one, the CPU settings on top, no rank variables of a parent
-    launcher, then ``extra`` (e.g. ``OMP_NUM_THREADS="2"``)."""
+    launcher, then ``extra`` (e.g. ``OMP_NUM_THREADS="2"``), then jemalloc preloaded (:func:`set_malloc`)."""
     env = dict(os.environ)
     env.update(CPU_ENV, TORCH_EXTENSIONS_DIR=torch_extensions_dir())
     for k in RANK_VARS:
         env.pop(k, None)
     env.update(extra)
+    set_malloc(env)
     return env
 
 
@@ -75,7 +116,14 @@ def main(argv: list[str]) -> None:
     """``python -m palu_ds.localrun CMD ...``: run CMD with the CPU settings filled in where not set."""
     if not argv:
         raise SystemExit("usage: python -m palu_ds.localrun COMMAND [ARGS...]")
-    setdefaults()
+    try:
+        setdefaults()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if jemalloc() is None and os.environ.get(MALLOC_VAR, "auto") == "auto":
+        print("palu_ds.localrun: no jemalloc on this machine, glibc's malloc is used (a higher peak RSS in "
+              "training, BENCHMARKS.md; apt install libjemalloc2)", file=sys.stderr)
     os.execvp(argv[0], argv)
 
 
