@@ -18,7 +18,6 @@ CPU := $(BIN)/python -m palu_ds.localrun
 
 $(STAMP): setup.py constraints.txt $(LOCK)
 	@command -v mpirun >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null) || echo "note: openmpi not installed (mpirun tests will be skipped)"; }
-	@/sbin/ldconfig -p | grep -q libjemalloc || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq libjemalloc2 >/dev/null) || echo "note: jemalloc not installed (CPU runs use glibc's malloc: a higher peak RSS)"; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
 	$(BIN)/pip install -q -c constraints.txt -c $(LOCK) torch==2.13.0

@@ -235,7 +235,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--ou-malloc", choices=("system", "jemalloc"), default="system",
                    help="open-unlearning's allocator: system (default, as its launchers run it) or jemalloc (what "
-                        "palu_ds's CPU environment preloads where installed, palu_ds.localrun)")
+                        "PALU_DS_MALLOC=jemalloc gives palu_ds's side, palu_ds.localrun)")
     a = p.parse_args()
     a.open_unlearning, a.tofu, a.out = (os.path.abspath(x) for x in (a.open_unlearning, a.tofu, a.out))
     a.venv = a.venv and os.path.abspath(a.venv)  # open-unlearning runs in its checkout

@@ -24,8 +24,8 @@ CPU_ENV = {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFN
            "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
 #: set by a launcher for its children: a child process started from a rank must not inherit them
 RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-#: ``PALU_DS_MALLOC``: ``auto`` (default: jemalloc where the system has it), ``jemalloc`` (required), ``system``
-MALLOC_VAR, MALLOC_CHOICES = "PALU_DS_MALLOC", ("auto", "jemalloc", "system")
+#: ``PALU_DS_MALLOC``: unset (LD_PRELOAD as it is), ``jemalloc`` (preloaded; the system must have it) or ``system``
+MALLOC_VAR, MALLOC_CHOICES = "PALU_DS_MALLOC", ("jemalloc", "system")
 #: allocators a user may already preload (then left alone)
 ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
@@ -37,25 +37,26 @@ def jemalloc() -> str | None:
 
 
 def set_malloc(env) -> None:
-    """Put jemalloc in front of ``env``'s ``LD_PRELOAD`` (the processes started with ``env`` get it), per
-    ``PALU_DS_MALLOC``: ``auto`` where the system has it and ``LD_PRELOAD`` names no allocator yet, ``jemalloc``
-    required, ``system`` takes jemalloc out (glibc's malloc).  Why: glibc's malloc keeps the 2-6 MiB activation and
-    gradient blocks a training step frees as heap, jemalloc reuses them (SmolLM2, grad_diff: peak RSS 3.90 ->
-    3.48 GiB; BENCHMARKS, issue 29).  Example, on a machine with libjemalloc2: ``{"LD_PRELOAD": "libfoo.so"}`` ->
-    ``{"LD_PRELOAD": "libjemalloc.so.2:libfoo.so"}``.  A ``PALU_DS_MALLOC`` outside auto/jemalloc/system, or
-    ``jemalloc`` on a machine without it: ValueError, ``env`` unchanged."""
-    choice = env.get(MALLOC_VAR) or "auto"
+    """``env``'s ``LD_PRELOAD`` (what the processes started with ``env`` get) per ``PALU_DS_MALLOC``: ``jemalloc``
+    puts jemalloc in front unless an allocator is preloaded already, ``system`` takes jemalloc out (glibc's malloc),
+    unset leaves it as it is.  Measured on SmolLM2 (BENCHMARKS, issue 29, ``benchmarks/malloc_ab.py``): jemalloc
+    lowers a training step's peak RSS (glibc keeps the 2-6 MiB activation and gradient blocks a step frees as heap)
+    at a speed within this box's noise -- a choice, not the default.  Example, on a machine with libjemalloc2:
+    ``{"PALU_DS_MALLOC": "jemalloc", "LD_PRELOAD": "libfoo.so"}`` -> ``LD_PRELOAD`` ``libjemalloc.so.2:libfoo.so``.
+    Another ``PALU_DS_MALLOC``, or ``jemalloc`` on a machine without it: ValueError, ``env`` unchanged."""
+    choice = env.get(MALLOC_VAR) or None
+    if choice is None:
+        return
     if choice not in MALLOC_CHOICES:
-        raise ValueError(f"{MALLOC_VAR}={choice!r}: choose one of {', '.join(MALLOC_CHOICES)}")
+        raise ValueError(f"{MALLOC_VAR}={choice!r}: choose {' or '.join(MALLOC_CHOICES)}, or leave it unset")
     entries = [x for x in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if x]
-    lib = jemalloc()
     if choice == "system":
         entries = [x for x in entries if "jemalloc" not in x]
     elif not any(a in x for x in entries for a in ALLOCATORS):
-        if lib is None and choice == "jemalloc":
+        if jemalloc() is None:
             raise ValueError(f"{MALLOC_VAR}=jemalloc but the system has no jemalloc: install it (apt install "
-                             f"libjemalloc2) or set {MALLOC_VAR}=auto")
-        entries = [lib] * (lib is not None) + entries
+                             f"libjemalloc2) or unset {MALLOC_VAR}")
+        entries = [jemalloc()] + entries
     if entries:
         env["LD_PRELOAD"] = ":".join(entries)
     else:
@@ -69,8 +70,8 @@ def torch_extensions_dir() -> str:
 
 
 def setdefaults(env=None) -> None:
-    """Fill the CPU settings (and the extensions folder) into ``env`` (default ``os.environ``) where not set, and
-    jemalloc into its ``LD_PRELOAD`` (:func:`set_malloc`)."""
+    """Fill the CPU settings (and the extensions folder) into ``env`` (default ``os.environ``) where not set; its
+    ``LD_PRELOAD`` per ``PALU_DS_MALLOC`` (:func:`set_malloc`)."""
     env = os.environ if env is None else env
     for k, v in CPU_ENV.items():
         env.setdefault(k, v)
@@ -80,7 +81,7 @@ def setdefaults(env=None) -> None:
 
 def cpu_env(**extra: str) -> dict:
     """The environment of a child process: this one, the CPU settings on top, no rank variables of a parent
-    launcher, then ``extra`` (e.g. ``OMP_NUM_THREADS="2"``), then jemalloc preloaded (:func:`set_malloc`)."""
+    launcher, then ``extra`` (e.g. ``OMP_NUM_THREADS="2"``), then ``LD_PRELOAD`` per ``PALU_DS_MALLOC`` (:func:`set_malloc`)."""
     env = dict(os.environ)
     env.update(CPU_ENV, TORCH_EXTENSIONS_DIR=torch_extensions_dir())
     for k in RANK_VARS:
@@ -121,9 +122,6 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if jemalloc() is None and os.environ.get(MALLOC_VAR, "auto") == "auto":
-        print("palu_ds.localrun: no jemalloc on this machine, glibc's malloc is used (a higher peak RSS in "
-              "training, BENCHMARKS.md; apt install libjemalloc2)", file=sys.stderr)
     os.execvp(argv[0], argv)
 
 

@@ -25,21 +25,34 @@ def test_help_exits_zero(name, monkeypatch, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-def test_vs_open_unlearning_names_each_sides_allocator(tmp_path):
-    """benchmarks/vs_open_unlearning.py: a side started with PALU_DS_MALLOC=system (open-unlearning as its users run
-    it) runs on glibc; palu_ds's side on what palu_ds.localrun preloads; the table names both beside the peak RSS."""
+def test_vs_open_unlearning_names_each_sides_allocator(tmp_path, monkeypatch):
+    """benchmarks/vs_open_unlearning.py: open-unlearning's side (PALU_DS_MALLOC=system, as its users run it) runs on
+    glibc even when palu_ds's asks for jemalloc; each run names its allocator, and the table shows both."""
     from benchmarks.vs_open_unlearning import table, timed
     from palu_ds.localrun import jemalloc
 
     probe = [sys.executable, "-c", "print('libjemalloc' in open('/proc/self/maps').read())"]
+    if jemalloc() is not None:
+        monkeypatch.setenv("PALU_DS_MALLOC", "jemalloc")
+        rc, _, malloc = timed(probe, 1, str(tmp_path / "ours.log"))
+        assert rc == 0 and malloc == "jemalloc" and "True" in (tmp_path / "ours.log").read_text()
     rc, rss, malloc = timed(probe, 1, str(tmp_path / "ou.log"), PALU_DS_MALLOC="system")
     assert rc == 0 and rss > 0 and malloc == "glibc" and "False" in (tmp_path / "ou.log").read_text()
-    rc, _, malloc = timed(probe, 1, str(tmp_path / "ours.log"))
-    have = jemalloc() is not None
-    assert rc == 0 and malloc == ("jemalloc" if have else "glibc")
-    assert str(have) in (tmp_path / "ours.log").read_text()
     side = {"exit": 0, "tokens_per_s": 100.0, "s_per_step": 1.0, "steps": 4}
     row = {"round": 0, "workload": "smol", "nproc": 1, "method": "grad_diff", "peer": "GradDiff",
            "palu_ds": {**side, "peak_rss_mib": 3000.0, "malloc": "jemalloc"},
            "open_unlearning": {**side, "peak_rss_mib": 3500.0, "malloc": "glibc"}}
     assert "| 2.93 GiB (jemalloc) | 3.42 GiB (glibc) | -0.49 GiB | 1 |" in table([row])
+
+
+def test_malloc_ab_table_is_medians_and_per_round_ratios():
+    from benchmarks.malloc_ab import table
+
+    def run(tps, rss):
+        return {"exit": 0, "tokens_per_s": tps, "peak_rss_mib": rss}
+    rounds = [{"glibc": run(100, 4000), "jemalloc": run(90, 3600)}, {"glibc": run(120, 4100), "jemalloc": run(120, 3690)},
+              {"glibc": run(150, 4000), "jemalloc": {"exit": 1}}]  # a failed round: left out
+    t = table(rounds)
+    assert "| glibc | 110 (100-120) | 4050 (4000-4100) |" in t and "| jemalloc | 105 (90-120) | 3645 (3600-3690) |" in t
+    assert "| jemalloc / glibc, median of 2 rounds | 0.950x | 0.900x |" in t
+    assert table([rounds[2]]) == "every round failed (see the logs)"

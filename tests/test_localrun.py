@@ -1,5 +1,5 @@
-"""The CPU environment of palu_ds.localrun: jemalloc preloaded into the processes it starts (PALU_DS_MALLOC), the
-user's own preloads kept, bad settings refused by name."""
+"""The CPU environment of palu_ds.localrun: jemalloc preloaded into the processes it starts when PALU_DS_MALLOC asks,
+the user's own preloads kept, bad settings refused by name."""
 import subprocess
 import sys
 
@@ -24,20 +24,18 @@ def _set(**env) -> dict:
     return env
 
 
-def test_set_malloc_preloads_jemalloc_in_front_and_respects_the_users_choice(found):
+def test_set_malloc_preloads_jemalloc_in_front_only_when_asked(found):
     found("libjemalloc.so.2")
-    assert _set() == {"LD_PRELOAD": "libjemalloc.so.2"}
-    assert _set(LD_PRELOAD="libfoo.so") == {"LD_PRELOAD": "libjemalloc.so.2:libfoo.so"}
-    assert _set(LD_PRELOAD="/opt/lib/libtcmalloc.so.4") == {"LD_PRELOAD": "/opt/lib/libtcmalloc.so.4"}  # theirs
-    assert _set(LD_PRELOAD="libjemalloc.so.2") == {"LD_PRELOAD": "libjemalloc.so.2"}  # not twice
-    assert _set(PALU_DS_MALLOC="system") == {"PALU_DS_MALLOC": "system"}
+    assert _set() == {} and _set(LD_PRELOAD="libfoo.so") == {"LD_PRELOAD": "libfoo.so"}  # unset: as it is
+    assert _set(PALU_DS_MALLOC="jemalloc")["LD_PRELOAD"] == "libjemalloc.so.2"
+    assert _set(PALU_DS_MALLOC="jemalloc", LD_PRELOAD="libfoo.so")["LD_PRELOAD"] == "libjemalloc.so.2:libfoo.so"
+    assert _set(PALU_DS_MALLOC="jemalloc", LD_PRELOAD="/opt/libtcmalloc.so.4")["LD_PRELOAD"] == "/opt/libtcmalloc.so.4"
+    assert _set(PALU_DS_MALLOC="jemalloc", LD_PRELOAD="libjemalloc.so.2")["LD_PRELOAD"] == "libjemalloc.so.2"
     assert _set(PALU_DS_MALLOC="system", LD_PRELOAD="libjemalloc.so.2 libfoo.so")["LD_PRELOAD"] == "libfoo.so"
     assert "LD_PRELOAD" not in _set(PALU_DS_MALLOC="system", LD_PRELOAD="libjemalloc.so.2")  # taken out again
-    assert _set(PALU_DS_MALLOC="jemalloc")["LD_PRELOAD"] == "libjemalloc.so.2"
-    with pytest.raises(ValueError, match=r"PALU_DS_MALLOC='glibc': choose one of auto, jemalloc, system"):
-        _set(PALU_DS_MALLOC="glibc")
+    with pytest.raises(ValueError, match=r"PALU_DS_MALLOC='auto': choose jemalloc or system, or leave it unset"):
+        _set(PALU_DS_MALLOC="auto")
     found(None)
-    assert _set() == {} and _set(LD_PRELOAD="libfoo.so") == {"LD_PRELOAD": "libfoo.so"}
     env = {"PALU_DS_MALLOC": "jemalloc", "LD_PRELOAD": "libfoo.so"}
     with pytest.raises(ValueError, match=r"PALU_DS_MALLOC=jemalloc but the system has no jemalloc: install it"):
         L.set_malloc(env)
@@ -48,11 +46,12 @@ def test_child_environments_carry_it(found, monkeypatch):
     found("libjemalloc.so.2")
     monkeypatch.setenv("LD_PRELOAD", "libfoo.so")
     monkeypatch.delenv("PALU_DS_MALLOC", raising=False)
-    assert L.cpu_env()["LD_PRELOAD"] == "libjemalloc.so.2:libfoo.so"
-    assert L.cpu_env(PALU_DS_MALLOC="system")["LD_PRELOAD"] == "libfoo.so"
+    assert L.cpu_env()["LD_PRELOAD"] == "libfoo.so"
+    assert L.cpu_env(PALU_DS_MALLOC="jemalloc")["LD_PRELOAD"] == "libjemalloc.so.2:libfoo.so"
+    monkeypatch.setenv("PALU_DS_MALLOC", "jemalloc")
     monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")  # what setdefaults gave this process: a child can opt out
     assert "LD_PRELOAD" not in L.cpu_env(PALU_DS_MALLOC="system")
-    env = {}
+    env = {"PALU_DS_MALLOC": "jemalloc"}
     L.setdefaults(env)
     assert env["LD_PRELOAD"] == "libjemalloc.so.2" and env["DS_ACCELERATOR"] == "cpu"
 
@@ -63,14 +62,15 @@ def _localrun(code: str, **env) -> subprocess.CompletedProcess:
                           env={**full, **env}, capture_output=True, text=True, timeout=120)  # its own choice
 
 
-def test_localrun_runs_its_command_on_jemalloc_where_the_system_has_it():
-    """Through the real launcher: the command's process maps jemalloc iff this machine has it (else a note says
-    glibc's malloc is used); PALU_DS_MALLOC=system maps none; a bad value is refused (exit 2) by name."""
-    have = L.jemalloc() is not None
+def test_localrun_runs_its_command_on_jemalloc_when_asked():
+    """Through the real launcher: by default the command maps no jemalloc; with PALU_DS_MALLOC=jemalloc it does on a
+    machine that has it, and is refused by name (exit 2) on one that has not; a bad value is refused too."""
     p = _localrun(MAPS)
-    assert p.returncode == 0 and p.stdout.strip() == str(have)
-    assert ("no jemalloc on this machine" in p.stderr) == (not have)
-    p = _localrun(MAPS, PALU_DS_MALLOC="system")
-    assert p.returncode == 0 and p.stdout.strip() == "False" and "jemalloc" not in p.stderr
+    assert p.returncode == 0 and p.stdout.strip() == "False"
+    p = _localrun(MAPS, PALU_DS_MALLOC="jemalloc")
+    if L.jemalloc() is not None:
+        assert p.returncode == 0 and p.stdout.strip() == "True"
+    else:
+        assert p.returncode == 2 and "PALU_DS_MALLOC=jemalloc but the system has no jemalloc" in p.stderr
     p = _localrun(MAPS, PALU_DS_MALLOC="bogus")
-    assert p.returncode == 2 and "error: PALU_DS_MALLOC='bogus': choose one of auto, jemalloc, system" in p.stderr
+    assert p.returncode == 2 and "error: PALU_DS_MALLOC='bogus': choose jemalloc or system" in p.stderr
