@@ -24,7 +24,9 @@ bf16 off, sdpa attention, ``device_map: cpu``, evaluation off; a copy of the mod
 Measured per run: the median over steps 3..N of the step time and of tokens/s (tokens: every real token of the
 forget and retain rows, prompt and answer, counted alike on both sides -- open-unlearning's collator masks every pad
 token out of attention_mask, and SmolLM2's pad is its eos), and the peak RSS of the training process
-(``ru_maxrss`` of the largest process the run waited for, the same on both sides).  Each round runs every pair
+(``ru_maxrss`` of the largest process the run waited for, the same on both sides).  Allocator: palu_ds's side runs
+on what ``PALU_DS_MALLOC`` asks for (palu_ds.localrun; unset: glibc), open-unlearning's on glibc (``--ou-malloc``);
+each run records its own.  Each round runs every pair
 palu_ds first then open-unlearning; ``--rounds`` alternate so a noisy neighbour hits both alike.  Threads: 2 for
 1 process, 1 per rank for 2.
 """
@@ -198,12 +200,12 @@ def ou_run(method: str, nproc: int, model: str, chat: bool, py: str, a, tag: str
     else:
         cmd = [py, driver, *args]
     rc, rss, malloc = timed(cmd, 1 if nproc > 1 else 2, run_dir + ".log", cwd=run_dir, OU_DIR=a.open_unlearning,
-                    PALU_DS_MALLOC=a.ou_malloc,  # as its users run it: its launchers preload no allocator
-                    OU_TIMES=times, PYTHONPATH=os.path.join(a.open_unlearning, "src"),
-                    LOCAL_SIZE=str(nproc),  # its DeepSpeed 0.15's CPU accelerator asks numactl for it otherwise
-                    # its DeepSpeed builds its own CPU ops (shm all-reduce, Adam) from its own sources: in palu_ds's
-                    # extensions folder they would replace palu_ds's builds with another version's
-                    TORCH_EXTENSIONS_DIR=os.path.join(os.path.dirname(os.path.dirname(py)), "torch_extensions"))
+                            PALU_DS_MALLOC=a.ou_malloc,  # as its users run it: its launchers preload no allocator
+                            OU_TIMES=times, PYTHONPATH=os.path.join(a.open_unlearning, "src"),
+                            LOCAL_SIZE=str(nproc),  # its DeepSpeed 0.15's CPU accelerator asks numactl for it otherwise
+                            # its DeepSpeed builds its own CPU ops (shm all-reduce, Adam) from its own sources: in
+                            # palu_ds's extensions folder they would replace palu_ds's builds with another version's
+                            TORCH_EXTENSIONS_DIR=os.path.join(os.path.dirname(os.path.dirname(py)), "torch_extensions"))
     for f in os.listdir(run_dir):  # the model it saves at the end (~0.5 GiB a SmolLM2 run), never read here
         if f.endswith((".safetensors", ".bin")):
             os.remove(os.path.join(run_dir, f))

@@ -81,7 +81,8 @@ def setdefaults(env=None) -> None:
 
 def cpu_env(**extra: str) -> dict:
     """The environment of a child process: this one, the CPU settings on top, no rank variables of a parent
-    launcher, then ``extra`` (e.g. ``OMP_NUM_THREADS="2"``), then ``LD_PRELOAD`` per ``PALU_DS_MALLOC`` (:func:`set_malloc`)."""
+    launcher, then ``extra`` (e.g. ``OMP_NUM_THREADS="2"``), then ``LD_PRELOAD`` per ``PALU_DS_MALLOC``
+    (:func:`set_malloc`)."""
     env = dict(os.environ)
     env.update(CPU_ENV, TORCH_EXTENSIONS_DIR=torch_extensions_dir())
     for k in RANK_VARS:
