@@ -42,7 +42,7 @@ import sys
 import time
 
 from benchmarks.output import write_results
-from palu_ds.localrun import cpu_env, free_port, launcher_cmd
+from palu_ds.localrun import cpu_env, free_port, launcher_cmd, malloc_of
 from palu_ds.methods import METHODS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,7 +131,7 @@ def timed(cmd: list[str], threads: int, log: str, cwd: str = ROOT, **env) -> tup
                            env=env)
         f.write(p.stdout)
     kb = int(p.stdout.strip().split("MAXRSS_KB")[-1]) if "MAXRSS_KB" in p.stdout else 0
-    return p.returncode, kb * 1024, "jemalloc" if "jemalloc" in env.get("LD_PRELOAD", "") else "glibc"
+    return p.returncode, kb * 1024, malloc_of(env)
 
 
 def medians(seconds: list[float], tokens: list[float]) -> dict:

@@ -17,6 +17,8 @@ import os
 import socket
 import sys
 
+from palu_ds.process import refusing
+
 #: DeepSpeed on the CPU accelerator, gloo over loopback, one OpenMP thread a rank, nothing from the network
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -61,6 +63,12 @@ def set_malloc(env) -> None:
         env["LD_PRELOAD"] = ":".join(entries)
     else:
         env.pop("LD_PRELOAD", None)
+
+
+def malloc_of(env) -> str:
+    """The allocator the processes started with ``env`` run on: ``"jemalloc"`` when its ``LD_PRELOAD`` names it, else
+    ``"glibc"``."""
+    return "jemalloc" if "jemalloc" in env.get("LD_PRELOAD", "") else "glibc"
 
 
 def torch_extensions_dir() -> str:
@@ -118,11 +126,9 @@ def main(argv: list[str]) -> None:
     """``python -m palu_ds.localrun CMD ...``: run CMD with the CPU settings filled in where not set."""
     if not argv:
         raise SystemExit("usage: python -m palu_ds.localrun COMMAND [ARGS...]")
-    try:
-        setdefaults()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    status = refusing(setdefaults, ValueError)  # a bad PALU_DS_MALLOC: named, exit 2
+    if status:
+        raise SystemExit(status)
     os.execvp(argv[0], argv)
 
 
