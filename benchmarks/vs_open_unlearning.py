@@ -42,7 +42,7 @@ import sys
 import time
 
 from benchmarks.output import write_results
-from palu_ds.localrun import cpu_env, free_port, launcher_cmd, malloc_of
+from palu_ds.localrun import cpu_env, free_port, launcher_cmd, malloc_of, shm_buffers
 from palu_ds.methods import METHODS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -195,8 +195,9 @@ def ou_run(method: str, nproc: int, model: str, chat: bool, py: str, a, tag: str
     if nproc > 1:  # DeepSpeed through its TrainingArguments (use_cpu would make accelerate fall back to DDP)
         args.remove("+trainer.args.use_cpu=true")
         args.append(f"+trainer.args.deepspeed={os.path.join(ROOT, 'ds_configs', 'cpu', 'zero3.json')}")
-        cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-               driver, *args]
+        port = free_port()
+        cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port), driver,
+               *args]
     else:
         cmd = [py, driver, *args]
     rc, rss, malloc = timed(cmd, 1 if nproc > 1 else 2, run_dir + ".log", cwd=run_dir, OU_DIR=a.open_unlearning,
@@ -206,6 +207,9 @@ def ou_run(method: str, nproc: int, model: str, chat: bool, py: str, a, tag: str
                             # its DeepSpeed builds its own CPU ops (shm all-reduce, Adam) from its own sources: in
                             # palu_ds's extensions folder they would replace palu_ds's builds with another version's
                             TORCH_EXTENSIONS_DIR=os.path.join(os.path.dirname(os.path.dirname(py)), "torch_extensions"))
+    if nproc > 1:  # its DeepSpeed never unlinks its shm all-reduce buffers (66 MB a rank; palu_ds.dist does)
+        for f in shm_buffers(port):
+            os.remove(f)
     for f in os.listdir(run_dir):  # the model it saves at the end (~0.5 GiB a SmolLM2 run), never read here
         if f.endswith((".safetensors", ".bin")):
             os.remove(os.path.join(run_dir, f))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes.util
 import functools
+import glob
 import os
 import socket
 import sys
@@ -101,10 +102,21 @@ def cpu_env(**extra: str) -> dict:
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for ``--master_port``)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 right now (for ``--master_port``) that no DeepSpeed CPU shared-memory buffer in
+    /dev/shm names: a job killed before palu_ds.dist.release_shm_name (or another framework's job) leaves
+    ``deepspeed_allreduce_buffer_*_<port>_<rank>`` behind, and a new job on that port would map the stale file."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not shm_buffers(port):
+            return port
+
+
+def shm_buffers(port: int) -> list[str]:
+    """The DeepSpeed CPU shared-memory all-reduce buffers in /dev/shm that name master port ``port``
+    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, ~66 MB each; palu_ds.dist.shm_buffer_path)."""
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
 
 
 def launcher_cmd(script: str, args: list[str] = (), nproc: int = 2, port: int | None = None,

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from palu_ds.localrun import cpu_env, free_port, launcher_cmd
+from palu_ds.localrun import cpu_env, free_port, launcher_cmd, shm_buffers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 __all__ = ["ROOT", "cpu_env", "free_port", "launch", "summary", "answer_nll", "state", "wandb_run", "folder_held"]
@@ -22,7 +22,7 @@ def launch(script: str, args: list[str], nproc: int = 2, env: dict | None = None
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout[-6000:]}\n"
                              f"--- stderr\n{p.stderr[-6000:]}")
-    leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    leaked = shm_buffers(port)
     assert not leaked, f"{' '.join(cmd)} left DeepSpeed's shm all-reduce buffers behind: {leaked}"
     return p
 

@@ -1,5 +1,5 @@
 """The CPU environment of palu_ds.localrun: jemalloc preloaded into the processes it starts when PALU_DS_MALLOC asks,
-the user's own preloads kept, bad settings refused by name."""
+the user's own preloads kept, bad settings refused by name; a master port no stale shm buffer names."""
 import subprocess
 import sys
 
@@ -74,3 +74,26 @@ def test_localrun_runs_its_command_on_jemalloc_when_asked():
         assert p.returncode == 2 and "PALU_DS_MALLOC=jemalloc but the system has no jemalloc" in p.stderr
     p = _localrun(MAPS, PALU_DS_MALLOC="bogus")
     assert p.returncode == 2 and "error: PALU_DS_MALLOC='bogus': choose jemalloc or system" in p.stderr
+
+
+def test_free_port_passes_over_a_port_a_stale_shm_buffer_names(monkeypatch):
+    """A killed job's /dev/shm all-reduce buffer names its port; free_port takes the next free port instead (CI once
+    failed a leak check on a buffer an earlier, killed job had left under the port it drew)."""
+    ports = iter([40001, 40002])
+
+    class Sock:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, addr):
+            self.port = next(ports)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(L.socket, "socket", Sock)
+    monkeypatch.setattr(L, "shm_buffers", lambda port: ["stale"] if port == 40001 else [])
+    assert L.free_port() == 40002
