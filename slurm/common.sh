@@ -119,8 +119,8 @@ palu_command() {
                       --bind-to none --mca odls_base_sigkill_timeout 30
                       -x MASTER_ADDR -x MASTER_PORT -x PATH -x PYTHONUNBUFFERED)
             local v
-            for v in DS_ACCELERATOR OMP_NUM_THREADS PYTHONPATH LD_LIBRARY_PATH HF_HOME HF_HUB_OFFLINE \
-                     TORCH_EXTENSIONS_DIR GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; do
+            for v in DS_ACCELERATOR OMP_NUM_THREADS PYTHONPATH LD_LIBRARY_PATH LD_PRELOAD HF_HOME HF_HUB_OFFLINE \
+                     TORCH_EXTENSIONS_DIR GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; do  # LD_PRELOAD: e.g. jemalloc
                 [ -n "${!v:-}" ] && PALU_CMD+=(-x "$v")
             done
             [ "$(id -u)" = 0 ] && PALU_CMD+=(--allow-run-as-root)

@@ -182,6 +182,13 @@ def test_sbatch_scripts_on_four_gpu_nodes(tmp_path, launcher):
         assert "-x MASTER_ADDR -x MASTER_PORT" in cmd
 
 
+def test_mpirun_passes_the_users_preloaded_allocator_to_every_rank(tmp_path):
+    """mpirun starts remote ranks with only the variables named by -x: an LD_PRELOAD (jemalloc, BENCHMARKS' allocator
+    paragraph) set for the job reaches them; unset, none is named."""
+    assert "-x LD_PRELOAD" not in _dry_run(tmp_path, {**GPU_JOB, "LD_PRELOAD": ""}, "mpirun")["CMD"]
+    assert "-x LD_PRELOAD" in _dry_run(tmp_path, {**GPU_JOB, "LD_PRELOAD": "libjemalloc.so.2"}, "mpirun")["CMD"]
+
+
 def test_sbatch_scripts_on_one_cpu_node(tmp_path):
     env = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "vm", "SLURM_JOB_NUM_NODES": "1",
            "SLURM_TASKS_PER_NODE": "2", "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": ROOT}
