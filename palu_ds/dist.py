@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from palu_ds.localrun import free_port
+from palu_ds.localrun import SHM_BUFFER, free_port
 
 _SOURCES = [  # (rank, world size, local rank)
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
@@ -89,8 +89,7 @@ def shm_buffer_path() -> str:
     """The /dev/shm file of DeepSpeed's CPU shared-memory all-reduce for this rank (ops/csrc/cpu/comm/shm.cpp:
     ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, about 66 MB)."""
     r = dist.get_rank()
-    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{r}")
+    return f"{SHM_BUFFER}{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{r}"
 
 
 def release_shm_name() -> None:

@@ -113,10 +113,14 @@ def free_port() -> int:
             return port
 
 
+#: DeepSpeed's CPU shared-memory all-reduce buffer of one rank is ``<SHM_BUFFER><uid>_<addr>_<port>_<rank>``
+#: (ops/csrc/cpu/comm/shm.cpp, ~66 MB each; palu_ds.dist.shm_buffer_path names this rank's)
+SHM_BUFFER = "/dev/shm/deepspeed_allreduce_buffer_"
+
+
 def shm_buffers(port: int) -> list[str]:
-    """The DeepSpeed CPU shared-memory all-reduce buffers in /dev/shm that name master port ``port``
-    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, ~66 MB each; palu_ds.dist.shm_buffer_path)."""
-    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    """The DeepSpeed CPU shared-memory all-reduce buffers in /dev/shm that name master port ``port``."""
+    return glob.glob(f"{SHM_BUFFER}*_{port}_*")
 
 
 def launcher_cmd(script: str, args: list[str] = (), nproc: int = 2, port: int | None = None,
