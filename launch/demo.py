@@ -24,6 +24,7 @@ import sys
 import time
 
 from palu_ds.atomic import write_json, write_jsonl, write_text
+from palu_ds.config import ConfigError, load_config, read_yaml
 from palu_ds.localrun import launcher_cmd
 from palu_ds.process import refusing
 from palu_ds.stages import Stages
@@ -220,14 +221,47 @@ def real_demo(args) -> int:
 
 
 # --select: the demo's settings chosen on the development questions (BENCHMARKS.md, "Choosing the demo's settings on
-# development questions", written before any selection run). Each run of the grid is a set of config overrides on
-# REAL_CONFIG, measured after each step count of SELECT_STEPS (a later count extends the same run from its
-# checkpoint: the lr schedule is constant).
-SELECT_RUNS = ({"train.lr": 5e-5, "method.params.alpha": 3.0}, {"train.lr": 5e-5, "method.params.alpha": 10.0},
-               {"train.lr": 2.5e-5, "method.params.alpha": 3.0}, {"train.lr": 2.5e-5, "method.params.alpha": 10.0})
-SELECT_STEPS = (5, 10)
+# development questions", written before any selection run). A grid file (launch/configs/demo_grid_round*.yaml, one
+# per round) lists its runs, each a set of config overrides on REAL_CONFIG, and the step counts each run is scored
+# after (a later count extends the same run from its checkpoint: the lr schedule is constant).
+GRID = "launch/configs/demo_grid_round2.yaml"  # the latest round's grid (--grid)
 KEEP = 0.9  # retain kept share a point needs to be eligible (and the goal's share for retain and holdout)
 SELECTED = (*TRAINED, DEV)  # what --select asks: the holdout is never asked there
+
+
+def load_grid(path: str) -> tuple[list[dict], list[int]]:
+    """A grid file's ``runs`` (each a mapping of dotted config keys to numbers) and ``steps`` (increasing positive
+    step counts). Every problem is a ConfigError naming the file and the run or key; every point (run x steps) must be
+    a valid config on REAL_CONFIG, so a misspelled key fails here, before anything is trained."""
+    raw = read_yaml(path)
+    extra = sorted(set(raw) - {"runs", "steps"})
+    if extra:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(extra)}; a grid file has only runs: and steps:")
+    steps, runs = raw.get("steps"), raw.get("runs")
+    if (not isinstance(steps, list) or not steps or any(type(s) is not int or s < 1 for s in steps)
+            or steps != sorted(set(steps))):
+        raise ConfigError(f"{path}: steps must be a list of increasing positive step counts, e.g. [5, 10]; got "
+                          f"{steps!r}")
+    if not isinstance(runs, list) or not runs:
+        raise ConfigError(f"{path}: runs must be a non-empty list of config overrides, e.g. "
+                          "[{train.lr: 5.0e-5, method.params.alpha: 3.0}]")
+    for i, r in enumerate(runs):
+        if not isinstance(r, dict) or not r:
+            raise ConfigError(f"{path}: runs[{i}] must be a mapping of dotted config keys to values; got {r!r}")
+        for k, v in r.items():
+            if k == "train.max_steps":
+                raise ConfigError(f"{path}: runs[{i}] sets train.max_steps; step counts go in steps:")
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{path}: runs[{i}].{k} = {v!r} is not a number (YAML reads 5e-5 as a string: write "
+                                  "5.0e-5)")
+        if runs.index(r) != i:
+            raise ConfigError(f"{path}: runs[{i}] repeats runs[{runs.index(r)}]; give each run once")
+        try:
+            load_config(os.path.join(ROOT, REAL_CONFIG),
+                        [f"{k}={v}" for k, v in {**r, "train.max_steps": steps[-1]}.items()])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: runs[{i}] is not a valid run on {REAL_CONFIG}: {e}") from None
+    return runs, steps
 
 
 def point_name(settings: dict) -> str:
@@ -291,7 +325,11 @@ def selection_markdown(points: list[dict], choice: dict, not_run: list[dict]) ->
 def select_settings(args) -> int:
     """Run the grid on forget + retain with the development questions as the scored holdout, apply the rule and
     write ``OUT/selection.json`` and ``OUT/selection.md``. The base model's answers and the reference are computed
-    once; every stage is reused on a rerun (an interrupted selection resumes)."""
+    once, the reference once per run; every stage is reused on a rerun (an interrupted selection resumes)."""
+    grid, steps_of = load_grid(args.grid)  # a bad grid fails before anything runs
+    n_runs = len(grid) if args.select_runs is None else args.select_runs
+    if not 1 <= n_runs <= len(grid):
+        raise ConfigError(f"--select-runs must be 1..{len(grid)} (the runs of {args.grid}), got {n_runs}")
     out = os.path.abspath(args.out)
     stages = Stages(out, tag="demo --select", echo=True, cwd=ROOT)
     base = fetch_base(stages)
@@ -299,20 +337,20 @@ def select_settings(args) -> int:
     kept = training_data(before, out, SELECTED)
     if kept is None:
         return 1
-    cache = f"{out}/reference_cache"
-    shared = [f"reference.cache_dir={cache}"]
-    run(stages, "precompute reference (2 ranks)", deepspeed(
-        "launch/precompute.py", args.ds, REAL_CONFIG, unlearn_overrides(base, out, f"{out}/precompute", shared),
-        args.port), done=f"{cache}/manifest.json")
-    runs = SELECT_RUNS[:args.select_runs]
-    points, not_run = [], [{**r, "train.max_steps": s} for r in SELECT_RUNS[len(runs):] for s in SELECT_STEPS]
+    runs = grid[:n_runs]
+    points, not_run = [], [{**r, "train.max_steps": s} for r in grid[len(runs):] for s in steps_of]
     for i, grid_run in enumerate(runs):
         run_dir = f"{out}/grid/{point_name(grid_run)}"
-        for j, steps in enumerate(SELECT_STEPS):
+        cache = [f"reference.cache_dir={run_dir}/reference_cache"]  # the run's own: a grid may change K or N
+        precompute = f"precompute {point_name(grid_run)} (2 ranks)"
+        run(stages, precompute, deepspeed("launch/precompute.py", args.ds, REAL_CONFIG, unlearn_overrides(
+            base, out, f"{run_dir}/precompute", [*cache, *(f"{k}={v}" for k, v in grid_run.items())]), args.port),
+            done=f"{run_dir}/reference_cache/manifest.json")
+        for j, steps in enumerate(steps_of):
             settings = {**grid_run, "train.max_steps": steps}
             name = point_name(settings)
             answers = f"{out}/facts/{name}.json"
-            extra = [*shared, *(f"{k}={v}" for k, v in settings.items()),
+            extra = [*cache, *(f"{k}={v}" for k, v in settings.items()),
                      f"train.resume={'never' if j == 0 else 'auto'}"]  # a later step count extends the run
             train = f"train {name} (2 ranks)"
             if j == 0 and not os.path.exists(answers):  # a fresh run: no checkpoint of an earlier one to extend
@@ -320,12 +358,12 @@ def select_settings(args) -> int:
             run(stages, train, deepspeed("launch/train.py", args.ds, REAL_CONFIG,
                                          unlearn_overrides(base, out, run_dir, extra), args.port), done=answers)
             after = ask(stages, args, out, f"ask {name} (2 ranks)", f"{run_dir}/model", name, SELECTED)
-            point = score_point(settings, i * len(SELECT_STEPS) + j, before, after, kept)
+            point = score_point(settings, i * len(steps_of) + j, before, after, kept)
             point["seconds"] = stages.seconds.get(train, 0) + stages.seconds.get(f"ask {name} (2 ranks)", 0)
             points.append(point)
         shutil.rmtree(f"{run_dir}/checkpoints", ignore_errors=True)  # ~1.6 GB a run; its model is kept
     choice = choose(points)
-    write_json(f"{out}/selection.json", {"choice": choice, "points": points, "not_run": not_run,
+    write_json(f"{out}/selection.json", {"grid": args.grid, "choice": choice, "points": points, "not_run": not_run,
                                          "stage_seconds": stages.seconds})
     text = selection_markdown(points, choice, not_run)
     write_text(f"{out}/selection.md", text)
@@ -343,15 +381,14 @@ def main() -> int:
     p.add_argument("--port", type=int, default=29611)
     p.add_argument("--select", action="store_true", help="choose the demo's settings on the development questions "
                                                          "(the grid and rule of BENCHMARKS.md); writes OUT/selection.*")
-    p.add_argument("--select-runs", type=int, default=len(SELECT_RUNS), metavar="N",
-                   help="--select: only the first N runs of the grid (the rule's budget clause)")
+    p.add_argument("--grid", default=GRID, help="--select: the grid file (runs of config overrides, step counts)")
+    p.add_argument("--select-runs", type=int, metavar="N",
+                   help="--select: only the first N runs of the grid (the rule's budget clause; default: all)")
     args = p.parse_args()
     if args.select and args.tiny:
         p.error("--select chooses the real demo's settings; it does not combine with --tiny")
-    if not 1 <= args.select_runs <= len(SELECT_RUNS):
-        p.error(f"--select-runs must be 1..{len(SELECT_RUNS)} (the grid's runs), got {args.select_runs}")
     return refusing(lambda: tiny_demo(args) if args.tiny else select_settings(args) if args.select else real_demo(args),
-                    StageFailed, status=1)
+                    (StageFailed, ConfigError), status=1)
 
 
 if __name__ == "__main__":

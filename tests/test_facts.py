@@ -1,4 +1,5 @@
 """The fact check of `make demo` (palu_eval/facts.py) and its report (launch/demo.py)."""
+import glob
 import importlib.util
 import json
 import os
@@ -141,13 +142,54 @@ def test_selection_scores_known_questions_and_names_points():
     assert not any(r["question"] in text for r in load_rows(os.path.join(demo.REAL_DATA, f"{demo.DEV}.jsonl")))
 
 
-def test_select_grid_points_are_valid_configs():
-    """Every point of --select's grid is a valid run config on the demo's config (the keys exist, values in range)."""
+def test_shipped_grids_load_and_every_point_is_a_valid_config():
+    """Every round's grid file loads (each point is a valid run config on the demo's config: the keys exist, values in
+    range) and the default --grid is the latest round."""
     from palu_ds.config import load_config
 
-    for grid_run in demo.SELECT_RUNS:
-        for steps in demo.SELECT_STEPS:
-            settings = {**grid_run, "train.max_steps": steps}
-            cfg = load_config(os.path.join(ROOT, demo.REAL_CONFIG), [f"{k}={v}" for k, v in settings.items()])
-            assert (cfg.train.lr, cfg.method.params["alpha"], cfg.train.max_steps) == (
-                grid_run["train.lr"], grid_run["method.params.alpha"], steps)
+    rounds = sorted(glob.glob(os.path.join(ROOT, "launch", "configs", "demo_grid_round*.yaml")))
+    assert len(rounds) >= 2 and rounds[-1].endswith(demo.GRID)
+    for path in rounds:
+        runs, steps = demo.load_grid(path)
+        assert runs and steps == sorted(steps)
+        for grid_run in runs:
+            cfg = load_config(os.path.join(ROOT, demo.REAL_CONFIG), [f"{k}={v}" for k, v in grid_run.items()])
+            assert cfg.train.lr == grid_run["train.lr"]
+            assert cfg.method.params["alpha"] == grid_run["method.params.alpha"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps: [10, 5]\nruns: [{train.lr: 5.0e-5}]\n", "steps must be a list of increasing"),
+    ("steps: [5]\nruns: []\n", "runs must be a non-empty list"),
+    ("steps: [5]\nruns: [{train.lr: 5e-5}]\n", r"runs\[0\].train.lr = '5e-5' is not a number .*write 5.0e-5"),
+    ("steps: [5]\nruns: [{train.max_steps: 3}]\n", r"runs\[0\] sets train.max_steps"),
+    ("steps: [5]\nruns: [{train.lr: 1.0e-5}, {train.lr: 1.0e-5}]\n", r"runs\[1\] repeats runs\[0\]"),
+    ("steps: [5]\nruns: [{train.lrr: 1.0e-5}]\n", r"runs\[0\] is not a valid run on .*lrr"),
+    ("steps: [5]\nruns: [{method.params.K: 0}]\n", r"runs\[0\] is not a valid run on .*K"),
+    ("steps: [5]\nrun: [{train.lr: 1.0e-5}]\n", "unknown key.*run;"),
+])
+def test_a_bad_grid_file_is_refused_naming_the_file_and_run(tmp_path, text, message):
+    from palu_ds.config import ConfigError
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as e:
+        demo.load_grid(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_select_refuses_a_bad_grid_or_run_count_before_anything_runs(tmp_path):
+    """``demo.py --select`` with a bad grid file or --select-runs outside the grid: exit 1, ``error:`` naming the
+    file or the count, and no output folder (nothing fetched, asked or trained)."""
+    import subprocess
+    import sys
+
+    bad = tmp_path / "grid.yaml"
+    bad.write_text("steps: [5]\nruns: [{train.lrr: 1.0e-5}]\n")
+    for extra, message in ((["--grid", str(bad)], f"error: {bad}: runs[0]"),
+                           (["--select-runs", "9"], "error: --select-runs must be 1..4")):
+        out = tmp_path / "out"
+        p = subprocess.run([sys.executable, "launch/demo.py", "--select", "--out", str(out), *extra], cwd=ROOT,
+                           capture_output=True, text=True)
+        assert p.returncode == 1 and message in p.stderr, p.stderr
+        assert not out.exists()
