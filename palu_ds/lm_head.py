@@ -84,11 +84,6 @@ class HeadSpec:
     softcap: float | None = None
     hidden_scale: float = 1.0
 
-    @property
-    def is_linear(self) -> bool:
-        """Whether the logits are affine in the head's output (no soft-cap): then e.g. mean(z) = h . mean(W)."""
-        return self.softcap is None
-
     def prepare(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden if self.hidden_scale == 1.0 else hidden * self.hidden_scale
 
