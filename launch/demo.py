@@ -381,7 +381,8 @@ def main() -> int:
     p.add_argument("--port", type=int, default=29611)
     p.add_argument("--select", action="store_true", help="choose the demo's settings on the development questions "
                                                          "(the grid and rule of BENCHMARKS.md); writes OUT/selection.*")
-    p.add_argument("--grid", default=GRID, help="--select: the grid file (runs of config overrides, step counts)")
+    p.add_argument("--grid", default=os.path.join(ROOT, GRID),
+                   help="--select: the grid file (runs of config overrides, step counts; default: the latest round's)")
     p.add_argument("--select-runs", type=int, metavar="N",
                    help="--select: only the first N runs of the grid (the rule's budget clause; default: all)")
     args = p.parse_args()
