@@ -221,10 +221,10 @@ def real_demo(args) -> int:
 
 
 # --select: the demo's settings chosen on the development questions (BENCHMARKS.md, "Choosing the demo's settings on
-# development questions", written before any selection run). A grid file (launch/configs/demo_grid_round*.yaml, one
+# development questions", written before any selection run). A grid file (launch/demo_grids/round*.yaml, one
 # per round) lists its runs, each a set of config overrides on REAL_CONFIG, and the step counts each run is scored
 # after (a later count extends the same run from its checkpoint: the lr schedule is constant).
-GRID = "launch/configs/demo_grid_round2.yaml"  # the latest round's grid (--grid)
+GRID = "launch/demo_grids/round2.yaml"  # the latest round's grid (--grid)
 KEEP = 0.9  # retain kept share a point needs to be eligible (and the goal's share for retain and holdout)
 SELECTED = (*TRAINED, DEV)  # what --select asks: the holdout is never asked there
 

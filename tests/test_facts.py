@@ -147,7 +147,7 @@ def test_shipped_grids_load_and_every_point_is_a_valid_config():
     range) and the default --grid is the latest round."""
     from palu_ds.config import load_config
 
-    rounds = sorted(glob.glob(os.path.join(ROOT, "launch", "configs", "demo_grid_round*.yaml")))
+    rounds = sorted(glob.glob(os.path.join(ROOT, "launch", "demo_grids", "round*.yaml")))
     assert len(rounds) >= 2 and rounds[-1].endswith(demo.GRID)
     for path in rounds:
         runs, steps = demo.load_grid(path)
