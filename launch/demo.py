@@ -190,6 +190,15 @@ def training_data(before: dict, out: str, sides) -> dict | None:
     return kept
 
 
+def base_answers(stages: Stages, args, out: str, sides) -> tuple[str, dict, dict] | None:
+    """The base model's folder, its answers to the questions of ``sides`` and the rows of each it knows (the training
+    sets written, :func:`training_data`); None when there is nothing to unlearn or nothing to keep."""
+    base = fetch_base(stages)
+    before = ask(stages, args, out, "ask the base model (2 ranks)", base, "before", sides)
+    kept = training_data(before, out, sides)
+    return None if kept is None else (base, before, kept)
+
+
 def unlearn_overrides(base: str, out: str, run_dir: str, extra=()) -> list[str]:
     """The config overrides of an unlearning run (or its precompute) on the training sets of ``out``."""
     return [f"model.path={base}", f"data.forget.source={out}/data/forget.jsonl",
@@ -200,11 +209,10 @@ def real_demo(args) -> int:
     """SmolLM2-135M-Instruct forgets who wrote the Shakespeare / Dickens / Orwell books and keeps the rest."""
     out = os.path.abspath(args.out)
     stages = pipeline(out)
-    base = fetch_base(stages)
-    before = ask(stages, args, out, "ask the base model (2 ranks)", base, "before", SIDES)
-    kept = training_data(before, out, SIDES)
-    if kept is None:
+    start = base_answers(stages, args, out, SIDES)
+    if start is None:
         return 1
+    base, before, kept = start
     overrides = unlearn_overrides(base, out, f"{out}/palu", ["train.resume=never"])
     shutil.rmtree(os.path.join(out, "palu", "reference_cache"), ignore_errors=True)  # another run's cache
     run(stages, "precompute reference (2 ranks)", deepspeed("launch/precompute.py", args.ds, REAL_CONFIG, overrides,
@@ -332,11 +340,10 @@ def select_settings(args) -> int:
         raise ConfigError(f"--select-runs must be 1..{len(grid)} (the runs of {args.grid}), got {n_runs}")
     out = os.path.abspath(args.out)
     stages = Stages(out, tag="demo --select", echo=True, cwd=ROOT)
-    base = fetch_base(stages)
-    before = ask(stages, args, out, "ask the base model (2 ranks)", base, "before", SELECTED)
-    kept = training_data(before, out, SELECTED)
-    if kept is None:
+    start = base_answers(stages, args, out, SELECTED)
+    if start is None:
         return 1
+    base, before, kept = start
     runs = grid[:n_runs]
     points, not_run = [], [{**r, "train.max_steps": s} for r in grid[len(runs):] for s in steps_of]
     for i, grid_run in enumerate(runs):
