@@ -265,11 +265,15 @@ def load_grid(path: str) -> tuple[list[dict], list[int]]:
         if runs.index(r) != i:
             raise ConfigError(f"{path}: runs[{i}] repeats runs[{runs.index(r)}]; give each run once")
         try:
-            load_config(os.path.join(ROOT, REAL_CONFIG),
-                        [f"{k}={v}" for k, v in {**r, "train.max_steps": steps[-1]}.items()])
+            load_config(os.path.join(ROOT, REAL_CONFIG), as_overrides({**r, "train.max_steps": steps[-1]}))
         except ConfigError as e:
             raise ConfigError(f"{path}: runs[{i}] is not a valid run on {REAL_CONFIG}: {e}") from None
     return runs, steps
+
+
+def as_overrides(settings: dict) -> list[str]:
+    """A grid point's settings as config overrides: ``{"train.lr": 5e-5}`` -> ``["train.lr=5e-05"]``."""
+    return [f"{k}={v}" for k, v in settings.items()]
 
 
 def point_name(settings: dict) -> str:
@@ -347,17 +351,17 @@ def select_settings(args) -> int:
     runs = grid[:n_runs]
     points, not_run = [], [{**r, "train.max_steps": s} for r in grid[len(runs):] for s in steps_of]
     for i, grid_run in enumerate(runs):
-        run_dir = f"{out}/grid/{point_name(grid_run)}"
+        run_name = point_name(grid_run)
+        run_dir = f"{out}/grid/{run_name}"
         cache = [f"reference.cache_dir={run_dir}/reference_cache"]  # the run's own: a grid may change K or N
-        precompute = f"precompute {point_name(grid_run)} (2 ranks)"
-        run(stages, precompute, deepspeed("launch/precompute.py", args.ds, REAL_CONFIG, unlearn_overrides(
-            base, out, f"{run_dir}/precompute", [*cache, *(f"{k}={v}" for k, v in grid_run.items())]), args.port),
+        run(stages, f"precompute {run_name} (2 ranks)", deepspeed("launch/precompute.py", args.ds, REAL_CONFIG,
+            unlearn_overrides(base, out, f"{run_dir}/precompute", [*cache, *as_overrides(grid_run)]), args.port),
             done=f"{run_dir}/reference_cache/manifest.json")
         for j, steps in enumerate(steps_of):
             settings = {**grid_run, "train.max_steps": steps}
             name = point_name(settings)
             answers = f"{out}/facts/{name}.json"
-            extra = [*cache, *(f"{k}={v}" for k, v in settings.items()),
+            extra = [*cache, *as_overrides(settings),
                      f"train.resume={'never' if j == 0 else 'auto'}"]  # a later step count extends the run
             train = f"train {name} (2 ranks)"
             if j == 0 and not os.path.exists(answers):  # a fresh run: no checkpoint of an earlier one to extend
