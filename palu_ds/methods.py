@@ -454,14 +454,6 @@ class Method:
         """Whether a term reads the forget batch's sensitive-span masks (I_init / common tokens)."""
         return any(fn in SPAN_TERMS for fn in self.term_fns.values())
 
-    @property
-    def needs_retain(self) -> bool:  # for scripts that assemble command lines
-        return "retain" in self.batches
-
-    @property
-    def needs_idk(self) -> bool:
-        return "idk" in self.batches
-
     def layer(self, hp: Mapping[str, Any]) -> int | None:
         """The decoder layer whose hidden states the terms read (None: the method reads none)."""
         return None if self.hidden_layer is None else int(self._merged(hp)[self.hidden_layer])

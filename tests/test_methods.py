@@ -108,8 +108,7 @@ def test_registry_and_declarations():
     for name, (batches, parts, dual) in DECLARED.items():
         m = get_method(name)
         assert (m.name, m.batches, set(m.reference_parts), m.uses_dual) == (name, batches, parts, dual)
-        assert m.is_reference_free == (not parts) and m.needs_retain == ("retain" in batches)
-        assert m.needs_idk == (name == "idk_dpo")
+        assert m.is_reference_free == (not parts)
     with pytest.raises(ValueError, match="palu.*pd_flat|pd_flat.*palu"):
         get_method("palu2")
     with pytest.raises(ValueError, match="unknown hyperparameters.*'K2'"):
@@ -173,7 +172,7 @@ def test_every_method_terms_objective_backward(name):
     m, w = get_method(name), World()
     x = w.inputs(K=5)
     terms = m.terms(x, {"K": 5})
-    expect = {"forget"} | ({"retain"} if m.needs_retain else set()) | ({"kl"} if "kl" in m.reference_parts else set())
+    expect = {"forget"} | ({"retain"} if "retain" in m.batches else set()) | ({"kl"} if "kl" in m.reference_parts else set())
     assert set(terms) == expect
     assert all(t.dim() == 0 and torch.isfinite(t) for t in terms.values())
     loss = m.objective(terms, {}, lam=2.0)
