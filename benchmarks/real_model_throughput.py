@@ -12,11 +12,15 @@ run so that the numbers are ratios taken on the same machine state:
 each reported as training tokens/s (median over the steps after the first two), its ratio to the plain step of the
 same precision, peak RSS per rank, and the model-FLOPs utilisation MFU = 6 x parameters x tokens/s / matmul rate of
 the run's precision; and each bf16 run's loss curve against its fp32 twin's (the objective at every step, from the
-runs' TensorBoard events: the largest and the last relative difference).
+runs' TensorBoard events: the largest and the last relative difference). ``--rounded-start`` adds, per method and
+ranks, a control for that comparison: an fp32 run whose starting weights are rounded to bf16 (each weight moved by at
+most 2^-9 of itself, bf16's rounding), nothing else changed: how far the fp32 curve itself moves under a perturbation of
+bf16's size, to tell bf16's arithmetic from the run's own sensitivity.
 
     python -m benchmarks.real_model_throughput --tofu ../shared/data/tofu --out runs/bench_real
     python -m benchmarks.real_model_throughput --steps 2 --methods palu --ranks 1 --out runs/bench_smoke   # smoke
     python -m benchmarks.real_model_throughput --profile --out runs/bench_real_profile   # where a step's time goes
+    python -m benchmarks.real_model_throughput --steps 30 --methods palu --ranks 1 --rounded-start --out runs/bench_curve
 
 ``--profile`` runs torch.profiler over the plain step and over our palu step (1 process, ZeRO stage 0, each
 ``--precisions``), with the phases of each step labelled (our step's: data, global counts, forward, LM head,
@@ -187,6 +191,24 @@ def train_args(model: str, tofu: str, out: str, method: str, mode: str, ds: str,
                 [] if "retain" in METHODS[method].batches else ["data.retain=null"])
 
 
+def rounded_start(model: str, out: str) -> str:
+    """A copy of ``model`` (in ``out``, made once) whose floating-point weights are rounded to bf16 and stored as
+    fp32: the start of ``--rounded-start``'s control run."""
+    if os.path.isfile(os.path.join(out, "model.safetensors")):
+        return out
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
+    weights = load_file(os.path.join(model, "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16).to(v.dtype) if v.is_floating_point() else v for k, v in weights.items()},
+              os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    os.replace(tmp, out)
+    return out
+
+
 def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, ds: str, precision: str,
           steps: int) -> dict:
     args = train_args(model, tofu, out, method, mode, ds, precision, steps)
@@ -204,22 +226,28 @@ def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, d
             "loss": [v for _, v in tb_scalars(out).get("loss/total", [])]}
 
 
+def precision_label(run: dict) -> str:
+    """A run's precision as the tables print it: ``bf16``, ``fp32``, ``fp32 (start rounded to bf16)``."""
+    return run["precision"] + (f" ({run['start']})" if run.get("start") else "")
+
+
 def loss_agreement(runs: list[dict]) -> list[str]:
-    """bf16's loss curve against fp32's, per method and ranks: the largest relative difference of the objective over
-    the run's steps (issue 29's goal: within 2% over 30 steps)."""
+    """bf16's loss curve (and the rounded-start control's) against fp32's, per method and ranks: the largest relative
+    difference of the objective over the run's steps (issue 29's goal: within 2% over 30 steps)."""
     lines = []
     for r in runs:
-        if r["precision"] != "bf16" or not r.get("loss"):
+        if (r["precision"] == "fp32" and not r.get("start")) or not r.get("loss"):
             continue
-        ref = next((x for x in runs if x["precision"] == "fp32" and (x["name"], x["ranks"]) == (r["name"], r["ranks"])),
-                   None)
+        ref = next((x for x in runs if x["precision"] == "fp32" and not x.get("start")
+                    and (x["name"], x["ranks"]) == (r["name"], r["ranks"])), None)
         if ref is None or len(ref.get("loss", [])) != len(r["loss"]):
             continue
         rel = [abs(b - f) / max(abs(f), 1e-8) for f, b in zip(ref["loss"], r["loss"])]
         r["loss_vs_fp32"] = {"max_rel": max(rel), "final_rel": rel[-1], "steps": len(rel)}
-        lines.append(f"{r['name']}, {r['ranks']} rank(s): bf16 objective vs fp32 over {len(rel)} steps: max "
+        what = precision_label(r)
+        lines.append(f"{r['name']}, {r['ranks']} rank(s): {what} objective vs fp32 over {len(rel)} steps: max "
                      f"{max(rel):.2%}, last step {rel[-1]:.2%} (fp32 {ref['loss'][0]:.4f} -> {ref['loss'][-1]:.4f}, "
-                     f"bf16 {r['loss'][0]:.4f} -> {r['loss'][-1]:.4f})")
+                     f"{what} {r['loss'][0]:.4f} -> {r['loss'][-1]:.4f})")
     return lines
 
 
@@ -251,9 +279,14 @@ def parse_args():
                    help="the DeepSpeed config of the 1-process runs (e.g. ds_configs/cpu/zero2.json)")
     p.add_argument("--resident", action="store_true", help="also the resident reference of methods that need one")
     p.add_argument("--matmul-only", action="store_true", help="only the CPU's matmul rates (2048^3, the model's shapes)")
+    p.add_argument("--rounded-start", action="store_true",
+                   help="also, per method and ranks, an fp32 run from the weights rounded to bf16 (the loss-curve control)")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler breakdowns of the plain step and of our palu step, by phase")
-    return parse_bench(p)
+    a = parse_bench(p)
+    if a.rounded_start and "fp32" not in a.precisions:
+        p.error("--rounded-start is compared with the fp32 run: add fp32 to --precisions")
+    return a
 
 
 def profile(a, model: str, tofu: str) -> None:
@@ -302,13 +335,19 @@ def main() -> int:
                     name = method + (f", {mode}" if mode != "none" else "")
                     report["runs"].append({"name": name, "precision": prec, "ranks": ranks, "ds_config": ds,
                                            **r})
+                if a.rounded_start:
+                    out = os.path.join(a.out, f"{method}_{mode}_fp32_rounded_start_{ranks}")
+                    start = rounded_start(model, os.path.join(a.out, "model_rounded_to_bf16"))
+                    r = train(start, tofu, out, method, mode, ranks, ds, "fp32", a.steps)
+                    report["runs"].append({"name": name, "precision": "fp32", "start": "start rounded to bf16",
+                                           "ranks": ranks, "ds_config": ds, **r})
     rows = ["| run | precision | ranks | tokens/s | vs plain step (same precision) | MFU vs fp32 / bf16 matmul rate "
             "| peak RSS per rank |", "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         r["vs_plain"] = r["tokens_per_s"] / plain[r["precision"]]["tokens_per_s"]
         r["mfu"] = {prec: 6 * n_params * r["tokens_per_s"] / (mm[prec]["gflops"] * 1e9) for prec in PRECISIONS}
-        rows.append(f"| {r['name']} | {r['precision']} | {r['ranks']} | {r['tokens_per_s']:.1f} | {r['vs_plain']:.2f}x "
-                    f"| {r['mfu']['fp32']:.0%} / {r['mfu']['bf16']:.0%} | {r['peak_rss'] / 2**30:.2f} GiB |")
+        rows.append(f"| {r['name']} | {precision_label(r)} | {r['ranks']} | {r['tokens_per_s']:.1f} "
+                    f"| {r['vs_plain']:.2f}x | {r['mfu']['fp32']:.0%} / {r['mfu']['bf16']:.0%} | {r['peak_rss'] / 2**30:.2f} GiB |")
     agreement = loss_agreement(report["runs"])
     print(f"\n{n_params / 1e6:.1f}M parameters; matmul 2048^3, 2 threads: fp32 {mm['fp32']['gflops']:.0f}, "
           f"bf16 {mm['bf16']['gflops']:.0f} GFLOP/s\n")

@@ -58,3 +58,39 @@ def test_malloc_ab_table_is_medians_and_per_round_ratios():
     assert "| glibc | 110 (100-120) | 4050 (4000-4100) |" in t and "| jemalloc | 105 (90-120) | 3645 (3600-3690) |" in t
     assert "| jemalloc / glibc, median of 2 rounds | 0.950x | 0.900x |" in t
     assert table([rounds[2]]) == "every round failed (see the logs)"
+
+
+def test_real_model_throughput_rounded_start_control(tmp_path, monkeypatch):
+    """benchmarks/real_model_throughput.py ``--rounded-start``: the control's start is the model with its float weights
+    rounded to bf16 (stored as fp32, other files copied, made once); bf16's curve and the control's are each compared
+    with the fp32 run's, never with each other; without fp32 the option is refused."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from benchmarks.real_model_throughput import loss_agreement, parse_args, rounded_start
+
+    model = tmp_path / "model"
+    model.mkdir()
+    w = {"w": torch.tensor([1.0 + 2 ** -10, 3.0, -0.1], dtype=torch.float32), "ids": torch.tensor([1, 2])}
+    save_file(w, str(model / "model.safetensors"))
+    (model / "config.json").write_text("{}")
+    start = rounded_start(str(model), str(tmp_path / "rounded"))
+    got = load_file(f"{start}/model.safetensors")
+    assert got["w"].dtype == torch.float32 and torch.equal(got["w"], w["w"].to(torch.bfloat16).float())
+    assert not torch.equal(got["w"], w["w"]) and torch.equal(got["ids"], w["ids"])
+    assert (tmp_path / "rounded" / "config.json").exists() and not (tmp_path / "rounded.tmp").exists()
+    (model / "model.safetensors").unlink()  # made once: a second call reads nothing from the model
+    assert rounded_start(str(model), str(tmp_path / "rounded")) == start
+
+    base = {"name": "palu", "ranks": 1}
+    runs = [{**base, "precision": "fp32", "loss": [10.0, 5.0]}, {**base, "precision": "bf16", "loss": [10.0, 5.5]},
+            {**base, "precision": "fp32", "start": "start rounded to bf16", "loss": [10.1, 5.0]}]
+    lines = loss_agreement(runs)
+    assert len(lines) == 2 and "fp32 (start rounded to bf16) objective vs fp32" in lines[1]
+    assert runs[1]["loss_vs_fp32"] == {"max_rel": pytest.approx(0.1), "final_rel": pytest.approx(0.1), "steps": 2}
+    assert runs[2]["loss_vs_fp32"]["max_rel"] == pytest.approx(0.01) and "loss_vs_fp32" not in runs[0]
+
+    monkeypatch.setattr(sys, "argv", ["real_model_throughput", "--precisions", "bf16", "--rounded-start"])
+    with pytest.raises(SystemExit) as exc:
+        parse_args()
+    assert exc.value.code == 2
