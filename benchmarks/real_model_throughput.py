@@ -20,7 +20,8 @@ bf16's size, to tell bf16's arithmetic from the run's own sensitivity.
     python -m benchmarks.real_model_throughput --tofu ../shared/data/tofu --out runs/bench_real
     python -m benchmarks.real_model_throughput --steps 2 --methods palu --ranks 1 --out runs/bench_smoke   # smoke
     python -m benchmarks.real_model_throughput --profile --out runs/bench_real_profile   # where a step's time goes
-    python -m benchmarks.real_model_throughput --steps 30 --methods palu --ranks 1 --rounded-start --out runs/bench_curve
+    python -m benchmarks.real_model_throughput --steps 30 --methods palu --ranks 1 --rounded-start \
+        --out runs/bench_curve   # bf16's loss curve and its control
 
 ``--profile`` runs torch.profiler over the plain step and over our palu step (1 process, ZeRO stage 0, each
 ``--precisions``), with the phases of each step labelled (our step's: data, global counts, forward, LM head,
@@ -280,7 +281,8 @@ def parse_args():
     p.add_argument("--resident", action="store_true", help="also the resident reference of methods that need one")
     p.add_argument("--matmul-only", action="store_true", help="only the CPU's matmul rates (2048^3, the model's shapes)")
     p.add_argument("--rounded-start", action="store_true",
-                   help="also, per method and ranks, an fp32 run from the weights rounded to bf16 (the loss-curve control)")
+                   help="also, per method and ranks, an fp32 run from the weights rounded to bf16 (the control "
+                        "for bf16's loss curve)")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler breakdowns of the plain step and of our palu step, by phase")
     a = parse_bench(p)
@@ -347,7 +349,8 @@ def main() -> int:
         r["vs_plain"] = r["tokens_per_s"] / plain[r["precision"]]["tokens_per_s"]
         r["mfu"] = {prec: 6 * n_params * r["tokens_per_s"] / (mm[prec]["gflops"] * 1e9) for prec in PRECISIONS}
         rows.append(f"| {r['name']} | {precision_label(r)} | {r['ranks']} | {r['tokens_per_s']:.1f} "
-                    f"| {r['vs_plain']:.2f}x | {r['mfu']['fp32']:.0%} / {r['mfu']['bf16']:.0%} | {r['peak_rss'] / 2**30:.2f} GiB |")
+                    f"| {r['vs_plain']:.2f}x | {r['mfu']['fp32']:.0%} / {r['mfu']['bf16']:.0%} "
+                    f"| {r['peak_rss'] / 2**30:.2f} GiB |")
     agreement = loss_agreement(report["runs"])
     print(f"\n{n_params / 1e6:.1f}M parameters; matmul 2048^3, 2 threads: fp32 {mm['fp32']['gflops']:.0f}, "
           f"bf16 {mm['bf16']['gflops']:.0f} GFLOP/s\n")
