@@ -58,11 +58,11 @@ class Stages:
             out[str(p)] = [[x.name, x.stat().st_size, x.stat().st_mtime_ns] for x in files if x.exists()]
         return out
 
-    def _reusable(self, name: str, stamp: Path, key: dict, done) -> bool:
+    def _reusable(self, name: str, stamp: Path, key: dict, done, decides) -> bool:
         if self.fresh or done is None or not Path(done).exists() or not stamp.exists():
             return False
         stored = json.loads(stamp.read_text())
-        if {k: stored.get(k) for k in key} != key:
+        if stored.get("inputs") != key["inputs"] or decides(stored.get("cmd") or []) != decides(key["cmd"]):
             return False
         if stored.get("seconds") is not None:
             self.seconds[name] = stored["seconds"]
@@ -84,16 +84,19 @@ class Stages:
             return p.wait()
 
     def run(self, name: str, cmd: list[str], done=None, inputs=(), before=None, retries: int = 0,
-            check=None) -> bool:
+            check=None, decides=None) -> bool:
         """Run stage ``name`` (or reuse it, see the module doc); True when it succeeded.
 
         ``before``: called right before the command runs (not when reused); ``retries``: reruns after a failure (the
         failed log kept as ``<name>.failed<N>.log``); ``check``: called after exit 0, returns a status string (or
-        None for "ok") or raises AssertionError, which fails the stage with its message."""
+        None for "ok") or raises AssertionError, which fails the stage with its message; ``decides``: the part of a
+        command that decides the stage's output (default: all of it), for a stage that several commands share (e.g.
+        one reference cache made by whichever method of its key comes first): reused when the stored command's part
+        equals this one's."""
         log = self.log(name)
         stamp = log.with_suffix(".cmd.json")
         key = {"cmd": cmd, "inputs": self._fingerprint(inputs)}
-        if self._reusable(name, stamp, key, done):
+        if self._reusable(name, stamp, key, done, decides or list):
             self.status[name] = "reused"
             print(f"[{self.tag}] {name}: reused ({done})", flush=True)
             return True
@@ -119,7 +122,7 @@ class Stages:
             if retries > 0:
                 shutil.copy(log, log.with_suffix(f".failed{retries}.log"))
                 print(f"[{self.tag}] {name}: retrying ({retries} left)", flush=True)
-                return self.run(name, cmd, done, inputs, before, retries - 1, check)
+                return self.run(name, cmd, done, inputs, before, retries - 1, check, decides)
             return False
         write_json(stamp, {**key, "seconds": self.seconds[name]})
         print(f"=== {name} done in {self.seconds[name]} s" if self.echo

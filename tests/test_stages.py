@@ -30,6 +30,27 @@ def test_reuses_an_unchanged_stage_and_forgets_a_failed_one(tmp_path):
     assert fresh.run("make", _writer(done), done=done, inputs=[inp]) is True and done.read_text() == "xxx"
 
 
+def test_a_shared_stage_is_reused_by_a_command_that_differs_only_where_it_does_not_decide(tmp_path):
+    """``decides``: a stage several commands share (a reference cache made by whichever method of its key comes first)
+    is reused -- not rewritten under the stages that read it -- by a command whose deciding part is the same, and
+    rerun when that part or an input differs (the efficacy protocol's palu and palu_pd rewrote one cache in turn)."""
+    done, inp = tmp_path / "done.txt", tmp_path / "input.txt"
+    inp.write_text("a")
+    decides = lambda cmd: [a for a in cmd if not a.startswith("method.")]  # noqa: E731
+    s = Stages(tmp_path / "out")
+    assert s.run("ref", _writer(done) + ["method.name=palu"], done=done, inputs=[inp], decides=decides)
+    mtime = done.stat().st_mtime_ns
+    assert s.run("ref", _writer(done) + ["method.name=palu_pd"], done=done, inputs=[inp], decides=decides)
+    assert s.status["ref"] == "reused" and done.read_text() == "x" and done.stat().st_mtime_ns == mtime
+    assert s.run("ref", _writer(done) + ["method.name=palu_pd"], done=done, inputs=[inp])  # whole command: rerun
+    assert s.status["ref"] == "ok" and done.read_text() == "xx"
+    assert s.run("ref", _writer(done) + ["method.name=palu", "K=50"], done=done, inputs=[inp], decides=decides)
+    assert s.status["ref"] == "ok" and done.read_text() == "xxx"  # a deciding part differs
+    inp.write_text("b")
+    assert s.run("ref", _writer(done) + ["method.name=npo", "K=50"], done=done, inputs=[inp], decides=decides)
+    assert s.status["ref"] == "ok" and done.read_text() == "xxxx"  # an input changed
+
+
 def test_check_judges_a_stage_after_exit_0(tmp_path):
     """``check`` returns the stage's status or fails it with its AssertionError; a failed check leaves no stamp, so
     a rerun does the stage again; a stage without ``done`` is never reused."""

@@ -396,6 +396,24 @@ def test_markdown_and_png(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_methods_of_one_reference_key_share_its_cache_without_rewriting_it(tmp_path):
+    """palu and palu_pd read one reference cache: their precompute commands differ (method name, dual parameters) only
+    where they do not decide the cache, so the second reuses what the first made instead of rewriting it under the
+    runs that read it (which the efficacy protocol's second wave did: every palu run after it was rerun)."""
+    preset = load("mini")
+    args = type("A", (), {"fresh": False, "port": 29999, "keep_checkpoints": False})()
+    run = P.Run(preset, tmp_path, args, {"forget_split": "forget01", "retain_split": "retain", "target_split": "t"})
+    calls = []
+    run.stages.run = lambda name, cmd, **kw: calls.append((name, cmd, kw)) or True
+    specs = S.run_specs(preset, 2048)
+    for name in ("palu", "palu_pd", "palu_N1"):
+        run.unlearn(f"unlearn_{name}", specs[name], tmp_path / "target", tmp_path / "data", tmp_path / "unlearn" / name,
+                    1e-5)
+    (p1, c1, k1), (p2, c2, k2), (p3, c3, k3) = [c for c in calls if c[0].startswith("precompute_")]
+    assert p1 == p2 != p3 and c1 != c2 and k1["decides"](c1) == k2["decides"](c2) != k3["decides"](c3)
+    assert k2["done"] == tmp_path / S.reference_dir(specs["palu_pd"]) / "manifest.json"
+
+
 def test_content_key_changes_with_each_part():
     k = P.content_key("base", [{"q": 1}], ["train.lr=1"])
     assert len(k) == 16 and k == P.content_key("base", [{"q": 1}], ["train.lr=1"])

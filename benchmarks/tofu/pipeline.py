@@ -103,9 +103,12 @@ class Run:
         ref = run_dir.parent.parent / rel if rel else None
         precompute = self.launch("launch/precompute.py", self.p["configs"]["unlearn"],
                                  common + [f"reference.cache_dir={ref}"])
+        # the folder is shared by the methods of one reference key (its name), so the method's own overrides do not
+        # decide it: another method of the key reuses it instead of rewriting it under the runs that read it
         if ref and not self.stages.run("precompute_" + str(ref.relative_to(self.out)).replace("/", "-"), precompute,
                                        done=ref / "manifest.json", inputs=[target / "model.safetensors", data],
-                                       before=lambda: shutil.rmtree(ref, ignore_errors=True)):  # stale: refused
+                                       before=lambda: shutil.rmtree(ref, ignore_errors=True),  # stale: refused
+                                       decides=lambda cmd: [a for a in cmd if not a.startswith("method.")]):
             return False
         cmd = self.launch(script, self.p["configs"]["unlearn"], common + self.recipe("unlearn") + [
             f"train.output_dir={run_dir}", f"train.lr={lr}", "train.resume=never", "log.log_every=5",
