@@ -232,15 +232,19 @@ def precision_label(run: dict) -> str:
     return run["precision"] + (f" ({run['start']})" if run.get("start") else "")
 
 
+def is_fp32_twin(run: dict) -> bool:
+    """Whether ``run`` is the fp32 run the others' loss curves are compared with (not the rounded-start control)."""
+    return run["precision"] == "fp32" and not run.get("start")
+
+
 def loss_agreement(runs: list[dict]) -> list[str]:
     """bf16's loss curve (and the rounded-start control's) against fp32's, per method and ranks: the largest relative
     difference of the objective over the run's steps (issue 29's goal: within 2% over 30 steps)."""
     lines = []
     for r in runs:
-        if (r["precision"] == "fp32" and not r.get("start")) or not r.get("loss"):
+        if is_fp32_twin(r) or not r.get("loss"):
             continue
-        ref = next((x for x in runs if x["precision"] == "fp32" and not x.get("start")
-                    and (x["name"], x["ranks"]) == (r["name"], r["ranks"])), None)
+        ref = next((x for x in runs if is_fp32_twin(x) and (x["name"], x["ranks"]) == (r["name"], r["ranks"])), None)
         if ref is None or len(ref.get("loss", [])) != len(r["loss"]):
             continue
         rel = [abs(b - f) / max(abs(f), 1e-8) for f, b in zip(ref["loss"], r["loss"])]

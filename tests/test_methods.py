@@ -172,7 +172,8 @@ def test_every_method_terms_objective_backward(name):
     m, w = get_method(name), World()
     x = w.inputs(K=5)
     terms = m.terms(x, {"K": 5})
-    expect = {"forget"} | ({"retain"} if "retain" in m.batches else set()) | ({"kl"} if "kl" in m.reference_parts else set())
+    expect = ({"forget"} | ({"retain"} if "retain" in m.batches else set())
+              | ({"kl"} if "kl" in m.reference_parts else set()))
     assert set(terms) == expect
     assert all(t.dim() == 0 and torch.isfinite(t) for t in terms.values())
     loss = m.objective(terms, {}, lam=2.0)

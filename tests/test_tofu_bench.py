@@ -407,8 +407,8 @@ def test_methods_of_one_reference_key_share_its_cache_without_rewriting_it(tmp_p
     run.stages.run = lambda name, cmd, **kw: calls.append((name, cmd, kw)) or True
     specs = S.run_specs(preset, 2048)
     for name in ("palu", "palu_pd", "palu_N1"):
-        run.unlearn(f"unlearn_{name}", specs[name], tmp_path / "target", tmp_path / "data", tmp_path / "unlearn" / name,
-                    1e-5)
+        run.unlearn(f"unlearn_{name}", specs[name], tmp_path / "target", tmp_path / "data",
+                    tmp_path / "unlearn" / name, 1e-5)
     (p1, c1, k1), (p2, c2, k2), (p3, c3, k3) = [c for c in calls if c[0].startswith("precompute_")]
     assert p1 == p2 != p3 and c1 != c2 and k1["decides"](c1) == k2["decides"](c2) != k3["decides"](c3)
     assert k2["done"] == tmp_path / S.reference_dir(specs["palu_pd"]) / "manifest.json"
