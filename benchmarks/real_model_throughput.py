@@ -15,13 +15,18 @@ the run's precision; and each bf16 run's loss curve against its fp32 twin's (the
 runs' TensorBoard events: the largest and the last relative difference). ``--rounded-start`` adds, per method and
 ranks, a control for that comparison: an fp32 run whose starting weights are rounded to bf16 (each weight moved by at
 most 2^-9 of itself, bf16's rounding), nothing else changed: how far the fp32 curve itself moves under a perturbation of
-bf16's size, to tell bf16's arithmetic from the run's own sensitivity.
+bf16's size, to tell bf16's arithmetic from the run's own sensitivity.  ``--fp32-modules PATTERNS`` (repeatable) adds,
+per method, a 1-process bf16 run whose modules matching PATTERNS (comma-separated fnmatch patterns on the model's
+module names, e.g. ``*.mlp`` or ``*.self_attn,lm_head``; :func:`keep_fp32`) run in fp32, forward and backward: which
+products carry bf16's lag.
 
     python -m benchmarks.real_model_throughput --tofu ../shared/data/tofu --out runs/bench_real
     python -m benchmarks.real_model_throughput --steps 2 --methods palu --ranks 1 --out runs/bench_smoke   # smoke
     python -m benchmarks.real_model_throughput --profile --out runs/bench_real_profile   # where a step's time goes
     python -m benchmarks.real_model_throughput --steps 30 --methods palu --ranks 1 --rounded-start \
         --out runs/bench_curve   # bf16's loss curve and its control
+    python -m benchmarks.real_model_throughput --steps 30 --methods palu --ranks 1 --fp32-modules '*.mlp' \
+        --fp32-modules '*.self_attn' --fp32-modules lm_head --out runs/bench_bf16_modules   # which products lag
 
 ``--profile`` runs torch.profiler over the plain step and over our palu step (1 process, ZeRO stage 0, each
 ``--precisions``), with the phases of each step labelled (our step's: data, global counts, forward, LM head,
@@ -171,6 +176,61 @@ sys.exit(main("profiled palu_ds step", hooks=Profiled()))
 """
 
 
+# our step in bf16 with some modules kept in fp32 (keep_fp32, applied before the first step); argv: PATTERNS, then
+# launch/train.py's arguments
+KEEP_FP32 = r"""
+import sys
+from benchmarks.real_model_throughput import keep_fp32
+from palu_ds import engine
+from palu_ds.run import main
+class KeepFp32(engine.Hooks):
+    kept = None
+    def before_step(self, trainer):
+        if self.kept is None:
+            self.kept = keep_fp32(trainer.engine.module, sys.argv[1].split(","))
+            print(f"kept in fp32: {len(self.kept)} modules ({', '.join(self.kept[:3])}, ...)", flush=True)
+patterns, sys.argv = sys.argv[1], ["train.py"] + sys.argv[2:]
+sys.exit(main("palu_ds step, bf16 with modules kept in fp32", hooks=KeepFp32()))
+"""
+
+
+def keep_fp32(model, patterns: list[str]) -> list[str]:
+    """Run the modules of ``model`` whose names match one of ``patterns`` (fnmatch: ``*.mlp`` matches
+    ``model.layers.3.mlp``) outside autocast, their floating-point inputs cast to fp32: their products, forward and
+    backward, in fp32 while the rest of the model runs in bf16.  When the output head matches (``lm_head``), so does
+    the engine's answer-only head (:func:`palu_ds.lm_head.lm_logits`, which runs the head's weight outside the module).
+    A pattern that matches no module is an error naming it and a few module names.  The matched names, in order."""
+    import fnmatch
+    import functools
+
+    import torch
+
+    from palu_ds import lm_head
+
+    def to_fp32(x):
+        return x.float() if torch.is_tensor(x) and x.is_floating_point() else x
+
+    def in_fp32(f):
+        @functools.wraps(f)
+        def run(*a, **k):
+            with torch.autocast("cpu", enabled=False):
+                return f(*map(to_fp32, a), **{n: to_fp32(v) for n, v in k.items()})
+        return run
+
+    names = [n for n, _ in model.named_modules() if n]
+    for p in patterns:
+        if not fnmatch.filter(names, p):
+            raise ValueError(f"--fp32-modules: {p!r} matches no module of the model (its modules: "
+                             f"{', '.join(names[:4])}, ...)")
+    kept = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    modules = dict(model.named_modules())
+    for n in kept:
+        modules[n].forward = in_fp32(modules[n].forward)
+    if any(modules[n] is lm_head.output_head(model) for n in kept):
+        lm_head.lm_logits = in_fp32(lm_head.lm_logits)
+    return kept
+
+
 def result(cmd: list[str], threads: int, log: str) -> tuple[dict | None, list[str]]:
     """The ``RESULT`` JSON (None when the command printed none) and the ``PROFILE`` lines of a subprocess."""
     with open(log, "w") as f:
@@ -211,10 +271,13 @@ def rounded_start(model: str, out: str) -> str:
 
 
 def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, ds: str, precision: str,
-          steps: int) -> dict:
+          steps: int, fp32_modules: str | None = None) -> dict:
+    """One run of launch/train.py (``fp32_modules``: in this process's :data:`KEEP_FP32` instead, 1 process)."""
     args = train_args(model, tofu, out, method, mode, ds, precision, steps)
+    cmd = launcher_cmd("launch/train.py", args, ranks) if fp32_modules is None else [
+        sys.executable, "-c", KEEP_FP32, fp32_modules, *args]
     with open(out + ".log", "w") as f:
-        p = subprocess.run(launcher_cmd("launch/train.py", args, ranks), cwd=ROOT,
+        p = subprocess.run(cmd, cwd=ROOT,
                            env=cpu_env(OMP_NUM_THREADS="1" if ranks > 1 else "2"), stdout=f, stderr=f)
     if p.returncode:
         raise SystemExit(f"{method} ({mode}, {precision}, {ranks} ranks) failed ({p.returncode}); see {out}.log")
@@ -228,17 +291,18 @@ def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, d
 
 
 def precision_label(run: dict) -> str:
-    """A run's precision as the tables print it: ``bf16``, ``fp32``, ``fp32 (start rounded to bf16)``."""
-    return run["precision"] + (f" ({run['start']})" if run.get("start") else "")
+    """A run's precision as the tables print it: ``bf16``, ``fp32``, ``fp32 (start rounded to bf16)``, ``bf16 (fp32
+    modules: *.mlp)``."""
+    return run["precision"] + (f" ({run['variant']})" if run.get("variant") else "")
 
 
 def is_fp32_twin(run: dict) -> bool:
     """Whether ``run`` is the fp32 run the others' loss curves are compared with (not the rounded-start control)."""
-    return run["precision"] == "fp32" and not run.get("start")
+    return run["precision"] == "fp32" and not run.get("variant")
 
 
 def loss_agreement(runs: list[dict]) -> list[str]:
-    """bf16's loss curve (and the rounded-start control's) against fp32's, per method and ranks: the largest relative
+    """bf16's loss curve (and the rounded-start control's, and each ``--fp32-modules`` run's) against fp32's, per method and ranks: the largest relative
     difference of the objective over the run's steps (issue 29's goal: within 2% over 30 steps)."""
     lines = []
     for r in runs:
@@ -287,11 +351,17 @@ def parse_args():
     p.add_argument("--rounded-start", action="store_true",
                    help="also, per method and ranks, an fp32 run from the weights rounded to bf16 (the control "
                         "for bf16's loss curve)")
+    p.add_argument("--fp32-modules", action="append", default=[], metavar="PATTERNS",
+                   help="also, per method, a 1-process bf16 run with the modules matching PATTERNS (comma-separated "
+                        "fnmatch patterns on module names, e.g. '*.mlp' or '*.self_attn,lm_head') in fp32; repeatable")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler breakdowns of the plain step and of our palu step, by phase")
     a = parse_bench(p)
     if a.rounded_start and "fp32" not in a.precisions:
         p.error("--rounded-start is compared with the fp32 run: add fp32 to --precisions")
+    if a.fp32_modules and not ({"fp32", "bf16"} <= set(a.precisions) and 1 in a.ranks):
+        p.error("--fp32-modules runs are bf16 runs of 1 process compared with the fp32 run: they need --precisions "
+                "fp32,bf16 and 1 in --ranks")
     return a
 
 
@@ -345,7 +415,12 @@ def main() -> int:
                     out = os.path.join(a.out, f"{method}_{mode}_fp32_rounded_start_{ranks}")
                     start = rounded_start(model, os.path.join(a.out, "model_rounded_to_bf16"))
                     r = train(start, tofu, out, method, mode, ranks, ds, "fp32", a.steps)
-                    report["runs"].append({"name": name, "precision": "fp32", "start": "start rounded to bf16",
+                    report["runs"].append({"name": name, "precision": "fp32", "variant": "start rounded to bf16",
+                                           "ranks": ranks, "ds_config": ds, **r})
+                for i, patterns in enumerate(a.fp32_modules if ranks == 1 else []):
+                    out = os.path.join(a.out, f"{method}_{mode}_bf16_fp32-modules-{i}_{ranks}")
+                    r = train(model, tofu, out, method, mode, ranks, ds, "bf16", a.steps, patterns)
+                    report["runs"].append({"name": name, "precision": "bf16", "variant": f"fp32 modules: {patterns}",
                                            "ranks": ranks, "ds_config": ds, **r})
     rows = ["| run | precision | ranks | tokens/s | vs plain step (same precision) | MFU vs fp32 / bf16 matmul rate "
             "| peak RSS per rank |", "|---|---|---|---|---|---|---|"]

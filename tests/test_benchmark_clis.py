@@ -84,7 +84,7 @@ def test_real_model_throughput_rounded_start_control(tmp_path, monkeypatch):
 
     base = {"name": "palu", "ranks": 1}
     runs = [{**base, "precision": "fp32", "loss": [10.0, 5.0]}, {**base, "precision": "bf16", "loss": [10.0, 5.5]},
-            {**base, "precision": "fp32", "start": "start rounded to bf16", "loss": [10.1, 5.0]}]
+            {**base, "precision": "fp32", "variant": "start rounded to bf16", "loss": [10.1, 5.0]}]
     lines = loss_agreement(runs)
     assert len(lines) == 2 and "fp32 (start rounded to bf16) objective vs fp32" in lines[1]
     assert runs[1]["loss_vs_fp32"] == {"max_rel": pytest.approx(0.1), "final_rel": pytest.approx(0.1), "steps": 2}
@@ -94,3 +94,50 @@ def test_real_model_throughput_rounded_start_control(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         parse_args()
     assert exc.value.code == 2
+
+
+def test_real_model_throughput_keeps_the_named_modules_in_fp32(monkeypatch):
+    """``--fp32-modules``' :func:`keep_fp32`: under bf16 autocast the matched modules compute in fp32 -- every
+    product kept (attention, MLP, the output head and the engine's answer-only head) gives fp32's logits exactly,
+    the MLPs alone neither fp32's nor bf16's; a pattern that matches nothing is refused by name; the option needs the
+    fp32 and bf16 runs of 1 process."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.real_model_throughput import keep_fp32, parse_args
+    from palu_ds import lm_head
+    from palu_ds.tiny import tiny_llama_config
+
+    monkeypatch.setattr(lm_head, "lm_logits", lm_head.lm_logits)  # keep_fp32 replaces it: restored after the test
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(tiny_llama_config(96, hidden=32, layers=2, intermediate=64)).eval()
+
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def logits(m, bf16=True):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return m(input_ids=ids).logits.float()
+
+    fp32, bf16 = logits(model(), bf16=False), logits(model())
+    assert not torch.equal(bf16, fp32)
+    every = model()
+    kept = keep_fp32(every, ["*.self_attn", "*.mlp", "lm_head"])
+    assert kept == ["model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.layers.1.mlp",
+                    "lm_head"]
+    assert torch.equal(logits(every), fp32)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert lm_head.lm_logits(every, torch.randn(3, 32)).dtype == torch.float32
+    mlp = model()
+    assert keep_fp32(mlp, ["*.mlp"]) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    out = logits(mlp)
+    assert not torch.equal(out, fp32) and not torch.equal(out, bf16)
+    with pytest.raises(ValueError, match=r"'\*\.ffn' matches no module"):
+        keep_fp32(model(), ["*.mlp", "*.ffn"])
+
+    for argv in (["--precisions", "bf16"], ["--ranks", "2"]):
+        monkeypatch.setattr(sys, "argv", ["real_model_throughput", "--fp32-modules", "*.mlp", *argv])
+        with pytest.raises(SystemExit) as exc:
+            parse_args()
+        assert exc.value.code == 2
