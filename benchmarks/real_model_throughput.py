@@ -187,7 +187,7 @@ class KeepFp32(engine.Hooks):
     kept = None
     def before_step(self, trainer):
         if self.kept is None:
-            self.kept = keep_fp32(trainer.engine.module, sys.argv[1].split(","))
+            self.kept = keep_fp32(trainer.engine.module, patterns.split(","))
             print(f"kept in fp32: {len(self.kept)} modules ({', '.join(self.kept[:3])}, ...)", flush=True)
 patterns, sys.argv = sys.argv[1], ["train.py"] + sys.argv[2:]
 sys.exit(main("palu_ds step, bf16 with modules kept in fp32", hooks=KeepFp32()))

@@ -1,5 +1,6 @@
 """Every benchmark script parses its arguments: ``--help`` exits 0 (a merge that drops an import fails here, not on
 the quiet box an hour into a measurement)."""
+import math
 import pkgutil
 import runpy
 import sys
@@ -141,3 +142,21 @@ def test_real_model_throughput_keeps_the_named_modules_in_fp32(monkeypatch):
         with pytest.raises(SystemExit) as exc:
             parse_args()
         assert exc.value.code == 2
+
+
+def test_real_model_throughput_fp32_modules_run_trains(tiny, tmp_path):
+    """An ``--fp32-modules`` run end to end (benchmarks.real_model_throughput.train with patterns: launch/train.py's
+    loop in a process that keeps the matched modules in fp32), 2 bf16 steps on the tiny model: it keeps the layers'
+    MLPs and returns each step's objective."""
+    import shutil
+
+    from benchmarks.real_model_throughput import ONE_PROCESS, train
+
+    data = tmp_path / "tofu"
+    data.mkdir()
+    shutil.copy(f"{tiny['data']}/forget10.jsonl", data / "forget01.jsonl")
+    shutil.copy(f"{tiny['data']}/retain90.jsonl", data / "retain90.jsonl")
+    out = str(tmp_path / "run")
+    r = train(tiny["model"], str(data), out, "grad_diff", "none", 1, ONE_PROCESS, "bf16", 2, "*.mlp")
+    assert len(r["loss"]) == 2 and all(math.isfinite(x) for x in r["loss"]) and r["tokens_per_s"] > 0
+    assert "kept in fp32: 2 modules (model.layers.0.mlp, model.layers.1.mlp" in open(out + ".log").read()
