@@ -18,7 +18,8 @@ most 2^-9 of itself, bf16's rounding), nothing else changed: how far the fp32 cu
 bf16's size, to tell bf16's arithmetic from the run's own sensitivity.  ``--fp32-modules PATTERNS`` (repeatable) adds,
 per method, a 1-process bf16 run whose modules matching PATTERNS (comma-separated fnmatch patterns on the model's
 module names, e.g. ``*.mlp`` or ``*.self_attn,lm_head``; :func:`keep_fp32`) run in fp32, forward and backward: which
-products carry bf16's lag.
+products carry bf16's lag; ``--bf16-operand weight|input`` adds, per such set, a run whose kept products round only
+that operand to bf16 (which rounding carries it).
 
     python -m benchmarks.real_model_throughput --tofu ../shared/data/tofu --out runs/bench_real
     python -m benchmarks.real_model_throughput --steps 2 --methods palu --ranks 1 --out runs/bench_smoke   # smoke
@@ -27,6 +28,8 @@ products carry bf16's lag.
         --out runs/bench_curve   # bf16's loss curve and its control
     python -m benchmarks.real_model_throughput --steps 30 --methods palu --ranks 1 --fp32-modules '*.mlp' \
         --fp32-modules '*.self_attn' --fp32-modules lm_head --out runs/bench_bf16_modules   # which products lag
+    python -m benchmarks.real_model_throughput --steps 30 --methods palu --ranks 1 --fp32-modules \
+        '*.self_attn,*.mlp' --bf16-operand weight --bf16-operand input --out runs/bench_bf16_operands   # which rounding
 
 ``--profile`` runs torch.profiler over the plain step and over our palu step (1 process, ZeRO stage 0, each
 ``--precisions``), with the phases of each step labelled (our step's: data, global counts, forward, LM head,
@@ -176,8 +179,8 @@ sys.exit(main("profiled palu_ds step", hooks=Profiled()))
 """
 
 
-# our step in bf16 with some modules kept in fp32 (keep_fp32, applied before the first step); argv: PATTERNS, then
-# launch/train.py's arguments
+# our step in bf16 with some modules kept in fp32 (keep_fp32, applied before the first step); argv: PATTERNS, the
+# operand their products round to bf16 (weight | input | -: none), then launch/train.py's arguments
 KEEP_FP32 = r"""
 import sys
 from benchmarks.real_model_throughput import keep_fp32
@@ -187,19 +190,22 @@ class KeepFp32(engine.Hooks):
     kept = None
     def before_step(self, trainer):
         if self.kept is None:
-            self.kept = keep_fp32(trainer.engine.module, patterns.split(","))
+            self.kept = keep_fp32(trainer.engine.module, patterns.split(","), None if rounded == "-" else rounded)
             print(f"kept in fp32: {len(self.kept)} modules ({', '.join(self.kept[:3])}, ...)", flush=True)
-patterns, sys.argv = sys.argv[1], ["train.py"] + sys.argv[2:]
+patterns, rounded, sys.argv = sys.argv[1], sys.argv[2], ["train.py"] + sys.argv[3:]
 sys.exit(main("palu_ds step, bf16 with modules kept in fp32", hooks=KeepFp32()))
 """
 
 
-def keep_fp32(model, patterns: list[str]) -> list[str]:
+def keep_fp32(model, patterns: list[str], rounded: str | None = None) -> list[str]:
     """Run the modules of ``model`` whose names match one of ``patterns`` (fnmatch: ``*.mlp`` matches
     ``model.layers.3.mlp``) outside autocast, their floating-point inputs cast to fp32: their products, forward and
     backward, in fp32 while the rest of the model runs in bf16.  When the output head matches (``lm_head``), so does
     the engine's answer-only head (:func:`palu_ds.lm_head.lm_logits`, which runs the head's weight outside the module).
-    A pattern that matches no module is an error naming it and a few module names.  The matched names, in order."""
+    ``rounded`` (``weight`` | ``input``): the ``nn.Linear`` products inside the matched modules take that operand
+    rounded to bf16 (``w.bfloat16().float()``), the other and the product in fp32 -- which rounding of a bf16 product
+    matters (not the engine's answer-only head, which is no module's product).  A pattern that matches no module is an error naming it and a few module names.  The matched names, in
+    order."""
     import fnmatch
     import functools
 
@@ -224,11 +230,26 @@ def keep_fp32(model, patterns: list[str]) -> list[str]:
                              f"{', '.join(names[:4])}, ...)")
     kept = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     modules = dict(model.named_modules())
+    linears = {m for n in kept for m in modules[n].modules() if isinstance(m, torch.nn.Linear)}
+    for m in linears if rounded else ():  # first: a matched Linear's own wrapper below then runs it outside autocast
+        m.forward = functools.partial(_rounded_linear, m, rounded)
     for n in kept:
         modules[n].forward = in_fp32(modules[n].forward)
     if any(modules[n] is lm_head.output_head(model) for n in kept):
         lm_head.lm_logits = in_fp32(lm_head.lm_logits)
     return kept
+
+
+def _rounded_linear(m, rounded: str, x):
+    """``m``'s product in fp32 with one operand (``weight`` | ``input``) rounded to bf16 (:func:`keep_fp32`)."""
+    import torch
+
+    w, x = m.weight, x.float()
+    if rounded == "weight":
+        w = w.to(torch.bfloat16).float()
+    else:
+        x = x.to(torch.bfloat16).float()
+    return torch.nn.functional.linear(x, w, m.bias)
 
 
 def result(cmd: list[str], threads: int, log: str) -> tuple[dict | None, list[str]]:
@@ -271,11 +292,12 @@ def rounded_start(model: str, out: str) -> str:
 
 
 def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, ds: str, precision: str,
-          steps: int, fp32_modules: str | None = None) -> dict:
-    """One run of launch/train.py (``fp32_modules``: in this process's :data:`KEEP_FP32` instead, 1 process)."""
+          steps: int, fp32_modules: str | None = None, rounded: str | None = None) -> dict:
+    """One run of launch/train.py (``fp32_modules``: in this process's :data:`KEEP_FP32` instead, 1 process, the
+    products of those modules taking the ``rounded`` operand rounded to bf16)."""
     args = train_args(model, tofu, out, method, mode, ds, precision, steps)
     cmd = launcher_cmd("launch/train.py", args, ranks) if fp32_modules is None else [
-        sys.executable, "-c", KEEP_FP32, fp32_modules, *args]
+        sys.executable, "-c", KEEP_FP32, fp32_modules, rounded or "-", *args]
     with open(out + ".log", "w") as f:
         p = subprocess.run(cmd, cwd=ROOT,
                            env=cpu_env(OMP_NUM_THREADS="1" if ranks > 1 else "2"), stdout=f, stderr=f)
@@ -354,11 +376,16 @@ def parse_args():
     p.add_argument("--fp32-modules", action="append", default=[], metavar="PATTERNS",
                    help="also, per method, a 1-process bf16 run with the modules matching PATTERNS (comma-separated "
                         "fnmatch patterns on module names, e.g. '*.mlp' or '*.self_attn,lm_head') in fp32; repeatable")
+    p.add_argument("--bf16-operand", action="append", default=[], choices=("weight", "input"),
+                   help="also, per --fp32-modules set, a run whose kept modules' Linear products take this operand "
+                        "rounded to bf16 (the other and the product in fp32): which rounding carries bf16's lag")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler breakdowns of the plain step and of our palu step, by phase")
     a = parse_bench(p)
     if a.rounded_start and "fp32" not in a.precisions:
         p.error("--rounded-start is compared with the fp32 run: add fp32 to --precisions")
+    if a.bf16_operand and not a.fp32_modules:
+        p.error("--bf16-operand applies to the --fp32-modules runs: name the modules")
     if a.fp32_modules and not ({"fp32", "bf16"} <= set(a.precisions) and 1 in a.ranks):
         p.error("--fp32-modules runs are bf16 runs of 1 process compared with the fp32 run: they need --precisions "
                 "fp32,bf16 and 1 in --ranks")
@@ -418,10 +445,12 @@ def main() -> int:
                     report["runs"].append({"name": name, "precision": "fp32", "variant": "start rounded to bf16",
                                            "ranks": ranks, "ds_config": ds, **r})
                 for i, patterns in enumerate(a.fp32_modules if ranks == 1 else []):
-                    out = os.path.join(a.out, f"{method}_{mode}_bf16_fp32-modules-{i}_{ranks}")
-                    r = train(model, tofu, out, method, mode, ranks, ds, "bf16", a.steps, patterns)
-                    report["runs"].append({"name": name, "precision": "bf16", "variant": f"fp32 modules: {patterns}",
-                                           "ranks": ranks, "ds_config": ds, **r})
+                    for rounded in [None, *a.bf16_operand]:
+                        out = os.path.join(a.out, f"{method}_{mode}_bf16_fp32-modules-{i}{rounded or ''}_{ranks}")
+                        r = train(model, tofu, out, method, mode, ranks, ds, "bf16", a.steps, patterns, rounded)
+                        variant = f"fp32 modules: {patterns}" + (f", {rounded} rounded to bf16" if rounded else "")
+                        report["runs"].append({"name": name, "precision": "bf16", "variant": variant, "ranks": ranks,
+                                               "ds_config": ds, **r})
     rows = ["| run | precision | ranks | tokens/s | vs plain step (same precision) | MFU vs fp32 / bf16 matmul rate "
             "| peak RSS per rank |", "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:

@@ -137,8 +137,24 @@ def test_real_model_throughput_keeps_the_named_modules_in_fp32(monkeypatch):
     with pytest.raises(ValueError, match=r"'\*\.ffn' matches no module"):
         keep_fp32(model(), ["*.mlp", "*.ffn"])
 
-    for argv in (["--precisions", "bf16"], ["--ranks", "2"]):
-        monkeypatch.setattr(sys, "argv", ["real_model_throughput", "--fp32-modules", "*.mlp", *argv])
+    rounded = model()  # --bf16-operand weight: fp32 products of the Linear weights (layers', head's) rounded to bf16
+    for n, p in rounded.named_parameters():
+        if n.endswith(("proj.weight", "lm_head.weight")):
+            p.data = p.data.to(torch.bfloat16).float()
+    weight = model()
+    keep_fp32(weight, ["*.self_attn", "*.mlp", "lm_head"], rounded="weight")
+    assert torch.equal(logits(weight), logits(rounded, bf16=False))
+    one = model()  # a matched Linear itself: rounded and still outside autocast
+    keep_fp32(one, ["*.down_proj"], rounded="input")
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        x = torch.randn(3, 64)
+        got = one.model.layers[0].mlp.down_proj(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, torch.nn.functional.linear(x.to(torch.bfloat16).float(), one.model.layers[0].mlp.down_proj.weight))
+
+    for argv in (["--fp32-modules", "*.mlp", "--precisions", "bf16"], ["--fp32-modules", "*.mlp", "--ranks", "2"],
+                 ["--bf16-operand", "weight"]):
+        monkeypatch.setattr(sys, "argv", ["real_model_throughput", *argv])
         with pytest.raises(SystemExit) as exc:
             parse_args()
         assert exc.value.code == 2
@@ -146,8 +162,8 @@ def test_real_model_throughput_keeps_the_named_modules_in_fp32(monkeypatch):
 
 def test_real_model_throughput_fp32_modules_run_trains(tiny, tmp_path):
     """An ``--fp32-modules`` run end to end (benchmarks.real_model_throughput.train with patterns: launch/train.py's
-    loop in a process that keeps the matched modules in fp32), 2 bf16 steps on the tiny model: it keeps the layers'
-    MLPs and returns each step's objective."""
+    loop in a process that keeps the matched modules in fp32, here with their weights rounded to bf16), 2 bf16 steps
+    on the tiny model: it keeps the layers' MLPs and returns each step's objective."""
     import shutil
 
     from benchmarks.real_model_throughput import ONE_PROCESS, train
@@ -157,6 +173,6 @@ def test_real_model_throughput_fp32_modules_run_trains(tiny, tmp_path):
     shutil.copy(f"{tiny['data']}/forget10.jsonl", data / "forget01.jsonl")
     shutil.copy(f"{tiny['data']}/retain90.jsonl", data / "retain90.jsonl")
     out = str(tmp_path / "run")
-    r = train(tiny["model"], str(data), out, "grad_diff", "none", 1, ONE_PROCESS, "bf16", 2, "*.mlp")
+    r = train(tiny["model"], str(data), out, "grad_diff", "none", 1, ONE_PROCESS, "bf16", 2, "*.mlp", "weight")
     assert len(r["loss"]) == 2 and all(math.isfinite(x) for x in r["loss"]) and r["tokens_per_s"] > 0
     assert "kept in fp32: 2 modules (model.layers.0.mlp, model.layers.1.mlp" in open(out + ".log").read()
