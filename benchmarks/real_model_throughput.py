@@ -19,7 +19,8 @@ bf16's size, to tell bf16's arithmetic from the run's own sensitivity.  ``--fp32
 per method, a 1-process bf16 run whose modules matching PATTERNS (comma-separated fnmatch patterns on the model's
 module names, e.g. ``*.mlp`` or ``*.self_attn,lm_head``; :func:`keep_fp32`) run in fp32, forward and backward: which
 products carry bf16's lag; ``--bf16-operand weight|input`` adds, per such set, a run whose kept products round only
-that operand to bf16 (which rounding carries it).
+that operand to bf16 (which rounding carries it); ``--bf16-dither`` adds, per method and ranks, a bf16 run from the
+dithered start (``train.bf16_dither``: palu_ds.dither), the remedy those runs point to.
 
     python -m benchmarks.real_model_throughput --tofu ../shared/data/tofu --out runs/bench_real
     python -m benchmarks.real_model_throughput --steps 2 --methods palu --ranks 1 --out runs/bench_smoke   # smoke
@@ -30,6 +31,7 @@ that operand to bf16 (which rounding carries it).
         --fp32-modules '*.self_attn' --fp32-modules lm_head --out runs/bench_bf16_modules   # which products lag
     python -m benchmarks.real_model_throughput --steps 30 --methods palu --ranks 1 --fp32-modules \
         '*.self_attn,*.mlp' --bf16-operand weight --bf16-operand input --out runs/bench_bf16_operands   # which rounding
+    python -m benchmarks.real_model_throughput --steps 30 --methods palu --ranks 1 --bf16-dither --out runs/bench_dither
 
 ``--profile`` runs torch.profiler over the plain step and over our palu step (1 process, ZeRO stage 0, each
 ``--precisions``), with the phases of each step labelled (our step's: data, global counts, forward, LM head,
@@ -204,8 +206,8 @@ def keep_fp32(model, patterns: list[str], rounded: str | None = None) -> list[st
     the engine's answer-only head (:func:`palu_ds.lm_head.lm_logits`, which runs the head's weight outside the module).
     ``rounded`` (``weight`` | ``input``): the ``nn.Linear`` products inside the matched modules take that operand
     rounded to bf16 (``w.bfloat16().float()``), the other and the product in fp32 -- which rounding of a bf16 product
-    matters (not the engine's answer-only head, which is no module's product).  A pattern that matches no module is an error naming it and a few module names.  The matched names, in
-    order."""
+    matters (not the engine's answer-only head, which is no module's product).  A pattern that matches no module is
+    an error naming it and a few module names.  The matched names, in order."""
     import fnmatch
     import functools
 
@@ -292,10 +294,10 @@ def rounded_start(model: str, out: str) -> str:
 
 
 def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, ds: str, precision: str,
-          steps: int, fp32_modules: str | None = None, rounded: str | None = None) -> dict:
+          steps: int, fp32_modules: str | None = None, rounded: str | None = None, extra=()) -> dict:
     """One run of launch/train.py (``fp32_modules``: in this process's :data:`KEEP_FP32` instead, 1 process, the
-    products of those modules taking the ``rounded`` operand rounded to bf16)."""
-    args = train_args(model, tofu, out, method, mode, ds, precision, steps)
+    products of those modules taking the ``rounded`` operand rounded to bf16; ``extra``: more overrides)."""
+    args = train_args(model, tofu, out, method, mode, ds, precision, steps) + list(extra)
     cmd = launcher_cmd("launch/train.py", args, ranks) if fp32_modules is None else [
         sys.executable, "-c", KEEP_FP32, fp32_modules, rounded or "-", *args]
     with open(out + ".log", "w") as f:
@@ -324,8 +326,9 @@ def is_fp32_twin(run: dict) -> bool:
 
 
 def loss_agreement(runs: list[dict]) -> list[str]:
-    """bf16's loss curve (and the rounded-start control's, and each ``--fp32-modules`` run's) against fp32's, per method and ranks: the largest relative
-    difference of the objective over the run's steps (issue 29's goal: within 2% over 30 steps)."""
+    """bf16's loss curve (and each variant's: the rounded-start control, the dithered start, each ``--fp32-modules``
+    run) against fp32's, per method and ranks: the largest relative difference of the objective over the run's steps
+    (issue 29's goal: within 2% over 30 steps)."""
     lines = []
     for r in runs:
         if is_fp32_twin(r) or not r.get("loss"):
@@ -373,6 +376,8 @@ def parse_args():
     p.add_argument("--rounded-start", action="store_true",
                    help="also, per method and ranks, an fp32 run from the weights rounded to bf16 (the control "
                         "for bf16's loss curve)")
+    p.add_argument("--bf16-dither", action="store_true",
+                   help="also, per method and ranks, a bf16 run from the dithered start (train.bf16_dither)")
     p.add_argument("--fp32-modules", action="append", default=[], metavar="PATTERNS",
                    help="also, per method, a 1-process bf16 run with the modules matching PATTERNS (comma-separated "
                         "fnmatch patterns on module names, e.g. '*.mlp' or '*.self_attn,lm_head') in fp32; repeatable")
@@ -384,6 +389,8 @@ def parse_args():
     a = parse_bench(p)
     if a.rounded_start and "fp32" not in a.precisions:
         p.error("--rounded-start is compared with the fp32 run: add fp32 to --precisions")
+    if a.bf16_dither and not {"fp32", "bf16"} <= set(a.precisions):
+        p.error("--bf16-dither's run is compared with the fp32 run: it needs --precisions fp32,bf16")
     if a.bf16_operand and not a.fp32_modules:
         p.error("--bf16-operand applies to the --fp32-modules runs: name the modules")
     if a.fp32_modules and not ({"fp32", "bf16"} <= set(a.precisions) and 1 in a.ranks):
@@ -443,6 +450,12 @@ def main() -> int:
                     start = rounded_start(model, os.path.join(a.out, "model_rounded_to_bf16"))
                     r = train(start, tofu, out, method, mode, ranks, ds, "fp32", a.steps)
                     report["runs"].append({"name": name, "precision": "fp32", "variant": "start rounded to bf16",
+                                           "ranks": ranks, "ds_config": ds, **r})
+                if a.bf16_dither:
+                    out = os.path.join(a.out, f"{method}_{mode}_bf16_dither_{ranks}")
+                    r = train(model, tofu, out, method, mode, ranks, ds, "bf16", a.steps,
+                              extra=["train.bf16_dither=true"])
+                    report["runs"].append({"name": name, "precision": "bf16", "variant": "dithered start",
                                            "ranks": ranks, "ds_config": ds, **r})
                 for i, patterns in enumerate(a.fp32_modules if ranks == 1 else []):
                     for rounded in [None, *a.bf16_operand]:

@@ -30,9 +30,10 @@ from palu_ds import checkpoint, dist, lm_head, run_folder
 from palu_ds.atomic import atomic_path, write_json
 from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 from palu_ds.card import run_info, write_card
-from palu_ds.config import Run
+from palu_ds.config import ConfigError, Run
 from palu_ds.data.build import build_datasets, report_spans
 from palu_ds.data.collate import collate
+from palu_ds.dither import dither_model
 from palu_ds.ds_config import autocast_dtype, load_ds_config, zero_stage
 from palu_ds.hidden import LayerCapture
 from palu_ds.monitor import Monitor, peak_memory_bytes, reset_peak_memory, start_wandb
@@ -222,6 +223,10 @@ class Trainer:
         from transformers.integrations import HfDeepSpeedConfig
 
         cfg = self.cfg
+        if cfg.train.bf16_dither and self.autocast != torch.bfloat16:
+            raise ConfigError(f"train.bf16_dither=true applies to bf16 training, but this run resolves to fp32 "
+                              f"(train.precision={cfg.train.precision} with {self.ds_config_path}): set "
+                              "train.precision=bf16 or drop train.bf16_dither")
         # transformers loads under deepspeed.zero.Init while this object lives (ZeRO-3); no device_map here.
         self._hf_ds = HfDeepSpeedConfig(self.ds_config) if zero_stage(self.ds_config) == 3 else None
         # fp32 in every precision: bf16 is autocast, the fp32 weights are the master weights (palu_ds.ds_config)
@@ -234,6 +239,8 @@ class Trainer:
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **cfg.model.lora))
+        if cfg.train.bf16_dither:  # the products then see sub-ulp updates on average (palu_ds.dither)
+            dither_model(model, cfg.train.seed)  # a resumed run then loads its checkpoint's weights over these
         return model
 
     def _setup_model(self) -> None:

@@ -153,7 +153,7 @@ def test_real_model_throughput_keeps_the_named_modules_in_fp32(monkeypatch):
     assert torch.equal(got, torch.nn.functional.linear(x.to(torch.bfloat16).float(), one.model.layers[0].mlp.down_proj.weight))
 
     for argv in (["--fp32-modules", "*.mlp", "--precisions", "bf16"], ["--fp32-modules", "*.mlp", "--ranks", "2"],
-                 ["--bf16-operand", "weight"]):
+                 ["--bf16-operand", "weight"], ["--bf16-dither", "--precisions", "bf16"]):
         monkeypatch.setattr(sys, "argv", ["real_model_throughput", *argv])
         with pytest.raises(SystemExit) as exc:
             parse_args()

@@ -178,24 +178,29 @@ def test_micro_batch_times_accumulation_is_one_update(tiny, target, tmp_path, me
 ZERO3_RUN = ["train.max_steps=6", "train.scheduler=cosine", "train.warmup_steps=2", "train.lr=1e-5"]
 
 
+#: the precisions of the ZeRO-3 runs: bf16_dither = bf16 from the dithered start (palu_ds.dither, gathered under ZeRO-3)
+PRECISION_ARGS = {"fp32": ["train.precision=fp32"], "bf16": ["train.precision=bf16"],
+                  "bf16_dither": ["train.precision=bf16", "train.bf16_dither=true"]}
+
+
 @pytest.fixture(scope="module")
 def zero3_runs(tiny, target, tmp_path_factory):
     runs = {}
-    for precision in ("fp32", "bf16"):
+    for precision, extra in PRECISION_ARGS.items():
         runs[precision] = str(tmp_path_factory.mktemp("zero3") / precision)
-        launch("launch/train.py", unlearn_args(tiny, target, runs[precision], "pd_flat", 3,
-                                               ZERO3_RUN + [f"train.precision={precision}"]))
+        launch("launch/train.py", unlearn_args(tiny, target, runs[precision], "pd_flat", 3, ZERO3_RUN + extra))
     return runs
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", list(PRECISION_ARGS))
 def test_resume_is_exact_on_two_ranks(tiny, target, tmp_path, zero3_runs, precision):
     """A run killed after step 4 (last checkpoint at step 3) and resumed ends with the same weights and λ as an
     uninterrupted run: atol 1e-6 on every weight (fp32 on CPU is deterministic for a fixed world size); in bf16
-    (torch autocast under ZeRO-3: fp32 weights and Adam state in the checkpoint) bit-identical fp32 weights."""
+    (torch autocast under ZeRO-3: fp32 weights and Adam state in the checkpoint) bit-identical fp32 weights, from the
+    dithered start too (the dither is drawn at the fresh start only, the same on every rank; it moved the weights:
+    they differ from the undithered bf16 run's)."""
     cut = str(tmp_path / "cut")
-    args = unlearn_args(tiny, target, cut, "pd_flat", 3,
-                        ZERO3_RUN + [f"train.precision={precision}", "train.save_every=3"])
+    args = unlearn_args(tiny, target, cut, "pd_flat", 3, ZERO3_RUN + PRECISION_ARGS[precision] + ["train.save_every=3"])
     p = launch(FAULTY, ["crash_after=4", *args], check=False)
     assert p.returncode != 0
     assert not os.path.exists(os.path.join(cut, "model"))
@@ -207,6 +212,10 @@ def test_resume_is_exact_on_two_ranks(tiny, target, tmp_path, zero3_runs, precis
     assert {v.dtype for v in wa.values()} == {torch.float32}
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6 if precision == "fp32" else 0, rtol=0)
+    if precision == "bf16_dither":
+        plain = state(summary(zero3_runs["bf16"])["model"])
+        dithered = [k for k in wa if k.endswith(("proj.weight", "lm_head.weight"))]  # the nn.Linear weights
+        assert len(dithered) == 15 and all(not torch.equal(wa[k], plain[k]) for k in dithered)
 
 
 def test_bf16_under_zero3_moves_the_weights_as_fp32_does(target, zero3_runs):
