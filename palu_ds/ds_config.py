@@ -23,7 +23,8 @@ JSON's ``bf16`` section is always turned off, for two reasons:
   products follow the weights on average: the same run now falls 16.3 -> 4.6, its weight change at cosine 0.997
   with fp32's. The saved model is the fp32 weights. Test: tests/test_engine_e2e.py::
   test_bf16_under_zero3_moves_the_weights_as_fp32_does. (A checkpoint stored in bf16 starts on the grid either way;
-  its products then lag as any bf16 training's do, while the norms and embeddings, fp32 under autocast, do not.)
+  its products then lag as any bf16 training's do, while the norms and embeddings, fp32 under autocast, do not --
+  unless ``train.bf16_dither`` spreads the start over the bf16 cells: palu_ds.dither.)
   Memory: under ZeRO-3 the fp32 partitions are the masters (no bf16 partition beside them); under ZeRO 1-2 each
   rank holds fp32 weights and gradients, not bf16 ones.
 
