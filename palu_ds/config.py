@@ -99,9 +99,9 @@ class TrainConfig:
     precision: str = setting("auto", "auto (the DeepSpeed config's bf16.enabled; its \"auto\": bf16 on GPUs, fp32 on "
                                      "CPU) | fp32 | bf16: torch autocast at every ZeRO stage (fp32 weights, which are "
                                      "the master weights; bf16 products; fp32 losses)", choices=PRECISIONS)
-    bf16_dither: bool = setting(False, "bf16 only: at a fresh start, move each trainable weight to a random point of its "
-                                       "bf16 rounding cell (bf16 value unchanged) so that the bf16 products follow "
-                                       "sub-ulp updates on average (palu_ds.dither)")
+    bf16_dither: bool = setting(False, "bf16 only: at a fresh start, move each trainable nn.Linear weight to a random "
+                                       "point of its bf16 rounding cell (bf16 value unchanged) so that the bf16 "
+                                       "products follow sub-ulp updates on average (palu_ds.dither)")
 
 
 @dataclass

@@ -148,9 +148,10 @@ def test_real_model_throughput_keeps_the_named_modules_in_fp32(monkeypatch):
     keep_fp32(one, ["*.down_proj"], rounded="input")
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         x = torch.randn(3, 64)
-        got = one.model.layers[0].mlp.down_proj(x)
+        down = one.model.layers[0].mlp.down_proj
+        got = down(x)
     assert got.dtype == torch.float32
-    assert torch.equal(got, torch.nn.functional.linear(x.to(torch.bfloat16).float(), one.model.layers[0].mlp.down_proj.weight))
+    assert torch.equal(got, torch.nn.functional.linear(x.to(torch.bfloat16).float(), down.weight))
 
     for argv in (["--fp32-modules", "*.mlp", "--precisions", "bf16"], ["--fp32-modules", "*.mlp", "--ranks", "2"],
                  ["--bf16-operand", "weight"], ["--bf16-dither", "--precisions", "bf16"]):
