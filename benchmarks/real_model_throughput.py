@@ -314,6 +314,24 @@ def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, d
             "loss": [v for _, v in tb_scalars(out).get("loss/total", [])]}
 
 
+def variant_runs(a, model: str, ranks: int) -> list[tuple[str, str, str, str, dict]]:
+    """The runs beside each method's fp32 and bf16 ones on ``ranks``: ``(precision, variant, folder tag, starting
+    model, train() keywords)`` for ``--rounded-start``, ``--bf16-dither`` and each ``--fp32-modules`` set (1 process;
+    with each ``--bf16-operand``)."""
+    out = []
+    if a.rounded_start:
+        out.append(("fp32", "start rounded to bf16", "fp32_rounded_start",
+                    rounded_start(model, os.path.join(a.out, "model_rounded_to_bf16")), {}))
+    if a.bf16_dither:
+        out.append(("bf16", "dithered start", "bf16_dither", model, {"extra": ["train.bf16_dither=true"]}))
+    for i, patterns in enumerate(a.fp32_modules if ranks == 1 else []):
+        for rounded in [None, *a.bf16_operand]:
+            out.append(("bf16", f"fp32 modules: {patterns}" + (f", {rounded} rounded to bf16" if rounded else ""),
+                        f"bf16_fp32-modules-{i}{rounded or ''}", model,
+                        {"fp32_modules": patterns, "rounded": rounded}))
+    return out
+
+
 def precision_label(run: dict) -> str:
     """A run's precision as the tables print it: ``bf16``, ``fp32``, ``fp32 (start rounded to bf16)``, ``bf16 (fp32
     modules: *.mlp)``."""
@@ -436,34 +454,16 @@ def main() -> int:
                                 os.path.join(a.out, f"plain_{prec}.log"))
         report["runs"].append({"name": "plain transformers + AdamW", "precision": prec, "ranks": 1, **plain[prec]})
     for ranks in a.ranks:
+        ds = a.one_process_config if ranks == 1 else TWO_RANKS
+        runs = [(prec, None, prec, model, {}) for prec in a.precisions] + variant_runs(a, model, ranks)
         for method in a.methods:
             for mode in reference_modes(method, a.resident):
-                for prec in a.precisions:
-                    out = os.path.join(a.out, f"{method}_{mode}_{prec}_{ranks}")
-                    ds = a.one_process_config if ranks == 1 else TWO_RANKS
-                    r = train(model, tofu, out, method, mode, ranks, ds, prec, a.steps)
-                    name = method + (f", {mode}" if mode != "none" else "")
-                    report["runs"].append({"name": name, "precision": prec, "ranks": ranks, "ds_config": ds,
-                                           **r})
-                if a.rounded_start:
-                    out = os.path.join(a.out, f"{method}_{mode}_fp32_rounded_start_{ranks}")
-                    start = rounded_start(model, os.path.join(a.out, "model_rounded_to_bf16"))
-                    r = train(start, tofu, out, method, mode, ranks, ds, "fp32", a.steps)
-                    report["runs"].append({"name": name, "precision": "fp32", "variant": "start rounded to bf16",
-                                           "ranks": ranks, "ds_config": ds, **r})
-                if a.bf16_dither:
-                    out = os.path.join(a.out, f"{method}_{mode}_bf16_dither_{ranks}")
-                    r = train(model, tofu, out, method, mode, ranks, ds, "bf16", a.steps,
-                              extra=["train.bf16_dither=true"])
-                    report["runs"].append({"name": name, "precision": "bf16", "variant": "dithered start",
-                                           "ranks": ranks, "ds_config": ds, **r})
-                for i, patterns in enumerate(a.fp32_modules if ranks == 1 else []):
-                    for rounded in [None, *a.bf16_operand]:
-                        out = os.path.join(a.out, f"{method}_{mode}_bf16_fp32-modules-{i}{rounded or ''}_{ranks}")
-                        r = train(model, tofu, out, method, mode, ranks, ds, "bf16", a.steps, patterns, rounded)
-                        variant = f"fp32 modules: {patterns}" + (f", {rounded} rounded to bf16" if rounded else "")
-                        report["runs"].append({"name": name, "precision": "bf16", "variant": variant, "ranks": ranks,
-                                               "ds_config": ds, **r})
+                name = method + (f", {mode}" if mode != "none" else "")
+                for prec, variant, tag, start, kw in runs:
+                    out = os.path.join(a.out, f"{method}_{mode}_{tag}_{ranks}")
+                    r = train(start, tofu, out, method, mode, ranks, ds, prec, a.steps, **kw)
+                    report["runs"].append({"name": name, "precision": prec, "ranks": ranks, "ds_config": ds, **r,
+                                           **({"variant": variant} if variant else {})})
     rows = ["| run | precision | ranks | tokens/s | vs plain step (same precision) | MFU vs fp32 / bf16 matmul rate "
             "| peak RSS per rank |", "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
