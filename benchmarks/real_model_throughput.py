@@ -20,7 +20,9 @@ per method, a 1-process bf16 run whose modules matching PATTERNS (comma-separate
 module names, e.g. ``*.mlp`` or ``*.self_attn,lm_head``; :func:`keep_fp32`) run in fp32, forward and backward: which
 products carry bf16's lag; ``--bf16-operand weight|input`` adds, per such set, a run whose kept products round only
 that operand to bf16 (which rounding carries it); ``--bf16-dither`` adds, per method and ranks, a bf16 run from the
-dithered start (``train.bf16_dither``: palu_ds.dither), the remedy those runs point to.
+dithered start (``train.bf16_dither``: palu_ds.dither), the remedy those runs point to.  ``--padded`` adds, per
+method, precision and ranks, the run with right-padded rows (``train.padding_free=false``): what the padding-free
+forward (palu_ds.packing, the default) gains.  The plain step always pads its rows, as a transformers loop does.
 
     python -m benchmarks.real_model_throughput --tofu ../shared/data/tofu --out runs/bench_real
     python -m benchmarks.real_model_throughput --steps 2 --methods palu --ranks 1 --out runs/bench_smoke   # smoke
@@ -316,7 +318,7 @@ def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, d
 
 def variant_runs(a, model: str, ranks: int) -> list[tuple[str, str, str, str, dict]]:
     """The runs beside each method's fp32 and bf16 ones on ``ranks``: ``(precision, variant, folder tag, starting
-    model, train() keywords)`` for ``--rounded-start``, ``--bf16-dither`` and each ``--fp32-modules`` set (1 process;
+    model, train() keywords)`` for ``--rounded-start``, ``--bf16-dither``, ``--padded`` (each precision) and each ``--fp32-modules`` set (1 process;
     with each ``--bf16-operand``)."""
     out = []
     if a.rounded_start:
@@ -324,6 +326,8 @@ def variant_runs(a, model: str, ranks: int) -> list[tuple[str, str, str, str, di
                     rounded_start(model, os.path.join(a.out, "model_rounded_to_bf16")), {}))
     if a.bf16_dither:
         out.append(("bf16", "dithered start", "bf16_dither", model, {"extra": ["train.bf16_dither=true"]}))
+    out += [(p, "padded rows", f"{p}_padded", model, {"extra": ["train.padding_free=false"]})
+            for p in (a.precisions if a.padded else [])]
     for i, patterns in enumerate(a.fp32_modules if ranks == 1 else []):
         for rounded in [None, *a.bf16_operand]:
             out.append(("bf16", f"fp32 modules: {patterns}" + (f", {rounded} rounded to bf16" if rounded else ""),
@@ -396,6 +400,8 @@ def parse_args():
                         "for bf16's loss curve)")
     p.add_argument("--bf16-dither", action="store_true",
                    help="also, per method and ranks, a bf16 run from the dithered start (train.bf16_dither)")
+    p.add_argument("--padded", action="store_true",
+                   help="also each method and precision with right-padded rows (train.padding_free=false)")
     p.add_argument("--fp32-modules", action="append", default=[], metavar="PATTERNS",
                    help="also, per method, a 1-process bf16 run with the modules matching PATTERNS (comma-separated "
                         "fnmatch patterns on module names, e.g. '*.mlp' or '*.self_attn,lm_head') in fp32; repeatable")

@@ -93,6 +93,8 @@ class TrainConfig:
     timeout: float = setting(600.0, "seconds: bound on any collective and on one step (watchdog)")
     answer_only_logits: bool = setting(True, "LM head only where the next token is an answer token (false: full "
                                              "logits)")
+    padding_free: bool = setting(True, "the forward runs a micro-batch's rows end to end without padding, attention "
+                                       "within each row (palu_ds.packing; false: right-padded rows)")
     head_path: str = setting("dense", "dense: the answer rows' logits at once; chunked: head + losses in chunks",
                              choices=("dense", "chunked"))
     head_chunk_elems: int = setting(1 << 24, "chunked: logits elements alive at a time (rows = this // vocabulary)")
@@ -542,7 +544,7 @@ def to_dict(cfg: RunConfig) -> dict:
 BOOKKEEPING = (
     "log.", "eval.",  # logging and experiment tracking, in-training evaluation
     "train.output_dir", "train.resume", "train.save_every", "train.keep_last", "train.timeout",
-    "train.max_nonfinite", "train.answer_only_logits", "train.head_path", "train.head_chunk_elems",
+    "train.max_nonfinite", "train.answer_only_logits", "train.padding_free", "train.head_path", "train.head_chunk_elems",
     "reference.cache_dir",  # the cache's own key guards what it holds
     "model.gradient_checkpointing",
 )

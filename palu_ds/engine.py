@@ -26,7 +26,7 @@ from functools import partial
 
 import torch
 
-from palu_ds import checkpoint, dist, lm_head, run_folder
+from palu_ds import checkpoint, dist, lm_head, packing, run_folder
 from palu_ds.atomic import atomic_path, write_json
 from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 from palu_ds.card import run_info, write_card
@@ -165,6 +165,7 @@ class Trainer:
         self.last_eval: dict | None = None  # {"step": N, "metrics": evaluator summary}: into the model card
         self.config_changes: dict = {}  # what train.resume=force let differ from the checkpoint's config
         self.capture = None  # the decoder layer whose output a method reads (Method.hidden_layer), set in setup
+        self.padding_free = False  # whether the forward runs rows end to end (train.padding_free), set in setup
         self.output_lock = None
 
     # ------------------------------------------------------------------ setup
@@ -261,6 +262,16 @@ class Trainer:
         if self.answer_only:  # the head path must give the model's own logits: refuse by name where it cannot
             self.head_spec = lm_head.head_spec(model)
             lm_head.verify(self.engine.module, self.head_spec)
+        # rows end to end, attention within each (palu_ds.packing): for sdpa models, checked against the padded forward
+        self.padding_free = cfg.train.padding_free and packing.enable(self.engine.module)
+        if cfg.train.padding_free and not self.padding_free:
+            log.warning("train.padding_free: %s runs attn_implementation=%s, which the padding-free forward does not "
+                        "reproduce; rows stay padded", type(model).__name__, packing.attention_of(model))
+        if self.padding_free:
+            try:
+                packing.verify(self.engine.module)
+            except packing.PackingUnsupported as e:
+                raise ConfigError(f"train.padding_free: {e}") from e
         layer = self.method.layer(self.hp)  # a method that reads a decoder layer's output (RMU): hooked here
         self.capture = None if layer is None else LayerCapture(self.engine.module, layer)
 
@@ -350,8 +361,7 @@ class Trainer:
         tokens = sum(int(micro[n]["attention_mask"].sum()) for n in self.method.sampled)  # on the host: no device sync
         micro = {n: {key: v.to(self.device) for key, v in b.items()} for n, b in micro.items()}
         ref = {n: self.reference.lookup(n, b) for n, b in micro.items()}
-        logits = self._forward(micro)
-        hidden = self._split_rows(self.capture.output, micro) if self.capture is not None else {}
+        logits, hidden = self._forward(micro)
         stats.lam = self._lam()  # dual_update=micro_batch moves λ between micro-batches (open-unlearning)
         objective = partial(self.method.objective, hp=self.hp, lam=stats.lam, epsilon=self._epsilon())
         terms = lm_head.within_head(logits, lambda lg: self.method.terms(  # chunked: inside one head call, fused
@@ -418,11 +428,14 @@ class Trainer:
         return scalars
 
     # ------------------------------------------------------------------ the forward of one micro-batch
-    def _forward(self, micro: dict[str, dict]) -> dict:
-        """All batches of a micro-batch in one forward (one ZeRO-3 gather of the weights instead of several).
+    def _forward(self, micro: dict[str, dict]) -> tuple[dict, dict]:
+        """All batches of a micro-batch in one forward (one ZeRO-3 gather of the weights instead of several): each
+        batch's logits and, for a method that reads a decoder layer (RMU), its rows of that layer's output.
 
-        With ``train.answer_only_logits`` (default) the LM head runs once, only on the positions whose next token
-        is an answer token (:class:`palu_ds.batch.PackedLogits`): prompt and padding never form V-wide logits."""
+        With ``train.padding_free`` (default) the rows run end to end without padding (palu_ds.packing); the outputs
+        come back in the padded layout. With ``train.answer_only_logits`` (default) the LM head runs once, only on
+        the positions whose next token is an answer token (:class:`palu_ds.batch.PackedLogits`): prompt and padding
+        never form V-wide logits."""
         names = list(micro)
         width = max(micro[n]["input_ids"].shape[1] for n in names)
         pad = self.tokenizer.pad_token_id
@@ -432,14 +445,19 @@ class Trainer:
 
         ids = torch.cat([widen(micro[n]["input_ids"], pad) for n in names]).to(self.device)
         mask = torch.cat([widen(micro[n]["attention_mask"], 0) for n in names]).to(self.device)
+        rows = packing.RowPacking(mask) if self.padding_free else None
+        inputs = rows.inputs(ids) if rows else {"input_ids": ids, "attention_mask": mask}
+        unpack = rows.unpack if rows else (lambda t: t)
         # bf16: one autocast region over the model (DeepSpeed's own nests in it) and the answer-only head,
         # so the tied head weight is cast once per forward; the loss terms run outside it, in fp32
         with torch.autocast(self.device.type, self.autocast) if self.autocast else nullcontext():
-            return self._packed_logits(micro, ids, mask) if self.answer_only else self._dense_logits(micro, ids, mask)
-
-    def _dense_logits(self, micro: dict[str, dict], ids, mask) -> dict:
-        """[B, T, V] logits of each batch (its rows of the concatenated forward, cut to its own width)."""
-        return self._split_rows(self.engine(input_ids=ids, attention_mask=mask).logits, micro)
+            if self.answer_only:
+                logits = self._packed_logits(micro, unpack(self.engine(**inputs, output_hidden_states=True,
+                                                                       logits_to_keep=1).hidden_states[-1]))
+            else:  # [B, T, V] logits of each batch (its rows of the concatenated forward, cut to its own width)
+                logits = self._split_rows(unpack(self.engine(**inputs).logits), micro)
+        hidden = self._split_rows(unpack(self.capture.output), micro) if self.capture is not None else {}
+        return logits, hidden
 
     @staticmethod
     def _split_rows(joint: torch.Tensor, micro: dict[str, dict]) -> dict:
@@ -451,10 +469,9 @@ class Trainer:
             row += rows
         return out
 
-    def _packed_logits(self, micro: dict[str, dict], ids, mask) -> dict:
-        """Each batch's logits at its answer positions only (dense head) or their hidden rows (chunked head)."""
-        hidden = self.engine(input_ids=ids, attention_mask=mask, output_hidden_states=True,
-                             logits_to_keep=1).hidden_states[-1]
+    def _packed_logits(self, micro: dict[str, dict], hidden: torch.Tensor) -> dict:
+        """Each batch's logits at its answer positions only (dense head) or their hidden rows (chunked head), from
+        the final hidden states [B_all, T, D] of the concatenated forward."""
         answers, rows, row = {}, [], 0
         for n, b in micro.items():
             size, width = b["input_ids"].shape
@@ -601,9 +618,10 @@ class Trainer:
     def summary(self) -> dict:
         """The run's record, written by rank 0 to ``<output_dir>/summary.json`` (atomically) and returned on every
         rank: steps, first/last scalars, the saved model, skipped steps, world size, peak memory per rank, the span
-        report, and the seconds and tokens of each step."""
+        report, whether the forward ran padding-free, and the seconds and tokens of each step."""
         data = {"steps": self.step, "first": self.first_scalars, "last": self.last_scalars,
                 "model": self.model_dir, "skipped_steps": self.skipped, "world_size": self.world,
+                "padding_free": self.padding_free,
                 "deepspeed_skipped_steps": self.ds_skipped,
                 "peak_memory_bytes_per_rank": self.peak_memory, "spans": self.span_info,
                 "config_changes": self.config_changes,

@@ -180,19 +180,22 @@ def test_real_model_throughput_fp32_modules_run_trains(tiny, tmp_path):
 
 
 def test_real_model_throughput_variant_runs_name_their_folders_and_variants(monkeypatch):
-    """The runs beside fp32 and bf16, per ranks: the dithered start on any ranks, each --fp32-modules set (and its
-    --bf16-operand runs) on 1 process only, each with its folder tag and its train() keywords."""
+    """The runs beside fp32 and bf16, per ranks: the dithered start and the padded rows (per precision) on any ranks,
+    each --fp32-modules set (and its --bf16-operand runs) on 1 process only, each with its folder tag and its train()
+    keywords."""
     from benchmarks.real_model_throughput import parse_args, variant_runs
 
     monkeypatch.setattr(sys, "argv", ["real_model_throughput", "--bf16-dither", "--fp32-modules", "*.mlp",
-                                      "--bf16-operand", "weight"])
+                                      "--bf16-operand", "weight", "--padded"])
     a = parse_args()
     one = variant_runs(a, "MODEL", 1)
     assert [(p, v, t, m) for p, v, t, m, _ in one] == [
         ("bf16", "dithered start", "bf16_dither", "MODEL"),
+        ("fp32", "padded rows", "fp32_padded", "MODEL"), ("bf16", "padded rows", "bf16_padded", "MODEL"),
         ("bf16", "fp32 modules: *.mlp", "bf16_fp32-modules-0", "MODEL"),
         ("bf16", "fp32 modules: *.mlp, weight rounded to bf16", "bf16_fp32-modules-0weight", "MODEL")]
     assert [kw for *_, kw in one] == [{"extra": ["train.bf16_dither=true"]},
+                                      {"extra": ["train.padding_free=false"]}, {"extra": ["train.padding_free=false"]},
                                       {"fp32_modules": "*.mlp", "rounded": None},
                                       {"fp32_modules": "*.mlp", "rounded": "weight"}]
-    assert [t for _, _, t, _, _ in variant_runs(a, "MODEL", 2)] == ["bf16_dither"]
+    assert [t for _, _, t, _, _ in variant_runs(a, "MODEL", 2)] == ["bf16_dither", "fp32_padded", "bf16_padded"]

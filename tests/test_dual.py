@@ -183,7 +183,7 @@ def _engine_worker(rank, world, port, out_dir, mode):
         t.engine, t.reference, t.dual = _Engine(), NoReference(), t._build_dual()
         t.streams = {"forget": _Stream([_batch(1.0, 1)] * 10),
                      "retain": _Stream([_batch(*m) for window in LOSSES[rank] for m in window])}
-        t._forward = lambda micro: {n: _logits(b, t.engine.w) for n, b in micro.items()}
+        t._forward = lambda micro: ({n: _logits(b, t.engine.w) for n, b in micro.items()}, {})  # (logits, hidden)
         steps = []
         for _ in LOSSES[rank]:
             s = t.train_step()
