@@ -119,13 +119,18 @@ def test_other_attention_implementations_are_left_alone():
 
 
 def test_enabling_changes_nothing_saved_and_nothing_padded(tmp_path):
-    """The saved config names no palu_ds attention; a padded forward (evaluation, generation) is sdpa's."""
+    """The saved config names no palu_ds attention; a padded forward and generation (the in-training evaluation) are
+    sdpa's, bit for bit."""
     model, plain = tiny("qwen2").eval(), tiny("qwen2").eval()
     packing.enable(model)
     ids, mask = batch()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits,
                                    plain(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+    left = torch.stack([torch.cat([torch.zeros(12 - n, dtype=torch.long), r[:n]]) for r, n in zip(ids, mask.sum(1))])
+    gen = dict(input_ids=left, attention_mask=(torch.arange(12) >= 12 - mask.sum(1)[:, None]).long(),
+               max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(**gen), plain.generate(**gen))
     model.save_pretrained(tmp_path)
     assert packing.VARLEN not in (tmp_path / "config.json").read_text()
     assert "attn_implementation" not in json.loads((tmp_path / "config.json").read_text())
