@@ -21,6 +21,8 @@ whose attention does not go through transformers' attention interface is refused
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 VARLEN = "palu_ds_varlen"
@@ -46,6 +48,11 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     itself only, token 4 to tokens 3 and 4 -- never to 0..2. Gradient: each segment's sdpa backward; the segments
     share no entries, so ∂out_b/∂(Q, K, V)_c = 0 for c ≠ b.
 
+    Under CPU autocast the segments are attended in fp32 (autocast would run them in bf16), the output cast to the
+    autocast dtype: torch's CPU flash-attention backward in bf16 ran ~3.5x slower than in fp32 on the project's AMX
+    box (one SmolLM2 forward + backward under autocast ran at 1.29x the tokens/s with the fp32 attention;
+    BENCHMARKS.md), and fp32 is the more precise of the two.
+
     Without ``cu_seq_lens_q`` it is ``sdpa_attention_forward`` with the model's mask (padded batches, generation).
     Sliding-window attention shorter than a row and additive position biases have no per-segment form here: refused.
     """
@@ -65,10 +72,16 @@ def varlen_attention(module, query, key, value, attention_mask, dropout: float =
     if query.shape[0] != 1 or sum(lengths) != query.shape[2]:
         raise ValueError(f"packed attention: cu_seq_lens_q covers {sum(lengths)} tokens of a [{query.shape[0]}, "
                          f"{query.shape[2]}] packed batch")
-    outs = [sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True,
-                                   **kwargs)[0]
-            for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2)) if q.shape[2]]
-    return torch.cat(outs, 1), None
+    cpu_autocast = query.device.type == "cpu" and torch.is_autocast_enabled("cpu")  # see the docstring
+    if cpu_autocast:
+        query, key, value = query.float(), key.float(), value.float()
+    with torch.autocast("cpu", enabled=False) if cpu_autocast else nullcontext():
+        outs = [sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True,
+                                       **kwargs)[0]
+                for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+                if q.shape[2]]
+    out = torch.cat(outs, 1)
+    return (out.to(torch.get_autocast_dtype("cpu")) if cpu_autocast else out), None
 
 
 def register() -> None:

@@ -158,3 +158,25 @@ def test_a_padding_free_run_trains_as_the_padded_run(tiny, target, tmp_path, met
     wa, wb = state(packed["model"]), state(padded["model"])
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5, rtol=1e-4) for k in wa)
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # not the same computation: the layout differs
+
+
+def test_under_cpu_autocast_the_packed_attention_runs_in_fp32():
+    """bf16 autocast: the packed forward's attention is computed in fp32 (its output cast back to bf16 for the next
+    product), so it is at least as close to the fp32 forward as the padded bf16 forward, whose attention is bf16."""
+    model = tiny("llama").eval()
+    packing.enable(model)
+    ids, mask = batch()
+    rows, keep = packing.RowPacking(mask), mask.bool()
+    seen = []
+    layer = model.model.layers[0].self_attn.o_proj
+    handle = layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    with torch.no_grad():
+        fp32 = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        with torch.autocast("cpu", torch.bfloat16):
+            padded = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            packed = rows.unpack(model(**rows.inputs(ids), output_hidden_states=True).hidden_states[-1])
+    handle.remove()
+    assert seen == [torch.float32, torch.bfloat16, torch.bfloat16]  # the attention output enters o_proj in bf16
+    err_packed = (packed[keep].float() - fp32[keep]).abs().max()
+    err_padded = (padded[keep].float() - fp32[keep]).abs().max()
+    assert err_packed < 0.05 * fp32[keep].abs().max() and err_packed <= 1.5 * err_padded
