@@ -12,15 +12,10 @@ import torch
 import transformers as tf
 
 from palu_ds import packing
+from test_lm_head import CONFIGS as HEAD_CONFIGS, SMALL, V
 
-V = 97
-SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
-CONFIGS = {
-    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
-    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
-    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": 16}),
-}
+CONFIGS = {"llama": HEAD_CONFIGS["llama"], "qwen2": HEAD_CONFIGS["qwen2"],
+           "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": 16})}
 
 
 def tiny(arch: str, attn: str = "sdpa"):
