@@ -318,8 +318,8 @@ def train(model: str, tofu: str, out: str, method: str, mode: str, ranks: int, d
 
 def variant_runs(a, model: str, ranks: int) -> list[tuple[str, str, str, str, dict]]:
     """The runs beside each method's fp32 and bf16 ones on ``ranks``: ``(precision, variant, folder tag, starting
-    model, train() keywords)`` for ``--rounded-start``, ``--bf16-dither``, ``--padded`` (each precision) and each ``--fp32-modules`` set (1 process;
-    with each ``--bf16-operand``)."""
+    model, train() keywords)`` for ``--rounded-start``, ``--bf16-dither``, ``--padded`` (each precision) and each
+    ``--fp32-modules`` set (1 process; with each ``--bf16-operand``)."""
     out = []
     if a.rounded_start:
         out.append(("fp32", "start rounded to bf16", "fp32_rounded_start",

@@ -544,7 +544,8 @@ def to_dict(cfg: RunConfig) -> dict:
 BOOKKEEPING = (
     "log.", "eval.",  # logging and experiment tracking, in-training evaluation
     "train.output_dir", "train.resume", "train.save_every", "train.keep_last", "train.timeout",
-    "train.max_nonfinite", "train.answer_only_logits", "train.padding_free", "train.head_path", "train.head_chunk_elems",
+    "train.max_nonfinite", "train.answer_only_logits", "train.padding_free", "train.head_path",
+    "train.head_chunk_elems",
     "reference.cache_dir",  # the cache's own key guards what it holds
     "model.gradient_checkpointing",
 )

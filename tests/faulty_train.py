@@ -7,6 +7,8 @@ setting): ``faulty_train.py FAULT --deepspeed ... --config ... [key=value ...]``
                             rank R only, else every rank): DeepSpeed's own overflow check skips the update
 * ``stop_rank=R[,stop_at=S]`` rank R SIGSTOPs itself before optimizer step S + 1 (default 3): a peer that hangs
 * ``crash_in_save_model=1``  every rank ends (status 17) when the final model is about to be written
+* ``mixed_attention=1``      the model's packed forward attends across rows (transformers' packed-sequence detection
+                            off, its sdpa kept): what a model outside transformers' attention interface would do
 """
 import os
 import signal
@@ -49,4 +51,11 @@ class Faults(Hooks):
 if __name__ == "__main__":
     # the first argument, after the --local_rank=N the deepspeed launcher puts before the script's own
     fault = sys.argv.pop(next(i for i, a in enumerate(sys.argv) if i and not a.startswith("--local_rank")))
+    if "mixed_attention" in fault:
+        import transformers.masking_utils
+
+        from palu_ds import packing
+
+        packing.enable = lambda model: True  # the model keeps sdpa ...
+        transformers.masking_utils.find_packed_sequence_indices = lambda position_ids: None  # ... blind to the rows
     run_main(main, "palu_ds unlearning with an injected fault (tests)", hooks=Faults(fault))

@@ -132,6 +132,21 @@ def test_enabling_changes_nothing_saved_and_nothing_padded(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_model_whose_packed_forward_mixes_rows_stops_the_run_before_training(tiny, target, tmp_path):
+    """The start-up check in the engine: a config error naming the model and the setting, exit 2, nothing written."""
+    from e2e import FAULTY, launch
+    from test_engine_e2e import unlearn_args
+
+    out = tmp_path / "run"
+    p = launch(FAULTY, ["mixed_attention=1", *unlearn_args(tiny, target, str(out), "grad_diff", 0)], nproc=1,
+               check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "config error: train.padding_free: Llama: packed rows give hidden states that differ" in p.stderr
+    assert "set train.padding_free: false" in p.stderr
+    assert not (out / "model").exists() and not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["palu", "rmu"])
 def test_a_padding_free_run_trains_as_the_padded_run(tiny, target, tmp_path, method):
     """One process, stage 0, 3 steps: every loss term of every step of the padding-free run (the default) equals the
