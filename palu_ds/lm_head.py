@@ -21,6 +21,8 @@ set ``train.answer_only_logits: false`` (the model then forms its own full logit
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -96,15 +98,41 @@ class HeadSpec:
         return logits
 
 
-def _config(model):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+def unwrap(model):
+    """The module inside a DeepSpeed engine; any other model as it is."""
+    return model.module if hasattr(model, "module") and hasattr(model, "backward") else model
+
+
+def base_config(model):
+    """The transformers config of ``model``, unwrapped from a DeepSpeed engine and a peft model (None without one)."""
+    module = unwrap(model)
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft
     return getattr(base, "config", None)
+
+
+@contextmanager
+def probe(model, shape: tuple[int, ...]):
+    """Token ids of ``shape`` spread over ``model``'s vocabulary, on its device, for a check forward (the start-up
+    self-checks: :func:`verify`, palu_ds.packing.verify): inside, the model is in eval mode with the RNG state forked,
+    so dropout cannot make two forwards differ and training is not perturbed; its mode is restored after."""
+    module = unwrap(model)
+    vocab = int(getattr(base_config(module), "vocab_size", 0) or output_head(module).weight.shape[0])
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    n = math.prod(shape)
+    ids = (torch.arange(n, device=device) * 7919 % max(1, vocab - 1) + 1).view(shape)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield ids
+    finally:
+        module.train(was_training)
 
 
 def head_spec(model) -> HeadSpec:
     """The :class:`HeadSpec` of a (possibly peft-wrapped) transformers causal LM; :class:`UnsupportedHead` for an
     architecture in :data:`REFUSED`."""
-    cfg = _config(model)
+    cfg = base_config(model)
     arch = getattr(cfg, "model_type", None) or type(model).__name__
     if arch in REFUSED:
         raise UnsupportedHead(f"architecture {arch!r} {REFUSED[arch]}: the answer-only LM head cannot reproduce its "
@@ -148,20 +176,10 @@ def verify(model, spec: HeadSpec | None = None, n_tokens: int = 8, atol: float =
     gathers inside).  Raises :class:`UnsupportedHead` naming the architecture on a mismatch.
     """
     spec = spec or head_spec(model)
-    module = model.module if hasattr(model, "module") and hasattr(model, "backward") else model  # DeepSpeed engine
-    cfg = _config(module)
-    vocab = int(getattr(cfg, "vocab_size", 0) or output_head(module).weight.shape[0])
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    ids = (torch.arange(n_tokens, device=device) * 7919 % max(1, vocab - 1) + 1)[None]
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
-            want = out.logits.float()
-            got = lm_logits(module, out.hidden_states[-1], spec).float()
-    finally:
-        module.train(was_training)
+    with probe(model, (1, n_tokens)) as ids:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+        want = out.logits.float()
+        got = lm_logits(unwrap(model), out.hidden_states[-1], spec).float()
     diff = (got - want).abs().max().item() if got.shape == want.shape else float("inf")
     if not (got.shape == want.shape and torch.allclose(got, want, atol=atol, rtol=rtol)):
         raise UnsupportedHead(f"architecture {spec.arch!r}: the answer-only LM head gives logits that differ from "

@@ -25,6 +25,8 @@ from contextlib import nullcontext
 
 import torch
 
+from palu_ds.lm_head import base_config, probe, unwrap
+
 VARLEN = "palu_ds_varlen"
 
 
@@ -93,15 +95,9 @@ def register() -> None:
     AttentionMaskInterface.register(VARLEN, sdpa_mask)
 
 
-def _config(model):
-    module = getattr(model, "module", model)  # a DeepSpeed engine
-    module = module.get_base_model() if hasattr(module, "get_base_model") else module  # peft
-    return module.config
-
-
 def attention_of(model) -> str | None:
     """The model's attention implementation (``config._attn_implementation``)."""
-    return getattr(_config(model), "_attn_implementation", None)
+    return getattr(base_config(model), "_attn_implementation", None)
 
 
 def enable(model) -> bool:
@@ -115,7 +111,7 @@ def enable(model) -> bool:
         register()
     except ImportError:
         return False
-    _config(model)._attn_implementation = VARLEN
+    base_config(model)._attn_implementation = VARLEN
     return True
 
 
@@ -132,12 +128,13 @@ class RowPacking:
         if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device) < lengths[:, None]):
             raise ValueError("padding-free forward: every row must be right-padded (its real tokens first, then "
                              "padding only)")
-        self.mask, self.lengths = mask, lengths
-        self.cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        self.mask = mask
+        # the boundaries live on the host (one copy per batch): every layer's attention reads them without a sync
+        self.cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to("cpu", torch.int32)
 
     def inputs(self, input_ids: torch.Tensor) -> dict:
         """Keyword arguments of the packed forward of ``input_ids`` [B, T]."""
-        longest = int(self.lengths.max())
+        longest = int((self.cu[1:] - self.cu[:-1]).max())
         positions = torch.arange(self.mask.shape[1], device=input_ids.device).expand_as(self.mask)[self.mask]
         return {"input_ids": input_ids[self.mask][None], "position_ids": positions[None], "use_cache": False,
                 "cu_seq_lens_q": self.cu, "cu_seq_lens_k": self.cu, "max_length_q": longest, "max_length_k": longest}
@@ -152,24 +149,16 @@ def verify(model, atol: float = 1e-4, rtol: float = 1e-3) -> float:
     """Check the packed forward of two rows (7 and 4 tokens) against the padded one; returns the max abs difference
     of the last hidden states. In eval mode with the RNG state restored, no gradient: training is not perturbed.
     Every rank must call it (ZeRO-3 gathers inside). Raises :class:`PackingUnsupported` naming the model."""
-    module = getattr(model, "module", model) if hasattr(model, "backward") else model  # a DeepSpeed engine
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    vocab = int(getattr(_config(module), "vocab_size", 0) or 2)
-    ids = (torch.arange(14, device=device).view(2, 7) * 7919 % max(1, vocab - 1) + 1)
-    mask = torch.ones_like(ids)
-    mask[1, 4:] = 0
-    packing = RowPacking(mask)
-    name = type(_config(module)).__name__.removesuffix("Config") or type(module).__name__
-    was_training = module.training
-    module.eval()
+    name = type(base_config(model)).__name__.removesuffix("Config") or type(unwrap(model)).__name__
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with probe(model, (2, 7)) as ids, torch.no_grad():
+            mask = torch.ones_like(ids)
+            mask[1, 4:] = 0
+            packing = RowPacking(mask)
             want = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
             got = packing.unpack(model(**packing.inputs(ids), output_hidden_states=True).hidden_states[-1])
     except (TypeError, ValueError) as e:
         raise PackingUnsupported(f"{name}: the model's forward does not take packed rows ({e}); {_what_to_do()}")
-    finally:
-        module.train(was_training)
     keep = mask.bool()
     diff = (got[keep].float() - want[keep].float()).abs().max().item()
     if not torch.allclose(got[keep].float(), want[keep].float(), atol=atol, rtol=rtol):
