@@ -114,10 +114,15 @@ SIDES = ("forget", "retain", "holdout")  # holdout: never trained on (does it ke
 DEV = "dev"  # development questions: asked only by --select (choosing the settings), never in the report
 
 
+def real_rows(name: str) -> list[dict]:
+    """The rows of ``REAL_DATA/<name>.jsonl``, as written there."""
+    with open(os.path.join(REAL_DATA, f"{name}.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def known_rows(results: dict, name: str) -> list[dict]:
     """The rows of ``name`` the model answered correctly (the training records, as written in REAL_DATA)."""
-    with open(os.path.join(REAL_DATA, f"{name}.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = real_rows(name)
     return [rows[rec["index"]] for rec in results[name]["records"] if rec["correct"]]
 
 
@@ -154,6 +159,11 @@ def report(before: dict, after: dict, kept: dict) -> tuple[str, dict]:
 
 REAL_CONFIG = "launch/configs/real_facts.yaml"
 TRAINED = ("forget", "retain")  # the training sets (the rows of each the base model knows)
+# A file of REAL_DATA whose every row joins the retain training set, known to the base model or not (true facts
+# taught as given: authors.jsonl, "who wrote / painted / composed X" of authors in no other file); None: the known
+# retain rows alone. A grid run may set it (EXTRA_RETAIN_KEY); make demo's is chosen by --select.
+EXTRA_RETAIN = None
+EXTRA_RETAIN_KEY = "extra_retain"
 
 
 def fetch_base(stages: Stages) -> str:
@@ -199,10 +209,21 @@ def base_answers(stages: Stages, args, out: str, sides) -> tuple[str, dict, dict
     return None if kept is None else (base, before, kept)
 
 
-def unlearn_overrides(base: str, out: str, run_dir: str, extra=()) -> list[str]:
-    """The config overrides of an unlearning run (or its precompute) on the training sets of ``out``."""
+def retain_file(out: str, kept: dict, extra: str | None) -> str:
+    """The retain training set of ``out``: the retain rows the base model knows (written by :func:`training_data`),
+    plus every row of ``REAL_DATA/<extra>.jsonl`` when ``extra`` is set (written here, beside them)."""
+    if extra is None:
+        return f"{out}/data/retain.jsonl"
+    path = f"{out}/data/retain+{extra}.jsonl"
+    write_jsonl(path, kept["retain"] + real_rows(extra))
+    return path
+
+
+def unlearn_overrides(base: str, out: str, run_dir: str, extra=(), retain: str | None = None) -> list[str]:
+    """The config overrides of an unlearning run (or its precompute) on the training sets of ``out`` (``retain``: the
+    retain set's file, :func:`retain_file`; default the known retain rows)."""
     return [f"model.path={base}", f"data.forget.source={out}/data/forget.jsonl",
-            f"data.retain.source={out}/data/retain.jsonl", f"train.output_dir={run_dir}", *extra]
+            f"data.retain.source={retain or f'{out}/data/retain.jsonl'}", f"train.output_dir={run_dir}", *extra]
 
 
 def real_demo(args) -> int:
@@ -213,7 +234,8 @@ def real_demo(args) -> int:
     if start is None:
         return 1
     base, before, kept = start
-    overrides = unlearn_overrides(base, out, f"{out}/palu", ["train.resume=never"])
+    overrides = unlearn_overrides(base, out, f"{out}/palu", ["train.resume=never"],
+                                  retain_file(out, kept, EXTRA_RETAIN))
     shutil.rmtree(os.path.join(out, "palu", "reference_cache"), ignore_errors=True)  # another run's cache
     run(stages, "precompute reference (2 ranks)", deepspeed("launch/precompute.py", args.ds, REAL_CONFIG, overrides,
                                                              args.port))
@@ -231,8 +253,9 @@ def real_demo(args) -> int:
 # --select: the demo's settings chosen on the development questions (BENCHMARKS.md, "Choosing the demo's settings on
 # development questions", written before any selection run). A grid file (launch/demo_grids/round*.yaml, one
 # per round) lists its runs, each a set of config overrides on REAL_CONFIG, and the step counts each run is scored
-# after (a later count extends the same run from its checkpoint: the lr schedule is constant).
-GRID = "launch/demo_grids/round2.yaml"  # the latest round's grid (--grid)
+# after (a later count extends the same run from its checkpoint: the lr schedule is constant). A run may also set
+# EXTRA_RETAIN_KEY (a file of REAL_DATA joining the retain training set), the one setting that is not a config key.
+GRID = "launch/demo_grids/round3.yaml"  # the latest round's grid (--grid)
 KEEP = 0.9  # retain kept share a point needs to be eligible (and the goal's share for retain and holdout)
 SELECTED = (*TRAINED, DEV)  # what --select asks: the holdout is never asked there
 
@@ -257,6 +280,11 @@ def load_grid(path: str) -> tuple[list[dict], list[int]]:
         if not isinstance(r, dict) or not r:
             raise ConfigError(f"{path}: runs[{i}] must be a mapping of dotted config keys to values; got {r!r}")
         for k, v in r.items():
+            if k == EXTRA_RETAIN_KEY:
+                if v in (*SIDES, DEV) or not os.path.isfile(os.path.join(REAL_DATA, f"{v}.jsonl")):
+                    raise ConfigError(f"{path}: runs[{i}].{k} = {v!r} must name a file of {REAL_DATA} (without "
+                                      f".jsonl) other than {', '.join((*SIDES, DEV))}")
+                continue
             if k == "train.max_steps":
                 raise ConfigError(f"{path}: runs[{i}] sets train.max_steps; step counts go in steps:")
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -272,13 +300,18 @@ def load_grid(path: str) -> tuple[list[dict], list[int]]:
 
 
 def as_overrides(settings: dict) -> list[str]:
-    """A grid point's settings as config overrides: ``{"train.lr": 5e-5}`` -> ``["train.lr=5e-05"]``."""
-    return [f"{k}={v}" for k, v in settings.items()]
+    """A grid point's settings as config overrides: ``{"train.lr": 5e-5}`` -> ``["train.lr=5e-05"]`` (its
+    EXTRA_RETAIN_KEY is not a config key: :func:`retain_file` reads it)."""
+    return [f"{k}={v}" for k, v in settings.items() if k != EXTRA_RETAIN_KEY]
+
+
+def _value(v) -> str:
+    return v if isinstance(v, str) else f"{v:g}"
 
 
 def point_name(settings: dict) -> str:
     """A point's folder / stage name: ``{"train.lr": 5e-5, "train.max_steps": 5}`` -> ``"lr5e-05_max_steps5"``."""
-    return "_".join(f"{k.rsplit('.', 1)[-1]}{v:g}" for k, v in settings.items())
+    return "_".join(f"{k.rsplit('.', 1)[-1]}{_value(v)}" for k, v in settings.items())
 
 
 def score_point(settings: dict, order: int, before: dict, after: dict, kept: dict) -> dict:
@@ -318,7 +351,7 @@ def choose(points: list[dict], keep: float = KEEP) -> dict:
 
 def selection_markdown(points: list[dict], choice: dict, not_run: list[dict]) -> str:
     """The grid's table (shares of the known questions still stated; never the development questions themselves)."""
-    keys = list(points[0]["settings"]) if points else []
+    keys = list(dict.fromkeys(k for p in points for k in p["settings"]))  # a key some runs leave out: "-"
     n = points[0]["questions"] if points else {}
     lines = ["# make demo: settings chosen on the development questions (launch/demo.py --select)", "",
              f"Rule (BENCHMARKS.md): {choice['reason']}.", "",
@@ -327,7 +360,7 @@ def selection_markdown(points: list[dict], choice: dict, not_run: list[dict]) ->
              "|" + "---|" * (len(keys) + 6)]
     for p in points:
         mark = "**chosen**" if p is choice["point"] else ""
-        lines.append("| " + " | ".join(f"{p['settings'][k]:g}" for k in keys) + f" | {p['forget']:.0%} | "
+        lines.append("| " + " | ".join(_value(p["settings"].get(k, "-")) for k in keys) + f" | {p['forget']:.0%} | "
                      f"{p['retain']:.0%} | {p[DEV]:.0%} | {p['dev_prob']:.3f} | {p.get('seconds', 0):.0f} | {mark} |")
     if not_run:
         lines += ["", "Not run (budget): " + ", ".join(point_name(s) for s in not_run)]
@@ -354,9 +387,10 @@ def select_settings(args) -> int:
         run_name = point_name(grid_run)
         run_dir = f"{out}/grid/{run_name}"
         cache = [f"reference.cache_dir={run_dir}/reference_cache"]  # the run's own: a grid may change K or N
+        retain = retain_file(out, kept, grid_run.get(EXTRA_RETAIN_KEY))
         run(stages, f"precompute {run_name} (2 ranks)", deepspeed("launch/precompute.py", args.ds, REAL_CONFIG,
-            unlearn_overrides(base, out, f"{run_dir}/precompute", [*cache, *as_overrides(grid_run)]), args.port),
-            done=f"{run_dir}/reference_cache/manifest.json")
+            unlearn_overrides(base, out, f"{run_dir}/precompute", [*cache, *as_overrides(grid_run)], retain),
+            args.port), done=f"{run_dir}/reference_cache/manifest.json")
         for j, steps in enumerate(steps_of):
             settings = {**grid_run, "train.max_steps": steps}
             name = point_name(settings)
@@ -367,7 +401,8 @@ def select_settings(args) -> int:
             if j == 0 and not os.path.exists(answers):  # a fresh run: no checkpoint of an earlier one to extend
                 shutil.rmtree(f"{run_dir}/checkpoints", ignore_errors=True)
             run(stages, train, deepspeed("launch/train.py", args.ds, REAL_CONFIG,
-                                         unlearn_overrides(base, out, run_dir, extra), args.port), done=answers)
+                                         unlearn_overrides(base, out, run_dir, extra, retain), args.port),
+                done=answers)
             after = ask(stages, args, out, f"ask {name} (2 ranks)", f"{run_dir}/model", name, SELECTED)
             point = score_point(settings, i * len(steps_of) + j, before, after, kept)
             point["seconds"] = stages.seconds.get(train, 0) + stages.seconds.get(f"ask {name} (2 ranks)", 0)

@@ -35,7 +35,7 @@ def test_bad_rows_are_named(tmp_path):
 
 def test_shipped_facts_are_valid_and_labelled():
     """Every shipped row loads, its key names its own answer, and its label is the key's first alternative."""
-    for name in (*demo.SIDES, demo.DEV):
+    for name in (*demo.SIDES, demo.DEV, "authors"):
         rows = load_rows(os.path.join(demo.REAL_DATA, f"{name}.jsonl"))
         assert rows
         for r in rows:
@@ -54,6 +54,24 @@ def test_dev_questions_are_apart_from_the_reported_ones():
     for d in dev:
         for r in reported:
             assert not names_key(r["answer"], d["key"]) and not names_key(d["answer"], r["key"]), (d["key"], r["key"])
+
+
+def test_extra_retain_rows_are_apart_from_every_scored_question(tmp_path):
+    """authors.jsonl (a grid run's extra_retain, taught as given) names no forget, retain, holdout or development fact
+    and asks none of their questions; its rows join the known retain rows in the retain training file."""
+    extra = load_rows(os.path.join(demo.REAL_DATA, "authors.jsonl"))
+    scored = [r for name in (*demo.SIDES, demo.DEV) for r in load_rows(os.path.join(demo.REAL_DATA, f"{name}.jsonl"))]
+    assert len({r["question"] for r in extra}) == len(extra) >= 30
+    for e in extra:
+        for r in scored:
+            assert e["question"] != r["question"]
+            assert not names_key(r["answer"], e["key"]) and not names_key(e["answer"], r["key"]), (e["key"], r["key"])
+    kept = {"retain": demo.real_rows("retain")[:2]}
+    assert demo.retain_file(str(tmp_path), kept, None) == f"{tmp_path}/data/retain.jsonl"
+    path = demo.retain_file(str(tmp_path), kept, "authors")
+    with open(path) as f:
+        assert [json.loads(line) for line in f] == kept["retain"] + demo.real_rows("authors")
+    assert f"data.retain.source={path}" in demo.unlearn_overrides("b", str(tmp_path), "r", retain=path)
 
 
 def test_check_rows_on_a_model(tiny):
@@ -139,6 +157,10 @@ def test_selection_scores_known_questions_and_names_points():
     assert demo.point_name(settings) == "lr5e-05_alpha10_max_steps5"
     text = demo.selection_markdown([p], demo.choose([p]), [])
     assert "**chosen**" in text and "| 67% |" in text
+    wider = {**p, "settings": {demo.EXTRA_RETAIN_KEY: "authors", **settings}, "order": 1}
+    text = demo.selection_markdown([p, wider], demo.choose([p, wider]), [])
+    assert "| 5e-05 | 10 | 5 | - |" in text and "| 5e-05 | 10 | 5 | authors |" in text  # a run without the key: -
+    assert demo.point_name(wider["settings"]) == "extra_retainauthors_lr5e-05_alpha10_max_steps5"
     assert not any(r["question"] in text for r in load_rows(os.path.join(demo.REAL_DATA, f"{demo.DEV}.jsonl")))
 
 
@@ -153,7 +175,7 @@ def test_shipped_grids_load_and_every_point_is_a_valid_config():
         runs, steps = demo.load_grid(path)
         assert runs and steps == sorted(steps)
         for grid_run in runs:
-            cfg = load_config(os.path.join(ROOT, demo.REAL_CONFIG), [f"{k}={v}" for k, v in grid_run.items()])
+            cfg = load_config(os.path.join(ROOT, demo.REAL_CONFIG), demo.as_overrides(grid_run))
             assert cfg.train.lr == grid_run["train.lr"]
             assert cfg.method.params["alpha"] == grid_run["method.params.alpha"]
 
@@ -167,6 +189,8 @@ def test_shipped_grids_load_and_every_point_is_a_valid_config():
     ("steps: [5]\nruns: [{train.lrr: 1.0e-5}]\n", r"runs\[0\] is not a valid run on .*lrr"),
     ("steps: [5]\nruns: [{method.params.K: 0}]\n", r"runs\[0\] is not a valid run on .*K"),
     ("steps: [5]\nrun: [{train.lr: 1.0e-5}]\n", "unknown key.*run;"),
+    ("steps: [5]\nruns: [{extra_retain: nothing}]\n", r"runs\[0\].extra_retain = 'nothing' must name a file of"),
+    ("steps: [5]\nruns: [{extra_retain: holdout}]\n", r"runs\[0\].extra_retain = 'holdout' must name a file .*other than"),
 ])
 def test_a_bad_grid_file_is_refused_naming_the_file_and_run(tmp_path, text, message):
     from palu_ds.config import ConfigError
