@@ -1,6 +1,6 @@
 """The TOFU benchmark (benchmarks/tofu/): its pure parts -- the presets, the data of both kinds (author ranges with
 perturbed answers; TOFU's own split and the development authors), the runs derived from the registry (a method added
-in a test runs through the mini preset's specs), the learning-rate rule and the sweep's wiring, tables, goal, report.
+in a test runs through the mini preset's specs), tables, cost, report.
 No training here (the benchmark itself is the end-to-end run)."""
 import json
 
@@ -10,7 +10,6 @@ from benchmarks.tofu import data as M
 from benchmarks.tofu import pipeline as P
 from benchmarks.tofu import report as R
 from benchmarks.tofu import specs as S
-from benchmarks.tofu import sweep as W
 from benchmarks.tofu.preset import load
 
 
@@ -186,34 +185,25 @@ def tofu(tmp_path):
 
 def test_build_tofu_splits_and_bad_input(tofu):
     full = _rows(30)
-    d = M.build_tofu(tofu, "forget01", retain_authors=3, utility_rows=4, dev_authors=(26, 27))
+    d = M.build_tofu(tofu, "forget01", retain_authors=3, utility_rows=4, extra_authors=(26, 27))
     f, info = d["files"], d["info"]
     assert f["target"] == full[:60] + full[520:560] + full[-40:] and f["retain"] == full[:60]
     assert f["forget01"] == full[-40:] and len(f["retain_perturbed"]) == 4 and len(f["world_facts_perturbed"]) == 4
     assert (info["forget_split"], info["retain_split"], info["target_split"]) == ("forget01", "retain", "target")
-    assert info["forget_authors"] == [28, 29] and info["retain_authors"] == 3
+    assert info["forget_authors"] == [28, 29] and info["retain_authors"] == 3 and info["extra_authors"] == [26, 27]
     assert len(M.build_tofu(tofu, "forget01", None, None)["files"]["retain"]) == 28 * 20  # every other author
     with pytest.raises(ValueError, match="must be 1..20"):
         M.build_tofu(tofu, "forget01", retain_authors=21, utility_rows=None)
+    for extra in ((27, 28), (2, 3)):  # an author of forget or retain cannot be an extra one
+        with pytest.raises(ValueError, match="extra_authors .* overlap the retain authors 0..2 or the forget authors 28"):
+            M.build_tofu(tofu, "forget01", retain_authors=3, utility_rows=4, extra_authors=extra)
+    with pytest.raises(ValueError, match="extra_authors needs data.retain_authors"):
+        M.build_tofu(tofu, "forget01", retain_authors=None, utility_rows=4, extra_authors=(26,))
     with pytest.raises(FileNotFoundError, match="missing forget05.jsonl"):
         M.build_tofu(tofu, "forget05", retain_authors=2, utility_rows=None)
     _write(tofu, "forget01", full[:40])
     with pytest.raises(ValueError, match="not the last 40 rows"):
         M.build_tofu(tofu, "forget01", retain_authors=2, utility_rows=None)
-
-
-def test_dev_data_holds_the_development_authors_with_tofus_perturbed_answers(tofu):
-    full = _rows(30)
-    main = M.build_tofu(tofu, "forget01", retain_authors=3, utility_rows=4, dev_authors=(26, 27))
-    f = M.build_dev(tofu, main)["files"]
-    assert f["forget01"] == full[520:560] and "target" not in f  # the sweep unlearns from the reported target
-    assert f["forget01_perturbed"][0]["paraphrased_answer"] == "A26.0. (para)"
-    assert f["retain"] == main["files"]["retain"] and main["files"]["forget01"] == full[-40:]
-    with pytest.raises(ValueError, match="overlap the retain authors 0..2 or the forget authors 28..29"):
-        M.build_tofu(tofu, "forget01", retain_authors=3, utility_rows=4, dev_authors=(27, 28))
-    bad = M.build_tofu(tofu, "forget01", retain_authors=3, utility_rows=4, dev_authors=(20, 21))
-    with pytest.raises(ValueError, match=r"no perturbed answers for rows \[400"):
-        M.build_dev(tofu, bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,7 +218,7 @@ def test_presets_load_and_bad_presets_are_named(tmp_path):
     for text, msg in (("data: {tofu: d, sizee: 3}\nmodel: {tiny: {layers: 1}}", "unknown key data.sizee"),
                       ("model: {tiny: {layers: 1}}", "data.tofu is not set"),
                       ("data: {tofu: d}\nmodel: {tiny: {layers: 1}, fetch: smollm2}", "exactly one of path, fetch, tiny"),
-                      ("data: {tofu: d}\nmodel: {tiny: {layers: 1}}\nlr: {choice: sweep}", "needs lr.sweep.dev_authors"),
+                      ("data: {tofu: d}\nmodel: {tiny: {layers: 1}}\nlr: {choice: sweep}", "lr.choice must be one of"),
                       ("data: {tofu: d, perturbed: both}\nmodel: {tiny: {layers: 1}}", "data.perturbed must be one of"),
                       ("data: [", "bad.yaml")):
         bad.write_text(text)
@@ -291,64 +281,6 @@ def test_a_method_added_to_the_registry_runs_through_the_mini_preset(monkeypatch
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the learning-rate rule and the sweep
-# ---------------------------------------------------------------------------------------------------------------
-def test_choose_lr_rule_and_grid():
-    def m(fq, mu):
-        return {"forget_quality": fq, "model_utility": mu}
-
-    assert W.grid(2e-4, (0.1, 0.3, 1.0)) == [2e-5, 6e-5, 2e-4]
-    r = W.choose_lr({1e-5: {"a": m(0.01, 1.0)}, 3e-5: {"a": m(0.2, 0.95)}, 1e-4: {"a": m(0.9, 0.5)}}, 1.0)
-    assert r["lr"] == 3e-5 and "at utility >= 0.9x" in r["reason"]
-    r = W.choose_lr({1: {"a": m(0.1, 0.9), "b": m(0.4, 1.0)}, 2: {"a": m(0.2, 1.0), "b": m(0.2, 1.0)}}, 1.0)
-    assert r["scores"][1]["fq_gmean"] == pytest.approx(0.2) and r["lr"] == 2  # tie: the higher utility
-    r = W.choose_lr({1: {"a": m(0.5, 0.3)}, 2: {"a": m(0.9, 0.2)}}, 1.0)
-    assert r["lr"] == 1 and "highest utility" in r["reason"]
-    assert W.choose_lr({1: {"a": m(0.0, 1.0)}}, 1.0)["scores"][1]["fq_gmean"] > 0
-    with pytest.raises(ValueError, match="development target's utility"):
-        W.choose_lr({1: {"a": m(0.5, 1.0)}}, 0.0)
-
-
-def test_sweep_unlearns_the_reported_target_and_compares_with_its_utility(tofu, tmp_path):
-    """The sweep's wiring, with a recording stand-in for the commands: the retain model and the target are scored on
-    the development forget part only, every representative at every lr starts from the reported target, utility is
-    relative to the reported target's."""
-    preset = load("real", ["lr.sweep.dev_authors=[26, 27]", "data.retain_authors=3"], data=str(tofu))
-    data = M.build(preset["data"], tofu, 0, (26, 27))
-    target = tmp_path / "models" / "target-abc" / "model"
-    lr_fq, lr_mu = {2e-5: 0.01, 6e-5: 0.2, 2e-4: 0.9}, {2e-5: 0.5, 6e-5: 0.46, 2e-4: 0.2}
-    calls = []
-
-    class FakeRun:
-        out, p = tmp_path / "out", preset
-
-        def evaluate(self, stage, model, folder, name, parts=None):
-            calls.append(("eval", stage, model, parts))
-            assert (folder / "data" / "forget01.jsonl").read_text().count("\n") == 40
-            if stage in ("sweep_eval_retain", "sweep_eval_target"):
-                return {"forget_quality": 1e-4}
-            lr = float(stage.rsplit("_lr", 1)[1])
-            return {"forget_quality": lr_fq[lr], "model_utility": lr_mu[lr]}
-
-        def unlearn(self, stage, spec, model, data_dir, run_dir, lr):
-            calls.append(("unlearn", stage, model, spec["method"]))
-            return True
-
-    sweep = P.stage_sweep(FakeRun(), tofu, data, {"target": target, "retain": tmp_path / "r"},
-                          {"model_utility": 0.5}, S.run_specs(preset, 100))
-    evals = {c[1]: c for c in calls if c[0] == "eval"}
-    assert evals["sweep_eval_retain"][3] == evals["sweep_eval_target"][3] == ["forget"]
-    unlearns = [c for c in calls if c[0] == "unlearn"]
-    assert len(unlearns) == 9 and all(c[2] == target for c in unlearns)
-    assert sweep["target"] == {"forget_quality": 1e-4, "model_utility": 0.5}
-    nll = sweep["families"]["nll"]
-    assert nll["runs"]["6e-05"]["grad_diff"]["mu_rel"] == pytest.approx(0.92)
-    assert nll["choice"]["lr"] == 6e-5  # 2e-4 forgets most but keeps 0.4x; 6e-5 is the best at >= 0.9x
-    assert json.loads((tmp_path / "out" / "dev" / "sweep.json").read_text())["families"]["nll"]["choice"]["lr"] == 6e-5
-    assert "nll: grad_diff lr 6e-05 (chosen)" in W.sweep_markdown(sweep)
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------------------------
 def _results():
@@ -360,22 +292,17 @@ def _results():
     return r
 
 
-def test_goal_check_and_cost():
-    r, goal = _results(), load("real")["goal"]
+def test_relative_utility_and_cost():
+    r = _results()
     assert r["palu"]["mu_rel"] == pytest.approx(0.95) and r["target"]["mu_rel"] == 1.0
-    g = R.goal_check(r, goal)
-    assert g["best_baseline"] == "npo" and g["ratio"] == pytest.approx(25) and g["met"] is True
-    r["palu_detector"] = {"forget_quality": 0.1}
-    assert R.goal_check(r, goal)["compare"]["palu_detector vs palu"] == {"ratio": pytest.approx(0.2), "met": False}
     r["palu"]["model_utility"] = 0.7
     R.add_relative(r)
-    assert R.goal_check(r, goal)["met"] is False  # 0.875x the target's utility
+    assert r["palu"]["mu_rel"] == pytest.approx(0.875)
     specs = {"palu": {"group": "method"}, "npo": {"group": "method"}, "palu_K1": {"group": "ablation"}}
-    secs = {"sft_target": 300, "sft_retain": 240, "sweep_eval_target": 360, "unlearn_sweep_npo_lr2e-05": 180,
-            "eval_retain": 150, "eval_base": 150, "unlearn_palu": 200, "eval_palu": 130, "unlearn_npo": 190,
+    secs = {"sft_target": 300, "sft_retain": 240, "precompute_ref-forget": 540, "eval_retain": 150, "eval_base": 150, "unlearn_palu": 200, "eval_palu": 130, "unlearn_npo": 190,
             "eval_npo": 140, "unlearn_palu_K1": 210, "eval_palu_K1": 120, "position NLL": 240}
     cost = R.cost_by_part(secs, specs)
-    assert cost == {"SFT": 9.0, "development sweep": 9.0, "base, retain, target evaluation": 5.0, "methods": 11.0,
+    assert cost == {"SFT": 9.0, "references": 9.0, "base, retain, target evaluation": 5.0, "methods": 11.0,
                     "ablations": 5.5, "position NLL": 4.0, "total": 43.5}
 
 
@@ -383,14 +310,13 @@ def test_markdown_and_png(tmp_path):
     preset = load("mini")
     r = _results()
     specs = S.run_specs(preset, 2048)
-    report = {"results": r, "specs": specs, "preset": preset, "goal": R.goal_check(r, preset["goal"]),
-              "family_lr": preset["lr"]["table"], "default_lr": 3e-3, "max_new_tokens": 40, "wall_seconds": 600.0,
+    report = {"results": r, "specs": specs, "preset": preset, "family_lr": preset["lr"]["table"], "default_lr": 3e-3, "max_new_tokens": 40, "wall_seconds": 600.0,
               "failed": {"palu_K1": "training failed"}, "stage_seconds": {"sft_target": 60}, "stage_status": {},
               "data": {"forget_authors": [36, 37, 38, 39], "forget_split": "forget10", "retain_authors": [0, 1]}}
     md = R.render_markdown(report)
     assert "| palu | 5.00e-01 |" in md and "| target | 1.00e-20 |" in md
     assert md.splitlines()[4].count("|") == len(R.columns(["forget", "retain"])) + 2
-    assert "ratio 25 (vs npo)" in md and "MET" in md and "FAILED palu_K1" in md and "palu N=3" in md
+    assert "FAILED palu_K1" in md and "palu N=3" in md
     assert "real_authors / world_facts are not run" in md and "0.001 (entropy, preference)" in md
     R.render_png(report, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000

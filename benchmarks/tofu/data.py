@@ -1,7 +1,6 @@
 """Stage 1, the data, from TOFU's files (pure functions), written as JSON lines: :func:`build_splits` (``kind:
-authors``), :func:`build_tofu` (``kind: tofu``) and :func:`build_dev` (the lr sweep's development authors) each return
-``{"files": {name: rows}, "info"}``, the info naming the ``forget_split``, the ``retain_split`` (the retain model's SFT
-rows) and the ``target_split`` (the target's)."""
+authors``) and :func:`build_tofu` (``kind: tofu``) each return ``{"files": {name: rows}, "info"}``, the info naming the
+``forget_split``, the ``retain_split`` (the retain model's SFT rows) and the ``target_split`` (the target's)."""
 
 from __future__ import annotations
 
@@ -255,21 +254,10 @@ def need(tofu: Path, names) -> None:
                                 "preset's data.tofu or --data names the folder)")
 
 
-def dev_row_ids(n_full: int, n_forget: int, retain_authors: int, dev_authors) -> list[int]:
-    """Row numbers in ``full.jsonl`` of the development authors; refuses authors the retain model or the forget set
-    holds (``n_full`` / ``n_forget``: rows of full and of the forget split)."""
-    forget_first = (n_full - n_forget) // ROWS_PER_AUTHOR
-    clash = [a for a in dev_authors if a < retain_authors or a >= forget_first]
-    if clash:
-        raise ValueError(f"development authors {list(dev_authors)} overlap the retain authors 0..{retain_authors - 1} "
-                         f"or the forget authors {forget_first}..{n_full // ROWS_PER_AUTHOR - 1} ({clash}): the "
-                         "sweep needs authors that neither the retain model nor the reported forget set holds")
-    return author_ids(dev_authors)
-
-
-def build_tofu(tofu: Path, split: str, retain_authors: int | None, utility_rows: int | None, dev_authors=()) -> dict:
+def build_tofu(tofu: Path, split: str, retain_authors: int | None, utility_rows: int | None, extra_authors=()) -> dict:
     """TOFU's ``split`` forgotten; retain = the first ``retain_authors`` authors (None: TOFU's whole retain split);
-    the target learns retain + ``dev_authors`` (for the sweep) + forget; utility rows spread evenly (None: all)."""
+    the target learns retain + ``extra_authors`` (e.g. development authors) + forget; utility rows spread evenly (None:
+    all)."""
     names = ["full", split, f"{split}_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed",
              "idontknow"]
     need(tofu, names)
@@ -282,21 +270,24 @@ def build_tofu(tofu: Path, split: str, retain_authors: int | None, utility_rows:
     if retain_authors is not None and not 1 <= retain_authors <= 20:
         raise ValueError(f"data.retain_authors must be 1..20 (TOFU's perturbed answers cover authors 0-19), "
                          f"got {retain_authors}")
-    if dev_authors and retain_authors is None:
-        raise ValueError("development authors need data.retain_authors: without it every author is in forget or "
-                         "retain")
+    if extra_authors and retain_authors is None:
+        raise ValueError("data.extra_authors needs data.retain_authors: without it every author is in forget or retain")
+    clash = [a for a in extra_authors if a < retain_authors or a >= first_forget]
+    if clash:
+        raise ValueError(f"data.extra_authors {list(extra_authors)} overlap the retain authors 0..{retain_authors - 1} "
+                         f"or the forget authors {first_forget}..{len(full) // ROWS_PER_AUTHOR - 1} ({clash})")
     retain = full[:ROWS_PER_AUTHOR * (first_forget if retain_authors is None else retain_authors)]
-    dev = [full[i] for i in dev_row_ids(len(full), len(forget), retain_authors, dev_authors)] if dev_authors else []
+    extra = [full[i] for i in author_ids(extra_authors)]
     if [(r["question"], r["answer"]) for r in forget_pert] != [(r["question"], r["answer"]) for r in forget]:
         raise ValueError(f"{tofu / (split + '_perturbed.jsonl')}: its rows are not those of {split}.jsonl")
     pert_index = tofu_perturbed_index(full, [retain_pert])
-    files = {"target": retain + dev + forget, "retain": retain, split: forget, f"{split}_perturbed": forget_pert,
+    files = {"target": retain + extra + forget, "retain": retain, split: forget, f"{split}_perturbed": forget_pert,
              "retain_perturbed": evenly([pert_index[i] for i in range(len(retain)) if i in pert_index], utility_rows),
              "real_authors_perturbed": evenly(real, utility_rows), "world_facts_perturbed": evenly(world, utility_rows),
              "idontknow": refusals}
     return with_rows(files, {"split": split, "forget_split": split, "retain_split": "retain", "target_split": "target",
                              "forget_authors": list(range(first_forget, first_forget + n_forget_authors)),
-                             "retain_authors": len(retain) // ROWS_PER_AUTHOR, "dev_authors": list(dev_authors)})
+                             "retain_authors": len(retain) // ROWS_PER_AUTHOR, "extra_authors": list(extra_authors)})
 
 
 def forget_files(full: list[dict], ids: list[int], split: str, sources: list[Path], what: str) -> dict:
@@ -314,21 +305,10 @@ def with_rows(files: dict, info: dict) -> dict:
     return {"files": files, "info": {**info, "rows": {k: len(v) for k, v in files.items()}}}
 
 
-def build_dev(tofu: Path, main: dict) -> dict:
-    """The development run's files: the reported run's (but the target's SFT rows: the target is shared), with the
-    development authors' rows and TOFU's perturbed answers under the forget split's names (read unchanged)."""
-    info, split = main["info"], main["info"]["forget_split"]
-    full = read_json_records(tofu / "full.jsonl")
-    ids = dev_row_ids(len(full), len(main["files"][split]), info["retain_authors"], info["dev_authors"])
-    dev = forget_files(full, ids, split, sorted(tofu.glob("forget*_perturbed.jsonl")),
-                       f"the development authors {info['dev_authors']}")
-    return with_rows({**{k: v for k, v in main["files"].items() if k != info["target_split"]}, **dev}, info)
-
-
-def build(cfg: dict, tofu: Path, seed: int, dev_authors=()) -> dict:
+def build(cfg: dict, tofu: Path, seed: int) -> dict:
     """The run's data from the preset's ``data`` section (``kind``: authors | tofu)."""
     if cfg["kind"] == "tofu":
-        return build_tofu(tofu, cfg["split"], cfg["retain_authors"], cfg["utility_rows"] or None, dev_authors)
+        return build_tofu(tofu, cfg["split"], cfg["retain_authors"], cfg["utility_rows"] or None, cfg["extra_authors"])
     need(tofu, ["full", "idontknow"])
     full = read_json_records(tofu / "full.jsonl")
     a, b = parse_authors(str(cfg["authors"]), len(full) // ROWS_PER_AUTHOR)

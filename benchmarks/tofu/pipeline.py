@@ -1,6 +1,6 @@
 """The stages, written once for every preset (numbers as in the package doc): data, models, evaluation of the
-retain model / base / target, the learning rates, each run's reference + unlearning + evaluation, the NLL by
-position kind, the report.  :class:`Run` assembles every command; :func:`main` parses the command line."""
+retain model / base / target, each run's reference + unlearning + evaluation at its family's lr, the NLL by position
+kind, the report.  :class:`Run` assembles every command; :func:`main` parses the command line."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ from palu_ds.stages import Stages
 
 from . import data as D
 from .preset import ROOT, load, repo_path
-from .report import add_relative, goal_check, render_markdown, render_png
+from .report import add_relative, render_markdown, render_png
 from .specs import batch_sources, reference_dir, run_lr, run_specs
-from .sweep import choose_lr, grid, sweep_markdown
 
 
 def read_json(path: Path) -> dict:
@@ -118,15 +117,15 @@ class Run:
         self.drop(run_dir / "checkpoints")
         return ok
 
-    def evaluate(self, stage: str, model: Path, folder: Path, name: str, parts=None) -> dict | None:
-        """TOFU evaluation (``parts``, default the preset's) of ``model`` on ``folder/data`` into
+    def evaluate(self, stage: str, model: Path, folder: Path, name: str) -> dict | None:
+        """TOFU evaluation (the preset's parts) of ``model`` on ``folder/data`` into
         ``folder/eval/<name>``, forget quality against ``folder/eval/retain`` (none for the retain model itself).  Its
         metrics, or None."""
         e, data, out = self.p["eval"], folder / "data", folder / "eval" / name
         retain_eval = None if name == "retain" else folder / "eval" / "retain"
         cmd = launcher_cmd("palu_eval/run.py", [
             "--model", str(model), "--suite", "tofu", "--split", self.info["forget_split"], "--data", str(data),
-            "--splits", ",".join(parts or e["parts"]), "--dtype", e["dtype"], "--max-new-tokens", str(self.max_new),
+            "--splits", ",".join(e["parts"]), "--dtype", e["dtype"], "--max-new-tokens", str(self.max_new),
             "--max-length", str(self.p["max_length"]), "--out", str(out), "--name", out.name,
             *(["--no-forget-quality"] if retain_eval is None else ["--retain-results", str(retain_eval)])],
             e["ranks"], self.args.port + 1, torchrun=True)
@@ -191,38 +190,6 @@ def stage_evaluate(run: Run, name: str, model: Path, results: dict, pair: str | 
         return False
     results[name] = m
     return True
-
-
-def stage_sweep(run: Run, tofu: Path, data: dict, models: dict, target_m: dict, specs: dict) -> dict | None:
-    """The learning-rate sweep (:mod:`.sweep`) on the development authors from the reported target, written to
-    ``OUT/dev/sweep.json``; None when a stage failed."""
-    cfg, out = run.p["lr"]["sweep"], run.out / "dev"
-    D.write_jsonl(out / "data", D.build_dev(tofu, data)["files"])
-    retain = run.evaluate("sweep_eval_retain", models["retain"], out, "retain", parts=["forget"])
-    dev_t = run.evaluate("sweep_eval_target", models["target"], out, "target", parts=["forget"])
-    if retain is None or dev_t is None:
-        return None
-    target = {**dev_t, "model_utility": target_m["model_utility"]}
-    families = {}
-    for fam, rep in cfg["representatives"].items():
-        if rep not in specs:
-            raise ValueError(f"lr.sweep.representatives: {fam}'s run {rep!r} is not among the runs {sorted(specs)}")
-        by_lr = {}
-        for lr in grid(run.p["sft"]["lr"], cfg["grid"]):
-            name = f"{rep}_lr{lr:g}"
-            if not run.unlearn(f"sweep_{name}", specs[rep], models["target"], out / "data", out / "unlearn" / name,
-                               lr):
-                return None
-            m = run.evaluate(f"sweep_eval_{name}", out / "unlearn" / name / "model", out, name)
-            if m is None:
-                return None
-            by_lr[lr] = {rep: {**m, "mu_rel": m["model_utility"] / target["model_utility"]}}
-        families[fam] = {"runs": {str(lr): r for lr, r in by_lr.items()},
-                         "choice": choose_lr(by_lr, target["model_utility"], cfg["utility_floor"])}
-    sweep = {"dev_authors": data["info"]["dev_authors"], "target": target, "families": families}
-    write_json(out / "sweep.json", sweep)
-    print(sweep_markdown(sweep), flush=True)
-    return sweep
 
 
 def stage_position_nll(run: Run, models: dict[str, Path], base: Path, labels: Path | None = None) -> dict:
@@ -309,9 +276,8 @@ def run_preset(args: argparse.Namespace, argv=None) -> int:
         from .protocol import protocol_data, run_protocol as stages
 
         data = protocol_data(preset)
-    else:  # the development authors of the lr sweep learned by the target too
-        stages, sweep = run_stages, (preset["lr"]["sweep"]["dev_authors"] if preset["lr"]["choice"] == "sweep" else ())
-        data = D.build(preset["data"], repo_path(preset["data"]["tofu"]), preset["seed"], sweep)
+    else:
+        stages, data = run_stages, D.build(preset["data"], repo_path(preset["data"]["tofu"]), preset["seed"])
     run = setup(preset, args, data, argv)
     return 1 if run is None else stages(run, data)
 
@@ -323,13 +289,8 @@ def run_stages(run: Run, data: dict) -> int:
              "target": models["target"]}
     for name, model in evals.items():
         if not stage_evaluate(run, name, model, results) and name in ("retain", "target"):
-            return 1  # every forget quality needs the retain model's; the sweep and mu_rel the target's
-    family_lr, sweep = (dict(preset["lr"]["table"]) if preset["lr"]["choice"] == "table" else {}), None
-    if preset["lr"]["choice"] == "sweep":
-        sweep = stage_sweep(run, repo_path(preset["data"]["tofu"]), data, models, results["target"], specs)
-        if sweep is None:
-            return 1
-        family_lr = {f: v["choice"]["lr"] for f, v in sweep["families"].items()}
+            return 1  # every forget quality needs the retain model's; mu_rel the target's
+    family_lr = dict(preset["lr"]["table"]) if preset["lr"]["choice"] == "table" else {}
     evals.update(stage_runs(run, specs, models, family_lr, results))
     add_relative(results)
     pos = stage_position_nll(run, {n: m for n, m in evals.items() if n in results}, base) \
@@ -337,8 +298,7 @@ def run_stages(run: Run, data: dict) -> int:
     return write_report(run, {
         "family_lr": family_lr, "default_lr": preset["lr"]["value"] or preset["sft"]["lr"],
         "unlearn_lr": {n: run_lr(s, preset, family_lr) for n, s in specs.items()},
-        "sft": {n: sft_summary(m) for n, m in models.items()}, "sweep": sweep, "results": results,
-        "goal": goal_check(results, preset["goal"]) if preset["goal"]["method"] else {}, "position_nll": pos})
+        "sft": {n: sft_summary(m) for n, m in models.items()}, "results": results, "position_nll": pos})
 
 
 def sft_summary(model: Path) -> dict:

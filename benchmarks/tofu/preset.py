@@ -15,29 +15,28 @@ from palu_ds.config import apply_overrides, read_yaml
 ROOT = Path(__file__).resolve().parents[2]
 #: keys with a fixed set of values
 CHOICES = {("data", "kind"): ("authors", "tofu"), ("data", "perturbed"): ("borrow", "tofu"),
-           ("lr", "choice"): ("rule", "table", "sweep")}
+           ("lr", "choice"): ("rule", "table")}
 PRESETS = Path(__file__).resolve().parent / "presets"
 #: sections whose keys are free (a recipe's train.* overrides, a table by method, run or family)
-OPEN = {"sft", "unlearn", "params", "runs", "table", "grid", "compare", "tiny", "scale_to_vocab", "representatives",
-        "pairs"}
+OPEN = {"sft", "unlearn", "params", "runs", "table", "grid", "tiny", "scale_to_vocab", "pairs"}
 DEFAULTS = {
     "title": "TOFU", "report": "tofu", "seed": 0,
-    # kind: authors = a range of TOFU authors (data.build_splits), tofu = TOFU's own forget split (data.build_tofu)
+    # kind: authors = a range of TOFU authors (data.build_splits), tofu = TOFU's own forget split (data.build_tofu);
+    # extra_authors (kind tofu): authors the target learns besides the retain authors and the split
     "data": {"tofu": None, "kind": "tofu", "split": "forget01", "retain_authors": 4, "utility_rows": None,
-             "authors": None, "forget": None, "perturbed": "borrow", "pretrain": None},
+             "extra_authors": [], "authors": None, "forget": None, "perturbed": "borrow", "pretrain": None},
     "model": {"path": None, "fetch": None, "tiny": None},  # a folder, a palu_ds.models.fetch name, or a tiny Llama
     "max_length": 256, "ranks": 1, "threads": None, "ds_config": "ds_configs/cpu/zero2.json",
     "configs": {"sft": "launch/configs/finetune.yaml", "unlearn": "launch/configs/tofu_real.yaml"},
     "sft": {}, "pretrain_epochs": 8, "unlearn": {},
     "methods": "all", "params": {}, "scale_to_vocab": {}, "runs": {},
     "ablations": {"method": None, "grid": {}},
-    # choice: rule (every run at lr.value, default the SFT lr) | table (lr.table by family) | sweep (development)
-    "lr": {"choice": "rule", "value": None, "table": {},
-           "sweep": {"dev_authors": [], "grid": [0.1, 0.3, 1.0], "representatives": {}, "utility_floor": 0.9}},
+    # choice: rule (every run at lr.value, default the SFT lr) | table (lr.table by family; choosing it on development
+    # authors is the efficacy protocol's grid below)
+    "lr": {"choice": "rule", "value": None, "table": {}},
     "spans": {"labels": None},
     "eval": {"parts": ["forget", "retain", "real_authors", "world_facts"], "ranks": 1, "dtype": "auto",
              "base": False, "position_nll": False, "max_new_tokens": None},
-    "goal": {"method": None, "baselines": [], "ratio": 10, "utility": 0.9, "compare": {}},
     "footnote": "",
     # the efficacy protocol (benchmarks/tofu/protocol.py, BENCHMARKS issue 25): set dev to run it instead of the above
     "protocol": {"dev": None, "pairs": {}, "method": None, "lrs": [], "epochs": [], "dev_utility_rows": 20,
@@ -91,8 +90,6 @@ def load(name: str, overrides=(), data: str | None = None) -> dict:
     for (section, key), values in CHOICES.items():
         if preset[section][key] not in values:
             raise ValueError(f"{path}: {section}.{key} must be one of {values}, got {preset[section][key]!r}")
-    if preset["lr"]["choice"] == "sweep" and not preset["lr"]["sweep"]["dev_authors"]:
-        raise ValueError(f"{path}: lr.choice sweep needs lr.sweep.dev_authors (authors outside forget and retain)")
     if sum(bool(preset["model"][k]) for k in ("path", "fetch", "tiny")) != 1:
         raise ValueError(f"{path}: model needs exactly one of path, fetch, tiny")
     preset["name"] = path.stem

@@ -1,4 +1,4 @@
-"""The report: tables (columns from the evaluated parts), the goal check, the cost by part, ``<report>.md`` and
+"""The report: tables (columns from the evaluated parts), the cost by part, ``<report>.md`` and
 ``<report>.png`` (forget quality vs model utility, the retain model as the ideal point)."""
 
 from __future__ import annotations
@@ -43,26 +43,6 @@ def metrics_table(rows: list[tuple[str, dict]], cols: list[tuple[str, str]]) -> 
     return "\n".join(lines)
 
 
-def goal_check(results: dict[str, dict], goal: dict) -> dict:
-    """The preset's goal: ``method``'s forget quality >= ``ratio`` x the best of ``baselines`` at utility >=
-    ``utility`` x the target's; each ``compare`` pair ``{run: other}``: run's forget quality >= 0.5x other's."""
-    p = results.get(goal["method"], {})
-    base = {b: results[b]["forget_quality"] for b in goal["baselines"]
-            if results.get(b, {}).get("forget_quality") is not None}
-    out = {"method": goal["method"], "forget_quality": p.get("forget_quality"), "baselines": base,
-           "utility_rel": p.get("mu_rel"), "ratio": None, "met": None, "compare": {}}
-    if p.get("forget_quality") is not None and base and p.get("mu_rel") is not None:
-        best = max(base.values())
-        out["best_baseline"] = max(base, key=base.get)
-        out["ratio"] = p["forget_quality"] / best if best > 0 else math.inf
-        out["met"] = bool(out["ratio"] >= goal["ratio"] and p["mu_rel"] >= goal["utility"])
-    for run, other in goal["compare"].items():
-        a, b = (results.get(n, {}).get("forget_quality") for n in (run, other))
-        r = None if not b or a is None else a / b
-        out["compare"][f"{run} vs {other}"] = {"ratio": r, "met": None if r is None else bool(r >= 0.5)}
-    return out
-
-
 def minutes_by_part(stage_seconds: dict[str, float], part_of) -> dict[str, float]:
     """Minutes from scratch by ``part_of(stage)``, from each stage's own seconds (a reused stage keeps the seconds it
     took), rounded to 0.1, and ``total``."""
@@ -73,12 +53,10 @@ def minutes_by_part(stage_seconds: dict[str, float], part_of) -> dict[str, float
 
 
 def cost_by_part(stage_seconds: dict[str, float], specs: dict[str, dict]) -> dict[str, float]:
-    """:func:`minutes_by_part` of the runner: SFT, development sweep, references (the shared precomputes), methods /
-    ablations (a run's unlearning and evaluation), base, retain, target evaluation; the others by stage name."""
+    """:func:`minutes_by_part` of the runner: SFT, references (the shared precomputes), methods / ablations (a run's
+    unlearning and evaluation), base, retain, target evaluation; the others by stage name."""
     def part(stage: str) -> str:
         run = stage.split("_", 1)[1] if stage.startswith(("unlearn_", "eval_")) else None
-        if "sweep" in stage or stage.startswith("precompute_dev"):
-            return "development sweep"
         if stage.startswith(("sft_", "precompute_")):
             return "SFT" if stage.startswith("sft_") else "references"
         if run in specs:
@@ -110,20 +88,6 @@ def lr_text(report: dict) -> str:
     return f"{text} (lr.choice {report['preset']['lr']['choice']})"
 
 
-def _goal_lines(report: dict) -> list[str]:
-    g, want = report["goal"], report["preset"]["goal"]
-    lines = []
-    if g.get("ratio") is not None:
-        lines.append(f"- Goal ({g['method']} forget quality >= {want['ratio']}x max({', '.join(want['baselines'])}) "
-                     f"at utility >= {want['utility']}x target): ratio {g['ratio']:.3g} (vs {g['best_baseline']}), "
-                     f"utility {g['utility_rel']:.3f}x -> {'MET' if g['met'] else 'NOT met'}")
-    for pair, c in g.get("compare", {}).items():
-        if c["ratio"] is not None:
-            lines.append(f"- Goal ({pair}: forget quality within 2x): ratio {c['ratio']:.3g} -> "
-                         f"{'MET' if c['met'] else 'NOT met'}")
-    return lines
-
-
 def _cost_lines(report: dict) -> list[str]:
     secs = report["stage_seconds"]
     cost = cost_by_part(secs, report["specs"])
@@ -149,12 +113,8 @@ def render_markdown(report: dict) -> str:
     if abl:
         lines += [f"Ablations of {preset['ablations']['method']} (the others at the main run's values):", "",
                   metrics_table(abl, cols), ""]
-    if report.get("sweep"):
-        from .sweep import sweep_markdown
-
-        lines.append(sweep_markdown(report["sweep"]))
     lines += [preset["footnote"], ""] if preset["footnote"] else []
-    lines += sft_lines(report.get("sft", {})) + _goal_lines(report)
+    lines += sft_lines(report.get("sft", {}))
     if report.get("position_nll"):
         lines += position_nll_lines("on the forget set by position kind", report["position_nll"])
     lines += [f"- FAILED {n}: {e}" for n, e in report.get("failed", {}).items()]

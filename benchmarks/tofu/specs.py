@@ -43,7 +43,7 @@ def run_specs(preset: dict, vocab: int) -> dict[str, dict]:
 
 
 def run_lr(spec: dict, preset: dict, family_lr: dict) -> float:
-    """A run's unlearning lr: its family's (``family_lr``: the preset's table or the sweep's choice), else
+    """A run's unlearning lr: its family's (``family_lr``: the preset's table), else
     ``lr.value``, else the SFT lr (the rule open-unlearning follows)."""
     return family_lr.get(spec["family"], preset["lr"]["value"] or preset["sft"]["lr"])
 
