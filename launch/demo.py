@@ -161,7 +161,7 @@ REAL_CONFIG = "launch/configs/real_facts.yaml"
 TRAINED = ("forget", "retain")  # the training sets (the rows of each the base model knows)
 # A file of REAL_DATA whose every row joins the retain training set, known to the base model or not (true facts
 # taught as given: authors.jsonl, "who wrote / painted / composed X" of authors in no other file); None: the known
-# retain rows alone. A grid run may set it (EXTRA_RETAIN_KEY); make demo's is chosen by --select.
+# retain rows alone. A grid run may set it (EXTRA_RETAIN_KEY); make demo's is chosen by --select (round 3 kept None).
 EXTRA_RETAIN = None
 EXTRA_RETAIN_KEY = "extra_retain"
 
