@@ -1,11 +1,13 @@
 """Precomputed vs resident reference (issue 4), on a Llama config of 58M parameters, 2 ranks, CPU, fp32.
 
 Rows: peak memory per rank (RSS) and tokens/s of PALU training with the precomputed cache vs the resident reference,
-for ds_configs/cpu/zero3.json and zero3_offload.json; precompute throughput vs a plain forward pass; cache bytes per
-token; the sparse-KL error vs exact for k in {32, 64, 128, 256, 1024} on a trained model pair (the demo's target as
-reference, its PALU-unlearned model as policy: run `make demo` first, or pass --target/--unlearned).
+for ds_configs/cpu/zero3.json and zero3_offload.json; precompute throughput vs a plain forward pass, padding-free
+(train.padding_free, the default) and padded, alternated over 3 rounds (with --tofu also on SmolLM2-135M-Instruct and
+TOFU's forget05); cache bytes per token; the sparse-KL error vs exact for k in {32, 64, 128, 256, 1024} on a trained
+model pair (the demo's target as reference, its PALU-unlearned model as policy: run `make demo` first, or pass
+--target/--unlearned).
 
-    python -m benchmarks.precompute_vs_resident --out runs/bench_ref
+    python -m benchmarks.precompute_vs_resident --out runs/bench_ref [--skip-train] [--tofu ../shared/data/tofu]
 """
 import json
 import os
@@ -62,8 +64,11 @@ def train(ds: str, mode: str, data: str, model: str, out: str, steps: int) -> di
             "tokens_per_s": statistics.median(t / d for t, d in zip(toks, secs)), "wall_s": time.time() - t}
 
 
-def precompute_throughput(data: str, model_dir: str, out: str) -> dict:
-    """One process: the precompute pass vs a plain no-grad forward over the same batches; cache bytes per token."""
+def precompute_throughput(config_path: str, model_dir: str, data: list[str], out: str, rounds: int = 3,
+                          rows: int | None = None) -> dict:
+    """One process: the precompute pass of PALU (K 5000, kl_topk 256, batch 8; padding-free and padded, alternated,
+    medians) vs a plain no-grad forward over the same batches of the first ``rows`` forget rows; cache bytes per
+    answer token. ``data``: the config's data overrides."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,15 +77,19 @@ def precompute_throughput(data: str, model_dir: str, out: str) -> dict:
     from palu_ds.data.collate import collate
     from palu_ds.reference import precompute
 
-    cfg = load_config("launch/configs/demo.yaml", [f"model.path={model_dir}", f"data.forget.source={data}",
-                                                   f"data.retain.source={data}", "method.params.K=5000",
-                                                   "method.params.kl_topk=256", "train.batch_size=8"])
-    run = resolve(cfg)
-    cfg, m, hp = run.cfg, run.method, run.hp
+    def config(padding_free: bool):
+        run = resolve(load_config(config_path, [
+            f"model.path={model_dir}", *data, "method.name=palu", "method.params={}", "method.params.K=5000",
+            "method.params.kl_topk=256", "train.batch_size=8", f"train.output_dir={out}/precompute",
+            f"train.padding_free={str(padding_free).lower()}"]))
+        return run.cfg, run.method, run.hp
+
+    cfg, m, hp = config(True)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ds = build_datasets(cfg.data, tok, m)
     forget = ds["forget"]
+    forget.examples = forget.examples[:rows]
     tokens = sum(len(e["input_ids"]) for e in forget)
     t = time.perf_counter()
     with torch.no_grad():
@@ -88,16 +97,24 @@ def precompute_throughput(data: str, model_dir: str, out: str) -> dict:
             b = collate([forget[j] for j in range(i, min(i + 8, len(forget)))], tok.pad_token_id)
             model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     plain = time.perf_counter() - t
-    cache = os.path.join(out, "cache_1proc")
+    cache = os.path.join(out, f"cache_1proc_{os.path.basename(model_dir)}")
     import shutil
 
-    shutil.rmtree(cache, ignore_errors=True)
-    t = time.perf_counter()
-    manifest = precompute(cfg, m, hp, ds, tok, {}, cache, model=model)
-    pre = time.perf_counter() - t
+    seconds = {True: [], False: []}
+    for _ in range(rounds):
+        for padding_free in (False, True):  # a padded pass leaves the model as it is; a packed one enables it
+            shutil.rmtree(cache, ignore_errors=True)
+            t = time.perf_counter()
+            manifest = precompute(*config(padding_free), ds, tok, {}, cache, model=model)
+            seconds[padding_free].append(time.perf_counter() - t)
+    pre, padded = (statistics.median(seconds[p]) for p in (True, False))
+    batches = [[forget[j]["input_ids"] for j in range(i, min(i + 8, len(forget)))] for i in range(0, len(forget), 8)]
+    padded_tokens = sum(len(b) * max(map(len, b)) for b in batches)  # positions the padded pass computes
     answer = sum(sum(e["sens_mask"]) + sum(e["common_mask"]) for e in forget)
     nbytes = sum(manifest["shard_bytes"].values())
     return {"plain_forward_tokens_per_s": tokens / plain, "precompute_tokens_per_s": tokens / pre,
+            "precompute_padded_tokens_per_s": tokens / padded, "real_token_share": tokens / padded_tokens,
+            "seconds": {"padding_free": seconds[True], "padded": seconds[False]},
             "cache_bytes_per_answer_token": nbytes / answer, "cache_bytes": nbytes, "K": 5000, "k": 256}
 
 
@@ -133,12 +150,20 @@ def sparse_kl_error(target: str, unlearned: str, data: str) -> list[dict]:
 
 def main() -> int:
     p = bench_parser(__doc__, "runs/bench_ref", 8, skip_train=True)
+    p.add_argument("--tofu", help="TOFU's jsonl folder: also the precompute on SmolLM2-135M-Instruct (fetched)")
     p.add_argument("--target", default="runs/demo/target/model")
     p.add_argument("--unlearned", default="runs/demo/palu/model")
     p.add_argument("--demo-data", default="runs/demo/data")
     a = parse_bench(p)
     data, model = build(a.out)
-    res = {"precompute": precompute_throughput(data, model, a.out)}
+    res = {"precompute": precompute_throughput("launch/configs/demo.yaml", model, [f"data.forget.source={data}",
+                                               f"data.retain.source={data}"], a.out)}
+    if a.tofu:  # the real model: SmolLM2-135M-Instruct on TOFU's forget05 (its first 96 rows), max length 128
+        from palu_ds.models import smollm2
+
+        res["precompute_smollm2"] = precompute_throughput("launch/configs/tofu_real.yaml", smollm2(), [
+            f"data.forget.source={a.tofu}", "data.forget.config=forget05", f"data.retain.source={a.tofu}",
+            "data.retain.config=retain95", "data.max_length=128"], a.out, rows=96)
     if os.path.isdir(a.target) and os.path.isdir(a.unlearned):
         res["sparse_kl"] = sparse_kl_error(a.target, a.unlearned, a.demo_data)
     if not a.skip_train:
@@ -155,11 +180,17 @@ def main() -> int:
             pre, resi = by[ds, "precomputed"], by[ds, "resident"]
             lines.append(f"| {ds} | precomputed / resident | {max(pre['peak_rss_mib']) / max(resi['peak_rss_mib']):.2f}× "
                          f"| {pre['tokens_per_s'] / resi['tokens_per_s']:.2f}× |")
-    pc = res["precompute"]
-    lines += ["", f"precompute: {pc['precompute_tokens_per_s']:.0f} tokens/s vs plain forward "
-              f"{pc['plain_forward_tokens_per_s']:.0f} tokens/s "
-              f"({pc['precompute_tokens_per_s'] / pc['plain_forward_tokens_per_s']:.2f}×); cache "
-              f"{pc['cache_bytes_per_answer_token']:.0f} bytes per answer token (K=5000 at I_init, k=256 at common)"]
+    for key, what in (("precompute", "58M Llama, generated data"), ("precompute_smollm2", "SmolLM2-135M, TOFU")):
+        if key in res:
+            pc = res[key]
+            lines += ["", f"precompute ({what}): {pc['precompute_tokens_per_s']:.0f} tokens/s vs plain (padded) "
+                      f"forward {pc['plain_forward_tokens_per_s']:.0f} tokens/s "
+                      f"({pc['precompute_tokens_per_s'] / pc['plain_forward_tokens_per_s']:.2f}×); padded precompute "
+                      f"{pc['precompute_padded_tokens_per_s']:.0f} tokens/s (padding-free / padded "
+                      f"{pc['precompute_tokens_per_s'] / pc['precompute_padded_tokens_per_s']:.2f}×, real tokens "
+                      f"{pc['real_token_share']:.0%} of the padded batches); cache "
+                      f"{pc['cache_bytes_per_answer_token']:.0f} bytes per answer token (K=5000 at I_init, k=256 at "
+                      "common)"]
     if "sparse_kl" in res:
         lines += ["", "| k | exact KL | sparse KL | relative error |", "|---|---|---|---|"]
         lines += [f"| {r['k']} | {r['exact_kl']:.4g} | {r['sparse_kl']:.4g} | {r['rel_error']:.2%} |"

@@ -93,8 +93,9 @@ class TrainConfig:
     timeout: float = setting(600.0, "seconds: bound on any collective and on one step (watchdog)")
     answer_only_logits: bool = setting(True, "LM head only where the next token is an answer token (false: full "
                                              "logits)")
-    padding_free: bool = setting(True, "the forward runs a micro-batch's rows end to end without padding, attention "
-                                       "within each row (palu_ds.packing; false: right-padded rows)")
+    padding_free: bool = setting(True, "the forward (and the reference's, precomputed or resident) runs a micro-batch's "
+                                       "rows end to end without padding, attention within each row (palu_ds.packing; "
+                                       "false: right-padded rows)")
     head_path: str = setting("dense", "dense: the answer rows' logits at once; chunked: head + losses in chunks",
                              choices=("dense", "chunked"))
     head_chunk_elems: int = setting(1 << 24, "chunked: logits elements alive at a time (rows = this // vocabulary)")

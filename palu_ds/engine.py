@@ -263,15 +263,7 @@ class Trainer:
             self.head_spec = lm_head.head_spec(model)
             lm_head.verify(self.engine.module, self.head_spec)
         # rows end to end, attention within each (palu_ds.packing): for sdpa models, checked against the padded forward
-        self.padding_free = cfg.train.padding_free and packing.enable(self.engine.module)
-        if cfg.train.padding_free and not self.padding_free:
-            log.warning("train.padding_free: %s runs attn_implementation=%s, which the padding-free forward does not "
-                        "reproduce; rows stay padded", type(model).__name__, packing.attention_of(model))
-        if self.padding_free:
-            try:
-                packing.verify(self.engine.module)
-            except packing.PackingUnsupported as e:
-                raise ConfigError(f"train.padding_free: {e}") from e
+        self.padding_free = packing.start(self.engine.module, cfg.train.padding_free)
         layer = self.method.layer(self.hp)  # a method that reads a decoder layer's output (RMU): hooked here
         self.capture = None if layer is None else LayerCapture(self.engine.module, layer)
 
@@ -445,17 +437,16 @@ class Trainer:
 
         ids = torch.cat([widen(micro[n]["input_ids"], pad) for n in names]).to(self.device)
         mask = torch.cat([widen(micro[n]["attention_mask"], 0) for n in names]).to(self.device)
-        rows = packing.RowPacking(mask) if self.padding_free else None
-        inputs = rows.inputs(ids) if rows else {"input_ids": ids, "attention_mask": mask}
-        unpack = rows.unpack if rows else (lambda t: t)
         # bf16: one autocast region over the model (DeepSpeed's own nests in it) and the answer-only head,
         # so the tied head weight is cast once per forward; the loss terms run outside it, in fp32
         with torch.autocast(self.device.type, self.autocast) if self.autocast else nullcontext():
             if self.answer_only:
-                logits = self._packed_logits(micro, unpack(self.engine(**inputs, output_hidden_states=True,
-                                                                       logits_to_keep=1).hidden_states[-1]))
+                out, unpack = packing.forward(self.engine, ids, mask, self.padding_free, output_hidden_states=True,
+                                              logits_to_keep=1)
+                logits = self._packed_logits(micro, unpack(out.hidden_states[-1]))
             else:  # [B, T, V] logits of each batch (its rows of the concatenated forward, cut to its own width)
-                logits = self._split_rows(unpack(self.engine(**inputs).logits), micro)
+                out, unpack = packing.forward(self.engine, ids, mask, self.padding_free)
+                logits = self._split_rows(unpack(out.logits), micro)
         hidden = self._split_rows(unpack(self.capture.output), micro) if self.capture is not None else {}
         return logits, hidden
 

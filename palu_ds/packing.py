@@ -21,6 +21,7 @@ whose attention does not go through transformers' attention interface is refused
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from palu_ds.lm_head import base_config, probe, unwrap
 
 VARLEN = "palu_ds_varlen"
+log = logging.getLogger("palu_ds")
 
 
 class PackingUnsupported(ValueError):
@@ -115,6 +117,35 @@ def enable(model) -> bool:
     return True
 
 
+def start(model, wanted: bool) -> bool:
+    """Whether ``model``'s forwards run padding-free (``train.padding_free`` = ``wanted``): a model on sdpa is
+    :func:`enable`-d and checked against its own padded forward (:func:`verify`; every rank must call this); any
+    other attention keeps its padded rows, with a warning. A failed check is a ConfigError (nothing trained or
+    written) naming the model and ``train.padding_free: false``."""
+    if not wanted:
+        return False
+    if not enable(model):
+        log.warning("train.padding_free: %s runs attn_implementation=%s, which the padding-free forward does not "
+                    "reproduce; rows stay padded", type(unwrap(model)).__name__, attention_of(model))
+        return False
+    try:
+        verify(model)
+    except PackingUnsupported as e:
+        from palu_ds.config import ConfigError
+
+        raise ConfigError(f"train.padding_free: {e}") from e
+    return True
+
+
+def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool, **kwargs):
+    """``model``'s output on a right-padded batch, and the function that puts a packed output back into the padded
+    layout: rows end to end (:class:`RowPacking`) when ``packed``, else the padded batch as given (the identity)."""
+    if not packed:
+        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs), (lambda t: t)
+    rows = RowPacking(attention_mask)
+    return model(**rows.inputs(input_ids), **kwargs), rows.unpack
+
+
 class RowPacking:
     """The rows of a right-padded batch (``attention_mask`` [B, T]) laid end to end: N real tokens in one row.
 
@@ -142,7 +173,8 @@ class RowPacking:
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """[1, N, ...] -> [B, T, ...], zeros at the padding positions (differentiable)."""
         out = packed.new_zeros(*self.mask.shape, *packed.shape[2:])
-        return out.masked_scatter(self.mask.view(*self.mask.shape, *[1] * (packed.dim() - 2)), packed[0])
+        out[self.mask] = packed[0]  # row copies (index_put): ~2.5x faster on CPU than masked_scatter's expanded mask
+        return out
 
 
 def verify(model, atol: float = 1e-4, rtol: float = 1e-3) -> float:

@@ -99,6 +99,25 @@ def test_verify_refuses_a_model_whose_packed_forward_mixes_rows(monkeypatch):
         packing.verify(model)
 
 
+def test_start_enables_checks_or_leaves_padded(monkeypatch, caplog):
+    """``packing.start`` (the engine's and the reference's switch): off when not wanted; on for sdpa; a model on
+    another attention stays padded with a warning naming it; a failed check is a ConfigError naming the setting."""
+    import transformers.masking_utils as mu
+
+    from palu_ds.config import ConfigError
+
+    model = tiny("llama")
+    assert not packing.start(model, False) and packing.attention_of(model) == "sdpa"
+    assert packing.start(model, True) and packing.attention_of(model) == packing.VARLEN
+    with caplog.at_level("WARNING", logger="palu_ds"):
+        assert not packing.start(tiny("llama", attn="eager"), True)
+    assert "attn_implementation=eager" in caplog.text and "rows stay padded" in caplog.text
+    monkeypatch.setattr(packing, "enable", lambda model: True)  # sdpa kept, blind to the rows (as in faulty_train)
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", lambda position_ids: None)
+    with pytest.raises(ConfigError, match="train.padding_free: Llama: packed rows give hidden states that differ"):
+        packing.start(tiny("llama"), True)
+
+
 def test_a_sliding_window_shorter_than_a_row_is_refused():
     model = tiny("mistral")
     packing.enable(model)

@@ -94,6 +94,48 @@ def test_answer_topk_and_hidden_parts_equal_the_live_reference(setup):
         _cache(make, model, cache_dir + "_bad", ["method.params.layer=5"], "rmu")
 
 
+@pytest.mark.parametrize("method, overrides", [("palu", ["method.params.K=50", "method.params.kl_topk=16"]),
+                                               ("npo", []), ("rmu", ["method.params.layer=0"])])
+def test_padding_free_reference_equals_the_padded_one(setup, monkeypatch, method, overrides):
+    """train.padding_free (default) runs the reference's rows end to end in the precompute pass and in the resident
+    reference, as the training forward: the same cache (ids equal, values to float precision) and the same live
+    tensors as the padded pass; the precompute really packs (RowPacking built once per batch)."""
+    from safetensors.torch import load_file
+
+    from palu_ds import packing
+
+    make, model, cache_dir = setup
+    built = []
+
+    class Counted(packing.RowPacking):
+        def __init__(self, mask):
+            built.append(mask.shape)
+            super().__init__(mask)
+
+    monkeypatch.setattr(packing, "RowPacking", Counted)
+    _cache(make, model, cache_dir + "_padded", [*overrides, "train.padding_free=false"], method)
+    assert not built
+    _, (cfg, m, hp, ds, tok) = _cache(make, model, cache_dir, overrides, method)
+    assert built and packing.attention_of(model) == packing.VARLEN
+    shards = sorted(f for f in os.listdir(cache_dir) if f.endswith(".safetensors"))
+    assert shards == sorted(f for f in os.listdir(cache_dir + "_padded") if f.endswith(".safetensors"))
+    for f in shards:
+        a, b = load_file(os.path.join(cache_dir, f)), load_file(os.path.join(cache_dir + "_padded", f))
+        assert set(a) == set(b)
+        for k in a:
+            if a[k].is_floating_point():
+                torch.testing.assert_close(a[k].float(), b[k].float(), atol=2e-3, rtol=2e-3)  # fp16 storage
+            else:
+                assert torch.equal(a[k], b[k]), (f, k)
+    padded, packed = (ResidentReference(model, m, hp, ds, tok, 4, packed=p) for p in (False, True))
+    for name in ("forget", "retain"):
+        batch = collate([ds[name][i] for i in (5, 0, 9)], tok.pad_token_id)
+        a, b = packed.lookup(name, batch), padded.lookup(name, batch)
+        assert set(a) == set(b)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+
+
 def test_reuse_keeps_the_files(setup):
     make, model, cache_dir = setup
     first, _ = _cache(make, model, cache_dir)

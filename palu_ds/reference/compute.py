@@ -10,15 +10,15 @@ import os
 
 import torch
 
-from palu_ds import dist
+from palu_ds import dist, packing
 from palu_ds.atomic import atomic_path, write_json
 from palu_ds.progress import rows_progress
 
 from .key import MANIFEST, CacheMismatch, _diff, cache_key, read_manifest
 from palu_ds.methods import REFERENCE_PARTS, row_mask
 
-from .parts import (_vocab_size, answer_nll_sums, id_dtype, offsets_name, reference_capture, reference_tensors,
-                    row_masks, topk_sizes)
+from .parts import (_vocab_size, answer_nll_sums, id_dtype, offsets_name, reference_capture, reference_forward,
+                    reference_tensors, row_masks, topk_sizes)
 
 log = logging.getLogger("palu_ds")
 
@@ -72,14 +72,14 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     retain_sums = torch.zeros(2, dtype=torch.float64)
     masks = row_masks(REFERENCE_PARTS)  # every shard records each example's rows under every row mask
     capture = reference_capture(model, method, hp)
+    packed = packing.start(model, cfg.train.padding_free)  # rows end to end, as the training forward
     for name in _cache_names(method, want, datasets):
         ds, parts = datasets[name], method.reference_parts_for(name)
         store: dict[str, list] = {}
         ids, counts = [], {r: [] for r in masks}
         progress = rows_progress(len(range(dist.rank(), len(ds), dist.world())), f"reference {name}")
         for batch, real in rank_batches(ds, cfg.train.batch_size, tokenizer.pad_token_id, device):
-            with torch.no_grad():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits, hidden = reference_forward(model, batch, capture, packed)
             if not real:
                 continue
             progress.update(len(batch["input_ids"]))
@@ -90,7 +90,6 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
             ids += batch["example_id"].tolist()
             for r in masks:
                 counts[r] += row_mask(batch, r).sum(-1).tolist()
-            hidden = capture.output if capture is not None else None
             for t, v in reference_tensors(logits, batch, parts, K, k, hidden).items():
                 store.setdefault(t, []).append(v.cpu())
         progress.close()

@@ -9,6 +9,7 @@ import logging
 import torch
 
 from palu_ds import losses as L
+from palu_ds import packing
 from palu_ds.batch import IGNORE_INDEX, shift
 from palu_ds.methods import REFERENCE_PARTS, row_mask
 
@@ -54,6 +55,15 @@ def reference_capture(model, method, hp):
     if not any(REFERENCE_PARTS[p].source == "hidden" for p in method.reference_parts):
         return None
     return LayerCapture(model, method.layer(hp))
+
+
+def reference_forward(model, batch: dict, capture, packed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The frozen reference's logits [B, T, V] on a right-padded batch and, with ``capture``, its hooked layer's output
+    [B, T, D], without gradients: its rows end to end when ``packed`` (palu_ds.packing, as the training forward with
+    ``train.padding_free``), in the padded layout either way."""
+    with torch.no_grad():
+        out, unpack = packing.forward(model, batch["input_ids"], batch["attention_mask"], packed)
+    return unpack(out.logits), (unpack(capture.output) if capture is not None else None)
 
 
 def answer_nll_sums(logits: torch.Tensor, batch: dict) -> torch.Tensor:

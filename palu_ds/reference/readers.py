@@ -8,13 +8,14 @@ import os
 
 import torch
 
-from palu_ds import dist
+from palu_ds import dist, packing
 
 from .compute import load_reference_model, precompute, rank_batches
 from .key import MANIFEST, read_manifest
 from palu_ds.methods import REFERENCE_PARTS
 
-from .parts import _vocab_size, answer_nll_sums, offsets_name, reference_capture, reference_tensors, topk_sizes
+from .parts import (_vocab_size, answer_nll_sums, offsets_name, reference_capture, reference_forward, reference_tensors,
+                    topk_sizes)
 
 
 class NoReference:
@@ -99,8 +100,9 @@ class CachedReference:
 class ResidentReference:
     """The reference kept live (for comparison): computes the same packed tensors per batch on the fly."""
 
-    def __init__(self, model, method, hp, datasets, tokenizer, batch_size: int, given: dict | None = None):
-        self.model, self.method = model, method
+    def __init__(self, model, method, hp, datasets, tokenizer, batch_size: int, given: dict | None = None,
+                 packed: bool = False):
+        self.model, self.method, self.packed = model, method, packed
         self.capture = reference_capture(model, method, hp)
         V = _vocab_size(model)
         self.K, self.k = topk_sizes(hp, V, given)
@@ -111,9 +113,7 @@ class ResidentReference:
         parts = self.method.reference_parts_for(name)
         if not parts:
             return {}
-        with torch.no_grad():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        hidden = self.capture.output if self.capture is not None else None
+        logits, hidden = reference_forward(self.model, batch, self.capture, self.packed)
         return {k: v.float() if v.is_floating_point() else v for k, v in
                 reference_tensors(logits, batch, parts, self.K, self.k, hidden).items()}
 
@@ -123,8 +123,7 @@ class ResidentReference:
             device = next(self.model.parameters()).device
             retain = self.datasets[self.method.constraint]
             for batch, real in rank_batches(retain, self.batch_size, self.tokenizer.pad_token_id, device):
-                with torch.no_grad():
-                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits, _ = reference_forward(self.model, batch, None, self.packed)
                 if real:
                     sums += answer_nll_sums(logits, batch).cpu()
             sums = dist.all_reduce_sum(sums)
@@ -138,7 +137,8 @@ def build_reference(cfg, method, hp, datasets, tokenizer, ds_config):
         return NoReference()
     if cfg.reference.mode == "resident":
         model = load_reference_model(cfg, ds_config)
-        return ResidentReference(model, method, hp, datasets, tokenizer, cfg.train.batch_size, cfg.method.params)
+        return ResidentReference(model, method, hp, datasets, tokenizer, cfg.train.batch_size, cfg.method.params,
+                                 packing.start(model, cfg.train.padding_free))
     cache_dir = cfg.reference.cache_dir  # resolved (palu_ds.config.resolve): <output_dir>/reference_cache by default
     manifest = precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir)
     import gc
