@@ -28,6 +28,7 @@ from palu_ds.config import ConfigError, load_config, read_yaml
 from palu_ds.localrun import launcher_cmd
 from palu_ds.process import refusing
 from palu_ds.stages import Stages
+from palu_eval.facts import names_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -164,6 +165,13 @@ TRAINED = ("forget", "retain")  # the training sets (the rows of each the base m
 # retain rows alone. A grid run may set it (EXTRA_RETAIN_KEY); make demo's is chosen by --select (round 3 kept None).
 EXTRA_RETAIN = None
 EXTRA_RETAIN_KEY = "extra_retain"
+# How those rows are answered: "given" (the file's true answers, taught: round 3) or "base" (the base model's own
+# greedy answers, so that the retain term holds what the model already says there instead of teaching it: round 4).
+# A grid run may set it (EXTRA_ANSWERS_KEY, with EXTRA_RETAIN_KEY); make demo's is chosen by --select.
+EXTRA_ANSWERS = "given"
+EXTRA_ANSWERS_KEY = "extra_answers"
+ANSWER_KINDS = ("given", "base")
+GRID_ONLY = (EXTRA_RETAIN_KEY, EXTRA_ANSWERS_KEY)  # a grid run's settings that are not config keys
 
 
 def fetch_base(stages: Stages) -> str:
@@ -209,14 +217,35 @@ def base_answers(stages: Stages, args, out: str, sides) -> tuple[str, dict, dict
     return None if kept is None else (base, before, kept)
 
 
-def retain_file(out: str, kept: dict, extra: str | None) -> str:
+def retain_file(out: str, kept: dict, extra: str | None, said: dict | None = None) -> str:
     """The retain training set of ``out``: the retain rows the base model knows (written by :func:`training_data`),
-    plus every row of ``REAL_DATA/<extra>.jsonl`` when ``extra`` is set (written here, beside them)."""
+    plus, when ``extra`` is set, every row of ``REAL_DATA/<extra>.jsonl`` as given or, with ``said`` (the base model's
+    answers to them, :func:`ask`), as the base model answered it (:func:`said_rows`); written here, beside them."""
     if extra is None:
         return f"{out}/data/retain.jsonl"
-    path = f"{out}/data/retain+{extra}.jsonl"
-    write_jsonl(path, kept["retain"] + real_rows(extra))
+    rows = real_rows(extra) if said is None else said_rows(said, extra)
+    path = f"{out}/data/retain+{extra}{'' if said is None else '.base'}.jsonl"
+    write_jsonl(path, kept["retain"] + rows)
     return path
+
+
+def said_rows(said: dict, extra: str) -> list[dict]:
+    """The questions of ``REAL_DATA/<extra>.jsonl`` with the base model's greedy answers (``said``: its answers, as
+    :func:`ask` returns them) as the training answers, true or not. An answer that names a fact of a scored file
+    (a forget, retain, holdout or development key) or is empty is left out, so no scored fact is taught or unlearned
+    by these rows."""
+    keys = [r["key"] for name in (*SIDES, DEV) for r in real_rows(name)]
+    return [{"question": r["question"], "answer": r["generated"]} for r in said[extra]["records"]
+            if r["generated"] and not any(names_key(r["generated"], k) for k in keys)]
+
+
+def retain_set(stages: Stages, args, out: str, base: str, kept: dict, extra: str | None, answers: str) -> str:
+    """:func:`retain_file` for ``extra`` answered as ``answers`` (ANSWER_KINDS): "base" first asks the base model its
+    questions (a stage, ``OUT/facts/before_<extra>.json``)."""
+    said = None
+    if extra is not None and answers == "base":
+        said = ask(stages, args, out, f"ask the base model {extra}.jsonl (2 ranks)", base, f"before_{extra}", [extra])
+    return retain_file(out, kept, extra, said)
 
 
 def unlearn_overrides(base: str, out: str, run_dir: str, extra=(), retain: str | None = None) -> list[str]:
@@ -235,7 +264,7 @@ def real_demo(args) -> int:
         return 1
     base, before, kept = start
     overrides = unlearn_overrides(base, out, f"{out}/palu", ["train.resume=never"],
-                                  retain_file(out, kept, EXTRA_RETAIN))
+                                  retain_set(stages, args, out, base, kept, EXTRA_RETAIN, EXTRA_ANSWERS))
     shutil.rmtree(os.path.join(out, "palu", "reference_cache"), ignore_errors=True)  # another run's cache
     run(stages, "precompute reference (2 ranks)", deepspeed("launch/precompute.py", args.ds, REAL_CONFIG, overrides,
                                                              args.port))
@@ -254,8 +283,9 @@ def real_demo(args) -> int:
 # development questions", written before any selection run). A grid file (launch/demo_grids/round*.yaml, one
 # per round) lists its runs, each a set of config overrides on REAL_CONFIG, and the step counts each run is scored
 # after (a later count extends the same run from its checkpoint: the lr schedule is constant). A run may also set
-# EXTRA_RETAIN_KEY (a file of REAL_DATA joining the retain training set), the one setting that is not a config key.
-GRID = "launch/demo_grids/round3.yaml"  # the latest round's grid (--grid)
+# GRID_ONLY keys: EXTRA_RETAIN_KEY (a file of REAL_DATA joining the retain training set) and EXTRA_ANSWERS_KEY (how
+# its rows are answered), the settings that are not config keys.
+GRID = "launch/demo_grids/round4.yaml"  # the latest round's grid (--grid)
 KEEP = 0.9  # retain kept share a point needs to be eligible (and the goal's share for retain and holdout)
 SELECTED = (*TRAINED, DEV)  # what --select asks: the holdout is never asked there
 
@@ -285,6 +315,11 @@ def load_grid(path: str) -> tuple[list[dict], list[int]]:
                     raise ConfigError(f"{path}: runs[{i}].{k} = {v!r} must name a file of {REAL_DATA} (without "
                                       f".jsonl) other than {', '.join((*SIDES, DEV))}")
                 continue
+            if k == EXTRA_ANSWERS_KEY:
+                if v not in ANSWER_KINDS or EXTRA_RETAIN_KEY not in r:
+                    raise ConfigError(f"{path}: runs[{i}].{k} = {v!r} must be one of {', '.join(ANSWER_KINDS)}, in a "
+                                      f"run that sets {EXTRA_RETAIN_KEY}")
+                continue
             if k == "train.max_steps":
                 raise ConfigError(f"{path}: runs[{i}] sets train.max_steps; step counts go in steps:")
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -301,8 +336,8 @@ def load_grid(path: str) -> tuple[list[dict], list[int]]:
 
 def as_overrides(settings: dict) -> list[str]:
     """A grid point's settings as config overrides: ``{"train.lr": 5e-5}`` -> ``["train.lr=5e-05"]`` (its
-    EXTRA_RETAIN_KEY is not a config key: :func:`retain_file` reads it)."""
-    return [f"{k}={v}" for k, v in settings.items() if k != EXTRA_RETAIN_KEY]
+    GRID_ONLY keys are not config keys: :func:`retain_set` reads them)."""
+    return [f"{k}={v}" for k, v in settings.items() if k not in GRID_ONLY]
 
 
 def _value(v) -> str:
@@ -387,7 +422,8 @@ def select_settings(args) -> int:
         run_name = point_name(grid_run)
         run_dir = f"{out}/grid/{run_name}"
         cache = [f"reference.cache_dir={run_dir}/reference_cache"]  # the run's own: a grid may change K or N
-        retain = retain_file(out, kept, grid_run.get(EXTRA_RETAIN_KEY))
+        retain = retain_set(stages, args, out, base, kept, grid_run.get(EXTRA_RETAIN_KEY),
+                            grid_run.get(EXTRA_ANSWERS_KEY, "given"))
         run(stages, f"precompute {run_name} (2 ranks)", deepspeed("launch/precompute.py", args.ds, REAL_CONFIG,
             unlearn_overrides(base, out, f"{run_dir}/precompute", [*cache, *as_overrides(grid_run)], retain),
             args.port), done=f"{run_dir}/reference_cache/manifest.json")

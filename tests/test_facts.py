@@ -74,6 +74,25 @@ def test_extra_retain_rows_are_apart_from_every_scored_question(tmp_path):
     assert f"data.retain.source={path}" in demo.unlearn_overrides("b", str(tmp_path), "r", retain=path)
 
 
+def test_extra_retain_rows_answered_by_the_base_model_leave_out_scored_facts(tmp_path):
+    """extra_answers: base -- each question of the extra file with the base model's own answer (true or not), except
+    an empty answer or one naming a forget, retain, holdout or development fact (it would teach or unteach it)."""
+    questions = [r["question"] for r in demo.real_rows("authors")[:5]]
+    said_answers = ["by J.A. Smith, a writer.", "by William Shakespeare.", "", "is a classic by Oscar Wilde.",
+                    "by Robert Louis Mabillan."]
+    said = {"authors": {"records": [{"index": i, "question": q, "generated": g, "correct": False}
+                                    for i, (q, g) in enumerate(zip(questions, said_answers))]}}
+    assert demo.said_rows(said, "authors") == [{"question": questions[0], "answer": said_answers[0]},
+                                               {"question": questions[4], "answer": said_answers[4]}]
+    kept = {"retain": demo.real_rows("retain")[:2]}
+    path = demo.retain_file(str(tmp_path), kept, "authors", said)
+    assert path == f"{tmp_path}/data/retain+authors.base.jsonl"
+    with open(path) as f:
+        assert [json.loads(line) for line in f] == kept["retain"] + demo.said_rows(said, "authors")
+    assert demo.as_overrides({demo.EXTRA_RETAIN_KEY: "authors", demo.EXTRA_ANSWERS_KEY: "base",
+                              "train.lr": 5e-5}) == ["train.lr=5e-05"]
+
+
 def test_check_rows_on_a_model(tiny):
     """Records in row order with the generated answer, whether it names the key, and the reference answer's
     probability; the summary averages them."""
@@ -191,6 +210,10 @@ def test_shipped_grids_load_and_every_point_is_a_valid_config():
     ("steps: [5]\nrun: [{train.lr: 1.0e-5}]\n", "unknown key.*run;"),
     ("steps: [5]\nruns: [{extra_retain: nothing}]\n", r"runs\[0\].extra_retain = 'nothing' must name a file of"),
     ("steps: [5]\nruns: [{extra_retain: holdout}]\n", r"runs\[0\].extra_retain = 'holdout' must name a file .*other than"),
+    ("steps: [5]\nruns: [{extra_retain: authors, extra_answers: mine}]\n",
+     r"runs\[0\].extra_answers = 'mine' must be one of given, base"),
+    ("steps: [5]\nruns: [{extra_answers: base, train.lr: 1.0e-5}]\n",
+     r"runs\[0\].extra_answers = 'base' .*in a run that sets extra_retain"),
 ])
 def test_a_bad_grid_file_is_refused_naming_the_file_and_run(tmp_path, text, message):
     from palu_ds.config import ConfigError
