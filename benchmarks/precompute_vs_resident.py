@@ -1,9 +1,10 @@
 """Precomputed vs resident reference (issue 4), on a Llama config of 58M parameters, 2 ranks, CPU, fp32.
 
 Rows: peak memory per rank (RSS) and tokens/s of PALU training with the precomputed cache vs the resident reference,
-for ds_configs/cpu/zero3.json and zero3_offload.json; precompute throughput vs a plain forward pass, padding-free
-(train.padding_free, the default) and padded, alternated over 3 rounds (with --tofu also on SmolLM2-135M-Instruct and
-TOFU's forget05); cache bytes per token; the sparse-KL error vs exact for k in {32, 64, 128, 256, 1024} on a trained
+for ds_configs/cpu/zero3.json and zero3_offload.json; precompute throughput vs a plain forward pass, as run by default
+(padding-free rows and logits at answer positions only: train.padding_free, train.answer_only_logits), with full
+logits, and padded with full logits (the pass before both), alternated over 3 rounds (with --tofu also on
+SmolLM2-135M-Instruct and TOFU's forget05); the V-wide logit rows each forms; cache bytes per token; the sparse-KL error vs exact for k in {32, 64, 128, 256, 1024} on a trained
 model pair (the demo's target as reference, its PALU-unlearned model as policy: run `make demo` first, or pass
 --target/--unlearned).
 
@@ -64,11 +65,15 @@ def train(ds: str, mode: str, data: str, model: str, out: str, steps: int) -> di
             "tokens_per_s": statistics.median(t / d for t, d in zip(toks, secs)), "wall_s": time.time() - t}
 
 
+#: the precompute's settings compared: (train.padding_free, train.answer_only_logits)
+PASSES = {"default": (True, True), "full_logits": (True, False), "padded": (False, False)}
+
+
 def precompute_throughput(config_path: str, model_dir: str, data: list[str], out: str, rounds: int = 3,
                           rows: int | None = None) -> dict:
-    """One process: the precompute pass of PALU (K 5000, kl_topk 256, batch 8; padding-free and padded, alternated,
-    medians) vs a plain no-grad forward over the same batches of the first ``rows`` forget rows; cache bytes per
-    answer token. ``data``: the config's data overrides."""
+    """One process: the precompute pass of PALU (K 5000, kl_topk 256, batch 8) under each of :data:`PASSES`
+    (alternated, medians) vs a plain no-grad forward over the same batches of the first ``rows`` forget rows; the
+    V-wide logit rows each pass forms; cache bytes per answer token. ``data``: the config's data overrides."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,14 +82,14 @@ def precompute_throughput(config_path: str, model_dir: str, data: list[str], out
     from palu_ds.data.collate import collate
     from palu_ds.reference import precompute
 
-    def config(padding_free: bool):
+    def config(padding_free: bool, answer_only: bool):
         run = resolve(load_config(config_path, [
             f"model.path={model_dir}", *data, "method.name=palu", "method.params={}", "method.params.K=5000",
             "method.params.kl_topk=256", "train.batch_size=8", f"train.output_dir={out}/precompute",
-            f"train.padding_free={str(padding_free).lower()}"]))
+            f"train.padding_free={str(padding_free).lower()}", f"train.answer_only_logits={str(answer_only).lower()}"]))
         return run.cfg, run.method, run.hp
 
-    cfg, m, hp = config(True)
+    cfg, m, hp = config(*PASSES["default"])
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ds = build_datasets(cfg.data, tok, m)
@@ -100,22 +105,24 @@ def precompute_throughput(config_path: str, model_dir: str, data: list[str], out
     cache = os.path.join(out, f"cache_1proc_{os.path.basename(model_dir)}")
     import shutil
 
-    seconds = {True: [], False: []}
+    seconds = {name: [] for name in PASSES}
     for _ in range(rounds):
-        for padding_free in (False, True):  # a padded pass leaves the model as it is; a packed one enables it
-            shutil.rmtree(cache, ignore_errors=True)
+        for name in ("padded", "full_logits", "default"):  # a padded pass leaves the model as it is; a packed one
+            shutil.rmtree(cache, ignore_errors=True)         # enables it
             t = time.perf_counter()
-            manifest = precompute(*config(padding_free), ds, tok, {}, cache, model=model)
-            seconds[padding_free].append(time.perf_counter() - t)
-    pre, padded = (statistics.median(seconds[p]) for p in (True, False))
+            manifest = precompute(*config(*PASSES[name]), ds, tok, {}, cache, model=model)
+            seconds[name].append(time.perf_counter() - t)
     batches = [[forget[j]["input_ids"] for j in range(i, min(i + 8, len(forget)))] for i in range(0, len(forget), 8)]
     padded_tokens = sum(len(b) * max(map(len, b)) for b in batches)  # positions the padded pass computes
     answer = sum(sum(e["sens_mask"]) + sum(e["common_mask"]) for e in forget)
     nbytes = sum(manifest["shard_bytes"].values())
-    return {"plain_forward_tokens_per_s": tokens / plain, "precompute_tokens_per_s": tokens / pre,
-            "precompute_padded_tokens_per_s": tokens / padded, "real_token_share": tokens / padded_tokens,
-            "seconds": {"padding_free": seconds[True], "padded": seconds[False]},
-            "cache_bytes_per_answer_token": nbytes / answer, "cache_bytes": nbytes, "K": 5000, "k": 256}
+    per_s = {name: tokens / statistics.median(v) for name, v in seconds.items()}
+    return {"plain_forward_tokens_per_s": tokens / plain, "precompute_tokens_per_s": per_s["default"],
+            "precompute_full_logits_tokens_per_s": per_s["full_logits"],
+            "precompute_padded_tokens_per_s": per_s["padded"], "real_token_share": tokens / padded_tokens,
+            "logit_rows": {"default": answer, "full_logits": tokens, "padded": padded_tokens},
+            "seconds": seconds, "cache_bytes_per_answer_token": nbytes / answer, "cache_bytes": nbytes, "K": 5000,
+            "k": 256}
 
 
 def sparse_kl_error(target: str, unlearned: str, data: str) -> list[dict]:
@@ -183,14 +190,18 @@ def main() -> int:
     for key, what in (("precompute", "58M Llama, generated data"), ("precompute_smollm2", "SmolLM2-135M, TOFU")):
         if key in res:
             pc = res[key]
+            rows = pc["logit_rows"]
             lines += ["", f"precompute ({what}): {pc['precompute_tokens_per_s']:.0f} tokens/s vs plain (padded) "
                       f"forward {pc['plain_forward_tokens_per_s']:.0f} tokens/s "
-                      f"({pc['precompute_tokens_per_s'] / pc['plain_forward_tokens_per_s']:.2f}×); padded precompute "
-                      f"{pc['precompute_padded_tokens_per_s']:.0f} tokens/s (padding-free / padded "
-                      f"{pc['precompute_tokens_per_s'] / pc['precompute_padded_tokens_per_s']:.2f}×, real tokens "
-                      f"{pc['real_token_share']:.0%} of the padded batches); cache "
-                      f"{pc['cache_bytes_per_answer_token']:.0f} bytes per answer token (K=5000 at I_init, k=256 at "
-                      "common)"]
+                      f"({pc['precompute_tokens_per_s'] / pc['plain_forward_tokens_per_s']:.2f}×); with full logits "
+                      f"{pc['precompute_full_logits_tokens_per_s']:.0f} tokens/s (answer-only / full "
+                      f"{pc['precompute_tokens_per_s'] / pc['precompute_full_logits_tokens_per_s']:.2f}×, "
+                      f"{rows['default']} vs {rows['full_logits']} logit rows); padded with full logits "
+                      f"{pc['precompute_padded_tokens_per_s']:.0f} tokens/s (default / padded "
+                      f"{pc['precompute_tokens_per_s'] / pc['precompute_padded_tokens_per_s']:.2f}×, "
+                      f"{rows['padded']} logit rows; real tokens {pc['real_token_share']:.0%} of the padded batches); "
+                      f"cache {pc['cache_bytes_per_answer_token']:.0f} bytes per answer token (K=5000 at I_init, "
+                      "k=256 at common)"]
     if "sparse_kl" in res:
         lines += ["", "| k | exact KL | sparse KL | relative error |", "|---|---|---|---|"]
         lines += [f"| {r['k']} | {r['exact_kl']:.4g} | {r['sparse_kl']:.4g} | {r['rel_error']:.2%} |"

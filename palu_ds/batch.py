@@ -36,9 +36,21 @@ def shift(logits: torch.Tensor, labels: torch.Tensor, *masks: torch.Tensor):
     """Align logits with the token they predict: ``logits[:, :-1]`` scores ``labels[:, 1:]``.
 
     Returns ``(logits[:, :-1], labels[:, 1:], *(m[:, 1:] for m in masks))``; every mask is a mask over *target*
-    tokens, so after the shift it selects the logits that predict those tokens.
+    tokens, so after the shift it selects the logits that predict those tokens. A :class:`PackedLogits` is already
+    shifted (its rows are the positions that predict answer tokens): it comes back as it is, with the shifted labels
+    and masks.
     """
+    if isinstance(logits, PackedLogits):
+        return (logits, labels[:, 1:], *(m[:, 1:] for m in masks))
     return (logits[:, :-1], labels[:, 1:], *(m[:, 1:] for m in masks))
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] boolean: the positions whose next token is an answer token (``labels[:, t + 1] != IGNORE_INDEX``), the only
+    positions whose logits a loss or a reference part reads; the last position never (it predicts nothing)."""
+    keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
 
 
 class PackedLogits:

@@ -91,7 +91,8 @@ class TrainConfig:
                                    "changes other than BOOKKEEPING, recorded in summary.json) | <checkpoint dir>")
     max_nonfinite: int = setting(3, "consecutive non-finite steps before the run stops (with a checkpoint)")
     timeout: float = setting(600.0, "seconds: bound on any collective and on one step (watchdog)")
-    answer_only_logits: bool = setting(True, "LM head only where the next token is an answer token (false: full "
+    answer_only_logits: bool = setting(True, "LM head only where the next token is an answer token, in training and "
+                                             "in the reference's passes, precomputed or resident (false: full "
                                              "logits)")
     padding_free: bool = setting(True, "the forward (and the reference's, precomputed or resident) runs a micro-batch's "
                                        "rows end to end without padding, attention within each row (palu_ds.packing; "

@@ -188,6 +188,50 @@ def verify(model, spec: HeadSpec | None = None, n_tokens: int = 8, atol: float =
     return diff
 
 
+def start_answer_only(model, wanted: bool) -> bool:
+    """Whether the reference's forwards form logits at answer positions only (``train.answer_only_logits`` =
+    ``wanted``): through the model's own ``logits_to_keep`` given a boolean mask (transformers'
+    ``slice_logits_to_keep``: the head runs on the kept positions' hidden states only, the architecture's soft-cap or
+    scale applied by its own forward), checked once on a probe against the model's full logits. A model whose
+    forward takes no ``logits_to_keep`` keeps its full logits, with a warning (as training does); one that takes it
+    but does not give the kept rows is a ConfigError naming ``train.answer_only_logits: false``. Every rank must call
+    it (ZeRO-3 gathers inside)."""
+    import logging
+
+    if not wanted:
+        return False
+    module = unwrap(model)
+    if not accepts_logits_to_keep(module):
+        logging.getLogger("palu_ds").warning("train.answer_only_logits: %s.forward takes no logits_to_keep; the "
+                                             "reference forms full logits", type(module).__name__)
+        return False
+    with torch.no_grad(), probe(model, (2, 6)) as ids:
+        keep = torch.zeros_like(ids, dtype=torch.bool)
+        keep[0, 1:4] = keep[1, 2] = True
+        want = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[keep].float()
+        try:
+            why = _kept_rows_problem(model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                           logits_to_keep=keep).logits.float(), want)
+        except (TypeError, ValueError, IndexError, RuntimeError) as e:
+            why = f"its forward refused a boolean logits_to_keep ({type(e).__name__}: {e})"
+    if why is None:
+        return True
+    from palu_ds.config import ConfigError
+
+    raise ConfigError(f"train.answer_only_logits: {type(module).__name__} cannot form logits at answer positions "
+                      f"only: {why}; {_what_to_do()}")
+
+
+def _kept_rows_problem(got: torch.Tensor, want: torch.Tensor) -> str | None:
+    """Why the rows a forward kept (``got``) are not the full logits' rows at those positions (``want``); None when
+    they agree (to fp32 rounding of the same products)."""
+    if got.shape != want.shape:
+        return f"its forward gave logits of shape {tuple(got.shape)} for {tuple(want.shape)} kept positions"
+    if not torch.allclose(got, want, atol=1e-4, rtol=1e-3):
+        return f"its kept rows differ from its full logits (max |diff| {(got - want).abs().max().item():.3g})"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Chunked head + losses: never the [positions x vocabulary] logits (issues 17, 29)
 # ----------------------------------------------------------------------------------------------------------------

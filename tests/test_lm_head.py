@@ -100,3 +100,66 @@ def test_peft_wrapped_model_keeps_the_post_processing():
     wrapped = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
     assert head_spec(wrapped) == head_spec(model) and head_spec(model).scale == pytest.approx(0.37)
     assert verify(wrapped) < 1e-4
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_the_reference_keeps_answer_rows_through_the_models_own_head(arch):
+    """``start_answer_only`` (the reference's switch, ``train.answer_only_logits``): on for each architecture here,
+    whose own forward takes a boolean ``logits_to_keep`` and applies its soft-cap / scale to the kept rows, which
+    equal its full logits there (what :func:`palu_ds.reference.parts.reference_forward` then returns as
+    PackedLogits); off when not wanted."""
+    from palu_ds.batch import PackedLogits, answer_positions, shift
+    from palu_ds.lm_head import start_answer_only
+    from palu_ds.reference.parts import reference_forward
+
+    model = tiny(arch)
+    assert not start_answer_only(model, False) and start_answer_only(model, True)
+    ids, labels = batch()
+    keep = answer_positions(labels)
+    assert torch.equal(keep[:, :-1], labels[:, 1:] != IGNORE_INDEX) and not keep[:, -1].any()
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    full, _ = reference_forward(model, b, None, packed=False)
+    rows, _ = reference_forward(model, b, None, packed=False, answer_only=True)
+    assert isinstance(rows, PackedLogits) and rows.rows.shape == (int(keep.sum()), V)
+    lg, labels_s = shift(full, labels)
+    assert shift(rows, labels)[0] is rows and torch.equal(shift(rows, labels)[1], labels_s)
+    torch.testing.assert_close(rows[labels_s != IGNORE_INDEX], lg[labels_s != IGNORE_INDEX], atol=1e-5, rtol=0)
+
+
+def test_the_reference_without_answer_rows_warns_or_refuses(caplog):
+    """A model whose forward takes no ``logits_to_keep`` forms full logits, with a warning naming it (as training's
+    head path); one that takes it but does not return the kept rows is a ConfigError naming the setting."""
+    import functools
+
+    from palu_ds.config import ConfigError
+    from palu_ds.lm_head import start_answer_only
+
+    model = tiny("llama")
+    forward = model.forward
+    model.forward = lambda input_ids, attention_mask=None, **kw: forward(input_ids=input_ids,
+                                                                         attention_mask=attention_mask)
+    with caplog.at_level("WARNING", logger="palu_ds"):
+        assert not start_answer_only(model, True)
+    assert "takes no logits_to_keep; the reference forms full logits" in caplog.text
+
+    @functools.wraps(forward)
+    def blind(*args, logits_to_keep=0, **kw):  # takes the argument, ignores it: full logits come back
+        return forward(*args, **kw)
+
+    model.forward = blind
+    with pytest.raises(ConfigError, match=r"train.answer_only_logits: LlamaForCausalLM cannot form logits at answer "
+                                          r"positions only: its forward gave logits of shape \(2, 6, 97\) for "
+                                          r"\(4, 97\) kept positions; set train.answer_only_logits: false"):
+        start_answer_only(model, True)
+
+    @functools.wraps(forward)
+    def shifted(*args, logits_to_keep=0, **kw):  # the kept rows' shape, the next position's logits
+        out = forward(*args, **kw)
+        if isinstance(logits_to_keep, torch.Tensor):
+            out.logits = out.logits.roll(-1, dims=1)[logits_to_keep]
+        return out
+
+    model.forward = shifted
+    with pytest.raises(ConfigError, match=r"its kept rows differ from its full logits \(max \|diff\| .*\); set "
+                                          r"train.answer_only_logits: false"):
+        start_answer_only(model, True)

@@ -1,5 +1,6 @@
 """Reference precompute cache: packing equals the live reference, reuse, refusal of each mismatched key field,
 interrupted writes (no manifest -> recompute), corrupt shards."""
+import functools
 import json
 import os
 
@@ -100,8 +101,6 @@ def test_padding_free_reference_equals_the_padded_one(setup, monkeypatch, method
     """train.padding_free (default) runs the reference's rows end to end in the precompute pass and in the resident
     reference, as the training forward: the same cache (ids equal, values to float precision) and the same live
     tensors as the padded pass; the precompute really packs (RowPacking built once per batch)."""
-    from safetensors.torch import load_file
-
     from palu_ds import packing
 
     make, model, cache_dir = setup
@@ -117,23 +116,69 @@ def test_padding_free_reference_equals_the_padded_one(setup, monkeypatch, method
     assert not built
     _, (cfg, m, hp, ds, tok) = _cache(make, model, cache_dir, overrides, method)
     assert built and packing.attention_of(model) == packing.VARLEN
+    _assert_same_cache(cache_dir, cache_dir + "_padded")
+    _assert_same_lookups(*(ResidentReference(model, m, hp, ds, tok, 4, packed=p) for p in (True, False)), ds, tok)
+
+
+def _assert_same_cache(cache_dir: str, other: str) -> None:
+    """Two caches hold the same shards and tensors: ids equal, values to their fp16 storage precision."""
+    from safetensors.torch import load_file
+
     shards = sorted(f for f in os.listdir(cache_dir) if f.endswith(".safetensors"))
-    assert shards == sorted(f for f in os.listdir(cache_dir + "_padded") if f.endswith(".safetensors"))
+    assert shards and shards == sorted(f for f in os.listdir(other) if f.endswith(".safetensors"))
     for f in shards:
-        a, b = load_file(os.path.join(cache_dir, f)), load_file(os.path.join(cache_dir + "_padded", f))
+        a, b = load_file(os.path.join(cache_dir, f)), load_file(os.path.join(other, f))
         assert set(a) == set(b)
         for k in a:
             if a[k].is_floating_point():
                 torch.testing.assert_close(a[k].float(), b[k].float(), atol=2e-3, rtol=2e-3)  # fp16 storage
             else:
                 assert torch.equal(a[k], b[k]), (f, k)
-    padded, packed = (ResidentReference(model, m, hp, ds, tok, 4, packed=p) for p in (False, True))
+
+
+def _assert_same_lookups(ref, other, ds, tok) -> None:
+    """Two live references give the same tensors for the same batches (rows out of order, padding in them)."""
     for name in ("forget", "retain"):
         batch = collate([ds[name][i] for i in (5, 0, 9)], tok.pad_token_id)
-        a, b = packed.lookup(name, batch), padded.lookup(name, batch)
+        a, b = ref.lookup(name, batch), other.lookup(name, batch)
         assert set(a) == set(b)
         for k in a:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method, overrides", [("palu", ["method.params.K=50", "method.params.kl_topk=16"]),
+                                               ("npo", []), ("rmu", ["method.params.layer=0"]),
+                                               ("palu_pd", ["method.params.K=50", "method.params.kl_topk=16",
+                                                            "method.params.epsilon=null",
+                                                            "method.params.epsilon_rel=0.1"])])
+def test_answer_only_reference_equals_the_full_logits_one(setup, method, overrides):
+    """train.answer_only_logits (default) has the reference form logits only where the next token is an answer
+    token (the model's own head on those positions, logits_to_keep): the same cache and retain loss as the full
+    [B, T, V] logits, the same live tensors; the precompute's forwards really return answer rows only."""
+    make, model, cache_dir = setup
+    rows = []
+    forward = model.forward
+
+    @functools.wraps(forward)  # its signature too: start_answer_only reads it
+    def recorded(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        rows.append((out.logits.shape, kwargs.get("logits_to_keep")))
+        return out
+
+    model.forward = recorded
+    full, _ = _cache(make, model, cache_dir + "_full", [*overrides, "train.answer_only_logits=false"], method)
+    assert rows and all(len(shape) == 3 and keep is None for shape, keep in rows)
+    rows.clear()
+    kept, (cfg, m, hp, ds, tok) = _cache(make, model, cache_dir, overrides, method)
+    passes = [(shape, keep) for shape, keep in rows if keep is not None and keep.shape[-1] > 6]  # not the probe
+    assert passes and all(len(shape) == 2 and shape[0] == int(keep.sum()) for shape, keep in passes)
+    assert sum(shape[0] for shape, _ in passes) < sum(keep.numel() for _, keep in passes)  # prompts formed none
+    model.forward = forward
+    _assert_same_cache(cache_dir, cache_dir + "_full")
+    if "retain_loss" in full:
+        assert kept["retain_loss"] == pytest.approx(full["retain_loss"], rel=1e-5)
+    _assert_same_lookups(*(ResidentReference(model, m, hp, ds, tok, 4, packed=True, answer_only=a)
+                           for a in (True, False)), ds, tok)
 
 
 def test_reuse_keeps_the_files(setup):

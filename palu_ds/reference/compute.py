@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from palu_ds import dist, packing
+from palu_ds import dist, lm_head, packing
 from palu_ds.atomic import atomic_path, write_json
 from palu_ds.progress import rows_progress
 
@@ -73,13 +73,14 @@ def precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir: str, 
     masks = row_masks(REFERENCE_PARTS)  # every shard records each example's rows under every row mask
     capture = reference_capture(model, method, hp)
     packed = packing.start(model, cfg.train.padding_free)  # rows end to end, as the training forward
+    answer_only = lm_head.start_answer_only(model, cfg.train.answer_only_logits)  # logits at answer positions only
     for name in _cache_names(method, want, datasets):
         ds, parts = datasets[name], method.reference_parts_for(name)
         store: dict[str, list] = {}
         ids, counts = [], {r: [] for r in masks}
         progress = rows_progress(len(range(dist.rank(), len(ds), dist.world())), f"reference {name}")
         for batch, real in rank_batches(ds, cfg.train.batch_size, tokenizer.pad_token_id, device):
-            logits, hidden = reference_forward(model, batch, capture, packed)
+            logits, hidden = reference_forward(model, batch, capture, packed, answer_only)
             if not real:
                 continue
             progress.update(len(batch["input_ids"]))

@@ -10,7 +10,7 @@ import torch
 
 from palu_ds import losses as L
 from palu_ds import packing
-from palu_ds.batch import IGNORE_INDEX, shift
+from palu_ds.batch import IGNORE_INDEX, PackedLogits, answer_positions, shift
 from palu_ds.methods import REFERENCE_PARTS, row_mask
 
 log = logging.getLogger("palu_ds")
@@ -34,7 +34,8 @@ def offsets_name(rows: str) -> str:
 def reference_tensors(logits: torch.Tensor, batch: dict, parts: tuple[str, ...], K: int, k: int,
                       hidden: torch.Tensor | None = None) -> dict:
     """Packed reference tensors (palu_ds.batch's order), one table entry each, from the reference's logits [B, T, V]
-    (and, for a part of source ``hidden``, its hidden states [B, T, D] of the method's layer)."""
+    or their answer rows (a :class:`PackedLogits`, :func:`reference_forward`) and, for a part of source ``hidden``,
+    its hidden states [B, T, D] of the method's layer."""
     sources = {"logits": shift(logits, batch["labels"]), "hidden": (hidden, batch["labels"])}
     out = {}
     for p in parts:
@@ -57,13 +58,22 @@ def reference_capture(model, method, hp):
     return LayerCapture(model, method.layer(hp))
 
 
-def reference_forward(model, batch: dict, capture, packed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The frozen reference's logits [B, T, V] on a right-padded batch and, with ``capture``, its hooked layer's output
+def reference_forward(model, batch: dict, capture, packed: bool,
+                      answer_only: bool = False) -> tuple[torch.Tensor | PackedLogits, torch.Tensor | None]:
+    """The frozen reference's logits on a right-padded batch and, with ``capture``, its hooked layer's output
     [B, T, D], without gradients: its rows end to end when ``packed`` (palu_ds.packing, as the training forward with
-    ``train.padding_free``), in the padded layout either way."""
+    ``train.padding_free``), in the padded layout either way. The logits are [B, T, V], or with ``answer_only``
+    (palu_ds.lm_head.start_answer_only, ``train.answer_only_logits``) only where the next token is an answer token,
+    the only positions a reference part reads: a :class:`PackedLogits` (already shifted) formed by the model's own
+    head on those positions' hidden states -- prompt and padding never form V-wide logits."""
+    kw = {}
+    if answer_only:
+        keep = answer_positions(batch["labels"])
+        kw["logits_to_keep"] = keep[batch["attention_mask"].bool()][None] if packed else keep
     with torch.no_grad():
-        out, unpack = packing.forward(model, batch["input_ids"], batch["attention_mask"], packed)
-    return unpack(out.logits), (unpack(capture.output) if capture is not None else None)
+        out, unpack = packing.forward(model, batch["input_ids"], batch["attention_mask"], packed, **kw)
+        logits = PackedLogits(out.logits, keep[:, :-1]) if answer_only else unpack(out.logits)
+    return logits, (unpack(capture.output) if capture is not None else None)
 
 
 def answer_nll_sums(logits: torch.Tensor, batch: dict) -> torch.Tensor:

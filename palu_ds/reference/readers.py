@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from palu_ds import dist, packing
+from palu_ds import dist, lm_head, packing
 
 from .compute import load_reference_model, precompute, rank_batches
 from .key import MANIFEST, read_manifest
@@ -101,8 +101,8 @@ class ResidentReference:
     """The reference kept live (for comparison): computes the same packed tensors per batch on the fly."""
 
     def __init__(self, model, method, hp, datasets, tokenizer, batch_size: int, given: dict | None = None,
-                 packed: bool = False):
-        self.model, self.method, self.packed = model, method, packed
+                 packed: bool = False, answer_only: bool = False):
+        self.model, self.method, self.packed, self.answer_only = model, method, packed, answer_only
         self.capture = reference_capture(model, method, hp)
         V = _vocab_size(model)
         self.K, self.k = topk_sizes(hp, V, given)
@@ -113,7 +113,7 @@ class ResidentReference:
         parts = self.method.reference_parts_for(name)
         if not parts:
             return {}
-        logits, hidden = reference_forward(self.model, batch, self.capture, self.packed)
+        logits, hidden = reference_forward(self.model, batch, self.capture, self.packed, self.answer_only)
         return {k: v.float() if v.is_floating_point() else v for k, v in
                 reference_tensors(logits, batch, parts, self.K, self.k, hidden).items()}
 
@@ -123,7 +123,7 @@ class ResidentReference:
             device = next(self.model.parameters()).device
             retain = self.datasets[self.method.constraint]
             for batch, real in rank_batches(retain, self.batch_size, self.tokenizer.pad_token_id, device):
-                logits, _ = reference_forward(self.model, batch, None, self.packed)
+                logits, _ = reference_forward(self.model, batch, None, self.packed, self.answer_only)
                 if real:
                     sums += answer_nll_sums(logits, batch).cpu()
             sums = dist.all_reduce_sum(sums)
@@ -138,7 +138,8 @@ def build_reference(cfg, method, hp, datasets, tokenizer, ds_config):
     if cfg.reference.mode == "resident":
         model = load_reference_model(cfg, ds_config)
         return ResidentReference(model, method, hp, datasets, tokenizer, cfg.train.batch_size, cfg.method.params,
-                                 packing.start(model, cfg.train.padding_free))
+                                 packing.start(model, cfg.train.padding_free),
+                                 lm_head.start_answer_only(model, cfg.train.answer_only_logits))
     cache_dir = cfg.reference.cache_dir  # resolved (palu_ds.config.resolve): <output_dir>/reference_cache by default
     manifest = precompute(cfg, method, hp, datasets, tokenizer, ds_config, cache_dir)
     import gc
