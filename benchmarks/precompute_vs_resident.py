@@ -4,9 +4,9 @@ Rows: peak memory per rank (RSS) and tokens/s of PALU training with the precompu
 for ds_configs/cpu/zero3.json and zero3_offload.json; precompute throughput vs a plain forward pass, as run by default
 (padding-free rows and logits at answer positions only: train.padding_free, train.answer_only_logits), with full
 logits, and padded with full logits (the pass before both), alternated over 3 rounds (with --tofu also on
-SmolLM2-135M-Instruct and TOFU's forget05); the V-wide logit rows each forms; cache bytes per token; the sparse-KL error vs exact for k in {32, 64, 128, 256, 1024} on a trained
-model pair (the demo's target as reference, its PALU-unlearned model as policy: run `make demo` first, or pass
---target/--unlearned).
+SmolLM2-135M-Instruct and TOFU's forget05); the V-wide logit rows each forms; cache bytes per token; the sparse-KL
+error vs exact for k in {32, 64, 128, 256, 1024} on a trained model pair (the demo's target as reference, its
+PALU-unlearned model as policy: run `make demo` first, or pass --target/--unlearned).
 
     python -m benchmarks.precompute_vs_resident --out runs/bench_ref [--skip-train] [--tofu ../shared/data/tofu]
 """

@@ -46,8 +46,8 @@ def shift(logits: torch.Tensor, labels: torch.Tensor, *masks: torch.Tensor):
 
 
 def answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """[B, T] boolean: the positions whose next token is an answer token (``labels[:, t + 1] != IGNORE_INDEX``), the only
-    positions whose logits a loss or a reference part reads; the last position never (it predicts nothing)."""
+    """[B, T] boolean: the positions whose next token is an answer token (``labels[:, t + 1] != IGNORE_INDEX``), the
+    only positions whose logits a loss or a reference part reads; the last position never (it predicts nothing)."""
     keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     return keep
