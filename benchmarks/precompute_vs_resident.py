@@ -96,11 +96,12 @@ def precompute_throughput(config_path: str, model_dir: str, data: list[str], out
     forget = ds["forget"]
     forget.examples = forget.examples[:rows]
     tokens = sum(len(e["input_ids"]) for e in forget)
-    t = time.perf_counter()
+    padded_tokens, t = 0, time.perf_counter()  # padded_tokens: positions the padded pass computes
     with torch.no_grad():
         for i in range(0, len(forget), 8):
             b = collate([forget[j] for j in range(i, min(i + 8, len(forget)))], tok.pad_token_id)
             model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+            padded_tokens += b["input_ids"].numel()
     plain = time.perf_counter() - t
     cache = os.path.join(out, f"cache_1proc_{os.path.basename(model_dir)}")
     import shutil
@@ -112,8 +113,6 @@ def precompute_throughput(config_path: str, model_dir: str, data: list[str], out
             t = time.perf_counter()
             manifest = precompute(*config(*PASSES[name]), ds, tok, {}, cache, model=model)
             seconds[name].append(time.perf_counter() - t)
-    batches = [[forget[j]["input_ids"] for j in range(i, min(i + 8, len(forget)))] for i in range(0, len(forget), 8)]
-    padded_tokens = sum(len(b) * max(map(len, b)) for b in batches)  # positions the padded pass computes
     answer = sum(sum(e["sens_mask"]) + sum(e["common_mask"]) for e in forget)
     nbytes = sum(manifest["shard_bytes"].values())
     per_s = {name: tokens / statistics.median(v) for name, v in seconds.items()}

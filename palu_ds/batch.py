@@ -45,14 +45,6 @@ def shift(logits: torch.Tensor, labels: torch.Tensor, *masks: torch.Tensor):
     return (logits[:, :-1], labels[:, 1:], *(m[:, 1:] for m in masks))
 
 
-def answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """[B, T] boolean: the positions whose next token is an answer token (``labels[:, t + 1] != IGNORE_INDEX``), the
-    only positions whose logits a loss or a reference part reads; the last position never (it predicts nothing)."""
-    keep = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    return keep
-
-
 class PackedLogits:
     """Logits only at the positions whose next token is an answer token, packed in row-major (b, t) order.
 

@@ -21,6 +21,7 @@ set ``train.answer_only_logits: false`` (the model then forms its own full logit
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from types import SimpleNamespace
 import torch
 
 from palu_ds.batch import PackedLogits
+
+log = logging.getLogger("palu_ds")
 
 # model_type -> config attribute of the final logit soft-cap ``cap * tanh(z / cap)`` (None in the config = off)
 SOFTCAP = {"gemma2": "final_logit_softcapping", "gemma3_text": "final_logit_softcapping",
@@ -196,14 +199,12 @@ def start_answer_only(model, wanted: bool) -> bool:
     forward takes no ``logits_to_keep`` keeps its full logits, with a warning (as training does); one that takes it
     but does not give the kept rows is a ConfigError naming ``train.answer_only_logits: false``. Every rank must call
     it (ZeRO-3 gathers inside)."""
-    import logging
-
     if not wanted:
         return False
     module = unwrap(model)
     if not accepts_logits_to_keep(module):
-        logging.getLogger("palu_ds").warning("train.answer_only_logits: %s.forward takes no logits_to_keep; the "
-                                             "reference forms full logits", type(module).__name__)
+        log.warning("train.answer_only_logits: %s.forward takes no logits_to_keep; the reference forms full logits",
+                    type(module).__name__)
         return False
     with torch.no_grad(), probe(model, (2, 6)) as ids:
         keep = torch.zeros_like(ids, dtype=torch.bool)

@@ -108,19 +108,18 @@ def test_the_reference_keeps_answer_rows_through_the_models_own_head(arch):
     whose own forward takes a boolean ``logits_to_keep`` and applies its soft-cap / scale to the kept rows, which
     equal its full logits there (what :func:`palu_ds.reference.parts.reference_forward` then returns as
     PackedLogits); off when not wanted."""
-    from palu_ds.batch import PackedLogits, answer_positions, shift
+    from palu_ds.batch import PackedLogits, shift
     from palu_ds.lm_head import start_answer_only
     from palu_ds.reference.parts import reference_forward
 
     model = tiny(arch)
     assert not start_answer_only(model, False) and start_answer_only(model, True)
     ids, labels = batch()
-    keep = answer_positions(labels)
-    assert torch.equal(keep[:, :-1], labels[:, 1:] != IGNORE_INDEX) and not keep[:, -1].any()
     b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     full, _ = reference_forward(model, b, None, packed=False)
     rows, _ = reference_forward(model, b, None, packed=False, answer_only=True)
-    assert isinstance(rows, PackedLogits) and rows.rows.shape == (int(keep.sum()), V)
+    assert isinstance(rows, PackedLogits) and torch.equal(rows.answer, labels[:, 1:] != IGNORE_INDEX)
+    assert rows.rows.shape == (int(rows.answer.sum()), V)
     lg, labels_s = shift(full, labels)
     assert shift(rows, labels)[0] is rows and torch.equal(shift(rows, labels)[1], labels_s)
     torch.testing.assert_close(rows[labels_s != IGNORE_INDEX], lg[labels_s != IGNORE_INDEX], atol=1e-5, rtol=0)

@@ -10,7 +10,7 @@ import torch
 
 from palu_ds import losses as L
 from palu_ds import packing
-from palu_ds.batch import IGNORE_INDEX, PackedLogits, answer_positions, shift
+from palu_ds.batch import IGNORE_INDEX, PackedLogits, shift
 from palu_ds.methods import REFERENCE_PARTS, row_mask
 
 log = logging.getLogger("palu_ds")
@@ -66,13 +66,13 @@ def reference_forward(model, batch: dict, capture, packed: bool,
     (palu_ds.lm_head.start_answer_only, ``train.answer_only_logits``) only where the next token is an answer token,
     the only positions a reference part reads: a :class:`PackedLogits` (already shifted) formed by the model's own
     head on those positions' hidden states -- prompt and padding never form V-wide logits."""
-    kw = {}
+    kw, answer = {}, row_mask(batch, "answer")  # [B, T-1]: the positions that predict an answer token
     if answer_only:
-        keep = answer_positions(batch["labels"])
+        keep = torch.nn.functional.pad(answer, (0, 1))  # [B, T]: the last position predicts nothing
         kw["logits_to_keep"] = keep[batch["attention_mask"].bool()][None] if packed else keep
     with torch.no_grad():
         out, unpack = packing.forward(model, batch["input_ids"], batch["attention_mask"], packed, **kw)
-        logits = PackedLogits(out.logits, keep[:, :-1]) if answer_only else unpack(out.logits)
+        logits = PackedLogits(out.logits, answer) if answer_only else unpack(out.logits)
     return logits, (unpack(capture.output) if capture is not None else None)
 
 
